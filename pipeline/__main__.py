@@ -1,0 +1,5 @@
+"""`python -m pipeline ...` is the same as `tuneline ...`."""
+
+from pipeline.cli import main
+
+main()

@@ -1,0 +1,103 @@
+"""params.yaml -> frozen dataclasses, one per section.
+
+Defaults live in params.yaml only: a config class declares fields without defaults, and loading
+fails loudly on a missing or unknown key, or a value of the wrong type, naming file, section, key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar, Union
+
+import yaml
+
+from pipeline.errors import UserError
+
+PARAMS_FILE = Path("params.yaml")
+T = TypeVar("T")
+
+
+class ConfigError(UserError):
+    """A params.yaml problem, with the place and what to do in the message."""
+
+
+def read_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def load(cls: type[T], section: str, path: Path | str = PARAMS_FILE) -> T:
+    """Read one section of params.yaml into `cls`."""
+    return from_mapping(cls, read_params(path).get(section), f"{path}:{section}")
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: section missing or not a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    missing = sorted(set(fields) - set(data))
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}; add them to params.yaml")
+    hints = typing.get_type_hints(cls)
+    values = {name: _check(data[name], hints[name], f"{where}.{name}") for name in fields}
+    return cls(**values)
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {hint}")
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_check(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, where)  # type: ignore[return-value]
+    return _check_scalar(value, hint, where)
+
+
+def _check_scalar(value: Any, hint: Any, where: str) -> Any:
+    if hint is Any:
+        return value
+    if hint is float:
+        # YAML reads 1e-5 as a string: write floats as 1.0e-5.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r} (write floats as 1.0e-5)")
+        return float(value)
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint in (str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
