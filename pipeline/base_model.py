@@ -65,6 +65,7 @@ PRE_TOKENIZERS = {
     "smollm": DIGITS_THEN_BYTES,
     "starcoder": DIGITS_THEN_BYTES,
     "gpt2": BYTES_ONLY,
+    "gpt-2": BYTES_ONLY,
     "default": BYTES_ONLY,
     "llama-bpe": LLAMA3_SPLIT,
 }

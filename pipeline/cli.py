@@ -39,6 +39,64 @@ def base_model(
 
 
 @app.command()
+def generate(
+    questions: Annotated[Path, typer.Option(help="data/questions.jsonl")],
+    out: Annotated[Path, typer.Option(help="data/generated/answers.jsonl")],
+    metrics: Annotated[Path, typer.Option(help="reports/generate.json")],
+    cache: Annotated[Path, typer.Option(help="reply cache directory (kept outside DVC outputs)")],
+    base_model: Annotated[Path, typer.Option(help="base model directory (embedded backend)")],
+    params: ParamsOpt = config.PARAMS_FILE,
+) -> None:
+    """Answer every question and draft its follow-up with the configured LLM (cached, resumable)."""
+    from pipeline import base_model as base, generate as stage, llm
+
+    cfg = config.load(stage.GenerateConfig, "generate", params)
+    base_cfg = config.load(base.BaseConfig, "base", params)
+    paths = stage.GeneratePaths(questions, out, metrics, cache)
+    r = stage.run(cfg, base_cfg.seed, paths, base=llm.BaseModel(base_cfg.model, base_model))
+    typer.echo(f"{r.questions} questions: {r.generated} generated, {r.reused} reused, "
+               f"{len(r.failed)} failed; {r.requests} requests in {r.wall_s:.1f} s -> {out}")
+
+
+questions_app = typer.Typer(no_args_is_help=True, help="Draft and manage the question list.")
+app.add_typer(questions_app, name="questions")
+
+
+@questions_app.command("draft")
+def questions_draft(
+    out: Annotated[Path, typer.Option(help="question list to append to")] = Path(
+        "data/questions.jsonl"),
+    topic: Annotated[Optional[str], typer.Option(help="default: questions.topic")] = None,
+    count: Annotated[Optional[int], typer.Option(help="default: questions.count")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="template name in questions.prompts")] = None,
+    category: Annotated[Optional[list[str]], typer.Option(
+        help="audience category, repeatable (default: questions.categories)")] = None,
+    base_model: Annotated[Path, typer.Option(help="base model directory (embedded backend)")] = Path(
+        "models/base"),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print, append nothing")] = False,
+    params: ParamsOpt = config.PARAMS_FILE,
+) -> None:
+    """Ask the LLM for questions; append new, deduplicated ones with provenance."""
+    import dataclasses
+
+    from pipeline import base_model as base, llm, questions as stage
+
+    cfg = config.load(stage.DraftConfig, "questions", params)
+    given = {"topic": topic, "count": count, "prompt": prompt,
+             "categories": tuple(category) if category else None}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    base_cfg = config.load(base.BaseConfig, "base", params)
+    r = stage.run(cfg, base_cfg.seed, out, base=llm.BaseModel(base_cfg.model, base_model),
+                  dry_run=dry_run)
+    for row in r.added:
+        typer.echo(f"{'(dry run) ' if dry_run else ''}{row['id']} [{row.get('category', '-')}] "
+                   f"{row['question']}")
+    typer.echo(f"parsed {r.parsed}, dropped {len(r.duplicates)} near-duplicates, "
+               f"{'would append' if dry_run else 'appended'} {len(r.added)} to {out} "
+               f"(prompt {r.prompt_id})")
+
+
+@app.command()
 def train(
     model: Annotated[Path, typer.Option(help="base model directory")],
     data: Annotated[Path, typer.Option(help="folder with train.jsonl and valid.jsonl")],
@@ -67,6 +125,125 @@ def fuse(
 
     stage.run(model, adapters, out)
     typer.echo(f"fused model -> {out}")
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="fused model directory (mlx-lm layout)")],
+    base: Annotated[Path, typer.Option(help="base model directory (for tokenizer provenance)")],
+    out: Annotated[Path, typer.Option(help="GGUF output directory")],
+    report: Annotated[Path, typer.Option(help="reports/gguf.json")],
+    params: ParamsOpt = config.PARAMS_FILE,
+) -> None:
+    """Write F16 + quantized GGUFs and an Ollama Modelfile; prove each runs in llama.cpp."""
+    from pipeline import base_model, export as stage
+
+    cfg = config.load(stage.ExportConfig, "export", params)
+    seed = config.load(base_model.BaseConfig, "base", params).seed
+    result = stage.run(cfg, stage.ExportPaths(model, base, out, report), seed)
+    for qtype, path in result.files.items():
+        info = result.report["files"][qtype]
+        typer.echo(f"{path}: agreement with MLX {info['agreement']:.3f}, "
+                   f"{info['tokens_per_second']} tokens/s in llama.cpp")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="base model directory")],
+    adapters: Annotated[Path, typer.Option(help="adapter directory")],
+    test: Annotated[Path, typer.Option(help="held-out split, data/dataset/test.jsonl")],
+    metrics: Annotated[Path, typer.Option(help="reports/eval.json")],
+    html: Annotated[Path, typer.Option(help="reports/compare.html")],
+    params: ParamsOpt = config.PARAMS_FILE,
+) -> None:
+    """Test loss, perplexity and greedy answers of the base and the tuned model, side by side."""
+    from pipeline import base_model, evaluate as stage
+
+    cfg = config.load(stage.EvalConfig, "evaluate", params)
+    spec = stage.loss_spec(config.read_params(params), str(params))
+    seed = config.load(base_model.BaseConfig, "base", params).seed
+    result = stage.run(cfg, spec, stage.EvalPaths(model, adapters, test, metrics, html), seed)
+    typer.echo(f"test loss base {result.base_loss:.4f} -> tuned {result.tuned_loss:.4f} "
+               f"({result.improvement:+.4f}); {result.answers} answers each -> {html}")
+
+
+@app.command()
+def chat(
+    model: Annotated[Optional[Path], typer.Option(
+        help="model directory (default: models/base + models/adapters; or models/fused)")] = None,
+    adapters: Annotated[Optional[Path], typer.Option(
+        help="adapter to apply (default: models/adapters when --model is not given)")] = None,
+    max_tokens: Annotated[int, typer.Option(help="longest reply, in tokens")] = 512,
+    temp: Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option(help="sampling seed (with --temp > 0)")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
+) -> None:
+    """Chat with the tuned model in the terminal: history kept, /reset, /exit."""
+    from pipeline import chat as stage
+
+    model_dir, adapter_dir = stage.resolve(model, adapters)
+    loaded, tokenizer = stage.load_model(model_dir, adapter_dir)
+    if seed is not None:
+        import mlx.core as mx
+
+        mx.random.seed(seed)
+    typer.echo(f"chatting with {model_dir}" + (f" + {adapter_dir}" if adapter_dir else ""))
+    stage.chat_loop(stage.stream_reply(loaded, tokenizer, max_tokens, temp), sys.stdin,
+                    sys.stdout, system)
+
+
+@app.command()
+def compare(
+    prompt: Annotated[str, typer.Argument(help="the question to ask both models")],
+    model: Annotated[Path, typer.Option(help="base model directory")] = Path("models/base"),
+    adapters: Annotated[Path, typer.Option(help="adapter directory")] = Path("models/adapters"),
+    max_tokens: Annotated[Optional[int], typer.Option(
+        help="answer budget (default: evaluate.max_tokens)")] = None,
+    params: ParamsOpt = config.PARAMS_FILE,
+) -> None:
+    """Answer one prompt with the base and the tuned model (greedy) and show both side by side."""
+    from pipeline import chat as stage, evaluate
+
+    if max_tokens is None:
+        max_tokens = config.load(evaluate.EvalConfig, "evaluate", params).max_tokens
+    base, tuned = stage.compare(model, adapters, prompt, max_tokens)
+    typer.echo(stage.side_by_side([("base", base["answer"]), ("tuned", tuned["answer"])]))
+
+
+@app.command()
+def publish(
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="check the gate and build the release, upload nothing")] = False,
+    exit_zero: Annotated[bool, typer.Option(
+        "--exit-zero", help="exit 0 even if the gate fails (the dvc stage records the verdict)")
+    ] = False,
+    card: Annotated[Optional[Path], typer.Option(help="also write the model card here")] = None,
+    report: Annotated[Path, typer.Option(help="gate verdict")] = Path("reports/publish.json"),
+    validation: Annotated[Path, typer.Option()] = Path("reports/validation.json"),
+    eval_report: Annotated[Path, typer.Option("--eval")] = Path("reports/eval.json"),
+    gguf_report: Annotated[Path, typer.Option()] = Path("reports/gguf.json"),
+    train_report: Annotated[Path, typer.Option()] = Path("reports/train.json"),
+    dataset: Annotated[Path, typer.Option()] = Path("data/dataset"),
+    dvc_lock: Annotated[Path, typer.Option()] = Path("dvc.lock"),
+    base: Annotated[Path, typer.Option()] = Path("models/base"),
+    adapters: Annotated[Path, typer.Option()] = Path("models/adapters"),
+    fused: Annotated[Path, typer.Option()] = Path("models/fused"),
+    gguf: Annotated[Path, typer.Option()] = Path("models/gguf"),
+    params: ParamsOpt = config.PARAMS_FILE,
+) -> None:
+    """Publish to the Hugging Face Hub behind the gate in params.yaml `publish:`.
+
+    Uploads only if publish.enabled, publish.repo_id and HF_TOKEN are all set; else a dry run.
+    """
+    from pipeline import publish as stage
+
+    cfg = config.load(stage.PublishConfig, "publish", params)
+    paths = stage.PublishPaths(params, validation, eval_report, gguf_report, train_report,
+                               dataset, dvc_lock, base, adapters, fused, gguf, report, card)
+    result = stage.run(cfg, paths, dry_run=dry_run)
+    typer.echo(stage.render(result))
+    if not result.passed and not exit_zero:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,0 +1,157 @@
+"""Talk to the tuned model: `tuneline chat` and `tuneline compare "prompt"`.
+
+`tuneline chat` loads models/base with the adapter in models/adapters (or any model directory with
+`--model`, e.g. `--model models/fused`) and keeps a multi-turn conversation in the terminal,
+streaming each reply as it is generated. `/reset` forgets the conversation, `/exit` (or Ctrl-D)
+leaves; Ctrl-C stops the reply being written.
+
+`tuneline compare "prompt"` answers one prompt with the base model and with the tuned one (greedy,
+as the evaluate stage does) and prints both side by side.
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
+
+from pipeline.errors import UserError
+
+BASE_DIR = Path("models/base")  # where dvc.yaml puts them
+ADAPTERS_DIR = Path("models/adapters")
+HELP = "commands: /reset forgets the conversation, /exit leaves (Ctrl-C stops a reply)"
+
+Messages = list[dict[str, str]]
+Reply = Callable[[Messages], Iterator[str]]  # a conversation in, reply text pieces out
+
+
+class ChatError(UserError):
+    """A model or adapter that cannot be loaded, with the command that makes it."""
+
+
+def resolve(model: Optional[Path], adapters: Optional[Path]) -> tuple[Path, Optional[Path]]:
+    """No `--model`: the base with the tuned adapter. `--model DIR`: DIR alone unless
+    `--adapters` is given too (a fused model has the adapter merged in)."""
+    if model is None:
+        return BASE_DIR, adapters if adapters is not None else ADAPTERS_DIR
+    return model, adapters
+
+
+def check_paths(model: Path, adapters: Optional[Path]) -> None:
+    if not (model / "config.json").exists():
+        raise ChatError(f"{model}: no model here (config.json missing); run `dvc repro` "
+                        "(or `dvc pull`) first, or pass --model DIR")
+    if adapters is not None and not (adapters / "adapter_config.json").exists():
+        raise ChatError(f"{adapters}: no adapter here (adapter_config.json missing); run "
+                        "`dvc repro train` first, or use --model models/fused")
+
+
+def load_model(model: Path, adapters: Optional[Path]) -> tuple[Any, Any]:
+    """mlx-lm model and tokenizer, with the adapter applied, in the dtype training used."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from pipeline import accel
+
+    check_paths(model, adapters)
+    m, tokenizer = load(str(model), adapter_path=str(adapters) if adapters else None)
+    m.set_dtype(getattr(mx, accel.compute_dtype()))
+    return m, tokenizer
+
+
+def stream_reply(model: Any, tokenizer: Any, max_tokens: int, temp: float) -> Reply:
+    """A `Reply` that streams text pieces from mlx-lm's `stream_generate`."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    sampler = make_sampler(temp=temp)
+
+    def reply(messages: Messages) -> Iterator[str]:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        for piece in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                     sampler=sampler):
+            yield piece.text
+
+    return reply
+
+
+def chat_loop(reply: Reply, inp: TextIO, out: TextIO, system: Optional[str] = None) -> Messages:
+    """Read a line, stream the reply, keep the history; returns the conversation at exit."""
+    start: Messages = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    out.write(HELP + "\n")
+    while True:
+        out.write("you> ")
+        out.flush()
+        try:
+            line = inp.readline()
+        except KeyboardInterrupt:
+            break
+        text = line.strip()
+        if not line or text == "/exit":  # empty read: end of input (Ctrl-D)
+            break
+        if text == "/reset":
+            history = list(start)
+            out.write("(conversation cleared)\n")
+        elif text.startswith("/") or not text:
+            out.write(HELP + "\n" if text else "")
+        else:
+            history.append({"role": "user", "content": text})
+            history.append({"role": "assistant", "content": speak(reply, history, out)})
+    out.write("\n")
+    return history
+
+
+def speak(reply: Reply, history: Messages, out: TextIO) -> str:
+    """Write the reply as it streams; Ctrl-C keeps what was said so far."""
+    pieces = []
+    out.write("model> ")
+    try:
+        for piece in reply(history):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    out.write("\n")
+    return "".join(pieces).strip()
+
+
+def compare(model: Path, adapters: Path, prompt: str, max_tokens: int) -> tuple[dict[str, Any],
+                                                                              dict[str, Any]]:
+    """Greedy answers of the base and the tuned model; the model is loaded once."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    from pipeline.evaluate import greedy_answer
+
+    check_paths(model, adapters)
+    m, tokenizer = load_model(model, None)
+    messages = [{"role": "user", "content": prompt}]
+    base = greedy_answer(m, tokenizer, messages, max_tokens)
+    load_adapters(m, str(adapters))
+    m.eval()  # adapter layers are created in training mode (dropout on)
+    return base, greedy_answer(m, tokenizer, messages, max_tokens)
+
+
+def side_by_side(columns: Sequence[tuple[str, str]], width: Optional[int] = None) -> str:
+    """Columns of wrapped text with a title each, separated by ` | `."""
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    col = max(20, (width - 3 * (len(columns) - 1)) // len(columns))
+    wrapped = [[title, "-" * min(col, max(len(title), 8))] + wrap(text, col)
+               for title, text in columns]
+    height = max(len(w) for w in wrapped)
+    lines = []
+    for i in range(height):
+        cells = [(w[i] if i < len(w) else "").ljust(col) for w in wrapped]
+        lines.append(" | ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """Wrap each line on its own so lists and code in an answer keep their line breaks."""
+    out: list[str] = []
+    for line in text.splitlines() or [""]:
+        out.extend(textwrap.wrap(line, width, replace_whitespace=False, drop_whitespace=True)
+                   or [""])
+    return out

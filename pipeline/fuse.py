@@ -1,0 +1,43 @@
+"""Fuse: `tuneline fuse --model models/base --adapters models/adapters --out models/fused`
+
+Merges the trained adapter into the base weights and writes a standalone mlx-lm model directory
+(weights, config, tokenizer files): what export turns into GGUF and what `tuneline chat` can load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.jsonl import atomic_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "tuneline.json")
+
+
+def run(model: Path, adapters: Path, out: Path) -> Path:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm import load
+
+    if not (adapters / "adapter_config.json").exists():
+        raise UserError(f"{adapters}: no adapter_config.json; run `dvc repro train` first")
+    fused, _ = load(str(model), adapter_path=str(adapters))
+    merged = [(name, module.fuse()) for name, module in fused.named_modules()
+              if hasattr(module, "fuse")]
+    if merged:
+        fused.update_modules(tree_unflatten(merged))
+    config = json.loads((model / "config.json").read_text())
+    with atomic_dir(out) as tmp:
+        weights = dict(tree_flatten(fused.parameters()))
+        if config.get("tie_word_embeddings"):
+            weights.pop("lm_head.weight", None)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (model / name).exists():
+                shutil.copy2(model / name, tmp / name)
+        shutil.copy2(adapters / "adapter_config.json", tmp / "adapter_config.json")
+    return out

@@ -1,0 +1,385 @@
+"""Train: `tuneline train --model models/base --data data/dataset --adapters models/adapters ...`
+
+Fine-tunes the base model with mlx-lm (LoRA, DoRA or full) on the chat-format dataset. mlx-lm's
+`lora.run()` replaces any callback it is given, so this module calls its `train()` directly with
+its own batching (loss masked to every assistant turn, not only the last) and a metrics callback.
+
+Checkpoints go to `.tuneline/checkpoints/<run key>/`, outside the DVC output, so an interrupted
+run resumes from its last checkpoint when re-run; they are removed once the adapter is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.jsonl import atomic_dir, read_jsonl, write_json, write_text
+
+CHECKPOINT_ROOT = Path(".tuneline/checkpoints")
+CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.safetensors$")
+COSINE_FLOOR = 0.1  # cosine decays to this fraction of the peak learning rate
+
+
+class TrainError(UserError):
+    """Settings or data that cannot train, with the numbers and the key to change."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    fine_tune_type: Literal["lora", "dora", "full"]
+    num_layers: int
+    rank: int
+    scale: float
+    dropout: float
+    keys: tuple[str, ...]
+    learning_rate: float
+    lr_schedule: Literal["constant", "cosine"]
+    warmup: int
+    optimizer: Literal["adam", "adamw", "sgd", "adafactor"]
+    weight_decay: float
+    batch_size: int
+    iters: int
+    epochs: Optional[float]
+    grad_accumulation_steps: int
+    grad_checkpoint: bool
+    max_seq_length: int
+    mask_prompt: bool
+    steps_per_report: int
+    steps_per_eval: int
+    val_batches: int
+    save_every: int
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    model: Path
+    data: Path
+    adapters: Path
+    metrics: Path
+    curve: Path
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    iters: int
+    train_loss: float
+    val_loss: float
+    tokens_per_second: float
+    trained_tokens: int
+    peak_memory_gb: float
+    wall_seconds: float
+    resumed_from: int
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]], mask_prompt: bool):
+    """Token ids of a conversation and a 0/1 mask marking the assistant tokens to learn."""
+    tokens = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    if not mask_prompt:
+        return tokens, [1] * len(tokens)
+    mask = [0] * len(tokens)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(
+            messages[:i], tokenize=True, add_generation_prompt=True, return_dict=False))
+        end = len(tokenizer.apply_chat_template(
+            messages[: i + 1], tokenize=True, return_dict=False))
+        mask[start:end] = [1] * (end - start)
+    return tokens, mask
+
+
+def load_split(path: Path, tokenizer: Any, mask_prompt: bool) -> list[tuple[list[int], list[int]]]:
+    rows = read_jsonl(path)
+    encoded = []
+    for lineno, row in enumerate(rows, start=1):
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise TrainError(f"{path}: row {lineno} has no 'messages' list; run `dvc repro curate`")
+        encoded.append(encode_chat(tokenizer, messages, mask_prompt))
+    return encoded
+
+
+def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
+    """mlx-lm's `iterate_batches` signature, yielding (tokens, target mask) with our own RNG."""
+    import mlx.core as mx
+
+    def iterate(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
+        order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
+        batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        rng = np.random.default_rng(seed)
+        while True:
+            for b in rng.permutation(len(batches)):
+                rows = [dataset[j] for j in batches[b]]
+                width = min(max(len(t) for t, _ in rows), max_seq_length)
+                tokens = np.zeros((len(rows), width), np.int32)
+                mask = np.zeros((len(rows), width), np.float32)
+                for r, (t, m) in enumerate(rows):
+                    n = min(len(t), width)
+                    tokens[r, :n], mask[r, :n] = t[:n], m[:n]
+                yield mx.array(tokens), mx.array(mask)
+            if not loop:
+                return
+
+    return iterate
+
+
+def masked_loss(model: Any, tokens: Any, mask: Any):
+    """Mean cross-entropy over the target tokens the mask selects; returns (loss, n_tokens)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    logits = model(tokens[:, :-1])
+    weights = mask[:, 1:]
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:]) * weights
+    ntoks = weights.sum()
+    return ce.sum() / mx.maximum(ntoks, 1), ntoks.astype(mx.int32)
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+def total_iters(cfg: TrainConfig, n_train: int) -> int:
+    if cfg.epochs is not None:
+        return max(1, math.ceil(cfg.epochs * n_train / cfg.batch_size))
+    return cfg.iters
+
+
+def check_settings(cfg: TrainConfig, n_layers: int, n_train: int, n_valid: int) -> None:
+    where = "params.yaml:train"
+    if cfg.num_layers > n_layers or cfg.num_layers == 0 or cfg.num_layers < -1:
+        raise TrainError(f"{where}.num_layers: asked for {cfg.num_layers} layers, the model has "
+                         f"{n_layers}; use 1..{n_layers} or -1 for all")
+    if cfg.fine_tune_type != "full" and cfg.rank < 1:
+        raise TrainError(f"{where}.rank: must be >= 1 for {cfg.fine_tune_type}, got {cfg.rank}")
+    if cfg.batch_size < 1 or n_train < cfg.batch_size:
+        raise TrainError(f"{where}.batch_size: {cfg.batch_size} needs at least that many training "
+                         f"rows; train.jsonl has {n_train}")
+    if n_valid < cfg.batch_size:
+        raise TrainError(f"{where}.batch_size: {cfg.batch_size} is more than the {n_valid} rows in "
+                         "valid.jsonl; lower batch_size or give curate a larger valid split")
+    if cfg.warmup < 0 or cfg.warmup >= total_iters(cfg, n_train):
+        raise TrainError(f"{where}.warmup: {cfg.warmup} must be in 0..iters-1 "
+                         f"(iters is {total_iters(cfg, n_train)})")
+    if min(cfg.grad_accumulation_steps, cfg.steps_per_report, cfg.steps_per_eval,
+           cfg.save_every) < 1:
+        raise TrainError(f"{where}: grad_accumulation_steps, steps_per_report, steps_per_eval "
+                         "and save_every must all be >= 1")
+    if cfg.dropout < 0 or cfg.dropout >= 1:
+        raise TrainError(f"{where}.dropout: {cfg.dropout} must be in [0, 1)")
+    if cfg.weight_decay and cfg.optimizer != "adamw":
+        raise TrainError(f"{where}.weight_decay: only used by optimizer adamw, "
+                         f"got optimizer {cfg.optimizer}; set weight_decay: 0.0")
+
+
+def lora_parameters(cfg: TrainConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout}
+    if cfg.keys:
+        params["keys"] = list(cfg.keys)
+    return params
+
+
+def adapter_config(cfg: TrainConfig, n_layers: int) -> dict[str, Any]:
+    """What mlx-lm's `load_adapters` reads back, plus the settings for the record."""
+    layers = n_layers if cfg.num_layers == -1 else cfg.num_layers
+    return {"fine_tune_type": cfg.fine_tune_type, "num_layers": layers,
+            "lora_parameters": lora_parameters(cfg), "tuneline": asdict(cfg)}
+
+
+def apply_adapters(model: Any, cfg: TrainConfig) -> None:
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    n_layers = len(model.layers)
+    layers = n_layers if cfg.num_layers == -1 else cfg.num_layers
+    model.freeze()
+    if cfg.fine_tune_type == "full":
+        for layer in model.layers[-layers:]:
+            layer.unfreeze()
+        return
+    linear_to_lora_layers(model, layers, lora_parameters(cfg), use_dora=cfg.fine_tune_type == "dora")
+    if not any(k.endswith(("lora_a", "m")) for k, _ in _flat(model.trainable_parameters())):
+        raise TrainError(f"params.yaml:train.keys: none of {list(cfg.keys)} names a linear module "
+                         "in the model's blocks (e.g. self_attn.q_proj, mlp.up_proj)")
+
+
+def build_optimizer(cfg: TrainConfig, iters: int, start: int) -> Any:
+    import mlx.optimizers as optim
+
+    peak = cfg.learning_rate
+    decay = (optim.cosine_decay(peak, max(1, iters - cfg.warmup), peak * COSINE_FLOOR)
+             if cfg.lr_schedule == "cosine" else (lambda step: peak))
+    if cfg.warmup:
+        warm = optim.linear_schedule(0.0, peak, cfg.warmup)
+        schedule = optim.join_schedules([warm, decay], [cfg.warmup])
+    else:
+        schedule = decay
+    lr = (lambda step: schedule(step + start)) if start else schedule  # resume mid-schedule
+    kinds = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
+             "adafactor": optim.Adafactor}
+    extra = {"weight_decay": cfg.weight_decay} if cfg.optimizer == "adamw" else {}
+    return kinds[cfg.optimizer](learning_rate=lr, **extra)
+
+
+def _flat(tree: Any) -> list[tuple[str, Any]]:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def run_key(cfg: TrainConfig, seed: int, paths: TrainPaths) -> str:
+    """Checkpoints are only reused by a run with identical settings, data and base model."""
+    digest = hashlib.sha256(json.dumps([asdict(cfg), seed], sort_keys=True).encode())
+    for f in (paths.data / "train.jsonl", paths.data / "valid.jsonl", paths.model / "config.json"):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def latest_checkpoint(folder: Path) -> tuple[int, Path | None]:
+    found = [(int(m.group(1)), p) for p in folder.glob("*_adapters.safetensors")
+             if (m := CHECKPOINT_RE.match(p.name))]
+    return max(found) if found else (0, None)
+
+
+class MetricsLog:
+    """mlx-lm training callback: keeps the curves, persists them beside the checkpoints."""
+
+    def __init__(self, log_file: Path, offset: int):
+        self.log_file, self.offset = log_file, offset
+        self.rows: list[dict[str, Any]] = []
+        if log_file.exists():
+            self.rows = [json.loads(line) for line in log_file.read_text().splitlines() if line]
+            self.rows = [r for r in self.rows if r["step"] <= offset]
+        trains = [r for r in self.rows if r["kind"] == "train"]
+        self.token_base = trains[-1]["trained_tokens"] if trains else 0  # tokens before resume
+
+    def _add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.log_file.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def on_train_loss_report(self, info: dict[str, Any]) -> None:
+        self._add({"kind": "train", "step": info["iteration"] + self.offset,
+                   "loss": info["train_loss"], "tokens_per_second": info["tokens_per_second"],
+                   "trained_tokens": info["trained_tokens"] + self.token_base,
+                   "peak_memory": info["peak_memory"],
+                   "learning_rate": info["learning_rate"]})
+
+    def on_val_loss_report(self, info: dict[str, Any]) -> None:
+        self._add({"kind": "val", "step": info["iteration"] + self.offset, "loss": info["val_loss"]})
+
+    def curve_tsv(self) -> str:
+        """step, train_loss, val_loss: val_loss is the latest validation at or before the step."""
+        lines = ["step\ttrain_loss\tval_loss"]
+        vals = sorted((r["step"], r["loss"]) for r in self.rows if r["kind"] == "val")
+        for r in sorted((r for r in self.rows if r["kind"] == "train"), key=lambda r: r["step"]):
+            seen = [v for s, v in vals if s <= r["step"]]
+            val = f"{seen[-1]:.5f}" if seen else ""
+            lines.append(f"{r['step']}\t{r['loss']:.5f}\t{val}")
+        return "\n".join(lines) + "\n"
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
+        checkpoint_root: Path = CHECKPOINT_ROOT) -> TrainResult:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
+
+    from pipeline import accel
+
+    started = time.perf_counter()
+    model, tokenizer = load(str(paths.model))
+    model.set_dtype(getattr(mx, accel.compute_dtype()))
+    train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
+    valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
+    check_settings(cfg, len(model.layers), len(train_set), len(valid_set))
+    iters = total_iters(cfg, len(train_set))
+
+    mx.random.seed(seed)
+    apply_adapters(model, cfg)
+    ckpt_dir = checkpoint_root / run_key(cfg, seed, paths)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    done, ckpt = latest_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        print(f"resuming from checkpoint {ckpt} (step {done} of {iters})")
+        model.load_weights(str(ckpt), strict=False)
+    log = MetricsLog(ckpt_dir / "metrics.jsonl", offset=done)
+    if done < iters:
+        args = TrainingArgs(
+            batch_size=cfg.batch_size, iters=iters - done, val_batches=cfg.val_batches,
+            steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval,
+            steps_per_save=cfg.save_every, max_seq_length=cfg.max_seq_length,
+            adapter_file=str(ckpt_dir / "adapters.safetensors"),
+            grad_checkpoint=cfg.grad_checkpoint,
+            grad_accumulation_steps=cfg.grad_accumulation_steps)
+        train(model=model, optimizer=build_optimizer(cfg, iters, done), train_dataset=train_set,
+              val_dataset=valid_set, args=args, loss=masked_loss,
+              iterate_batches=batch_iterator(seed + done), training_callback=log)
+        _renumber_checkpoints(ckpt_dir, done)
+
+    val_loss = evaluate(model, valid_set, cfg.batch_size, cfg.val_batches, cfg.max_seq_length,
+                        loss=masked_loss, iterate_batches=batch_iterator(seed))
+    result = _result(log, iters, val_loss, started, done)
+    _write_outputs(model, cfg, paths, log, result)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return result
+
+
+def _renumber_checkpoints(ckpt_dir: Path, offset: int) -> None:
+    """mlx-lm numbers checkpoints from 1 on each call; make them absolute steps."""
+    if not offset:
+        return
+    for path in sorted(ckpt_dir.glob("*_adapters.safetensors"), reverse=True):
+        m = CHECKPOINT_RE.match(path.name)
+        if m and int(m.group(1)) <= offset:
+            continue
+        if m:
+            path.rename(ckpt_dir / f"{int(m.group(1)) + offset:07d}_adapters.safetensors.new")
+    for path in ckpt_dir.glob("*.new"):
+        path.rename(path.with_suffix(""))
+
+
+def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: int) -> TrainResult:
+    trains = [r for r in log.rows if r["kind"] == "train"]
+    speeds = [r["tokens_per_second"] for r in trains]
+    return TrainResult(
+        iters=iters,
+        train_loss=trains[-1]["loss"] if trains else float("nan"),
+        val_loss=val_loss,
+        tokens_per_second=float(np.mean(speeds)) if speeds else 0.0,
+        trained_tokens=int(trains[-1]["trained_tokens"]) if trains else 0,
+        peak_memory_gb=max((r["peak_memory"] for r in trains), default=0.0),
+        wall_seconds=time.perf_counter() - started,
+        resumed_from=done,
+    )
+
+
+def _write_outputs(model: Any, cfg: TrainConfig, paths: TrainPaths, log: MetricsLog,
+                   result: TrainResult) -> None:
+    import mlx.core as mx
+
+    with atomic_dir(paths.adapters) as tmp:
+        mx.save_safetensors(str(tmp / "adapters.safetensors"),
+                            dict(_flat(model.trainable_parameters())))
+        config = adapter_config(cfg, len(model.layers))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_text(paths.curve, log.curve_tsv())
+    write_json(paths.metrics, {k: (round(v, 5) if isinstance(v, float) else v)
+                               for k, v in asdict(result).items()})

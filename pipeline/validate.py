@@ -1,0 +1,247 @@
+"""Validate: `tuneline validate data/dataset --report reports/validation.json
+--docs reports/data_docs --tokenizer models/base` (the `validate` stage of dvc.yaml), or
+`tuneline validate PATH... [--json]` on any JSONL files.
+
+Great Expectations (GX Core 1.x, suites in validation/suites.py) checks every line of every file:
+schema (UTF-8, one JSON object per line, no blank lines, one format per file, roles, turn order,
+string content, required fields) and quality (empty, cut-off, unterminated or refusal answers,
+chat-template markers, duplicate questions within and across files, token length against
+`train.max_seq_length` with the base model's tokenizer, answer length bounds, splits present and
+non-empty). Each check's severity comes from params.yaml `validate.severity`: `error` makes the
+command exit 1 (and stops `dvc repro`), `warning` is reported, `off` skips it.
+A directory argument means a dataset folder: its `validate.splits` files must all be there.
+Inputs are only read, never changed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import UserError
+from pipeline.jsonl import write_json
+
+Level = Literal["error", "warning", "off"]
+FRAME_KEYS = {"files": "file", "lines": "line", "messages": "line"}
+
+
+class UsageError(UserError):
+    """A path that cannot be validated at all (missing, unreadable): exit code 2."""
+
+
+@dataclass(frozen=True)
+class Severity:
+    """One entry per check in validation/suites.py (a test keeps the two in step)."""
+
+    splits: Level
+    utf8: Level
+    blank_line: Level
+    json: Level
+    format: Level
+    schema: Level
+    roles: Level
+    turn_order: Level
+    empty_answer: Level
+    truncated: Level
+    unterminated: Level
+    refusal: Level
+    template_markers: Level
+    answer_length: Level
+    duplicate_question: Level
+    token_length: Level
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    severity: Severity
+    required_fields: tuple[str, ...]
+    answer_min_chars: int
+    answer_max_chars: int
+    splits: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Finding:
+    file: str
+    line: int | None  # 1-based; None for a whole-file finding (missing or empty file)
+    id: str | None
+    check: str
+    severity: str
+    message: str
+
+
+@dataclass
+class Report:
+    rows: int
+    findings: list[Finding]
+    checks: dict[str, dict[str, Any]]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> int:
+        return sum(f.severity == "error" for f in self.findings)
+
+    @property
+    def warnings(self) -> int:
+        return sum(f.severity == "warning" for f in self.findings)
+
+    @property
+    def ok(self) -> bool:
+        return self.errors == 0
+
+    def metrics(self) -> dict[str, Any]:
+        """reports/validation.json: numbers only, no timings, so unchanged data gives an
+        unchanged file (train depends on it)."""
+        return {"ok": self.ok, "rows": self.rows, "errors": self.errors,
+                "warnings": self.warnings, "checks": self.checks, "skipped": self.skipped}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.metrics(), "findings": [asdict(f) for f in self.findings]}
+
+
+def inputs(paths: list[Path], splits: tuple[str, ...]) -> list[tuple[Path, bool]]:
+    """(file, present) pairs: a directory stands for its split files, which must exist."""
+    out = []
+    for path in paths:
+        if path.is_dir():
+            out += [(path / f"{name}.jsonl", (path / f"{name}.jsonl").is_file())
+                    for name in splits]
+        elif path.is_file():
+            if not os.access(path, os.R_OK):
+                raise UsageError(f"{path}: not readable; check its permissions")
+            out.append((path, True))
+        else:
+            raise UsageError(f"{path}: no such file or directory")
+    return out
+
+
+def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: Path | None,
+        report_path: Path | None = None, docs: Path | None = None) -> Report:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    from validation import frames, suites  # GX import costs seconds: only when validating
+
+    files = inputs(paths, cfg.splits)
+    tokenizer_file = _tokenizer_file(tokenizer)
+    settings = suites.Settings(cfg.required_fields, cfg.answer_min_chars, cfg.answer_max_chars,
+                               max_seq_length, tokenizer_file)
+    severity = asdict(cfg.severity)
+    data = frames.build(files)
+    results = _run_gx(suites.build(severity, settings), data, docs)
+    findings = _findings(results, data, settings)
+    report = Report(rows=int((~data.lines["blank"]).sum()) if len(data.lines) else 0,
+                    findings=findings, checks=_summary(severity, findings, tokenizer_file),
+                    skipped=[] if tokenizer_file or severity["token_length"] == "off" else
+                    [f"token_length: no tokenizer.json at {tokenizer}; run `dvc repro base_model`"])
+    if report_path is not None:
+        write_json(report_path, report.metrics())
+    return report
+
+
+def _tokenizer_file(tokenizer: Path | None) -> str | None:
+    if tokenizer is None:
+        return None
+    path = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
+    return str(path) if path.is_file() else None
+
+
+def _run_gx(suite_map: dict[str, Any], data: Any, docs: Path | None) -> dict[str, Any]:
+    """Validate each frame with its suite in an in-memory GX context; Data Docs go to `docs`."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    if docs is not None:
+        context.add_data_docs_site(site_name="tuneline", site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(docs.resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
+    source = context.data_sources.add_pandas("tuneline")
+    results = {}
+    for name, suite in suite_map.items():
+        frame = getattr(data, name)
+        if not suite.expectations or frame.empty:
+            continue
+        frame = frame.assign(_i=range(len(frame)))
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        definition = context.validation_definitions.add(gx.ValidationDefinition(
+            name=name, data=batch, suite=context.suites.add(suite)))
+        results[name] = definition.run(batch_parameters={"dataframe": frame}, result_format={
+            "result_format": "COMPLETE", "unexpected_index_column_names": ["_i"],
+            "partial_unexpected_count": 20})
+    if docs is not None:
+        context.build_data_docs()
+    return results
+
+
+def _findings(results: dict[str, Any], data: Any, settings: Any) -> list[Finding]:
+    from validation.suites import CHECKS
+
+    describe = {c.name: c.describe for c in CHECKS}
+    order = {c.name: i for i, c in enumerate(CHECKS)}
+    found: dict[tuple[Any, ...], Finding] = {}
+    for name, result in results.items():
+        frame = getattr(data, name)
+        for res in result.results:
+            if res.success:
+                continue
+            check, level = res.expectation_config.meta["check"], res.expectation_config.meta[
+                "severity"]
+            indices = [entry["_i"] for entry in res.result.get("unexpected_index_list") or []]
+            records = frame.iloc[indices].to_dict("records")
+            copies = _duplicate_places(records) if check == "duplicate_question" else {}
+            for rec in records:
+                key = (check, rec["file"], rec.get("line"), rec.get("msg"))
+                message = describe[check](rec, settings) + copies.get(key[1:3], "")
+                found.setdefault(key, Finding(rec["file"], _line(rec), _rid(rec), check, level,
+                                              message))
+    return sorted(found.values(), key=lambda f: (f.file, f.line or 0, order[f.check]))
+
+
+def _line(rec: dict[str, Any]) -> int | None:
+    return int(rec["line"]) if "line" in rec else None
+
+
+def _rid(rec: dict[str, Any]) -> str | None:
+    rid = rec.get("id")
+    return rid if isinstance(rid, str) else None
+
+
+def _duplicate_places(records: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
+    """For each copy of a duplicated question, where the other copies are."""
+    by_key: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for rec in records:
+        by_key[rec["question_key"]].append((rec["file"], int(rec["line"])))
+    out = {}
+    for places in by_key.values():
+        for place in places:
+            others = ", ".join(f"{Path(f).name}:{n}" for f, n in places if (f, n) != place)
+            out[place] = f" (also at {others}); keep one (data/corrections.jsonl drop)"
+    return out
+
+
+def _summary(severity: dict[str, str], findings: list[Finding],
+             tokenizer_file: str | None) -> dict[str, dict[str, Any]]:
+    counts: dict[str, int] = defaultdict(int)
+    for f in findings:
+        counts[f.check] += 1
+    return {name: {"severity": level, "failed": counts[name]}
+            for name, level in severity.items()
+            if level != "off" and (name != "token_length" or tokenizer_file)}
+
+
+def render(report: Report, limit: int = 50) -> str:
+    """The human summary (stderr): counts, then the first `limit` findings with their place."""
+    lines = [f"validated {report.rows} rows: {report.errors} errors, {report.warnings} warnings"]
+    for f in report.findings[:limit]:
+        where = f"{f.file}:{f.line}" if f.line is not None else f.file
+        rid = f" [{f.id}]" if f.id else ""
+        lines.append(f"{where}{rid}: {f.severity} {f.check}: {f.message}")
+    if len(report.findings) > limit:
+        lines.append(f"... and {len(report.findings) - limit} more (use --json for all)")
+    lines += [f"skipped {s}" for s in report.skipped]
+    return "\n".join(lines)

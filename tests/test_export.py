@@ -1,0 +1,250 @@
+"""Export stage: GGUF files that llama.cpp loads, that stop by themselves and match MLX."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import base_model, config, export
+from pipeline.errors import UserError
+from tiny import CHATML_TEMPLATE, make_tiny_llama
+
+ANSWER = "Use CREATE INDEX."
+SMOLLM_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+
+def make_cfg(**overrides: object) -> export.ExportConfig:
+    values = dict(
+        name="tiny-test", license="mit", quantizations=("q8_0", "q4_k_m"),
+        modelfile_quantization="q8_0", system_prompt="Be brief.",
+        prompts=("How do I create an index?", "Where are the logs?"), max_tokens=24,
+        min_agreement={"f16": 0.98, "q8_0": 0.9, "q4_k_m": 0.6},
+    )
+    values.update(overrides)
+    return export.ExportConfig(**values)  # type: ignore[arg-type]
+
+
+def paths(tmp: Path, model: Path, base: Path | None = None) -> export.ExportPaths:
+    return export.ExportPaths(model, base or model, tmp / "gguf", tmp / "reports" / "gguf.json")
+
+
+@pytest.fixture(scope="session")
+def answering_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama that answers every chat prompt with ANSWER and then <|im_end|>."""
+    return make_tiny_llama(tmp_path_factory.mktemp("answering") / "model", answer=ANSWER)
+
+
+@pytest.fixture(scope="session")
+def exported(answering_model: Path, tmp_path_factory: pytest.TempPathFactory) -> export.ExportResult:
+    tmp = tmp_path_factory.mktemp("exported")
+    return export.run(make_cfg(), paths(tmp, answering_model), seed=0)
+
+
+def gguf_meta(path: Path) -> dict:
+    return base_model.gguf_metadata(base_model.read_gguf(path))
+
+
+# --- the file itself -------------------------------------------------------------------------
+
+
+def test_f16_file_carries_tokenizer_chat_template_and_provenance(tiny_model_dir, tmp_path):
+    out = tmp_path / "m.gguf"
+    export.write_gguf(tiny_model_dir, tiny_model_dir, out, make_cfg())
+    reader = base_model.read_gguf(out)
+    meta = base_model.gguf_metadata(reader)
+    assert meta["general.architecture"] == "llama"
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    # mlx-lm's exporter wrote token types llama.cpp rejects; they must be an INT32 array.
+    assert reader.fields["tokenizer.ggml.token_type"].types[1].name == "INT32"
+    assert meta["tokenizer.ggml.token_type"][:3] == [3, 3, 3]  # ChatML specials are CONTROL
+    assert len(meta["tokenizer.ggml.merges"]) > 50
+    assert meta["tokenizer.ggml.tokens"][meta["tokenizer.ggml.eos_token_id"]] == "<|im_end|>"
+    assert meta["tokenizer.chat_template"] == CHATML_TEMPLATE
+    assert meta["general.name"] == "tiny-test" and meta["general.license"] == "mit"
+    assert len(meta["general.tuneline.git_commit"]) >= 40
+    assert "general.tuneline.dataset_hash" in meta
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert "output.weight" not in kinds  # tied embeddings: llama.cpp reuses token_embd
+
+
+def test_llama_cpp_logits_match_mlx_on_random_weights(tiny_model_dir, tmp_path):
+    out = tmp_path / "m.gguf"
+    export.write_gguf(tiny_model_dir, tiny_model_dir, out, make_cfg())
+    llama, mlx = logits_pair(tiny_model_dir, out)
+    assert np.abs(llama - mlx).max() < 0.05 * np.abs(mlx).max()
+    assert (llama.argmax(-1) == mlx.argmax(-1)).mean() == 1.0
+
+
+def test_logit_check_catches_a_wrong_qk_row_order(tiny_model_dir, tmp_path, monkeypatch):
+    # Without llama.cpp's rotary row order the model loads fine but computes something else.
+    monkeypatch.setattr(base_model, "permute_qk", lambda w, n_head: w)
+    out = tmp_path / "m.gguf"
+    export.write_gguf(tiny_model_dir, tiny_model_dir, out, make_cfg())
+    llama, mlx = logits_pair(tiny_model_dir, out)
+    assert np.abs(llama - mlx).max() > 0.05 * np.abs(mlx).max()
+
+
+def logits_pair(model_dir: Path, gguf_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import mlx.core as mx
+    import mlx_lm
+
+    model, tok = mlx_lm.load(str(model_dir))
+    ids = tok.encode("<|im_start|>user\nHow do I create an index? 42<|im_end|>\n",
+                     add_special_tokens=False)
+    mlx_logits = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    llm = export.load_llama(gguf_path, n_ctx=64, seed=0)
+    llm.eval(ids)
+    llama_logits = np.asarray(llm.scores[: len(ids)]).copy()
+    llm.close()
+    return llama_logits, mlx_logits
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def test_stage_writes_quantized_files_that_stop_and_agree(exported):
+    report = exported.report
+    assert set(exported.files) == {"f16", "q8_0", "q4_k_m"}
+    file_types = {q: gguf_meta(p)["general.file_type"] for q, p in exported.files.items()}
+    assert file_types == {"f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE values
+    for qtype, info in report["files"].items():
+        assert info["failures"] == [], qtype
+        assert info["agreement"] == 1.0
+        for answer in info["answers"]:
+            assert answer["finish_reason"] == "stop"
+            assert answer["answer"] == ANSWER
+            assert answer["first_divergence"] is None
+    on_disk = json.loads((exported.files["f16"].parent.parent / "reports" / "gguf.json").read_text())
+    assert on_disk["files"]["q8_0"]["size_bytes"] < on_disk["files"]["f16"]["size_bytes"]
+
+
+def test_modelfile_points_at_chosen_file_with_chatml_stops_and_system(exported):
+    text = (exported.files["f16"].parent / "Modelfile").read_text()
+    assert "FROM ./model-q8_0.gguf\n" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    assert 'SYSTEM """Be brief."""' in text
+    assert "{{ range .Messages }}" in text and "<|im_start|>assistant\n" in text
+
+
+def test_stage_fails_with_a_clear_message_when_the_model_never_stops(tiny_model_dir, tmp_path):
+    cfg = make_cfg(quantizations=(), modelfile_quantization="f16", max_tokens=6, prompts=("hi",))
+    with pytest.raises(export.ExportError, match=r"did not stop within max_tokens=6"):
+        export.run(cfg, paths(tmp_path, tiny_model_dir), seed=0)
+    report = json.loads((tmp_path / "reports" / "gguf.json").read_text())
+    assert report["files"]["f16"]["answers"][0]["finish_reason"] == "length"
+    assert not (tmp_path / "gguf").exists()  # a failed export leaves no output for DVC to cache
+
+
+def test_stage_fails_when_agreement_is_below_threshold(answering_model, tmp_path, monkeypatch):
+    # Pretend MLX answered differently: the check must compare, not rubber-stamp.
+    real = export.mlx_reference
+
+    def shifted(*args: object) -> list[export.Reference]:
+        return [dataclasses.replace(r, tokens=[r.tokens[1], *r.tokens[1:]]) for r in real(*args)]
+
+    monkeypatch.setattr(export, "mlx_reference", shifted)
+    cfg = make_cfg(quantizations=(), modelfile_quantization="f16")
+    with pytest.raises(export.ExportError, match="greedy agreement with MLX"):
+        export.run(cfg, paths(tmp_path, answering_model), seed=0)
+
+
+def test_unsupported_architecture_names_what_is_supported(tmp_path):
+    model = make_tiny_llama(tmp_path / "gemma", model_type="gemma")
+    with pytest.raises(export.ExportError, match=r"'gemma' cannot be exported; supported: \['llama'"):
+        export.run(make_cfg(), paths(tmp_path, model), seed=0)
+
+
+def test_unknown_quantization_is_rejected_before_any_work(tiny_model_dir, tmp_path):
+    with pytest.raises(export.ExportError, match=r"'q9_x' is not a llama.cpp quantization.*q4_k_m"):
+        export.run(make_cfg(quantizations=("q9_x",)), paths(tmp_path, tiny_model_dir), seed=0)
+    with pytest.raises(export.ExportError, match=r"no threshold for \['q8_0'\]"):
+        export.run(make_cfg(min_agreement={"f16": 0.9, "q4_k_m": 0.5}),
+                   paths(tmp_path, tiny_model_dir), seed=0)
+    assert not (tmp_path / "gguf").exists()
+
+
+# --- damaged files ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_gguf_gives_a_clear_error(exported, tmp_path, damage):
+    data = exported.files["q8_0"].read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"GGUF" + b"\x07" * 4000)
+    with pytest.raises(UserError, match=r"bad.gguf: not a readable GGUF file.*truncated or corrupt"):
+        export.load_llama(bad, n_ctx=64, seed=0)
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        base_model.run(base_model.BaseConfig(seed=0, model=str(bad)), tmp_path / "base")
+
+
+# --- round trip ------------------------------------------------------------------------------
+
+
+def test_exported_gguf_imports_as_base_model_and_exports_again(exported, answering_model, tmp_path):
+    import mlx_lm
+    from safetensors.numpy import load_file
+
+    base = tmp_path / "base"
+    base_model.run(base_model.BaseConfig(seed=0, model=str(exported.files["f16"])), base)
+    before, after = load_file(str(answering_model / "model.safetensors")), load_file(
+        str(base / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert max(float(np.abs(before[k] - after[k]).max()) for k in before) < 2e-3  # F16 rounding
+    model, tok = mlx_lm.load(str(base))
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    out = mlx_lm.generate(model, tok, ids, max_tokens=12)
+    assert out == ANSWER
+    # ... and the imported model exports again, tokenizer copied from the GGUF it came from.
+    cfg = make_cfg(quantizations=(), modelfile_quantization="f16")
+    again = export.run(cfg, paths(tmp_path, base), seed=0)
+    assert again.report["tokenizer_source"].startswith("base GGUF")
+    assert again.report["files"]["f16"]["failures"] == []
+
+
+# --- Modelfile template ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template, default", [(CHATML_TEMPLATE, ""), (SMOLLM_TEMPLATE, None)])
+def test_ollama_template_renders_like_the_chat_template(template, default):
+    found = export.chatml_default_system(template)
+    if default is None:
+        assert found == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    else:
+        assert found == default
+    for probe in export.PROBES:
+        assert export.render_ollama_chatml(found, probe) == export.render_chat(template, probe)
+    go = export.ollama_chatml(found)
+    assert go.count("{{ if") == go.count("{{ end }}") - 1  # `range` also closes with end
+    assert ("{{ else }}" in go) == bool(found)
+
+
+def test_non_chatml_template_is_left_to_ollama():
+    llama3 = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{% endfor %}"
+    assert export.chatml_default_system(llama3) is None
+
+
+# --- wiring ----------------------------------------------------------------------------------
+
+
+def test_dvc_stage_and_params_match_the_code():
+    root = Path(__file__).resolve().parent.parent
+    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["export"]
+    assert "pipeline/export.py" in stage["deps"] and "models/fused" in stage["deps"]
+    assert stage["outs"] == ["models/gguf"]
+    for option in ("--model models/fused", "--base models/base", "--out models/gguf",
+                   "--report reports/gguf.json"):
+        assert option in stage["cmd"]
+    cfg = config.load(export.ExportConfig, "export", root / "params.yaml")
+    export.check_config(cfg)

@@ -1,0 +1,259 @@
+"""The generation clients against real HTTP servers on 127.0.0.1: the Ollama stand-in, and (slow)
+llama.cpp's own OpenAI-compatible server serving the embedded GGUF."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from pathlib import Path
+
+import pytest
+from ollama_standin import Fault, StandIn
+
+from pipeline import llm
+
+SAMPLING = llm.Sampling(temperature=0.0, seed=7, max_tokens=50)
+HELLO = [{"role": "user", "content": "How do I list tables in psql?"}]
+
+
+def settings(backend: str = "ollama", url: str = "", **kw: object) -> llm.LLMSettings:
+    base = {"backend": backend, "url": url, "model": "tiny", "api_key_env": "TUNELINE_TEST_KEY",
+            "stream": True, "timeout": 5.0, "retries": 3, "backoff": 0.01}
+    return llm.LLMSettings(**{**base, **kw})  # type: ignore[arg-type]
+
+
+class Sleeps(list):
+    """A sleep that records instead of waiting."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+@pytest.fixture
+def server():
+    with StandIn() as s:
+        yield s
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_ollama_chat_returns_text_finish_reason_and_token_counts(server, stream):
+    s = settings(url=server.url, stream=stream)
+    reply = llm.ask(llm.connect(s), HELLO, SAMPLING, s)
+    assert reply.text == "Stand-in reply about: How do I list tables in psql?"
+    assert (reply.finish_reason, reply.prompt_tokens, reply.completion_tokens) == ("stop", 7, 10)
+    sent = server.requests[0]
+    assert sent["stream"] is stream and sent["path"] == "/api/chat"
+    assert sent["options"] == {"temperature": 0.0, "num_predict": 50, "seed": 7}
+
+
+def test_ollama_reports_length_when_max_tokens_cuts_the_answer(server):
+    s = settings(url=server.url)
+    reply = llm.ask(llm.connect(s), HELLO, replace(SAMPLING, max_tokens=3), s)
+    assert (reply.text, reply.finish_reason) == ("Stand-in reply about:", "length")
+
+
+def test_seed_none_is_not_sent_but_seed_zero_is(server):
+    s = settings(url=server.url)
+    client = llm.connect(s)
+    llm.ask(client, HELLO, replace(SAMPLING, seed=None), s)
+    llm.ask(client, HELLO, replace(SAMPLING, seed=0), s)
+    assert "seed" not in server.requests[0]["options"]
+    assert server.requests[1]["options"]["seed"] == 0
+
+
+def test_ollama_identity_pins_the_model_digest(server):
+    client = llm.connect(settings(url=server.url))
+    assert client.identity().startswith("ollama:tiny@sha256:5e5e")
+
+
+def test_500_then_success_is_retried_with_backoff(server):
+    server.fail(Fault("status", 500), Fault("status", 503))
+    s, sleeps, tally = settings(url=server.url, backoff=0.5), Sleeps(), llm.Tally()
+    reply = llm.ask(llm.connect(s), HELLO, SAMPLING, s, tally, sleeps)
+    assert reply.text.startswith("Stand-in reply")
+    assert (tally.requests, tally.retries) == (3, 2)
+    assert 0.5 <= sleeps[0] <= 0.55 and 1.0 <= sleeps[1] <= 1.1  # doubling, small jitter
+
+
+def test_429_waits_at_least_retry_after(server):
+    server.fail(Fault("status", 429, "too many requests", retry_after="3"))
+    s, sleeps = settings(url=server.url), Sleeps()
+    llm.ask(llm.connect(s), HELLO, SAMPLING, s, sleep=sleeps)
+    assert sleeps == [3.0]
+
+
+def test_429_retry_after_as_http_date_is_honoured_for_real(server):
+    when = datetime.now(timezone.utc) + timedelta(seconds=2)
+    server.fail(Fault("status", 429, "slow down", retry_after=format_datetime(when, usegmt=True)))
+    s = settings(url=server.url)
+    start = time.monotonic()
+    llm.ask(llm.connect(s), HELLO, SAMPLING, s)
+    assert time.monotonic() - start >= 1.0  # HTTP dates have 1 s resolution
+
+
+def test_reply_that_is_not_json_is_retried_then_explained(server):
+    server.fail(*[Fault("notjson")] * 4)
+    s = settings(url=server.url)
+    with pytest.raises(llm.LLMError) as err:
+        llm.ask(llm.connect(s), HELLO, SAMPLING, s, sleep=Sleeps())
+    msg = str(err.value)
+    assert server.url in msg and "'tiny'" in msg and "not JSON" in msg and "4 attempts" in msg
+    assert "points at the LLM API" in msg
+
+
+def test_not_json_once_then_success(server):
+    server.fail(Fault("notjson"))
+    s = settings(url=server.url, stream=False)
+    assert llm.ask(llm.connect(s), HELLO, SAMPLING, s, sleep=Sleeps()).text
+
+
+def test_empty_answer_is_retried_then_reported_as_empty(server):
+    server.fail(Fault("empty"))
+    s = settings(url=server.url)
+    assert llm.ask(llm.connect(s), HELLO, SAMPLING, s, sleep=Sleeps()).text
+    server.fail(*[Fault("empty")] * 4)
+    with pytest.raises(llm.EmptyAnswer, match="empty answer 4 times"):
+        llm.ask(llm.connect(s), HELLO, SAMPLING, s, sleep=Sleeps())
+
+
+def test_connection_dropped_mid_stream_is_retried(server):
+    server.fail(Fault("drop_midstream"), Fault("drop"))
+    s, tally = settings(url=server.url), llm.Tally()
+    assert llm.ask(llm.connect(s), HELLO, SAMPLING, s, tally, Sleeps()).text
+    assert tally.retries == 2
+
+
+def test_timeout_is_retried(server):
+    server.fail(Fault("delay", seconds=1.5))
+    s, tally = settings(url=server.url, timeout=0.5), llm.Tally()
+    assert llm.ask(llm.connect(s), HELLO, SAMPLING, s, tally, Sleeps()).text
+    assert tally.retries == 1
+
+
+def test_timeouts_exhausted_say_what_to_raise(server):
+    server.fail(*[Fault("delay", seconds=1.0)] * 2)
+    s = settings(url=server.url, timeout=0.3, retries=1)
+    with pytest.raises(llm.LLMError, match=r"timed out after 0.3 s.*Raise `timeout`"):
+        llm.ask(llm.connect(s), HELLO, SAMPLING, s, sleep=Sleeps())
+
+
+def test_server_not_running_names_server_model_and_what_to_check():
+    url = f"http://127.0.0.1:{free_port()}"
+    s = settings(url=url, retries=2)
+    with pytest.raises(llm.LLMError) as err:
+        llm.ask(llm.connect(s), HELLO, SAMPLING, s, sleep=Sleeps())
+    msg = str(err.value)
+    assert url in msg and "'tiny'" in msg and "connection refused" in msg
+    assert "3 attempts" in msg and "is the server running" in msg
+
+
+def test_model_not_pulled_fails_at_once_with_the_pull_command(server):
+    s, tally = settings(url=server.url, model="llama3.2"), llm.Tally()
+    with pytest.raises(llm.LLMError) as err:
+        llm.ask(llm.connect(s), HELLO, SAMPLING, s, tally, Sleeps())
+    assert tally.requests == 1
+    assert "HTTP 404" in str(err.value) and "`ollama pull llama3.2`" in str(err.value)
+    with pytest.raises(llm.Fatal, match="has: tiny:latest"):
+        llm.connect(s).identity()
+
+
+def test_openai_client_speaks_chat_completions_with_key_from_environment(server, monkeypatch):
+    monkeypatch.setenv("TUNELINE_TEST_KEY", "sk-test")
+    s = settings("openai", url=server.url)  # no path: /v1 is added
+    reply = llm.ask(llm.connect(s), HELLO, SAMPLING, s)
+    assert reply.text.startswith("Stand-in reply") and reply.finish_reason == "stop"
+    sent = server.requests[0]
+    assert sent["path"] == "/v1/chat/completions" and sent["authorization"] == "Bearer sk-test"
+    assert sent["options"] == {"temperature": 0.0, "seed": 7, "num_predict": 50}
+
+
+def test_openai_errors_are_parsed_from_the_error_object(server):
+    s = settings("openai", url=server.url + "/v1", model="missing")
+    with pytest.raises(llm.LLMError, match=r'HTTP 404: model "missing" not found.*not on the'):
+        llm.ask(llm.connect(s), HELLO, SAMPLING, s, sleep=Sleeps())
+
+
+def test_wrong_url_path_says_to_check_the_url(server):
+    s = settings("openai", url=server.url + "/api")
+    with pytest.raises(llm.LLMError, match="HTTP 404: 404 page not found.*ending in /v1"):
+        llm.ask(llm.connect(s), HELLO, SAMPLING, s, sleep=Sleeps())
+
+
+def test_request_key_changes_with_model_messages_and_sampling():
+    key = llm.request_key("m1", HELLO, SAMPLING)
+    assert key == llm.request_key("m1", [dict(m) for m in HELLO], SAMPLING)
+    assert key != llm.request_key("m2", HELLO, SAMPLING)
+    assert key != llm.request_key("m1", [{"role": "user", "content": "other"}], SAMPLING)
+    assert key != llm.request_key("m1", HELLO, replace(SAMPLING, temperature=0.1))
+    assert key != llm.request_key("m1", HELLO, replace(SAMPLING, seed=None))
+
+
+# --- real llama.cpp ------------------------------------------------------------------------
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    from pipeline.base_model import embedded_gguf
+
+    port = free_port()
+    log = (tmp_path_factory.mktemp("llama") / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf()),
+         "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
+         "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1)],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/v1/models", proc, 120)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_openai_path_against_real_llama_cpp_server(llama_server):
+    s = settings("openai", url=llama_server, model="smollm2", timeout=120.0)
+    reply = llm.ask(llm.connect(s), HELLO, replace(SAMPLING, max_tokens=24), s)
+    assert reply.text.strip()
+    assert reply.finish_reason in ("stop", "length")
+    assert reply.prompt_tokens > 5 and 0 < reply.completion_tokens <= 24
+
+
+@pytest.mark.slow
+def test_embedded_llama_cpp_is_deterministic_with_a_seed():
+    s = settings("embedded", model="base", retries=0)
+    from pipeline.base_model import EMBEDDED
+
+    client = llm.connect(s, llm.BaseModel(EMBEDDED, Path("unused")))
+    assert isinstance(client, llm.LlamaCppClient)
+    sampling = llm.Sampling(temperature=0.7, seed=3, max_tokens=16)
+    first, second = (llm.ask(client, HELLO, sampling, s) for _ in range(2))
+    assert first.text == second.text and first.completion_tokens <= 16
+    assert client.identity().startswith("llama.cpp:")

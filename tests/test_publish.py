@@ -1,0 +1,550 @@
+"""Gated publishing: each gate check on its own, the real huggingface_hub client against a local
+Hub stand-in (tests/hub_standin.py), the model card, error paths, and the token never leaking.
+
+A session fixture builds a tiny project once (git, DVC with a local remote, outputs pushed,
+reports committed); each test works on a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hub_standin import GITATTRIBUTES, HubStandin
+from pipeline import config, publish
+from pipeline.modelcard import clean_remote
+
+TOKEN = "hf_FAKEtokenForTests0123456789abcdefXYZ"
+READ_TOKEN = "hf_READonlyTokenForTests0123456789abcd"
+REPO = "alice/pg-helper"
+TUNED_ANSWER = "Use CREATE INDEX:\n```sql\nCREATE INDEX ON t (c);\n```"
+SAFE = b"\x00" * 64 + os.urandom(2048)  # bytes that stand in for safetensors / GGUF content
+
+
+# --- the project ---------------------------------------------------------------------------
+
+
+def _params() -> dict[str, Any]:
+    return {
+        "base": {"seed": 0, "model": "embedded"},
+        "train": {"fine_tune_type": "lora", "rank": 8, "iters": 40, "learning_rate": 2.0e-4},
+        "publish": {
+            "enabled": True, "repo_id": REPO, "private": True,
+            "upload": ["adapter", "fused", "gguf", "modelfile", "card"],
+            "license": "auto", "allowed_licenses": ["apache-2.0", "mit"], "tags": ["postgres"],
+            "min_improvement": 0.05, "require_judge_win_rate": None, "require_pushed": True,
+            "require_clean_git": True, "card_samples": 2,
+        },
+    }
+
+
+def _eval() -> dict[str, Any]:
+    return {
+        "base": {"test_loss": 2.5, "test_ppl": 12.18, "test_tokens": 900,
+                 "answers": [{"id": "q-1", "answer": "I am not sure."},
+                             {"id": "q-2", "answer": "VACUUM cleans."}]},
+        "tuned": {"test_loss": 1.9, "test_ppl": 6.69, "test_tokens": 900,
+                  "answers": [{"id": "q-1", "answer": TUNED_ANSWER},
+                              {"id": "q-2", "answer": "VACUUM reclaims dead row space."}]},
+        "improvement": 0.6, "test_rows": 2,
+        "prompts": [{"id": "q-1", "question": "How do I create an index?", "reference": "CREATE"},
+                    {"id": "q-2", "question": "What does VACUUM do?", "reference": None}],
+        "judge": {"enabled": False},
+    }
+
+
+def _write(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    elif isinstance(data, str):
+        path.write_text(data)
+    else:
+        path.write_text(json.dumps(data, indent=2) if path.suffix == ".json" else
+                        yaml.safe_dump(data, sort_keys=False))
+
+
+def _sh(cwd: Path, *cmd: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, f"{cmd}: {proc.stderr}"
+    return proc.stdout
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    return _sh(cwd, sys.executable, "-m", "dvc", *args)
+
+
+def _commit(repo: Path, message: str = "change") -> None:
+    _sh(repo, "git", "add", "-A")
+    _sh(repo, "git", "commit", "-qm", message)
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("publish-template")
+    repo, src = root / "repo", root / "repo" / "src"
+    (root / "store").mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": f"a{i}"}],
+             "id": f"q-{i}", "source": source}
+            for i, source in enumerate(["generated", "generated", "expert", "imported"])]
+    _write(src / "dataset/train.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:3]))
+    _write(src / "dataset/valid.jsonl", "")
+    _write(src / "dataset/test.jsonl", json.dumps(rows[3]) + "\n")
+    _write(src / "base/tuneline.json", {"base.model": "embedded", "kind": "gguf"})
+    _write(src / "base/config.json", {"model_type": "llama"})
+    _write(src / "adapters/adapters.safetensors", SAFE)
+    _write(src / "adapters/adapter_config.json", {"fine_tune_type": "lora"})
+    _write(src / "adapters/0000010_adapters.safetensors", b"checkpoint: never uploaded")
+    _write(src / "fused/config.json", {"model_type": "llama"})
+    _write(src / "fused/model.safetensors", SAFE[::-1])
+    _write(src / "fused/tokenizer.json", {"model": {"type": "BPE"}})
+    _write(src / "gguf/model-f16.gguf", b"GGUF" + SAFE)
+    _write(src / "gguf/model-q8_0.gguf", b"GGUF" + SAFE[:1000])
+    _write(src / "gguf/Modelfile", "FROM ./model-q8_0.gguf\nPARAMETER stop <|im_end|>\n")
+    _write(repo / "params.yaml", _params())
+    _write(repo / "reports/validation.json", {"passed": True, "errors": 0, "warnings": 1})
+    _write(repo / "reports/eval.json", _eval())
+    _write(repo / "reports/train.json", {"val_loss": 1.8, "iters": 40})
+    _write(repo / "reports/gguf.json", {"files": {
+        "f16": {"file": "model-f16.gguf", "failures": []},
+        "q8_0": {"file": "model-q8_0.gguf", "failures": []}}})
+    _write(repo / "dvc.yaml", {"stages": {"build": {
+        "cmd": "mkdir -p data models && cp -r src/dataset data/dataset && "
+               "cp -r src/base src/adapters src/fused src/gguf models/",
+        "deps": ["src"],
+        "outs": ["data/dataset", "models/base", "models/adapters", "models/fused",
+                 "models/gguf"]}}})
+    _sh(repo, "git", "init", "-q", "-b", "main")
+    _sh(repo, "git", "config", "user.email", "t@example.com")
+    _sh(repo, "git", "config", "user.name", "t")
+    _sh(repo, "git", "remote", "add", "origin", "https://bob:s3cret@git.example.com/pg.git")
+    _dvc(repo, "init", "-q")
+    _dvc(repo, "remote", "add", "-d", "store", "../store")
+    _dvc(repo, "repro", "-q")
+    _commit(repo, "project")
+    _dvc(repo, "push", "-q")
+    return root
+
+
+@pytest.fixture
+def project(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    shutil.copytree(template, tmp_path / "p", symlinks=True,
+                    ignore=shutil.ignore_patterns("tmp"))
+    repo = tmp_path / "p" / "repo"
+    monkeypatch.chdir(repo)
+    return repo
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from huggingface_hub import constants
+
+    # conftest sets HF_HUB_OFFLINE for every test; the stand-in is the one Hub allowed here.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with HubStandin() as standin:
+        standin.add_account(TOKEN, "alice")
+        standin.add_account(READ_TOKEN, "alice", role="read")
+        yield standin
+
+
+def _paths(**changes: Any) -> publish.PublishPaths:
+    paths = publish.PublishPaths(
+        params=Path("params.yaml"), validation=Path("reports/validation.json"),
+        eval=Path("reports/eval.json"), gguf_report=Path("reports/gguf.json"),
+        train_report=Path("reports/train.json"), dataset=Path("data/dataset"),
+        dvc_lock=Path("dvc.lock"), base=Path("models/base"), adapters=Path("models/adapters"),
+        fused=Path("models/fused"), gguf=Path("models/gguf"),
+        report=Path("reports/publish.json"), card=Path("reports/model_card.md"))
+    return publish.PublishPaths(**{**paths.__dict__, **changes})
+
+
+def _cfg() -> publish.PublishConfig:
+    return config.load(publish.PublishConfig, "publish", "params.yaml")
+
+
+def _edit_params(repo: Path, **publish_changes: Any) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["publish"].update(publish_changes)
+    _write(repo / "params.yaml", params)
+
+
+def _env(hub: HubStandin, token: str = TOKEN) -> dict[str, str]:
+    return {"HF_TOKEN": token, "HF_ENDPOINT": hub.url}
+
+
+def _run(hub: HubStandin, token: str = TOKEN, **paths: Any) -> publish.PublishResult:
+    return publish.run(_cfg(), _paths(**paths), dry_run=False, env=_env(hub, token))
+
+
+def _report() -> dict[str, Any]:
+    return json.loads(Path("reports/publish.json").read_text())
+
+
+def _assert_no_token(*texts: str) -> None:
+    for text in texts:
+        assert TOKEN not in text and READ_TOKEN not in text
+
+
+# --- the gate ------------------------------------------------------------------------------
+
+
+def test_dry_run_checks_every_gate_and_says_why_it_did_not_upload(project: Path) -> None:
+    _edit_params(project, enabled=False)
+    _commit(project)
+
+    result = publish.run(_cfg(), _paths(), dry_run=False, env={})
+
+    assert result.status == "dry_run" and result.passed
+    assert result.dry_run_reasons == ["publish.enabled is false", "HF_TOKEN is not set"]
+    report = _report()
+    assert [c["name"] for c in report["checks"]] == [
+        "validation", "improvement", "gguf", "judge", "license", "artifacts", "git_clean",
+        "dvc_pushed"]
+    assert all(c["passed"] and c["detail"] for c in report["checks"])
+    assert report["dry_run"] is True and report["commit_url"] is None
+    files = {f["path"]: f["size"] for f in report["files"]}
+    assert set(files) == {
+        "adapter/adapters.safetensors", "adapter/adapter_config.json", "config.json",
+        "model.safetensors", "tokenizer.json", "model-f16.gguf", "model-q8_0.gguf",
+        "Modelfile", "README.md", publish.MANIFEST}
+    assert files["adapter/adapters.safetensors"] == len(SAFE)
+    assert report["total_bytes"] == sum(files.values())
+
+
+def _break_validation(repo: Path) -> None:
+    _write(repo / "reports/validation.json", {"passed": False, "errors": {"schema": 2, "empty": 1}})
+
+
+def _break_improvement(repo: Path) -> None:
+    data = _eval()
+    data["tuned"]["test_loss"] = 2.48  # better, but by less than min_improvement 0.05
+    _write(repo / "reports/eval.json", data)
+
+
+def _break_gguf(repo: Path) -> None:
+    _write(repo / "reports/gguf.json", {"files": {
+        "f16": {"file": "model-f16.gguf", "failures": []},
+        "q8_0": {"file": "model-q8_0.gguf", "failures": ["did not stop within max_tokens"]}}})
+
+
+def _break_judge(repo: Path) -> None:
+    _edit_params(repo, require_judge_win_rate=0.6)
+    data = _eval()
+    data["judge"] = {"enabled": True, "tuned_win_rate": 0.4, "verdicts": []}
+    _write(repo / "reports/eval.json", data)
+
+
+def _break_license(repo: Path) -> None:
+    _edit_params(repo, allowed_licenses=["mit"])
+
+
+BREAKERS = {
+    "validation": (_break_validation, "3 errors"),
+    "improvement": (_break_improvement, "improved by 0.0200"),
+    "gguf": (_break_gguf, "failed: model-q8_0.gguf"),
+    "judge": (_break_judge, "judge win rate 0.400"),
+    "license": (_break_license, "apache-2.0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BREAKERS))
+def test_each_report_check_fails_on_its_own(project: Path, name: str) -> None:
+    breaker, expected = BREAKERS[name]
+    breaker(project)
+    _commit(project)
+
+    result = publish.run(_cfg(), _paths(), dry_run=True, env={})
+
+    failed = [c for c in result.checks if not c.passed]
+    assert [c.name for c in failed] == [name]
+    assert expected in failed[0].detail
+
+
+def test_missing_artifact_fails_only_the_artifacts_check(project: Path) -> None:
+    result = publish.run(_cfg(), _paths(fused=Path("models/nowhere")), dry_run=True, env={})
+    failed = [c for c in result.checks if not c.passed]
+    assert [c.name for c in failed] == ["artifacts"]
+    assert "models/nowhere/config.json" in failed[0].detail
+
+
+def test_uncommitted_file_fails_only_git_clean(project: Path) -> None:
+    (project / "notes.txt").write_text("scratch")
+    result = publish.run(_cfg(), _paths(), dry_run=True, env={})
+    failed = [c for c in result.checks if not c.passed]
+    assert [c.name for c in failed] == ["git_clean"]
+    assert "notes.txt" in failed[0].detail
+
+
+def test_unpushed_outputs_fail_only_dvc_pushed(project: Path) -> None:
+    shutil.rmtree(project.parent / "store")
+    (project.parent / "store").mkdir()
+    result = publish.run(_cfg(), _paths(), dry_run=True, env={})
+    failed = [c for c in result.checks if not c.passed]
+    assert [c.name for c in failed] == ["dvc_pushed"]
+    assert "dvc push" in failed[0].detail and "models/fused (new)" in failed[0].detail
+    assert "data/dataset/train.jsonl" not in failed[0].detail
+
+
+def test_output_changed_since_dvc_lock_fails_dvc_pushed(project: Path) -> None:
+    (project / "models/fused/config.json").write_text('{"edited": true}')
+    result = publish.run(_cfg(), _paths(), dry_run=True, env={})
+    failed = [c for c in result.checks if not c.passed]
+    assert [c.name for c in failed] == ["dvc_pushed"]
+    assert "build" in failed[0].detail and "dvc repro" in failed[0].detail
+
+
+def test_failed_gate_blocks_upload_and_contacts_no_hub(project: Path, hub: HubStandin) -> None:
+    _break_improvement(project)
+    _commit(project)
+    result = _run(hub)
+    assert result.status == "blocked" and not result.passed
+    assert hub.requests == [] and hub.repos == {}
+
+
+def test_config_errors_name_the_key(project: Path) -> None:
+    cfg = _cfg()
+    bad = publish.PublishConfig(**{**cfg.__dict__, "upload": ("modelfile", "card")})
+    with pytest.raises(publish.PublishError, match="modelfile without gguf"):
+        publish.run(bad, _paths(), dry_run=True, env={})
+    bad = publish.PublishConfig(**{**cfg.__dict__, "repo_id": "just-a-name"})
+    with pytest.raises(publish.PublishError, match="namespace/name"):
+        publish.run(bad, _paths(), dry_run=True, env={})
+
+
+# --- publishing to the stand-in ------------------------------------------------------------
+
+
+def test_publishes_one_private_commit_with_byte_identical_files(project: Path,
+                                                               hub: HubStandin) -> None:
+    from huggingface_hub import HfApi
+
+    result = _run(hub)
+
+    assert result.status == "published", result.error
+    repo = hub.repos[REPO]
+    assert repo.private is True
+    assert len(repo.commits) == 2  # the Hub's initial commit, then exactly one release commit
+    assert result.revision == repo.head.oid and result.commit_url.endswith(repo.head.oid)
+    # The protocol the issue measured, in order (LFS upload + verify once per large file).
+    verbs = [(m, p.split("/")[1] if p.startswith("/api") else p.rsplit("/", 1)[-1])
+             for m, p in hub.requests]
+    assert [v for v in verbs if v[1] != "lfs-upload"][:6] == [
+        ("GET", "api"), ("GET", "api"), ("POST", "api"), ("POST", "api"), ("POST", "api"),
+        ("POST", "batch")]
+    assert hub.calls("POST", r"^/api/repos/create$") == 1
+    assert hub.calls("POST", r"^/api/validate-yaml$") == 1
+    assert hub.calls("PUT", r"^/lfs-upload/") == 4  # adapter, fused weights, two GGUFs
+    assert hub.calls("POST", r"^/lfs-verify/") == 4
+    assert hub.calls("POST", rf"^/api/models/{REPO}/commit/main$") == 1
+    sources = {
+        "adapter/adapters.safetensors": "models/adapters/adapters.safetensors",
+        "adapter/adapter_config.json": "models/adapters/adapter_config.json",
+        "model.safetensors": "models/fused/model.safetensors",
+        "config.json": "models/fused/config.json",
+        "model-q8_0.gguf": "models/gguf/model-q8_0.gguf",
+        "Modelfile": "models/gguf/Modelfile",
+    }
+    for repo_path, local in sources.items():
+        assert hub.file_bytes(REPO, repo_path) == Path(local).read_bytes(), repo_path
+    assert "adapter/0000010_adapters.safetensors" not in hub.paths(REPO)
+    assert hub.file_bytes(REPO, "README.md") == Path("reports/model_card.md").read_bytes()
+    # The real client downloads the same bytes back.
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    with tempfile.TemporaryDirectory() as cache:
+        got = api.hf_hub_download(REPO, "model-f16.gguf", cache_dir=cache)
+        assert Path(got).read_bytes() == Path("models/gguf/model-f16.gguf").read_bytes()
+    manifest = json.loads(hub.file_bytes(REPO, publish.MANIFEST))
+    assert manifest["content_id"] == result.content_id
+    assert manifest["git_commit"] == _sh(project, "git", "rev-parse", "HEAD").strip()
+    report = _report()
+    assert report["status"] == "published" and report["revision"] == repo.head.oid
+
+
+def test_card_tells_the_lineage(project: Path, hub: HubStandin) -> None:
+    from huggingface_hub import ModelCard
+
+    _run(hub)
+    text = hub.file_bytes(REPO, "README.md").decode()
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0"
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"tuneline", "mlx", "lora", "gguf", "postgres"} <= set(data["tags"])
+    metrics = data["model-index"][0]["results"][0]["metrics"]
+    assert {"type": "loss", "value": 1.9, "name": "test loss"} in metrics
+    body = card.text
+    lock = yaml.safe_load(Path("dvc.lock").read_text())
+    dataset_md5 = next(o["md5"] for o in lock["stages"]["build"]["outs"]
+                       if o["path"] == "data/dataset")
+    assert dataset_md5 in body
+    assert "| generated | 2 |" in body and "| expert | 1 |" in body and "| imported | 1 |" in body
+    assert "| `rank` | `8` |" in body
+    assert "| test_loss | 2.5 | 1.9 |" in body
+    assert "How do I create an index?" in body and "I am not sure." in body
+    assert "````text\n" + TUNED_ANSWER + "\n````" in body  # fence longer than the answer's
+    assert f"mlx_lm.generate --model {REPO}" in body
+    assert "--adapter-path adapter" in body
+    assert f"llama-cli --hf-repo {REPO} --hf-file model-q8_0.gguf" in body
+    assert f"ollama run hf.co/{REPO}:Q8_0" in body and "ollama create" in body
+    assert "## Limitations" in body
+    commit = _sh(project, "git", "rev-parse", "HEAD").strip()
+    assert f"git checkout {commit}" in body
+    assert "https://git.example.com/pg.git" in body and "s3cret" not in body
+
+
+def test_republishing_the_same_content_is_a_noop(project: Path, hub: HubStandin) -> None:
+    first = _run(hub)
+    uploaded, commits = hub.uploaded_bytes, len(hub.repos[REPO].commits)
+    _commit(project, "record the publish")  # a new git commit, same model
+
+    again = _run(hub)
+
+    assert again.status == "unchanged"
+    assert again.revision == first.revision
+    assert len(hub.repos[REPO].commits) == commits
+    assert hub.uploaded_bytes == uploaded
+    assert hub.calls("POST", "/commit/") == 1 and hub.calls("POST", "/preupload/") == 1
+
+
+def test_dropping_an_item_deletes_only_what_tuneline_put_there(project: Path,
+                                                              hub: HubStandin) -> None:
+    _run(hub)
+    hub.repos[REPO].commits[-1].files["notes.md"] = hub.repos[REPO].head.files["Modelfile"]
+    _edit_params(project, upload=["adapter", "card"])
+    _commit(project)
+
+    result = _run(hub)
+
+    assert result.status == "published"
+    assert hub.paths(REPO) == {".gitattributes", "notes.md", "README.md", publish.MANIFEST,
+                               "adapter/adapters.safetensors", "adapter/adapter_config.json"}
+    assert hub.file_bytes(REPO, ".gitattributes") == GITATTRIBUTES.encode()
+
+
+def test_refuses_to_upload_into_a_public_repo_when_private(project: Path,
+                                                           hub: HubStandin) -> None:
+    hub.create_repo(REPO, private=False)
+    with pytest.raises(publish.PublishError, match="is public but publish.private is true"):
+        _run(hub)
+    assert len(hub.repos[REPO].commits) == 1
+
+
+ERRORS: dict[str, tuple[dict[str, Any], str]] = {
+    "invalid_token": ({"token": "hf_notAValidTokenAtAll0123456789abcdef"}, "401"),
+    "read_only_token": ({"token": READ_TOKEN}, "read-only token"),
+    "no_rights_in_namespace": ({"repo_id": "postgres-org/pg-helper"}, "403"),
+    "not_found": ({"fault": {"method": "POST", "path": "/preupload/", "status": 404}}, "404"),
+    "server_echoes_token": (
+        {"fault": {"method": "POST", "path": "/commit/", "status": 500, "echo_auth": True}},
+        "answered 500"),
+    "repo_changed_meanwhile": ({"seed_repo": True,
+                                "fault": {"method": "POST", "path": "/commit/", "status": 412}},
+                               "changed on the Hub"),
+    "lfs_upload_refused": ({"fault": {"method": "PUT", "path": "/lfs-upload/", "status": 403}},
+                           "403"),
+    "connection_dropped_at_commit": (
+        {"fault": {"method": "POST", "path": "/commit/", "drop": True}}, "network error"),
+    "hub_unreachable": ({"endpoint": "http://127.0.0.1:9"}, "network error"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_hub_errors_are_clear_token_free_and_publish_nothing(
+        project: Path, hub: HubStandin, case: str, caplog: pytest.LogCaptureFixture) -> None:
+    setup, expected = ERRORS[case]
+    if setup.get("repo_id"):
+        _edit_params(project, repo_id=setup["repo_id"])
+        _commit(project)
+    if setup.get("seed_repo"):
+        hub.create_repo(REPO, private=True)
+    if setup.get("fault"):
+        hub.fail(**setup["fault"])
+    env = {"HF_TOKEN": setup.get("token", TOKEN), "HF_ENDPOINT": setup.get("endpoint", hub.url)}
+    caplog.set_level("INFO")
+
+    with pytest.raises(publish.PublishError) as info:
+        publish.run(_cfg(), _paths(), dry_run=False, env=env)
+
+    message = str(info.value)
+    assert expected in message and publish.NOTHING_PUBLISHED in message
+    assert info.value.__cause__ is None  # no chained client exception carrying headers
+    report = _report()
+    assert report["status"] == "failed" and report["error"] == message
+    secret = env["HF_TOKEN"]
+    for text in (message, json.dumps(report), Path("reports/model_card.md").read_text(),
+                 "".join(traceback.format_exception(info.value)), caplog.text):
+        _assert_no_token(text)
+        assert secret not in text
+    # Nothing a user could mistake for a release: no commit beyond the Hub's own first one.
+    for repo in hub.repos.values():
+        assert [c.title for c in repo.commits] == ["initial commit"]
+
+
+# --- the CLI and the pipeline wiring -------------------------------------------------------
+
+
+def test_stage_command_records_a_failed_gate_but_exits_zero(project: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    _break_validation(project)
+    _commit(project)
+    runner = CliRunner()
+    stage = runner.invoke(app, ["publish", "--dry-run", "--exit-zero"], env={"HF_TOKEN": TOKEN})
+    assert stage.exit_code == 0, stage.output
+    assert "FAIL validation" in stage.output and "would not upload" in stage.output
+    strict = runner.invoke(app, ["publish", "--dry-run"], env={"HF_TOKEN": TOKEN})
+    assert strict.exit_code == 1
+    _assert_no_token(stage.output, strict.output, Path("reports/publish.json").read_text())
+
+
+@pytest.mark.slow
+def test_cli_publishes_and_never_prints_the_token(project: Path, hub: HubStandin) -> None:
+    env = {**os.environ, "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(project.parent / "hf-home"),
+           "HF_DEBUG": "0"}
+    cmd = [sys.executable, "-m", "pipeline", "publish", "--card", "reports/model_card.md"]
+    published = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert published.returncode == 0, published.stderr
+    assert "published 10 files" in published.stdout and hub.repos[REPO].head.oid in published.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert "already published" in again.stdout
+    hub.fail("GET", "/api/models/", status=500, echo_auth=True)
+    failing = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert failing.returncode == 1 and "error:" in failing.stderr
+    assert "Traceback" not in failing.stderr
+    for proc in (published, again, failing):
+        _assert_no_token(proc.stdout, proc.stderr)
+    _assert_no_token(Path("reports/publish.json").read_text())
+
+
+def test_dvc_yaml_publish_stage_matches_the_code() -> None:
+    root = Path(__file__).resolve().parents[1]
+    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["publish"]
+    assert list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])[-1] == "publish"
+    assert {"pipeline/publish.py", "pipeline/modelcard.py", "reports/eval.json",
+            "reports/validation.json", "reports/gguf.json", "models/gguf"} <= set(stage["deps"])
+    assert "publish" in stage["params"] and stage["always_changed"] is True
+    assert stage["metrics"] == [{"reports/publish.json": {"cache": False}}]
+    assert "--dry-run --exit-zero" in stage["cmd"]
+    cfg = config.load(publish.PublishConfig, "publish", root / "params.yaml")
+    assert cfg.enabled is False and cfg.private is True and cfg.repo_id is None
+
+
+def test_remote_credentials_never_reach_the_card() -> None:
+    assert clean_remote("https://bob:ghp_x@github.com/a/b.git") == "https://github.com/a/b.git"
+    assert clean_remote("git@github.com:a/b.git") == "git@github.com:a/b.git"

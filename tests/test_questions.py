@@ -1,0 +1,179 @@
+"""`tuneline questions draft`: parsing what models really return, near-duplicates (English and
+Chinese), appending with provenance, and a reply in no known format appending nothing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+from ollama_standin import StandIn
+from typer.testing import CliRunner
+
+from pipeline import config, llm
+from pipeline.cli import app
+from pipeline.questions import (
+    Draft,
+    DraftConfig,
+    DraftFormatError,
+    drop_near_duplicates,
+    parse_drafts,
+    run,
+    similarity,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+CATS = ("students", "DBAs", "kernel developers")
+
+
+class Canned:
+    """A client that returns one canned reply."""
+
+    backend, server, model = "fake", "fake://local", "drafter-1"
+
+    def __init__(self, text: str):
+        self.text, self.prompts = text, []
+
+    def identity(self) -> str:
+        return "fake"
+
+    def chat(self, messages, sampling):
+        self.prompts.append(messages[-1]["content"])
+        return llm.Reply(self.text, "stop", 10, 10)
+
+
+def cfg(**changes) -> DraftConfig:
+    return replace(config.load(DraftConfig, "questions", PARAMS), **{"retries": 0, **changes})
+
+
+def existing(path: Path, *questions: str) -> None:
+    path.write_text("".join(json.dumps({"id": f"q-{i:04d}", "question": q, "source": "expert"},
+                                       ensure_ascii=False) + "\n"
+                            for i, q in enumerate(questions, start=1)), encoding="utf-8")
+
+
+def test_parses_a_json_array():
+    assert parse_drafts('["How do I a?", "Can I b?"]') == [Draft("How do I a?", None),
+                                                          Draft("Can I b?", None)]
+
+
+def test_parses_a_fenced_json_block_inside_chatter():
+    text = 'Sure! Here you go:\n```json\n[{"question": "Where do I c?"}]\n```\nEnjoy [1].'
+    assert parse_drafts(text) == [Draft("Where do I c?", None)]
+
+
+def test_parses_a_json_object_of_categories_onto_requested_names():
+    text = '{"Students": ["What is a table?"], "For DBAs": [{"question": "How do I back up?"}]}'
+    assert parse_drafts(text, CATS) == [Draft("What is a table?", "students"),
+                                        Draft("How do I back up?", "DBAs")]
+
+
+def test_parses_numbered_and_bulleted_lists_ignoring_intro_and_outro():
+    text = ("Here are 4 questions about WordPress:\n1. How do I install it?\n2) **Can I change "
+            "the theme?**\n- Is it okay to use plugins?\n* Where is the log?\nHope this helps!")
+    assert [d.question for d in parse_drafts(text)] == [
+        "How do I install it?", "Can I change the theme?", "Is it okay to use plugins?",
+        "Where is the log?"]
+
+
+def test_parses_category_headings_with_questions_under_them():
+    text = ("### For students\n1. What is SQL?\n\n**DBAs:**\n- How do I vacuum?\n"
+            "3. Kernel developers:\n1. Where is the WAL code?")
+    assert parse_drafts(text, CATS) == [Draft("What is SQL?", "students"),
+                                        Draft("How do I vacuum?", "DBAs"),
+                                        Draft("Where is the WAL code?", "kernel developers")]
+
+
+def test_parses_chinese_category_headings_and_lists():
+    text = "一、学生\n1、什么是事务？\n2. 如何创建表？\n二、DBA\n（1）如何备份数据库？"
+    assert parse_drafts(text, ("学生", "DBA")) == [Draft("什么是事务？", "学生"),
+                                                   Draft("如何创建表？", "学生"),
+                                                   Draft("如何备份数据库？", "DBA")]
+
+
+def test_a_reply_in_no_known_format_is_a_clear_error():
+    with pytest.raises(DraftFormatError, match="no questions in a known format.*I am a model"):
+        parse_drafts("I am a model and I would rather talk about the weather today.")
+
+
+def test_near_duplicates_are_dropped_in_english_and_chinese():
+    assert similarity("What is the difference between a schema and a database?",
+                      "What's the difference between a database and a schema?") >= 0.8
+    assert similarity("如何修改 PostgreSQL 用户的密码？", "怎样修改PostgreSQL用户的密码") >= 0.8
+    assert similarity("如何创建索引？", "如何删除索引？") < 0.8
+    drafts = [Draft(q, None) for q in ("HOW DO I RESET MY PASSWORD", "How do I drop a table?",
+                                       "怎样修改PostgreSQL用户的密码", "How do I drop a table ?")]
+    kept, dropped = drop_near_duplicates(
+        drafts, ["How do I reset my password?", "如何修改 PostgreSQL 用户的密码？"], 0.8)
+    assert [d.question for d in kept] == ["How do I drop a table?"]
+    assert len(dropped) == 3  # two against the file, one against the batch itself
+
+
+def test_draft_appends_new_questions_with_provenance(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    existing(path, "How do I reset my password?")
+    before = path.read_text()
+    client = Canned('["How do I reset my password", "Can I rename a database?"]')
+    fixed = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    result = run(cfg(topic="PostgreSQL", count=2), 0, path, client=client, now=lambda: fixed)
+    assert "2 frequently asked questions about PostgreSQL" in client.prompts[0]
+    assert result.duplicates == ["How do I reset my password"] and result.parsed == 2
+    lines = path.read_text().splitlines()
+    assert path.read_text().startswith(before) and len(lines) == 2
+    row = json.loads(lines[-1])
+    assert row == {"id": "q-0002", "question": "Can I rename a database?", "source": "drafted",
+                   "model": "drafter-1", "prompt_id": result.prompt_id,
+                   "created": "2025-01-02T03:04:05+00:00"}
+    assert result.prompt_id.startswith("faq_en@")
+
+
+def test_unknown_format_appends_nothing(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    existing(path, "How do I reset my password?")
+    before = path.read_bytes()
+    with pytest.raises(DraftFormatError, match="Nothing was appended"):
+        run(cfg(), 0, path, client=Canned("Sorry, I cannot do that."))
+    assert path.read_bytes() == before
+
+
+def test_dry_run_appends_nothing(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    existing(path, "A?")
+    before = path.read_bytes()
+    result = run(cfg(), 0, path, client=Canned('["Can I b?"]'), dry_run=True)
+    assert [r["question"] for r in result.added] == ["Can I b?"] and path.read_bytes() == before
+
+
+def test_unknown_prompt_name_says_which_exist(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"'nope' is not one of \['by_category_en'"):
+        run(cfg(prompt="nope"), 0, tmp_path / "q.jsonl", client=Canned("[]"))
+
+
+def chinese_reply(messages, options):
+    return ('```json\n{"学生": ["什么是事务？", "如何创建表？"], '
+            '"DBA": ["如何备份数据库？", "如何 备份 数据库?"]}\n```')  # width/space variant
+
+
+def test_cli_drafts_chinese_questions_through_ollama(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    existing(path, "如何创建表？")
+    params = yaml.safe_load(PARAMS.read_text())
+    with StandIn(reply=chinese_reply) as server:
+        params["questions"].update(backend="ollama", url=server.url, model="tiny")
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+        result = CliRunner().invoke(app, [
+            "questions", "draft", "--out", str(path), "--prompt", "by_category_zh", "--count",
+            "2", "--category", "学生", "--category", "DBA", "--params",
+            str(tmp_path / "params.yaml")])
+        sent = server.requests[0]["messages"][-1]["content"]
+    assert result.exit_code == 0, result.output
+    assert "以下每一类人群各 2 个问题：学生, DBA" in sent
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["question"], r.get("category")) for r in rows[1:]] == [
+        ("q-0002", "什么是事务？", "学生"), ("q-0003", "如何备份数据库？", "DBA")]
+    assert rows[1]["model"] == "tiny" and rows[1]["prompt_id"].startswith("by_category_zh@")
+    assert "dropped 2 near-duplicates, appended 2" in result.output

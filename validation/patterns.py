@@ -1,0 +1,71 @@
+"""What bad content looks like: one copy, shared by curate (drops bad generated turns) and the
+Great Expectations suites (report bad rows). Plain Python: importing this never loads GX.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Boilerplate that small instruct models emit instead of an answer. Case-insensitive.
+REFUSAL_PATTERNS = (
+    r"(?i)\bas an ai(?: language)? model\b",
+    r"(?i)\bas a large language model\b",
+    r"(?i)\bi(?:'m| am) (?:just )?an ai\b",
+    r"(?i)\bi(?:'m| am) sorry,? but i (?:cannot|can't|can not|am unable to)\b",
+    r"(?i)\bi (?:cannot|can't) (?:assist|help) with (?:that|this)\b",
+    r"(?i)\bmy (?:training data|knowledge cutoff)\b",
+)
+
+# Chat-template syntax that must never appear inside a message's content: it means a row was
+# rendered twice or an import was not converted (Llama/Mistral, ChatML, Llama 3, Gemma, Phi).
+TEMPLATE_MARKERS = (
+    "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>",
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>",
+    "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>", "<|user|>",
+    "<|assistant|>", "<|system|>", "<|end|>",
+)
+TEMPLATE_MARKER_PATTERN = "|".join(re.escape(m) for m in TEMPLATE_MARKERS)
+
+# An answer that stops mid-sentence: the last visible character is not one that ends a sentence,
+# a list item, a code block or a quote.
+TERMINATED_PATTERN = r"[.!?:;)\]}`\"'*>…。！？_|-]\s*$"
+
+_REFUSAL_RE = re.compile("|".join(f"(?:{p[4:]})" for p in REFUSAL_PATTERNS), re.IGNORECASE)
+_MARKER_RE = re.compile(TEMPLATE_MARKER_PATTERN)
+_TERMINATED_RE = re.compile(TERMINATED_PATTERN)
+
+# Words that carry no meaning for "is this the same question?".
+STOPWORDS = frozenset(
+    "a an the i me my we our you your it its is are was be been do does did can could should "
+    "would will shall may might must how what which who whom why when where there here this that "
+    "these those to of in on at for from with by about as and or if then so into than please "
+    "between s"
+    .split()
+)
+
+
+def is_refusal(text: str) -> bool:
+    return _REFUSAL_RE.search(text) is not None
+
+
+def template_marker(text: str) -> str | None:
+    """The first chat-template marker inside `text`, or None."""
+    match = _MARKER_RE.search(text)
+    return match.group(0) if match else None
+
+
+def is_terminated(text: str) -> bool:
+    return _TERMINATED_RE.search(text) is not None
+
+
+def question_key(text: str) -> str:
+    """Exact-duplicate key: case, accents, punctuation and spacing do not make a new question."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
+
+
+def content_words(text: str) -> str:
+    """The question without filler words, singularised: the near-duplicate comparison text."""
+    words = [w for w in question_key(text).split() if w not in STOPWORDS]
+    return " ".join(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words)

@@ -1,0 +1,225 @@
+"""The data checks as Great Expectations suites, defined in code (GX Core 1.x).
+
+Each check has a name (the key of `validate.severity` in params.yaml), the frame it looks at
+(validation/frames.py), one or more expectations tagged `meta={"check": name}`, and a function
+that turns a failing row into a message that says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import great_expectations as gx
+
+from validation import expectations as custom  # registers the custom expectations first
+from validation import patterns
+from validation.frames import TRAINING_FORMATS
+
+GX_SEVERITY = {"error": "critical", "warning": "warning"}
+ROLES_DOC = "system, user, assistant"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The knobs of the checks (from params.yaml `validate` and `train.max_seq_length`)."""
+
+    required_fields: tuple[str, ...]
+    answer_min_chars: int
+    answer_max_chars: int
+    max_tokens: int
+    tokenizer_file: str | None  # None: the token_length check is skipped (no base model yet)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    frame: str  # files | lines | messages
+    doc: str
+    expectations: Callable[[Settings], list[Any]]
+    describe: Callable[[dict[str, Any], Settings], str]
+
+
+def chat_schema(required: tuple[str, ...]) -> dict[str, Any]:
+    message = {"type": "object", "required": ["role", "content"],
+               "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}
+    return _schema({"messages": {"type": "array", "minItems": 1, "items": message}}, required)
+
+
+def _schema(props: dict[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
+    extra = {"id": {"type": "string", "minLength": 1}, "source": {"type": "string"}}
+    return {"type": "object", "required": [*props, *required],
+            "properties": {**{k: extra.get(k, {}) for k in required}, **props}}
+
+
+def schemas(required: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    return {
+        "chat": chat_schema(required),
+        "completions": _schema({"prompt": {"type": "string"},
+                                "completion": {"type": "string"}}, required),
+        "text": _schema({"text": {"type": "string"}}, required),
+    }
+
+
+def _schema_texts(s: Settings) -> dict[str, str]:
+    return {fmt: json.dumps(schema, sort_keys=True)
+            for fmt, schema in schemas(s.required_fields).items()}
+
+
+def _where(condition: str) -> dict[str, str]:
+    return {"row_condition": condition, "condition_parser": "pandas"}
+
+
+PARSED = "is_object == True"
+ANSWER = 'role == "assistant"'
+ANSWER_TEXT = 'role == "assistant" and has_text == True'
+
+
+def _schema_expectations(s: Settings) -> list[Any]:
+    return [custom.ExpectColumnValuesToMatchCompiledJsonSchema(
+        column="raw", schema_text=text, **_where(f'format == "{fmt}"'))
+        for fmt, text in _schema_texts(s).items()]
+
+
+def _token_expectations(s: Settings) -> list[Any]:
+    if s.tokenizer_file is None:
+        return []
+    return [custom.ExpectColumnValuesToFitTokenBudget(
+        column="raw", tokenizer_file=s.tokenizer_file, max_tokens=s.max_tokens,
+        **_where(f"{PARSED} and format in {list(TRAINING_FORMATS)}"))]
+
+
+def _describe_schema(row: dict[str, Any], s: Settings) -> str:
+    text = _schema_texts(s).get(row["format"])
+    why = custom.schema_error(text, row["raw"]) if text else None
+    return f"{why}; required fields: {list(s.required_fields)}" if why else "does not match"
+
+
+def _describe_format(row: dict[str, Any], s: Settings) -> str:
+    fmt, first = row["format"], row["file_format"]
+    if fmt not in TRAINING_FORMATS:
+        return (f"{fmt} layout is not a training format ({', '.join(TRAINING_FORMATS)}); put the "
+                "file in data/imports/ and let `tuneline curate` convert it")
+    return f"{fmt} row in a file that starts with {first} rows; keep one format per file"
+
+
+def _describe_tokens(row: dict[str, Any], s: Settings) -> str:
+    count = custom.token_counts(_series([row["raw"]]), s.tokenizer_file or "", s.max_tokens)[0]
+    return (f"{count} tokens > train.max_seq_length {s.max_tokens}: mlx-lm cuts the rest off; "
+            "shorten the answer or raise train.max_seq_length")
+
+
+def _series(values: list[Any]) -> Any:
+    import pandas as pd
+
+    return pd.Series(values)
+
+
+def _clip(text: str, n: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("splits", "files", "each file (each split of a dataset folder) exists and has rows",
+          lambda s: [gx.expectations.ExpectColumnValuesToBeBetween(column="rows", min_value=1)],
+          lambda r, s: "missing: run `dvc repro curate` to write it" if not r["present"]
+          else "no rows: an empty split fails training; add data or change curate ratios"),
+    Check("utf8", "lines", "every line is UTF-8",
+          lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(column="utf8",
+                                                                  value_set=[True])],
+          lambda r, s: "not UTF-8; re-save the file as UTF-8"),
+    Check("blank_line", "lines", "no blank lines",
+          lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
+              column="blank", value_set=[False], **_where("utf8 == True"))],
+          lambda r, s: "blank line; delete it (every line must be one JSON object)"),
+    Check("json", "lines", "every line is one JSON object",
+          lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
+              column="is_object", value_set=[True], **_where("utf8 == True and blank == False"))],
+          lambda r, s: _json_problem(r["raw"])),
+    Check("format", "lines", "one training format per file (chat, completions or text)",
+          lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
+              column="format", value_set=list(TRAINING_FORMATS), **_where(PARSED)),
+              gx.expectations.ExpectColumnPairValuesToBeEqual(
+                  column_A="format", column_B="file_format", **_where(PARSED))],
+          _describe_format),
+    Check("schema", "lines", "required fields present, messages a list of {role, content: string}",
+          _schema_expectations, _describe_schema),
+    Check("roles", "lines", f"roles are {ROLES_DOC}",
+          lambda s: [gx.expectations.ExpectColumnValuesToMatchRegex(column="role_seq",
+                                                                    regex="^[sua]*$")],
+          lambda r, s: f"a role is not one of {ROLES_DOC} (sequence {r['role_seq']!r}: "
+                       "s=system u=user a=assistant x=other)"),
+    Check("turn_order", "lines", "optional system, then user/assistant pairs ending with assistant",
+          lambda s: [gx.expectations.ExpectColumnValuesToMatchRegex(column="turn_seq",
+                                                                    regex="^s?(ua)+$")],
+          lambda r, s: f"roles go {_roles(r['turn_seq'])}; expected an optional system message, "
+                       "then user/assistant pairs, ending with assistant"),
+    Check("empty_answer", "messages", "no empty or whitespace-only answers",
+          lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
+              column="has_text", value_set=[True], **_where(ANSWER))],
+          lambda r, s: f"answer {r['turn'] + 1} is empty; write one or drop the question "
+                       "(data/corrections.jsonl)"),
+    Check("truncated", "messages", "no answers cut off at the token limit (finish_reason length)",
+          lambda s: [gx.expectations.ExpectColumnValuesToNotBeInSet(
+              column="finish_reason", value_set=["length"], **_where(ANSWER))],
+          lambda r, s: f"answer {r['turn'] + 1} was cut off at the generation token limit; raise "
+                       "generate's max tokens or replace it (data/corrections.jsonl)"),
+    Check("unterminated", "messages", "answers end like a sentence (closing punctuation)",
+          lambda s: [gx.expectations.ExpectColumnValuesToMatchRegex(
+              column="content", regex=patterns.TERMINATED_PATTERN, **_where(ANSWER_TEXT))],
+          lambda r, s: f"answer {r['turn'] + 1} ends without closing punctuation "
+                       f"(...{r['content'][-40:]!r}): it may be cut off"),
+    Check("refusal", "messages", "no refusal boilerplate (\"As an AI language model...\")",
+          lambda s: [gx.expectations.ExpectColumnValuesToNotMatchRegexList(
+              column="content", regex_list=list(patterns.REFUSAL_PATTERNS), **_where(ANSWER))],
+          lambda r, s: f"answer {r['turn'] + 1} is refusal boilerplate "
+                       f"({_clip(r['content'])!r}); replace or drop it"),
+    Check("template_markers", "messages", "no chat-template markers ([INST], </s>, <|im_start|>)",
+          lambda s: [gx.expectations.ExpectColumnValuesToNotMatchRegex(
+              column="content", regex=patterns.TEMPLATE_MARKER_PATTERN)],
+          lambda r, s: f"{r['role']} message {r['msg']} contains the chat-template marker "
+                       f"{patterns.template_marker(r['content'])!r}: the text was rendered twice "
+                       "or imported without conversion"),
+    Check("answer_length", "messages", "answer length within validate.answer_{min,max}_chars",
+          lambda s: [gx.expectations.ExpectColumnValueLengthsToBeBetween(
+              column="content", min_value=s.answer_min_chars, max_value=s.answer_max_chars,
+              **_where(ANSWER_TEXT))],
+          lambda r, s: f"answer {r['turn'] + 1} has {len(r['content'])} characters; expected "
+                       f"{s.answer_min_chars}..{s.answer_max_chars} (validate.answer_*_chars)"),
+    Check("duplicate_question", "lines", "each question once across all files (no leakage)",
+          lambda s: [gx.expectations.ExpectColumnValuesToBeUnique(column="question_key")],
+          lambda r, s: "duplicate question"),  # validate.py names the other copies
+    Check("token_length", "lines", "rows fit train.max_seq_length tokens (base tokenizer)",
+          _token_expectations, _describe_tokens),
+)
+CHECK_NAMES = tuple(c.name for c in CHECKS)
+
+
+def _roles(seq: str) -> str:
+    names = {"s": "system", "u": "user", "a": "assistant"}
+    return ", ".join(names[c] for c in seq) or "(no messages)"
+
+
+def _json_problem(raw: str) -> str:
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        return f"not valid JSON ({exc}); each line must be one JSON object"
+    return f"a JSON {type(value).__name__}, not an object; each line must be one JSON object"
+
+
+def build(severity: dict[str, str], settings: Settings) -> dict[str, gx.ExpectationSuite]:
+    """One suite per frame, with the checks whose severity is not `off`."""
+    chosen: dict[str, list[Any]] = {"files": [], "lines": [], "messages": []}
+    for check in CHECKS:
+        level = severity.get(check.name, "off")
+        if level == "off":
+            continue
+        for exp in check.expectations(settings):
+            exp.meta = {"check": check.name, "severity": level}
+            exp.severity = GX_SEVERITY[level]
+            chosen[check.frame].append(exp)
+    return {frame: gx.ExpectationSuite(name=f"tuneline_{frame}", expectations=exps)
+            for frame, exps in chosen.items()}
