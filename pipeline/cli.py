@@ -97,6 +97,97 @@ def questions_draft(
 
 
 @app.command()
+def curate(
+    generated: Annotated[Path, typer.Option(help="generated answers (absent: none yet)")],
+    questions: Annotated[Path, typer.Option(help="data/questions.jsonl")],
+    corrections: Annotated[Path, typer.Option(help="expert corrections (absent: none)")],
+    imports: Annotated[Path, typer.Option(help="folder of *.jsonl in any supported layout")],
+    out: Annotated[Path, typer.Option(help="dataset folder: train/valid/test.jsonl")],
+    report: Annotated[Path, typer.Option(help="reports/curate.json")],
+    params: ParamsOpt = config.PARAMS_FILE,
+) -> None:
+    """Merge generated answers, imports and expert corrections; dedupe; split into train/valid/test."""
+    from pipeline import curate as stage
+
+    cfg = config.load(stage.CurateConfig, "curate", params)
+    r = stage.run(cfg, stage.CuratePaths(generated, questions, corrections, imports, out, report))
+    counts = ", ".join(f"{k} {v}" for k, v in r.counts.items())
+    typer.echo(f"dataset -> {out}: {counts}; removed {r.duplicates} duplicates, "
+               f"{r.dropped} dropped (details in {report})")
+
+
+@app.command()
+def validate(
+    paths: Annotated[list[Path], typer.Argument(help="JSONL files, or dataset folders")],
+    json_out: Annotated[bool, typer.Option("--json", help="print the full report on stdout")] = False,
+    tokenizer: Annotated[Path, typer.Option(help="tokenizer.json or a model folder")] = Path(
+        "models/base"),
+    report: Annotated[Optional[Path], typer.Option(help="write metrics (reports/validation.json)")] = None,
+    docs: Annotated[Optional[Path], typer.Option(help="write GX Data Docs HTML here")] = None,
+    params: ParamsOpt = config.PARAMS_FILE,
+) -> None:
+    """Check JSONL training data with Great Expectations. Exit 0 clean, 1 data errors, 2 usage."""
+    import json
+
+    from pipeline import validate as stage
+
+    try:
+        cfg = config.load(stage.ValidateConfig, "validate", params)
+        max_seq = config.read_params(params).get("train", {}).get("max_seq_length")
+        if not isinstance(max_seq, int):
+            raise config.ConfigError(f"{params}: train.max_seq_length missing or not an integer")
+        result = stage.run(cfg, paths, max_seq, tokenizer, report, docs)
+    except (stage.UsageError, config.ConfigError) as exc:
+        fail(str(exc), 2)
+    typer.echo(stage.render(result), err=True)
+    if json_out:
+        typer.echo(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+review_app = typer.Typer(no_args_is_help=True, help="Review the dataset in a sheet; edits become "
+                         "data/corrections.jsonl lines.")
+app.add_typer(review_app, name="review")
+SheetOpt = Annotated[Path, typer.Option(help="the review sheet (CSV)")]
+
+
+@review_app.command("export")
+def review_export(
+    sheet: SheetOpt = Path("review.csv"),
+    dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
+    corrections: Annotated[Path, typer.Option(help="corrections file")] = Path(
+        "data/corrections.jsonl"),
+    questions: Annotated[Path, typer.Option(help="question list")] = Path("data/questions.jsonl"),
+) -> None:
+    """Write the current dataset (and dropped questions) as an editable CSV sheet."""
+    from pipeline import review as stage
+
+    r = stage.export(dataset, corrections, questions, sheet)
+    typer.echo(f"{sheet}: {r.rows} rows ({r.dropped} dropped); edit it, then "
+               f"`tuneline review apply --sheet {sheet}`")
+
+
+@review_app.command("apply")
+def review_apply(
+    sheet: SheetOpt = Path("review.csv"),
+    dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
+    corrections: Annotated[Path, typer.Option(help="corrections file")] = Path(
+        "data/corrections.jsonl"),
+) -> None:
+    """Turn the cells you changed in the sheet into corrections (idempotent)."""
+    from pipeline import review as stage
+
+    r = stage.apply(sheet, corrections, dataset)
+    for line in r.changed:
+        typer.echo(line)
+    for note in r.notes:
+        typer.secho(f"note: {note}", err=True)
+    typer.echo(f"{len(r.changed)} corrections changed in {corrections}"
+               + ("; run `dvc repro` to rebuild the dataset" if r.changed else ""))
+
+
+@app.command()
 def train(
     model: Annotated[Path, typer.Option(help="base model directory")],
     data: Annotated[Path, typer.Option(help="folder with train.jsonl and valid.jsonl")],

@@ -62,7 +62,7 @@ def collect_facts(
     """Everything the card says except the git commit, as a deterministic JSON-safe dict."""
     params = _read_yaml(inputs.params)
     base = params.get("base") or {}
-    evaluation = read_json(inputs.eval_report) or {}
+    evaluation = _tolerant_json(inputs.eval_report)
     upload = list(upload)
     return {
         "repo_id": repo_id,
@@ -76,7 +76,7 @@ def collect_facts(
         "training": {
             "seed": base.get("seed"),
             "params": params.get("train") or {},
-            "report": _scalars(read_json(inputs.train_report) or {}),
+            "report": _scalars(_tolerant_json(inputs.train_report)),
         },
         "eval": {
             "base": _scalars(evaluation.get("base") or {}),
@@ -315,6 +315,15 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CardError(f"{path}: not valid JSON ({exc}); re-run the stage that writes it") from exc
+
+
+def _tolerant_json(path: Path) -> dict[str, Any]:
+    """A report for the card, or {} when it is missing or broken (the gate says which)."""
+    try:
+        data = read_json(path)
+    except CardError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

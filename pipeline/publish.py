@@ -328,8 +328,7 @@ def check_git_clean(required: bool, ignore: list[Path | None]) -> Check:
         return Check("git_clean", False, "not a git repository: `git init` and commit, so the "
                      "card can name the commit that reproduces the model")
     own = {_relative(p, Path(top)) for p in ignore if p is not None}
-    lines = (_git("status", "--porcelain", "--untracked-files=all") or "").splitlines()
-    dirty = [line for line in lines if line[3:].strip('"') not in own]
+    dirty = [f"{state} {path}" for state, path in _git_changes() if path not in own]
     if not dirty:
         return Check("git_clean", True, "working tree clean")
     shown = "; ".join(dirty[:5]) + (f"; and {len(dirty) - 5} more" if len(dirty) > 5 else "")
@@ -669,6 +668,21 @@ def _git(*args: str) -> str | None:
     except FileNotFoundError:
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _git_changes() -> list[tuple[str, str]]:
+    """(status, path) per uncommitted change, paths from the top of the work tree."""
+    proc = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all"],
+                          capture_output=True, text=True)
+    entries = proc.stdout.split("\0")
+    changes, i = [], 0
+    while i < len(entries):
+        entry = entries[i]
+        if len(entry) > 3:
+            changes.append((entry[:2].strip(), entry[3:]))
+            i += 1 if entry[0] in "RC" else 0  # a rename is followed by its old path
+        i += 1
+    return changes
 
 
 def _relative(path: Path, top: Path) -> str:

@@ -13,6 +13,7 @@ system_packages() {
   ls /usr/lib/*/libopenblas.so.0 >/dev/null 2>&1 || need+=(libopenblas0-pthread)
   command -v g++ >/dev/null || need+=(g++)        # llama-cpp-python builds from source
   command -v git >/dev/null || need+=(git)
+  [ -x /usr/sbin/sshd ] || need+=(openssh-server)  # tests/servers.py: SSH remote on 127.0.0.1
   [ ${#need[@]} -eq 0 ] && return 0
   local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq && $sudo apt-get install -y -qq "${need[@]}"

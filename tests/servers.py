@@ -87,8 +87,6 @@ def stop(proc: subprocess.Popen) -> None:
 @contextmanager
 def s3_server(workdir: Path, bucket: str = BUCKET) -> Iterator[Server]:
     """moto's S3 server with `bucket` created (DVC never creates buckets)."""
-    import boto3
-
     port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
@@ -99,11 +97,12 @@ def s3_server(workdir: Path, bucket: str = BUCKET) -> Iterator[Server]:
     try:
         wait_for_port(port, proc, "moto_server")
         endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint, **_boto_keys()).create_bucket(Bucket=bucket)
-        yield Server(
+        server = Server(
             kind="s3", url=f"s3://{bucket}", port=port, process=proc,
             remote_config={"endpointurl": endpoint}, env=dict(S3_ENV),
         )
+        s3_client(server).create_bucket(Bucket=bucket)
+        yield server
     finally:
         stop(proc)
 
@@ -116,24 +115,24 @@ def _boto_keys() -> dict[str, str]:
     }
 
 
-def s3_objects(server: Server, bucket: str = BUCKET) -> dict[str, bytes]:
-    """Every object in the bucket, key -> bytes (small test data only)."""
+def s3_client(server: Server):
     import boto3
 
-    client = boto3.client("s3", endpoint_url=server.remote_config["endpointurl"], **_boto_keys())
-    keys = [
-        obj["Key"]
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        for obj in page.get("Contents", [])
-    ]
-    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+    return boto3.client("s3", endpoint_url=server.remote_config["endpointurl"], **_boto_keys())
+
+
+def s3_keys(server: Server, prefix: str = "", bucket: str = BUCKET) -> list[str]:
+    pages = s3_client(server).get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                        Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def s3_get(server: Server, key: str, bucket: str = BUCKET) -> bytes:
+    return s3_client(server).get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def s3_put(server: Server, key: str, data: bytes, bucket: str = BUCKET) -> None:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=server.remote_config["endpointurl"], **_boto_keys())
-    client.put_object(Bucket=bucket, Key=key, Body=data)
+    s3_client(server).put_object(Bucket=bucket, Key=key, Body=data)
 
 
 def sshd_available() -> str | None:

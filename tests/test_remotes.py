@@ -1,10 +1,10 @@
 """Team flows through real DVC remotes: a local folder, S3 (moto_server) and SSH (sshd) on 127.0.0.1.
 
 Each test builds a tiny DVC project laid out like this repository (DVC-tracked questions and
-corrections, generate -> curate -> train -> export stages writing data/generated, data/dataset,
-models/adapters, models/gguf, a params.yaml with `train.learning_rate`), pushes it to a bare git
+corrections; generate -> curate -> train -> export stages writing data/generated, data/dataset,
+models/adapters, models/gguf; params.yaml with `train.learning_rate`), pushes it to a bare git
 remote and a DVC remote as "alice", and has "bob" clone and pull it in another folder. The stages
-are small Python stand-ins so the flows take seconds; the git, DVC and server parts are all real.
+are small Python stand-ins so the flows take seconds; git, DVC and the servers are all real.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 import yaml
 
 from pipeline.remote import remote_status
-from servers import Server, s3, s3_objects, s3_put, ssh  # noqa: F401  (fixtures)
+from servers import Server, free_port, s3, s3_get, s3_keys, s3_put, ssh  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -87,6 +88,11 @@ DVC_YAML = {
         "export": {"cmd": "python stages.py export", "deps": ["stages.py", "models/adapters"],
                    "outs": ["models/gguf"]},
     },
+    "artifacts": {
+        "dataset": {"path": "data/dataset", "type": "dataset", "desc": "curated chat dataset"},
+        "adapter": {"path": "models/adapters", "type": "model", "desc": "LoRA adapter"},
+        "gguf-model": {"path": "models/gguf", "type": "model", "desc": "GGUF export"},
+    },
 }
 PARAMS = {"base": {"seed": 0}, "train": {"learning_rate": 2.0e-4}}
 QUESTIONS = [{"id": f"q-{i:04d}", "question": f"How do I do thing {i}?", "source": "expert"}
@@ -95,46 +101,52 @@ CORRECTIONS = [{"id": "q-0002", "answer": "Expert answer two."}]
 # Everything a teammate must get byte-identical.
 SHARED = ["data/questions.jsonl", "data/corrections.jsonl", "data/generated/answers.jsonl",
           "data/dataset", "models/adapters", "models/gguf", "reports/train.json"]
+MODEL = ["models/adapters", "models/gguf", "reports/train.json"]
 
+
+# --- remotes and teammates --------------------------------------------------------------------
 
 @dataclass
 class Remote:
-    """One DVC remote as a team would configure it: url + options committed, secrets not."""
+    """One DVC remote as a team configures it: url and options committed, secrets kept apart."""
     kind: str
     url: str
     options: dict[str, str] = field(default_factory=dict)   # committed .dvc/config
     local: dict[str, str] = field(default_factory=dict)     # .dvc/config.local (per machine)
     env: dict[str, str] = field(default_factory=dict)       # environment (credentials)
     server: Server | None = None
-    root: Path | None = None  # where a local or SSH remote keeps objects on this disk
+    root: Path | None = None  # where a local or SSH remote keeps its objects on this disk
 
-    def objects(self) -> dict[str, bytes]:
-        """Data objects stored in the remote, relative key -> bytes."""
+    def keys(self) -> list[str]:
+        """Objects in the remote, relative to its url (files/md5/ab/cdef...)."""
         if self.kind == "s3":
             prefix = self.url.split("/", 3)[3] + "/"
-            return {k[len(prefix):]: v for k, v in s3_objects(self.server).items()
-                    if k.startswith(prefix)}
-        return {str(p.relative_to(self.root)): p.read_bytes()
-                for p in self.root.rglob("*") if p.is_file() and ".tmp" not in p.name}
+            return [k[len(prefix):] for k in s3_keys(self.server, prefix)]
+        if self.root is None or not self.root.exists():
+            return []
+        return [str(p.relative_to(self.root)) for p in self.root.rglob("*")
+                if p.is_file() and "tmp" not in p.name]
+
+    def read(self, key: str) -> bytes:
+        if self.kind == "s3":
+            return s3_get(self.server, self.url.split("/", 3)[3] + "/" + key)
+        return (self.root / key).read_bytes()
 
     def overwrite(self, key: str, data: bytes) -> None:
         if self.kind == "s3":
             s3_put(self.server, self.url.split("/", 3)[3] + "/" + key, data)
             return
         path = self.root / key
-        path.chmod(0o644)
+        path.chmod(0o644)  # DVC stores objects read-only
         path.write_bytes(data)
 
 
-@pytest.fixture(params=["local", "s3", "ssh"])
+@pytest.fixture
 def remote(request, tmp_path: Path) -> Remote:
-    return make_remote(request, request.param, tmp_path)
-
-
-def make_remote(request, kind: str, tmp_path: Path) -> Remote:
+    kind = request.param
     if kind == "local":
         return Remote("local", str(tmp_path / "storage"), root=tmp_path / "storage")
-    name = request.node.name.replace("[", "-").replace("]", "")
+    name = re.sub(r"\W", "-", request.node.name)  # one prefix per test on the shared server
     server = request.getfixturevalue(kind)
     if kind == "s3":
         return Remote("s3", f"{server.url}/{name}", dict(server.remote_config),
@@ -143,9 +155,13 @@ def make_remote(request, kind: str, tmp_path: Path) -> Remote:
                   root=server.root / name)
 
 
+def on(*kinds: str):
+    return pytest.mark.parametrize("remote", kinds, indirect=True)
+
+
 @dataclass
 class Team:
-    """A bare git remote, a DVC remote, and working copies under one temp folder."""
+    """A bare git remote, a DVC remote, and the teammates' checkouts under one temp folder."""
     base: Path
     remote: Remote
     env: dict[str, str]
@@ -169,17 +185,21 @@ class Team:
         return self.base / "origin.git"
 
     def clone(self, who: str) -> Path:
-        """A teammate's checkout: git clone, then the per-machine config secrets."""
+        """A teammate's checkout: git clone, then this machine's secrets in config.local."""
         self.git(self.base, "clone", "-q", str(self.origin), who)
         repo = self.base / who
-        for key, value in self.remote.local.items():
-            self.dvc(repo, "remote", "modify", "--local", "team", key, value)
+        write_local_config(repo, self.remote)
         return repo
+
+
+@pytest.fixture
+def team(tmp_path: Path, remote: Remote) -> Team:
+    return make_team(tmp_path, remote)
 
 
 def make_team(tmp_path: Path, remote: Remote) -> Team:
     home = tmp_path / "home"
-    home.mkdir()
+    home.mkdir(exist_ok=True)
     env = {
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "HOME": str(home),  # no user-level git, DVC, AWS or SSH config leaks in
@@ -191,47 +211,58 @@ def make_team(tmp_path: Path, remote: Remote) -> Team:
     return Team(tmp_path, remote, env)
 
 
-def publish_project(team: Team) -> Path:
-    """Alice: a DVC project with the team remote committed, reproduced, pushed to both remotes."""
+def write_config(repo: Path, remote: Remote) -> None:
+    # What `dvc remote add -d team URL` + `dvc remote modify team verify true` commit:
+    # verify makes pull re-hash downloads so a corrupted object never reaches the workspace.
+    lines = ["[core]", "    remote = team", "    autostage = true", "['remote \"team\"']",
+             f"    url = {remote.url}", "    verify = true"]
+    lines += [f"    {key} = {value}" for key, value in remote.options.items()]
+    (repo / ".dvc/config").write_text("\n".join(lines) + "\n")
+    write_local_config(repo, remote)
+
+
+def write_local_config(repo: Path, remote: Remote) -> None:
+    if remote.local:  # what `dvc remote modify --local team KEY VALUE` writes (git-ignored)
+        lines = ["['remote \"team\"']"] + [f"    {k} = {v}" for k, v in remote.local.items()]
+        (repo / ".dvc/config.local").write_text("\n".join(lines) + "\n")
+
+
+def start_repo(team: Team) -> Path:
+    """Alice's new DVC project with the team remote configured (before anything is shared)."""
     team.git(team.base, "init", "-q", "--bare", "-b", "main", str(team.origin))
     alice = team.base / "alice"
     alice.mkdir()
     team.git(alice, "init", "-q", "-b", "main")
     team.git(alice, "remote", "add", "origin", str(team.origin))
     team.dvc(alice, "init", "-q")
-    team.dvc(alice, "config", "core.autostage", "true")
-    write_project(alice)
-    configure_remote(team, alice)
-    team.dvc(alice, "add", "-q", "data/questions.jsonl", "data/corrections.jsonl")
-    team.dvc(alice, "repro", "-q")
-    team.git(alice, "add", "-A")
-    team.git(alice, "commit", "-q", "-m", "project")
-    team.dvc(alice, "push", "-q")
-    team.git(alice, "push", "-q", "origin", "main")
+    write_config(alice, team.remote)
     return alice
 
 
-def write_project(repo: Path) -> None:
-    (repo / "stages.py").write_text(STAGES_PY)
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
-    (repo / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
-    write_rows(repo / "data/questions.jsonl", QUESTIONS)
-    write_rows(repo / "data/corrections.jsonl", CORRECTIONS)
+def share(team: Team, repo: Path, message: str) -> None:
+    team.git(repo, "add", "-A")
+    team.git(repo, "commit", "-q", "-m", message)
+    team.dvc(repo, "push", "-q")
+    team.git(repo, "push", "-q", "origin", "main")
+
+
+def publish_project(team: Team) -> Path:
+    """Alice: the project reproduced and pushed, remote config committed first."""
+    alice = start_repo(team)
+    (alice / "stages.py").write_text(STAGES_PY)
+    (alice / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    (alice / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    write_rows(alice / "data/questions.jsonl", QUESTIONS)
+    write_rows(alice / "data/corrections.jsonl", CORRECTIONS)
+    team.dvc(alice, "add", "-q", "data/questions.jsonl", "data/corrections.jsonl")
+    team.dvc(alice, "repro", "-q")
+    share(team, alice, "project")
+    return alice
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def configure_remote(team: Team, repo: Path) -> None:
-    # Committed: url, non-secret options and verify (pull re-hashes what it downloads).
-    team.dvc(repo, "remote", "add", "-d", "team", team.remote.url)
-    team.dvc(repo, "remote", "modify", "team", "verify", "true")
-    for key, value in team.remote.options.items():
-        team.dvc(repo, "remote", "modify", "team", key, value)
-    for key, value in team.remote.local.items():
-        team.dvc(repo, "remote", "modify", "--local", "team", key, value)
 
 
 def snapshot(repo: Path, paths: list[str] = SHARED) -> dict[str, str]:
@@ -245,6 +276,11 @@ def snapshot(repo: Path, paths: list[str] = SHARED) -> dict[str, str]:
     return out
 
 
+def object_key(path: Path) -> str:
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    return f"files/md5/{md5[:2]}/{md5[2:]}"
+
+
 def assert_nothing_to_do(team: Team, repo: Path) -> None:
     status = team.dvc(repo, "status").stdout
     assert "Data and pipelines are up to date" in status, status
@@ -253,11 +289,9 @@ def assert_nothing_to_do(team: Team, repo: Path) -> None:
     assert team.git(repo, "status", "--porcelain") == ""
 
 
-@pytest.fixture
-def team(tmp_path: Path, remote: Remote) -> Team:
-    return make_team(tmp_path, remote)
+# --- the three team flows ---------------------------------------------------------------------
 
-
+@on("local", "s3", "ssh")
 def test_teammate_clone_and_pull_gets_identical_files_and_nothing_to_reproduce(team: Team):
     alice = publish_project(team)
     bob = team.clone("bob")
@@ -271,35 +305,35 @@ def test_teammate_clone_and_pull_gets_identical_files_and_nothing_to_reproduce(t
     assert "in sync" in cloud, cloud
 
 
+@on("local", "s3")
 def test_named_experiment_pushed_by_one_is_pulled_and_applied_by_another(team: Team):
     alice = publish_project(team)
     team.dvc(alice, "exp", "run", "-q", "-n", "lr-high", "-S", "train.learning_rate=1.0e-3")
-    experiment = snapshot(alice, ["models/adapters", "models/gguf", "reports/train.json"])
+    experiment = snapshot(alice, MODEL)
     team.dvc(alice, "exp", "push", "origin", "lr-high")
 
     bob = team.clone("bob")
     team.dvc(bob, "pull", "-q")
-    baseline = snapshot(bob, ["models/adapters", "models/gguf", "reports/train.json"])
-    assert baseline != experiment  # the experiment really changed the adapter
+    assert snapshot(bob, MODEL) != experiment  # the experiment really changed the adapter
     team.dvc(bob, "exp", "pull", "origin", "lr-high")
-    assert "lr-high" in team.dvc(bob, "exp", "list", "--name-only").stdout
     team.dvc(bob, "exp", "apply", "lr-high")
 
-    assert snapshot(bob, ["models/adapters", "models/gguf", "reports/train.json"]) == experiment
+    assert snapshot(bob, MODEL) == experiment
     assert yaml.safe_load((bob / "params.yaml").read_text())["train"]["learning_rate"] == 1.0e-3
     status = team.dvc(bob, "status").stdout
     assert "Data and pipelines are up to date" in status, status
 
 
+@on("local", "ssh")
 def test_expert_edit_reproduced_and_pushed_reaches_teammate_without_rerun(team: Team):
     alice = publish_project(team)
     bob = team.clone("bob")
     team.dvc(bob, "pull", "-q")
-    old_dataset = snapshot(bob, ["data/dataset"])
+    before = snapshot(bob, ["data/dataset"])
 
-    # Alice (the expert) corrects an answer, reproduces, commits and pushes.
-    write_rows(alice / "data/corrections.jsonl", CORRECTIONS + [{"id": "q-0005",
-                                                                 "answer": "Better five."}])
+    # Alice, the expert, corrects an answer; repro re-hashes the .dvc-tracked source itself.
+    write_rows(alice / "data/corrections.jsonl",
+               CORRECTIONS + [{"id": "q-0005", "answer": "Better five."}])
     repro = team.dvc(alice, "repro").stdout
     assert "Running stage 'curate'" in repro and "Running stage 'generate'" not in repro
     team.git(alice, "commit", "-q", "-am", "correct q-0005")
@@ -310,7 +344,207 @@ def test_expert_edit_reproduced_and_pushed_reaches_teammate_without_rerun(team: 
     team.dvc(bob, "pull", "-q")
 
     assert snapshot(bob) == snapshot(alice)
-    assert snapshot(bob, ["data/dataset"]) != old_dataset
-    assert "Better five." in (bob / "data/dataset/train.jsonl").read_text() + \
-        (bob / "data/dataset/valid.jsonl").read_text() + (bob / "data/dataset/test.jsonl").read_text()
+    assert snapshot(bob, ["data/dataset"]) != before
+    dataset = "".join((bob / f"data/dataset/{n}.jsonl").read_text() for n in ("train", "valid",
+                                                                                  "test"))
+    assert "Better five." in dataset
     assert_nothing_to_do(team, bob)
+
+
+@on("local")
+def test_tagged_artifact_is_fetched_by_name_from_outside_the_project(team: Team):
+    alice = publish_project(team)
+    team.git(alice, "tag", "-a", "adapter@v0.1.0", "-m", "first adapter")
+    team.git(alice, "push", "-q", "origin", "adapter@v0.1.0")
+    outside = team.base / "consumer"
+    outside.mkdir()
+
+    # A relative local remote url would resolve inside DVC's temporary clone: pass it absolute.
+    team.dvc(outside, "artifacts", "get", str(team.origin), "adapter", "-o", "adapter",
+             "--remote-config", f"url={team.remote.url}")
+
+    got = {k.replace("adapter/", "models/adapters/"): v
+           for k, v in snapshot(outside, ["adapter"]).items()}
+    assert got == snapshot(alice, ["models/adapters"])
+
+
+# --- faults -----------------------------------------------------------------------------------
+
+@on("s3", "ssh")
+def test_interrupted_push_completes_when_run_again(team: Team):
+    alice = start_repo(team)
+    shards = alice / "models/adapters"
+    shards.mkdir(parents=True)
+    for i in range(300):
+        (shards / f"shard-{i:03d}.bin").write_bytes(os.urandom(4096))
+    team.dvc(alice, "add", "-q", "models/adapters")
+    before = snapshot(alice, ["models/adapters"])
+
+    partial = kill_push_midway(team, alice, total=301)  # 300 files + the directory listing
+
+    rerun = team.dvc(alice, "push").stdout
+    pushed = int(re.search(r"(\d+) files? pushed", rerun).group(1))
+    assert 0 < pushed <= 301 - partial + 2 * 2, rerun  # resumes; at most the in-flight redone
+    assert "in sync" in team.dvc(alice, "status", "--cloud").stdout
+    shutil.rmtree(alice / ".dvc/cache")
+    shutil.rmtree(shards)
+    team.dvc(alice, "pull", "-q")
+    assert snapshot(alice, ["models/adapters"]) == before
+
+
+def kill_push_midway(team: Team, repo: Path, total: int) -> int:
+    """Start `dvc push` with 2 jobs, SIGKILL it once some objects landed; return how many."""
+    proc = subprocess.Popen([str(BIN / "dvc"), "push", "-j", "2"], cwd=repo, env=team.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len(team.remote.keys()) >= 20:
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    landed = len(team.remote.keys())
+    assert 0 < landed < total, f"push was not interrupted mid-way ({landed}/{total} objects)"
+    return landed
+
+
+@on("local", "s3", "ssh")
+def test_corrupted_object_in_remote_fails_pull_and_never_reaches_workspace(team: Team):
+    alice = start_repo(team)
+    write_rows(alice / "data/dataset/train.jsonl", QUESTIONS)
+    adapter = alice / "models/adapters/adapters.safetensors"
+    adapter.parent.mkdir(parents=True)
+    adapter.write_bytes(os.urandom(65536))
+    team.dvc(alice, "add", "-q", "data/dataset", "models/adapters")
+    share(team, alice, "data")
+    good = snapshot(alice, ["models/adapters"])
+    team.remote.overwrite(object_key(adapter), os.urandom(65536))  # bit rot, bad disk, bad copy
+
+    bob = team.clone("bob")
+    pull = team.dvc(bob, "pull", check=False)
+
+    assert pull.returncode != 0, pull.stdout
+    assert "models/adapters" in pull.stderr, pull.stderr
+    got = bob / "models/adapters/adapters.safetensors"
+    assert not got.exists() or snapshot(bob, ["models/adapters"]) == good
+    assert snapshot(bob, ["data/dataset"]) == snapshot(alice, ["data/dataset"])
+
+
+def one_file_repo(team: Team) -> Path:
+    alice = start_repo(team)
+    write_rows(alice / "data/dataset/train.jsonl", QUESTIONS)
+    team.dvc(alice, "add", "-q", "data/dataset")
+    return alice
+
+
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """This process without credentials: no AWS keys, no ~/.aws, ~/.ssh or user DVC config."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_wrong_s3_endpoint_is_named_by_push_and_doctor(tmp_path, s3, monkeypatch):
+    closed = f"http://127.0.0.1:{free_port()}"
+    team = make_team(tmp_path, Remote("s3", f"{s3.url}/wrong", {"endpointurl": closed},
+                                      env=dict(s3.env)))
+    alice = one_file_repo(team)
+
+    push = team.dvc(alice, "push", check=False)
+
+    assert push.returncode != 0
+    assert f'Could not connect to the endpoint URL: "{closed}/' in push.stderr, push.stderr
+    isolated_env(monkeypatch, tmp_path)
+    status = remote_status(alice)
+    assert status["reachable"] is False
+    assert f"nothing answers at {closed[7:]}" in status["detail"]
+    assert "endpointurl" in status["detail"]
+
+
+def test_missing_s3_credentials_are_named_by_push_and_doctor(tmp_path, s3, monkeypatch):
+    team = make_team(tmp_path, Remote("s3", f"{s3.url}/nocreds", dict(s3.remote_config)))
+    alice = one_file_repo(team)
+
+    push = team.dvc(alice, "push", check=False)
+
+    assert push.returncode != 0
+    assert "Unable to locate credentials" in push.stderr, push.stderr
+    isolated_env(monkeypatch, tmp_path)
+    status = remote_status(alice)
+    assert status["reachable"] is False
+    assert "AWS_ACCESS_KEY_ID" in status["detail"] and "--local team" in status["detail"]
+
+
+def test_ssh_login_without_key_is_named_by_push_and_doctor(tmp_path, ssh, monkeypatch):
+    team = make_team(tmp_path, Remote("ssh", f"{ssh.url}/nokey"))  # no keyfile in config.local
+    alice = one_file_repo(team)
+
+    push = team.dvc(alice, "push", check=False)
+
+    assert push.returncode != 0
+    assert "Permission denied" in push.stderr, push.stderr
+    isolated_env(monkeypatch, tmp_path)
+    status = remote_status(alice)
+    assert status["reachable"] is False
+    assert "keyfile" in status["detail"] and "refused" in status["detail"]
+
+
+def test_reachable_remotes_report_kind_and_redacted_url(tmp_path, s3, ssh, monkeypatch):
+    isolated_env(monkeypatch, tmp_path)
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    for remote in (Remote("s3", f"{s3.url}/ok", dict(s3.remote_config)),
+                   Remote("ssh", f"{ssh.url}/ok", local=dict(ssh.local_config))):
+        repo = tmp_path / remote.kind
+        (repo / ".dvc").mkdir(parents=True)
+        write_config(repo, remote)
+        status = remote_status(repo)
+        assert status == {**status, "name": "team", "kind": remote.kind, "url": remote.url,
+                          "reachable": True, "warnings": []}, status
+
+
+# --- the committed configuration of this repository ----------------------------------------
+
+def test_committed_default_remote_is_a_sibling_folder_with_verify_and_no_secrets(tmp_path,
+                                                                                monkeypatch):
+    isolated_env(monkeypatch, tmp_path)
+    clone = tmp_path / "tuneline"
+    (clone / ".dvc").mkdir(parents=True)
+    shutil.copy(REPO / ".dvc/config", clone / ".dvc/config")
+
+    status = remote_status(clone)
+
+    assert status["kind"] == "local"
+    assert Path(status["url"]) == tmp_path / "tuneline-storage"
+    assert status["reachable"] is True, status
+    assert status["warnings"] == []
+
+
+def test_secrets_in_committed_config_are_flagged_and_never_printed(tmp_path, monkeypatch):
+    isolated_env(monkeypatch, tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc/config").write_text(
+        "[core]\n    remote = team\n['remote \"team\"']\n"
+        f"    url = ssh://bob:hunter2-secret@127.0.0.1:{free_port()}/srv/dvc\n"
+        "    password = hunter2-secret\n    verify = true\n")
+
+    status = remote_status(tmp_path)
+
+    assert "hunter2-secret" not in json.dumps(status)
+    assert status["url"].startswith("ssh://bob:***@127.0.0.1:")
+    assert status["reachable"] is False
+    assert any("password" in w and ".dvc/config.local" in w for w in status["warnings"])
+
+
+def test_dvc_yaml_names_dataset_adapter_and_gguf_artifacts():
+    artifacts = yaml.safe_load((REPO / "dvc.yaml").read_text())["artifacts"]
+    paths = {name: (a["path"], a["type"]) for name, a in artifacts.items()}
+    assert paths == {"dataset": ("data/dataset", "dataset"),
+                     "adapter": ("models/adapters", "model"),
+                     "gguf-model": ("models/gguf", "model")}
+    assert all(a.get("desc") for a in artifacts.values())

@@ -1,0 +1,302 @@
+"""Review: `tuneline review export --sheet review.csv`, edit the sheet, then
+`tuneline review apply --sheet review.csv` turns what you changed into data/corrections.jsonl lines.
+
+The sheet (CSV, UTF-8, opens in any spreadsheet app) has one row per dataset row plus the questions
+dropped by corrections. Columns you edit:
+- action: `drop` removes the question; clear it on a dropped row to bring the question back
+- question, answer, followup, followup_answer: the conversation (first two turns)
+- a row with an empty id and a question + answer adds a new expert conversation
+Columns for information: id, split, source. The last column, _base, records what was exported;
+apply compares each cell with it, so only cells you changed become corrections:
+- answer changed -> replace_answer; follow-up changed -> replace_followup (both cells empty
+  removes the follow-up); question changed -> add_conversation (the whole row, pinned as expert)
+- a cell changed back to what was exported -> the correction this sheet made is removed again
+- applying the same sheet twice changes nothing the second time; a sheet exported before the
+  answers were regenerated still applies your edits (and only them): untouched cells never pin
+  an old generated answer.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.jsonl import dumps, read_jsonl, write_text
+
+COLUMNS = ("id", "action", "split", "source", "question", "answer", "followup",
+           "followup_answer", "_base")
+EDITABLE = ("question", "answer", "followup", "followup_answer")
+SPLITS = ("train", "valid", "test")
+
+
+class ReviewError(UserError):
+    """A sheet that cannot be applied: names the sheet row and what to do."""
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(_norm(text).encode()).hexdigest()[:16]
+
+
+def _norm(text: str | None) -> str:
+    # Spreadsheet apps turn \n into \r\n inside cells: that is not an edit.
+    return (text or "").replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    rows: int
+    dropped: int
+
+
+def export(dataset: Path, corrections: Path, questions: Path, sheet: Path) -> ExportResult:
+    rows = []
+    for split in SPLITS:
+        path = dataset / f"{split}.jsonl"
+        for row in read_jsonl(path) if path.exists() else []:
+            rows.append(_sheet_row(row, split))
+    dropped = _dropped_rows(corrections, questions)
+    rows += dropped
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: r["id"]))
+    write_text(sheet, "\ufeff" + buf.getvalue())  # BOM: Excel then reads UTF-8 correctly
+    return ExportResult(len(rows), len(dropped))
+
+
+def _turns(messages: list[dict[str, str]]) -> list[str]:
+    return [m["content"] for m in messages if m["role"] in ("user", "assistant")]
+
+
+def _sheet_row(row: dict[str, Any], split: str) -> dict[str, str]:
+    turns = _turns(row["messages"]) + [""] * 4
+    cells = dict(zip(EDITABLE, turns[:4]))
+    base = {k: digest(v) for k, v in cells.items()}
+    return {"id": row["id"], "action": "", "split": split, "source": row.get("source", ""),
+            **cells, "_base": json.dumps(base, sort_keys=True)}
+
+
+def _dropped_rows(corrections: Path, questions: Path) -> list[dict[str, str]]:
+    from pipeline import corrections as corr_mod
+
+    known = {}
+    if questions.exists():
+        known = {r["id"]: r.get("question", "") for r in read_jsonl(questions)}
+    out, seen = [], set()
+    for corr in corr_mod.load(corrections):
+        if corr.action == "drop" and corr.id not in seen:
+            seen.add(corr.id)
+            question = known.get(corr.id) or corr.row.get("question") or ""
+            out.append({"id": corr.id, "action": "drop", "split": "", "source": "",
+                        "question": question, "answer": "", "followup": "",
+                        "followup_answer": "", "_base": json.dumps({"drop": True})})
+    return out
+
+
+@dataclass
+class Lines:
+    """data/corrections.jsonl as editable lines: untouched lines are written back unchanged."""
+
+    rows: list[dict[str, Any]]
+    texts: list[str]
+
+    @classmethod
+    def read(cls, path: Path) -> "Lines":
+        if not path.exists():
+            return cls([], [])
+        rows = read_jsonl(path)
+        texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+        return cls(rows, texts)
+
+    def find(self, rid: str, action: str) -> dict[str, Any] | None:
+        hits = [r for r in self.rows if r.get("id") == rid and r.get("action") == action]
+        return hits[-1] if hits else None
+
+    def set(self, row: dict[str, Any]) -> bool:
+        """Replace the last line with this id and action, or append; True if anything changed."""
+        idx = [i for i, r in enumerate(self.rows)
+               if r.get("id") == row["id"] and r.get("action") == row["action"]]
+        if idx and self.rows[idx[-1]] == row:
+            return False
+        if idx:
+            self.rows[idx[-1]], self.texts[idx[-1]] = row, dumps(row)
+        else:
+            self.rows.append(row)
+            self.texts.append(dumps(row))
+        return True
+
+    def remove(self, rid: str, action: str) -> bool:
+        keep = [i for i, r in enumerate(self.rows)
+                if not (r.get("id") == rid and r.get("action") == action)]
+        changed = len(keep) != len(self.rows)
+        self.rows, self.texts = [self.rows[i] for i in keep], [self.texts[i] for i in keep]
+        return changed
+
+    def write(self, path: Path) -> None:
+        write_text(path, "".join(t + "\n" for t in self.texts))
+
+
+@dataclass
+class ApplyResult:
+    changed: list[str] = field(default_factory=list)  # "q-0003 replace_answer (set)"
+    notes: list[str] = field(default_factory=list)
+
+
+def apply(sheet: Path, corrections: Path, dataset: Path) -> ApplyResult:
+    """Sheet edits -> corrections; idempotent."""
+    lines, result = Lines.read(corrections), ApplyResult()
+    current = _current_answers(dataset)
+    for n, cells in _read_sheet(sheet):
+        base = _base(n, cells)
+        if not cells["id"]:
+            _new_conversation(n, cells, lines, result)
+        elif cells["action"] == "drop" or base.get("drop"):
+            _drop(cells, base, lines, result)
+        else:
+            _edit(n, cells, base, lines, result, current.get(cells["id"]))
+    if result.changed:
+        lines.write(corrections)
+    return result
+
+
+def _read_sheet(sheet: Path) -> list[tuple[int, dict[str, str]]]:
+    if not sheet.exists():
+        raise ReviewError(f"{sheet}: not found; run `tuneline review export --sheet {sheet}` first")
+    with sheet.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ReviewError(f"{sheet}: columns {missing} are missing; keep the exported header "
+                              "row (you may reorder columns, not rename them)")
+        # Row 1 is the header, as a spreadsheet app numbers it.
+        return [(n, {c: _norm(r.get(c)) for c in COLUMNS}) for n, r in enumerate(reader, start=2)]
+
+
+def _base(n: int, cells: dict[str, str]) -> dict[str, Any]:
+    if not cells["_base"]:
+        return {}
+    try:
+        return json.loads(cells["_base"])
+    except ValueError:
+        raise ReviewError(f"sheet row {n}: the _base column was edited; export a fresh sheet "
+                          "(it records what was exported)") from None
+
+
+def _changed(cells: dict[str, str], base: dict[str, Any], key: str) -> bool:
+    return digest(cells[key]) != base.get(key)
+
+
+def _drop(cells: dict[str, str], base: dict[str, Any], lines: Lines, result: ApplyResult) -> None:
+    rid = cells["id"]
+    if cells["action"] == "drop":
+        if lines.find(rid, "drop") is None:
+            lines.set({"id": rid, "action": "drop", "question": cells["question"]})
+            result.changed.append(f"{rid} drop (set)")
+    elif lines.remove(rid, "drop"):  # exported as dropped, action cleared: bring it back
+        result.changed.append(f"{rid} drop (removed)")
+
+
+def _edit(n: int, cells: dict[str, str], base: dict[str, Any], lines: Lines,
+          result: ApplyResult, current: dict[str, str] | None) -> None:
+    rid = cells["id"]
+    if cells["action"] not in ("", "keep"):
+        raise ReviewError(f"sheet row {n} ({rid}): action {cells['action']!r}: use drop or "
+                          "leave it empty")
+    if _changed(cells, base, "question") or lines.find(rid, "add_conversation"):
+        if any(_changed(cells, base, k) for k in EDITABLE):
+            _set_conversation(n, cells, lines, result)
+        return
+    if current and any(_changed(cells, base, k) and digest(current.get(k, "")) != base.get(k)
+                       for k in EDITABLE):
+        result.notes.append(f"{rid}: the dataset changed since this sheet was exported (answers "
+                            "regenerated?); your edit replaces the current text")
+    _answer(cells, base, lines, result)
+    _followup(n, cells, base, lines, result)
+
+
+def _answer(cells: dict[str, str], base: dict[str, Any], lines: Lines,
+            result: ApplyResult) -> None:
+    rid = cells["id"]
+    if _changed(cells, base, "answer"):
+        if not cells["answer"]:
+            raise ReviewError(f"{rid}: the answer cell is empty; write an answer or put drop in "
+                              "the action column")
+        row = {"id": rid, "action": "replace_answer", "answer": cells["answer"],
+               "question": cells["question"], "replaces": base.get("answer")}
+        if lines.set(row):
+            result.changed.append(f"{rid} replace_answer (set)")
+        return
+    made = lines.find(rid, "replace_answer")
+    # Unchanged cell, but this very sheet made a correction earlier: the edit was undone.
+    if made and made.get("replaces") == base.get("answer") and digest(made["answer"]) != base.get(
+            "answer"):
+        lines.remove(rid, "replace_answer")
+        result.changed.append(f"{rid} replace_answer (removed)")
+
+
+def _followup(n: int, cells: dict[str, str], base: dict[str, Any], lines: Lines,
+              result: ApplyResult) -> None:
+    rid = cells["id"]
+    edited = _changed(cells, base, "followup") or _changed(cells, base, "followup_answer")
+    marker = f"{base.get('followup')}:{base.get('followup_answer')}"
+    if edited:
+        if bool(cells["followup"]) != bool(cells["followup_answer"]):
+            raise ReviewError(f"sheet row {n} ({rid}): fill both followup and followup_answer, "
+                              "or clear both to remove the follow-up")
+        row: dict[str, Any] = {"id": rid, "action": "replace_followup",
+                               "followup": cells["followup"] or None}
+        if cells["followup"]:
+            row["followup_answer"] = cells["followup_answer"]
+        row.update(question=cells["question"], replaces=marker)
+        if lines.set(row):
+            result.changed.append(f"{rid} replace_followup (set)")
+        return
+    made = lines.find(rid, "replace_followup")
+    if made and made.get("replaces") == marker:
+        lines.remove(rid, "replace_followup")
+        result.changed.append(f"{rid} replace_followup (removed)")
+
+
+def _messages(cells: dict[str, str]) -> list[dict[str, str]]:
+    msgs = [{"role": "user", "content": cells["question"]},
+            {"role": "assistant", "content": cells["answer"]}]
+    if cells["followup"] and cells["followup_answer"]:
+        msgs += [{"role": "user", "content": cells["followup"]},
+                 {"role": "assistant", "content": cells["followup_answer"]}]
+    return msgs
+
+
+def _set_conversation(n: int, cells: dict[str, str], lines: Lines, result: ApplyResult) -> None:
+    rid = cells["id"]
+    if not cells["question"] or not cells["answer"]:
+        raise ReviewError(f"sheet row {n} ({rid}): a conversation needs a question and an answer")
+    row = {"id": rid, "action": "add_conversation", "messages": _messages(cells)}
+    # The whole conversation is the expert's now: older per-turn edits would override it.
+    for action in ("replace_answer", "replace_followup"):
+        if lines.remove(rid, action):
+            result.changed.append(f"{rid} {action} (removed)")
+    if lines.set(row):
+        result.changed.append(f"{rid} add_conversation (set)")
+
+
+def _new_conversation(n: int, cells: dict[str, str], lines: Lines, result: ApplyResult) -> None:
+    if not any(cells[k] for k in EDITABLE):
+        return  # an empty line
+    cells = {**cells, "id": f"expert-{digest(cells['question'])[:10]}"}
+    _set_conversation(n, cells, lines, result)
+
+
+def _current_answers(dataset: Path) -> dict[str, dict[str, str]]:
+    out = {}
+    for split in SPLITS:
+        path = dataset / f"{split}.jsonl"
+        for row in read_jsonl(path) if path.exists() else []:
+            turns = _turns(row["messages"]) + [""] * 4
+            out[row["id"]] = dict(zip(EDITABLE, turns[:4]))
+    return out

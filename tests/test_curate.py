@@ -1,0 +1,248 @@
+"""The curate stage: generated answers + imports + corrections -> stable train/valid/test splits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline import config, curate
+from pipeline.corrections import CorrectionError
+from pipeline.jsonl import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def params(**overrides) -> curate.CurateConfig:
+    cfg = config.load(curate.CurateConfig, "curate", REPO / "params.yaml")
+    return dataclasses.replace(cfg, **overrides)
+
+
+def answer(qid: str, question: str, text: str = "It works like this.", **extra) -> dict:
+    row = {"id": qid, "question": question, "answer": text, "followup": None,
+           "followup_answer": None, "model": "tiny", "backend": "test", "sampling": {},
+           "finish_reason": "stop", "followup_finish_reason": None,
+           "tokens": {"prompt": 1, "completion": 1}}
+    return {**row, **extra}
+
+
+def many(n: int, start: int = 0) -> list[dict]:
+    # Distinct topics, so near-duplicate removal keeps them all.
+    return [answer(f"q-{i:04d}", f"How do I configure subsystem{i} number {i * 7919}?")
+            for i in range(start, start + n)]
+
+
+class Repo:
+    """A data folder laid out like the repository's."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.paths = curate.CuratePaths(
+            generated=root / "generated/answers.jsonl", questions=root / "questions.jsonl",
+            corrections=root / "corrections.jsonl", imports=root / "imports",
+            out=root / "dataset", report=root / "curate.json")
+        self.paths.imports.mkdir(parents=True)
+
+    def write(self, path: Path, rows: list[dict]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    def run(self, cfg: curate.CurateConfig | None = None) -> curate.CurateResult:
+        return curate.run(cfg or params(), self.paths)
+
+    def split_of(self) -> dict[str, str]:
+        return {row["id"]: name for name in curate.SPLITS
+                for row in read_jsonl(self.paths.out / f"{name}.jsonl")}
+
+    def rows(self) -> dict[str, dict]:
+        return {row["id"]: row for name in curate.SPLITS
+                for row in read_jsonl(self.paths.out / f"{name}.jsonl")}
+
+
+@pytest.fixture
+def repo(tmp_path) -> Repo:
+    return Repo(tmp_path)
+
+
+def test_shipped_data_without_generated_answers_gives_trainable_splits(tmp_path):
+    # The generate stage has not run: imports + corrections alone must make a usable dataset.
+    r = curate.run(params(), curate.CuratePaths(
+        generated=tmp_path / "absent.jsonl", questions=REPO / "data/questions.jsonl",
+        corrections=REPO / "data/corrections.jsonl", imports=REPO / "data/imports",
+        out=tmp_path / "dataset", report=tmp_path / "curate.json"))
+    train_cfg = config.read_params(REPO / "params.yaml")["train"]
+    assert r.counts["train"] >= train_cfg["batch_size"]
+    assert r.counts["valid"] >= 4 and r.counts["test"] >= 1
+    row = json.loads((tmp_path / "dataset/train.jsonl").read_text().splitlines()[0])
+    assert {"messages", "id", "source", "turn_sources", "origin"} <= set(row)
+
+
+def test_shipped_data_with_sixty_generated_answers_keeps_every_split_nonempty(tmp_path):
+    questions = read_jsonl(REPO / "data/questions.jsonl")
+    gen = tmp_path / "answers.jsonl"
+    gen.write_text("".join(json.dumps(answer(q["id"], q["question"])) + "\n" for q in questions))
+    r = curate.run(params(), curate.CuratePaths(
+        generated=gen, questions=REPO / "data/questions.jsonl",
+        corrections=REPO / "data/corrections.jsonl", imports=REPO / "data/imports",
+        out=tmp_path / "dataset", report=tmp_path / "curate.json"))
+    assert r.counts["valid"] >= 4 and r.counts["test"] >= 4 and r.counts["train"] >= 80
+    assert r.report["removed"]["duplicates"] == 0  # the shipped questions are all distinct
+
+
+def test_adding_questions_never_moves_existing_rows(repo):
+    repo.write(repo.paths.generated, many(200))
+    repo.run()
+    before = repo.split_of()
+    repo.write(repo.paths.generated, many(200) + many(150, start=200))
+    repo.run()
+    after = repo.split_of()
+    assert {k: after[k] for k in before} == before
+    assert set(after.values()) == {"train", "valid", "test"}
+
+
+def test_split_depends_on_the_seed(repo):
+    repo.write(repo.paths.generated, many(100))
+    repo.run(params(seed=0))
+    first = repo.split_of()
+    repo.run(params(seed=1))
+    assert repo.split_of() != first
+
+
+def test_small_datasets_top_up_valid_and_test_to_the_minimum(repo):
+    repo.write(repo.paths.generated, many(12))
+    r = repo.run(params(min_split_rows=4, valid_fraction=0.0, test_fraction=0.0))
+    assert r.counts == {"train": 4, "valid": 4, "test": 4}
+    assert len(r.report["details"]["moved_for_minimum"]) == 8
+
+
+def test_too_few_rows_for_the_minimum_is_an_error_with_the_numbers(repo):
+    repo.write(repo.paths.generated, many(5))
+    with pytest.raises(curate.CurateError, match=r"only 5 rows.*need 4 each.*\(9 in all\)"):
+        repo.run(params(min_split_rows=4))
+
+
+def test_exact_and_near_duplicates_are_removed_keeping_the_expert_row(repo):
+    repo.write(repo.paths.generated, many(12) + [
+        answer("q-0100", "How do I rename a column?"),
+        answer("q-0101", "how do i RENAME a column"),       # exact after normalisation
+        answer("q-0102", "How can I rename columns?"),      # near duplicate
+        answer("q-0103", "How do I rename a table?"),       # different question
+    ])
+    repo.write(repo.paths.imports / "mine.jsonl", [{"id": "exp-1", "source": "expert", "messages": [
+        {"role": "user", "content": "How do I rename a column?"},
+        {"role": "assistant", "content": "ALTER TABLE t RENAME COLUMN a TO b;"}]}])
+    r = repo.run()
+    dups = {d["id"]: d for d in r.report["details"]["duplicates"]}
+    assert set(dups) == {"q-0100", "q-0101", "q-0102"}
+    assert {d["duplicate_of"] for d in dups.values()} == {"exp-1"}
+    assert dups["q-0102"]["kind"] == "near" and dups["q-0101"]["kind"] == "exact"
+    assert "q-0103" in repo.rows() and "exp-1" in repo.rows()
+
+
+def test_corrections_replace_answer_and_followup_drop_and_add(repo):
+    repo.write(repo.paths.generated, many(12) + [
+        answer("q-0100", "Why is NULL = NULL not true?", "Because.", followup="And IS NULL?",
+               followup_answer="Use it.", followup_finish_reason="stop")])
+    repo.write(repo.paths.corrections, [
+        {"id": "q-0100", "action": "replace_answer", "answer": "NULL means unknown."},
+        {"id": "q-0100", "action": "replace_followup", "followup_answer": "IS NULL tests it."},
+        {"id": "q-0003", "action": "drop"},
+        {"id": "new-1", "action": "add_conversation", "messages": [
+            {"role": "user", "content": "Who wrote this?"},
+            {"role": "assistant", "content": "An expert."}]},
+    ])
+    repo.run()
+    rows = repo.rows()
+    fixed = rows["q-0100"]
+    assert [m["content"] for m in fixed["messages"]] == [
+        "Why is NULL = NULL not true?", "NULL means unknown.", "And IS NULL?", "IS NULL tests it."]
+    assert fixed["source"] == "expert" and fixed["turn_sources"] == ["expert", "expert"]
+    assert fixed["origin"][1:] == [f"{repo.paths.corrections}:1", f"{repo.paths.corrections}:2"]
+    assert "q-0003" not in rows
+    assert rows["new-1"]["source"] == "expert"
+    assert rows["q-0004"]["source"] == "generated"
+
+
+def test_an_expert_answer_stands_in_for_a_question_never_generated(repo):
+    repo.write(repo.paths.generated, many(12))
+    repo.write(repo.paths.questions, [{"id": "q-0500", "question": "Is VACUUM FULL safe?",
+                                       "source": "expert"}])
+    repo.write(repo.paths.corrections, [
+        {"id": "q-0500", "action": "replace_answer", "answer": "It locks the table."},
+        {"id": "q-0999", "action": "replace_answer", "answer": "Orphan."}])
+    r = repo.run()
+    assert repo.rows()["q-0500"]["messages"][1]["content"] == "It locks the table."
+    assert [u["id"] for u in r.report["details"]["unmatched"]] == ["q-0999"]
+
+
+def test_a_correction_whose_question_changed_is_reported_stale(repo):
+    repo.write(repo.paths.generated, many(12))
+    repo.write(repo.paths.corrections, [{
+        "id": "q-0001", "action": "replace_answer", "answer": "Old answer.",
+        "question": "The question as it was when the expert answered it?"}])
+    r = repo.run()
+    [stale] = r.report["details"]["stale"]
+    assert stale["id"] == "q-0001" and stale["line"] == 1
+
+
+def test_a_bad_correction_line_names_the_line(repo):
+    repo.write(repo.paths.generated, many(12))
+    repo.write(repo.paths.corrections, [{"id": "q-0001", "action": "drop"},
+                                        {"id": "q-0002", "action": "rewrite"}])
+    with pytest.raises(CorrectionError, match=r"corrections.jsonl:2: action 'rewrite'"):
+        repo.run()
+
+
+def test_bad_generated_answers_are_dropped_and_reported(repo):
+    repo.write(repo.paths.generated, many(12) + [
+        answer("q-0100", "Cut?", "It goes on and on", finish_reason="length"),
+        answer("q-0101", "Refuse?", "As an AI language model, I cannot help."),
+        answer("q-0102", "Empty?", "   "),
+        answer("q-0103", "Good first turn?", "Yes.", followup="Bad second?",
+               followup_answer="<|im_start|>assistant oops", followup_finish_reason="stop"),
+        answer("q-0104", "Unanswered follow-up?", "Fine.", followup="Then?"),
+    ])
+    r = repo.run()
+    bad = {b["id"]: b for b in r.report["details"]["bad_generated"]}
+    assert set(bad) == {"q-0100", "q-0101", "q-0102", "q-0103"}
+    rows = repo.rows()
+    assert not {"q-0100", "q-0101", "q-0102"} & set(rows)
+    assert len(rows["q-0103"]["messages"]) == 2  # the good first turn stays
+    assert len(rows["q-0104"]["messages"]) == 2  # no answer, no follow-up
+    assert r.report["removed"]["unanswered_turns"] == 1
+
+
+def test_an_expert_fix_rescues_a_cut_off_generated_answer(repo):
+    repo.write(repo.paths.generated, many(12) + [
+        answer("q-0100", "Cut?", "It goes on and on", finish_reason="length")])
+    repo.write(repo.paths.corrections, [
+        {"id": "q-0100", "action": "replace_answer", "answer": "Short and complete."}])
+    repo.run()
+    assert repo.rows()["q-0100"]["finish_reasons"] == [None]
+
+
+def test_system_prompt_from_params_is_prepended(repo):
+    repo.write(repo.paths.generated, many(12))
+    repo.run(params(system_prompt="You are a PostgreSQL expert."))
+    row = next(iter(repo.rows().values()))
+    assert row["messages"][0] == {"role": "system", "content": "You are a PostgreSQL expert."}
+
+
+def test_an_id_in_two_inputs_is_an_error_naming_both(repo):
+    repo.write(repo.paths.generated, many(12))
+    repo.write(repo.paths.imports / "x.jsonl", [{"id": "q-0001", "prompt": "p", "completion": "c"}])
+    with pytest.raises(curate.CurateError, match=r"'q-0001' appears twice: .*answers.jsonl:2 and "
+                                                 r".*x.jsonl:1"):
+        repo.run()
+
+
+def test_rerun_gives_byte_identical_outputs(repo, tmp_path):
+    repo.write(repo.paths.generated, many(40))
+    repo.run()
+    first = {p.name: p.read_bytes() for p in repo.paths.out.iterdir()}
+    shutil.rmtree(repo.paths.out)
+    repo.run()
+    assert {p.name: p.read_bytes() for p in repo.paths.out.iterdir()} == first

@@ -1,0 +1,324 @@
+"""`tuneline validate` and the validate stage: every check fires at its line, exit codes, DVC."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import config
+from pipeline import validate as stage
+from pipeline.cli import app
+from tiny import make_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_SEQ = 200
+LONG = "VACUUM reclaims storage and ANALYZE collects statistics for the planner. " * 30
+
+
+def chat(rid, question, answer, **extra):
+    return {"id": rid, "source": "expert", "messages": [
+        {"role": "user", "content": question}, {"role": "assistant", "content": answer}], **extra}
+
+
+def msgs(rid, *pairs, **extra):
+    return {"id": rid, "source": "expert",
+            "messages": [{"role": r, "content": c} for r, c in pairs], **extra}
+
+
+OK = "Run the command shown above and check the log."
+# (line, check, id) for every defect; line 1 is clean except that line 17 repeats its question.
+DEFECTS = [
+    (2, "blank_line", None),
+    (3, "json", None),
+    (4, "json", None),
+    (5, "format", "fmt-1"),
+    (6, "schema", "sch-1"),
+    (7, "schema", "sch-2"),
+    (8, "roles", "rol-1"),
+    (9, "turn_order", "ord-1"),
+    (10, "turn_order", "ord-2"),
+    (11, "empty_answer", "emp-1"),
+    (12, "truncated", "trn-1"),
+    (13, "unterminated", "unt-1"),
+    (14, "refusal", "ref-1"),
+    (15, "template_markers", "tpl-1"),
+    (16, "answer_length", "len-1"),
+    (1, "duplicate_question", "ok-1"),
+    (17, "duplicate_question", "dup-1"),
+    (18, "token_length", "tok-1"),
+    (19, "utf8", None),
+    (20, "format", "alp-1"),
+]
+LINES = [
+    chat("ok-1", "How do I list tables?", OK),
+    "",
+    "{not json",
+    "[1, 2]",
+    {"id": "fmt-1", "source": "expert", "prompt": "Completions here?", "completion": OK},
+    {"id": "sch-1", "messages": chat("x", "Where is the source field?", OK)["messages"]},
+    msgs("sch-2", ("user", "Is 5 a string?"), ("assistant", 5)),
+    msgs("rol-1", ("user", "Who is the bot?"), ("bot", OK)),
+    msgs("ord-1", ("assistant", OK), ("user", "Answer first?")),
+    msgs("ord-2", ("user", "Question one?"), ("assistant", OK), ("user", "Unanswered?")),
+    chat("emp-1", "Empty answer?", "   "),
+    chat("trn-1", "Cut off?", OK, finish_reasons=["length"]),
+    chat("unt-1", "Unterminated?", "It depends on the setting of the"),
+    chat("ref-1", "Refusal?", "As an AI language model, I cannot help with that request."),
+    chat("tpl-1", "[INST] Template in the question?", OK),
+    chat("len-1", "Too short?", "Yes."),
+    chat("dup-1", "how do I list   TABLES", OK),
+    chat("tok-1", "Long answer?", LONG),
+    b'\xff\xfe{"id": "bad"}',
+    {"id": "alp-1", "instruction": "Alpaca here?", "output": OK},
+]
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    out = b""
+    for line in lines:
+        if isinstance(line, bytes):
+            out += line + b"\n"
+        else:
+            out += (line if isinstance(line, str) else json.dumps(line)).encode() + b"\n"
+    path.write_bytes(out)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    make_tiny_tokenizer(out)
+    return out / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def params_file(tmp_path_factory) -> Path:
+    data = config.read_params(REPO / "params.yaml")
+    data["train"]["max_seq_length"] = MAX_SEQ
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cfg(params_file: Path, **severity) -> stage.ValidateConfig:
+    c = config.load(stage.ValidateConfig, "validate", params_file)
+    return dataclasses.replace(c, severity=dataclasses.replace(c.severity, **severity))
+
+
+@pytest.fixture(scope="module")
+def defects(tmp_path_factory, params_file, tokenizer):
+    path = write_lines(tmp_path_factory.mktemp("defects") / "train.jsonl", LINES)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    report = stage.run(cfg(params_file), [path], MAX_SEQ, tokenizer)
+    return path, before, report
+
+
+def test_every_defect_is_found_at_its_line_and_nothing_else(defects):
+    _, _, report = defects
+    found = {(f.line, f.check, f.id) for f in report.findings}
+    assert found == set(DEFECTS)
+
+
+def test_findings_carry_params_severity_and_a_message_that_says_what_to_do(defects, params_file):
+    _, _, report = defects
+    severity = config.read_params(params_file)["validate"]["severity"]
+    by_check = {f.check: f for f in report.findings}
+    assert all(f.severity == severity[f.check] for f in report.findings)
+    dups = [f for f in report.findings if f.check == "duplicate_question"]
+    assert "also at train.jsonl:17" in dups[0].message and "train.jsonl:1)" in dups[1].message
+    assert "> train.max_seq_length 200" in by_check["token_length"].message
+    assert "data.messages[1].content must be string" in {
+        f.id: f for f in report.findings}["sch-2"].message
+    assert "'[INST]'" in by_check["template_markers"].message
+    assert not report.ok and report.errors > 0 and report.warnings == 3
+
+
+def test_validation_never_modifies_its_input(defects):
+    path, before, _ = defects
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def dataset(root: Path, rows: int = 6, splits=("train", "valid", "test")) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for s in splits:
+        write_lines(root / f"{s}.jsonl", [chat(f"{s}-{i}", f"Question {s} number {i}?", OK)
+                                          for i in range(rows)])
+    return root
+
+
+def test_a_clean_dataset_passes_and_writes_metrics_and_data_docs(tmp_path, params_file,
+                                                                  tokenizer):
+    data = dataset(tmp_path / "dataset")
+    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer.parent,
+                       tmp_path / "validation.json", tmp_path / "docs")
+    assert report.ok and report.findings == []
+    metrics = json.loads((tmp_path / "validation.json").read_text())
+    assert metrics["rows"] == 18 and metrics["errors"] == 0
+    assert set(metrics["checks"]) == {f.name for f in dataclasses.fields(stage.Severity)}
+    assert (tmp_path / "docs/index.html").exists()
+
+
+def test_missing_and_empty_splits_and_leakage_across_splits(tmp_path, params_file, tokenizer):
+    data = dataset(tmp_path / "dataset", splits=("train",))
+    (data / "valid.jsonl").write_text("")
+    write_lines(data / "valid.jsonl", [])
+    with (data / "train.jsonl").open("a") as fh:
+        fh.write(json.dumps(chat("t-9", "Question train number 0?", OK)) + "\n")
+    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer)
+    found = {(Path(f.file).name, f.line, f.check) for f in report.findings}
+    assert found == {("valid.jsonl", None, "splits"), ("test.jsonl", None, "splits"),
+                     ("train.jsonl", 1, "duplicate_question"),
+                     ("train.jsonl", 7, "duplicate_question")}
+
+
+def test_duplicates_across_files_are_leakage(tmp_path, params_file, tokenizer):
+    data = dataset(tmp_path / "dataset")
+    write_lines(data / "test.jsonl", [chat("leak", "Question train number 3?", OK)])
+    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer)
+    assert {(Path(f.file).name, f.line) for f in report.findings} == {
+        ("train.jsonl", 4), ("test.jsonl", 1)}
+
+
+def test_warning_severity_passes_and_off_skips(tmp_path, params_file, tokenizer):
+    path = write_lines(tmp_path / "x.jsonl", [chat("a", "Refusal?", "As an AI language model, no.")])
+    warned = stage.run(cfg(params_file, refusal="warning"), [path], MAX_SEQ, tokenizer)
+    assert warned.ok and [f.severity for f in warned.findings] == ["warning"]
+    skipped = stage.run(cfg(params_file, refusal="off"), [path], MAX_SEQ, tokenizer)
+    assert skipped.findings == [] and "refusal" not in skipped.checks
+
+
+def test_without_a_tokenizer_token_length_is_skipped_and_said_so(tmp_path, params_file):
+    path = write_lines(tmp_path / "x.jsonl", [chat("a", "Long?", LONG)])
+    report = stage.run(cfg(params_file), [path], MAX_SEQ, tmp_path / "no-model")
+    assert report.ok and "token_length" not in report.checks
+    assert report.skipped and "dvc repro base_model" in report.skipped[0]
+
+
+def test_severity_keys_are_exactly_the_checks_of_the_suites():
+    from validation.suites import CHECK_NAMES
+
+    assert tuple(f.name for f in dataclasses.fields(stage.Severity)) == CHECK_NAMES
+
+
+def test_custom_schema_expectation_agrees_with_the_gx_builtin(tmp_path):
+    import great_expectations as gx
+    import pandas as pd
+
+    from validation import expectations as custom
+    from validation.suites import chat_schema
+
+    schema = chat_schema(("id", "source"))
+    raws = [json.dumps(r) if not isinstance(r, (str, bytes)) else r for r in LINES
+            if not isinstance(r, bytes) and r != ""]
+    frame = pd.DataFrame({"raw": raws, "_i": range(len(raws))})
+    context = gx.get_context(mode="ephemeral")
+    batch = context.data_sources.add_pandas("p").add_dataframe_asset("a") \
+        .add_batch_definition_whole_dataframe("b").get_batch(batch_parameters={"dataframe": frame})
+    fmt = {"result_format": "COMPLETE", "unexpected_index_column_names": ["_i"]}
+    built_in = batch.validate(gx.expectations.ExpectColumnValuesToMatchJsonSchema(
+        column="raw", json_schema=schema), result_format=fmt)
+    ours = batch.validate(custom.ExpectColumnValuesToMatchCompiledJsonSchema(
+        column="raw", schema_text=json.dumps(schema)), result_format=fmt)
+    def failing(r):
+        return sorted(e["_i"] for e in r.result["unexpected_index_list"])
+    assert failing(ours) == failing(built_in) and len(failing(ours)) > 5
+
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, ["validate", *map(str, args)])
+
+
+def test_cli_exit_codes_and_json_report(tmp_path, params_file, tokenizer, defects):
+    path, _, _ = defects
+    bad = invoke(path, "--json", "--tokenizer", tokenizer, "--params", params_file)
+    assert bad.exit_code == 1
+    report = json.loads(bad.stdout)
+    assert report["errors"] > 0
+    first = report["findings"][0]
+    assert set(first) == {"file", "line", "id", "check", "severity", "message"}
+    assert "errors" in bad.stderr and "train.jsonl:2: error blank_line" in bad.stderr
+
+    clean = invoke(dataset(tmp_path / "d"), "--tokenizer", tokenizer, "--params", params_file)
+    assert clean.exit_code == 0, clean.stderr
+    missing = invoke(tmp_path / "nope.jsonl", "--params", params_file)
+    assert missing.exit_code == 2 and "no such file" in missing.stderr
+    assert invoke("--json").exit_code == 2  # no path: usage error
+
+
+def test_dvc_yaml_declares_curate_and_validate_with_their_code_and_params():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    names = list(stages)
+    assert names.index("curate") < names.index("validate") < names.index("train")
+    assert {"pipeline/curate.py", "pipeline/corrections.py", "pipeline/formats.py",
+            "data/corrections.jsonl", "data/imports"} <= set(stages["curate"]["deps"])
+    assert stages["curate"]["params"] == ["curate"]
+    assert {"pipeline/validate.py", "validation"} <= set(stages["validate"]["deps"])
+    assert stages["validate"]["params"] == ["validate", "train.max_seq_length"]
+    assert "reports/validation.json" in stages["train"]["deps"]
+
+
+STANDINS = {
+    "base_model": {"cmd": "mkdir -p models/base && cp tok.json models/base/tokenizer.json",
+                   "deps": ["tok.json"], "outs": ["models/base"]},
+    "generate": {"cmd": "mkdir -p data/generated && cp answers.jsonl data/generated/answers.jsonl",
+                 "deps": ["answers.jsonl"], "outs": ["data/generated/answers.jsonl"]},
+    "train": {"cmd": "mkdir -p models && cat data/dataset/train.jsonl | wc -l > models/trained",
+              "deps": ["data/dataset/train.jsonl", "reports/validation.json"],
+              "outs": ["models/trained"]},
+}
+
+
+@pytest.mark.slow
+def test_dvc_repro_stops_at_validate_on_bad_data_and_keeps_earlier_outputs(tmp_path, tokenizer):
+    """The real curate and validate stages of dvc.yaml, with stand-ins around them."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    for name in ("params.yaml", "data/questions.jsonl", "data/corrections.jsonl"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, work / name)
+    shutil.copytree(REPO / "data/imports", work / "data/imports")
+    shutil.copy(tokenizer, work / "tok.json")
+    (work / "answers.jsonl").write_text("")
+    real = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    stages = {**STANDINS, "curate": real["curate"], "validate": real["validate"]}
+    for name in ("curate", "validate"):  # the stage code lives in the installed package
+        stages[name]["deps"] = [d for d in stages[name]["deps"]
+                                if not d.startswith(("pipeline/", "validation"))]
+    (work / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def sh(*cmd, check=True):
+        return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, check=check)
+
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    sh("dvc", "repro")
+    trained = (work / "models/trained").read_text()
+    good = (work / "data/dataset/train.jsonl").read_bytes()
+    with (work / "data/corrections.jsonl").open("a") as fh:
+        fh.write(json.dumps({"id": "bad-1", "action": "add_conversation", "messages": [
+            {"role": "user", "content": "Broken?"},
+            {"role": "assistant", "content": "Yes [/INST] it leaks a template marker."}]}) + "\n")
+    failed = sh("dvc", "repro", check=False)
+    assert failed.returncode != 0
+    assert "template_markers" in failed.stderr + failed.stdout
+    assert "bad-1" in failed.stderr + failed.stdout
+    assert (work / "models/trained").read_text() == trained  # train never ran on bad data
+    cached = hashlib.md5(good).hexdigest()
+    assert (work / ".dvc/cache/files/md5" / cached[:2] / cached[2:]).exists()
+    report = json.loads((work / "reports/validation.json").read_text())
+    assert report["checks"]["template_markers"]["failed"] == 1
