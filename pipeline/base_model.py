@@ -98,11 +98,28 @@ def run(cfg: BaseConfig, out: Path) -> BaseResult:
             _copy_hf_dir(Path(source), tmp)
         else:
             _download(source, tmp)
-        provenance = {"base.model": cfg.model, "source": str(source), "kind": kind}
+        # Portable provenance only (no absolute paths): the output hash must not depend on where
+        # the repo or the virtualenv lives, or a teammate's repro would rerun every stage.
+        provenance = {"base.model": cfg.model, "kind": kind, "source": _portable(cfg.model)}
         if kind == "gguf":
             provenance["sha256"] = _sha256(Path(source))
         (tmp / "tuneline.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return BaseResult(source=str(source), kind=kind, out=out)
+
+
+def _portable(model: str) -> str:
+    if model == EMBEDDED:
+        return f"{EMBEDDED_PACKAGE.replace('_', '-')}=={_package_version()}:{EMBEDDED_FILE}"
+    return Path(model).name if Path(model).exists() else model
+
+
+def _package_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(EMBEDDED_PACKAGE.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def embedded_gguf() -> Path:

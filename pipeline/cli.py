@@ -308,7 +308,8 @@ def publish(
     exit_zero: Annotated[bool, typer.Option(
         "--exit-zero", help="exit 0 even if the gate fails (the dvc stage records the verdict)")
     ] = False,
-    card: Annotated[Optional[Path], typer.Option(help="also write the model card here")] = None,
+    card: Annotated[Path, typer.Option(help="model card preview (git-ignored folder)")] = Path(
+        ".tuneline/model_card.md"),
     report: Annotated[Path, typer.Option(help="gate verdict")] = Path("reports/publish.json"),
     validation: Annotated[Path, typer.Option()] = Path("reports/validation.json"),
     eval_report: Annotated[Path, typer.Option("--eval")] = Path("reports/eval.json"),

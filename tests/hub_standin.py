@@ -5,7 +5,8 @@ huggingface_hub 2.4): `GET /api/whoami-v2`; `POST /api/repos/create`;
 `GET /api/models/{repo}[/revision/{rev}]` (model_info, `?blobs=true` for sizes and hashes);
 `POST /api/validate-yaml` (the card's metadata); `POST /api/models/{repo}/preupload/{rev}`;
 `POST /{repo}.git/info/lfs/objects/batch`; `PUT` upload and `POST` verify per LFS object;
-`POST /api/models/{repo}/commit/{rev}` with an NDJSON body; `HEAD`/`GET /{repo}/resolve/{rev}/{path}`.
+`POST /api/models/{repo}/commit/{rev}` with an NDJSON body;
+`HEAD`/`GET /{repo}/resolve/{rev}/{path}`.
 
 Files are stored as bytes per commit, so a test can check that what arrived is byte-identical.
 Tokens map to accounts (write or read role, namespaces); errors follow the Hub: 401 with

@@ -114,6 +114,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write(src / "gguf/model-f16.gguf", b"GGUF" + SAFE)
     _write(src / "gguf/model-q8_0.gguf", b"GGUF" + SAFE[:1000])
     _write(src / "gguf/Modelfile", "FROM ./model-q8_0.gguf\nPARAMETER stop <|im_end|>\n")
+    _write(repo / ".gitignore", "/.tuneline/\n")  # as in the real repository
     _write(repo / "params.yaml", _params())
     _write(repo / "reports/validation.json", {"passed": True, "errors": 0, "warnings": 1})
     _write(repo / "reports/eval.json", _eval())
@@ -339,17 +340,22 @@ def test_publishes_one_private_commit_with_byte_identical_files(project: Path,
     assert repo.private is True
     assert len(repo.commits) == 2  # the Hub's initial commit, then exactly one release commit
     assert result.revision == repo.head.oid and result.commit_url.endswith(repo.head.oid)
-    # The protocol the issue measured, in order (LFS upload + verify once per large file).
-    verbs = [(m, p.split("/")[1] if p.startswith("/api") else p.rsplit("/", 1)[-1])
-             for m, p in hub.requests]
-    assert [v for v in verbs if v[1] != "lfs-upload"][:6] == [
-        ("GET", "api"), ("GET", "api"), ("POST", "api"), ("POST", "api"), ("POST", "api"),
-        ("POST", "batch")]
-    assert hub.calls("POST", r"^/api/repos/create$") == 1
-    assert hub.calls("POST", r"^/api/validate-yaml$") == 1
+    # The protocol the issue measured, in order; LFS PUT + verify (per large file, in
+    # parallel threads) come between the batch call and the commit.
+    lfs = ("/lfs-upload/", "/lfs-verify/")
+    assert [(m, p) for m, p in hub.requests if not p.startswith(lfs)] == [
+        ("GET", "/api/whoami-v2"),
+        ("GET", f"/api/models/{REPO}/revision/main"),
+        ("POST", "/api/repos/create"),
+        ("POST", "/api/validate-yaml"),
+        ("POST", f"/api/models/{REPO}/preupload/main"),
+        ("POST", f"/{REPO}.git/info/lfs/objects/batch"),
+        ("POST", f"/api/models/{REPO}/commit/main"),
+    ]
+    batch = hub.requests.index(("POST", f"/{REPO}.git/info/lfs/objects/batch"))
+    assert all(p.startswith(lfs) for _, p in hub.requests[batch + 1:-1])
     assert hub.calls("PUT", r"^/lfs-upload/") == 4  # adapter, fused weights, two GGUFs
     assert hub.calls("POST", r"^/lfs-verify/") == 4
-    assert hub.calls("POST", rf"^/api/models/{REPO}/commit/main$") == 1
     sources = {
         "adapter/adapters.safetensors": "models/adapters/adapters.safetensors",
         "adapter/adapter_config.json": "models/adapters/adapter_config.json",
@@ -372,6 +378,8 @@ def test_publishes_one_private_commit_with_byte_identical_files(project: Path,
     assert manifest["git_commit"] == _sh(project, "git", "rev-parse", "HEAD").strip()
     report = _report()
     assert report["status"] == "published" and report["revision"] == repo.head.oid
+    _assert_no_token(json.dumps(report), *(f.data.decode("utf-8", "replace")
+                                           for f in repo.head.files.values()))
 
 
 def test_card_tells_the_lineage(project: Path, hub: HubStandin) -> None:
@@ -525,10 +533,13 @@ def test_cli_publishes_and_never_prints_the_token(project: Path, hub: HubStandin
     env = {**os.environ, "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
            "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(project.parent / "hf-home"),
            "HF_DEBUG": "0"}
-    cmd = [sys.executable, "-m", "pipeline", "publish", "--card", "reports/model_card.md"]
+    cmd = [sys.executable, "-m", "pipeline", "publish"]
     published = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert published.returncode == 0, published.stderr
-    assert "published 10 files" in published.stdout and hub.repos[REPO].head.oid in published.stdout
+    assert "published 10 files" in published.stdout
+    assert hub.repos[REPO].head.oid in published.stdout
+    card = Path(".tuneline/model_card.md").read_bytes()  # the preview is what was uploaded
+    assert card == hub.file_bytes(REPO, "README.md")
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert "already published" in again.stdout
     hub.fail("GET", "/api/models/", status=500, echo_auth=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import great_expectations as gx
+from great_expectations.expectations.row_conditions import Column, Condition
 
 from validation import expectations as custom  # registers the custom expectations first
 from validation import patterns
@@ -67,18 +68,18 @@ def _schema_texts(s: Settings) -> dict[str, str]:
             for fmt, schema in schemas(s.required_fields).items()}
 
 
-def _where(condition: str) -> dict[str, str]:
-    return {"row_condition": condition, "condition_parser": "pandas"}
+def _where(condition: Condition) -> dict[str, Condition]:
+    return {"row_condition": condition}
 
 
-PARSED = "is_object == True"
-ANSWER = 'role == "assistant"'
-ANSWER_TEXT = 'role == "assistant" and has_text == True'
+PARSED = Column("is_object") == True  # noqa: E712 (builds a GX condition, not a comparison)
+ANSWER = Column("role") == "assistant"
+ANSWER_TEXT = ANSWER & (Column("has_text") == True)  # noqa: E712
 
 
 def _schema_expectations(s: Settings) -> list[Any]:
     return [custom.ExpectColumnValuesToMatchCompiledJsonSchema(
-        column="raw", schema_text=text, **_where(f'format == "{fmt}"'))
+        column="raw", schema_text=text, **_where(Column("format") == fmt))
         for fmt, text in _schema_texts(s).items()]
 
 
@@ -87,7 +88,7 @@ def _token_expectations(s: Settings) -> list[Any]:
         return []
     return [custom.ExpectColumnValuesToFitTokenBudget(
         column="raw", tokenizer_file=s.tokenizer_file, max_tokens=s.max_tokens,
-        **_where(f"{PARSED} and format in {list(TRAINING_FORMATS)}"))]
+        **_where(PARSED & Column("format").is_in(list(TRAINING_FORMATS))))]
 
 
 def _describe_schema(row: dict[str, Any], s: Settings) -> str:
@@ -132,11 +133,12 @@ CHECKS: tuple[Check, ...] = (
           lambda r, s: "not UTF-8; re-save the file as UTF-8"),
     Check("blank_line", "lines", "no blank lines",
           lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
-              column="blank", value_set=[False], **_where("utf8 == True"))],
+              column="blank", value_set=[False], **_where(Column("utf8") == True))],  # noqa: E712
           lambda r, s: "blank line; delete it (every line must be one JSON object)"),
     Check("json", "lines", "every line is one JSON object",
           lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
-              column="is_object", value_set=[True], **_where("utf8 == True and blank == False"))],
+              column="is_object", value_set=[True],
+              **_where((Column("utf8") == True) & (Column("blank") == False)))],  # noqa: E712
           lambda r, s: _json_problem(r["raw"])),
     Check("format", "lines", "one training format per file (chat, completions or text)",
           lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
@@ -153,7 +155,7 @@ CHECKS: tuple[Check, ...] = (
                        "s=system u=user a=assistant x=other)"),
     Check("turn_order", "lines", "optional system, then user/assistant pairs ending with assistant",
           lambda s: [gx.expectations.ExpectColumnValuesToMatchRegex(column="turn_seq",
-                                                                    regex="^s?(ua)+$")],
+                                                                    regex="^s?(?:ua)+$")],
           lambda r, s: f"roles go {_roles(r['turn_seq'])}; expected an optional system message, "
                        "then user/assistant pairs, ending with assistant"),
     Check("empty_answer", "messages", "no empty or whitespace-only answers",

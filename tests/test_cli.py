@@ -1,0 +1,60 @@
+"""The `tuneline` CLI: thin commands, clear errors with exit codes, doctor's report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed entry point in a subprocess: exercises main()'s error handling and re-exec."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_help_lists_the_stage_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("base-model", "train", "fuse", "doctor"):
+        assert command in result.output
+
+
+def test_unknown_params_key_is_one_clear_line_and_exit_2(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["base"]["modle"] = "typo"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_cli("base-model", "--out", "models/base", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "params.yaml:base: unknown key(s) ['modle']" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_train_on_missing_dataset_names_the_file(tmp_path, tiny_model_dir):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    result = run_cli("train", "--model", str(tiny_model_dir), "--data", "data/dataset",
+                     "--adapters", "a", "--metrics", "m.json", "--curve", "c.tsv", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "data/dataset/train.jsonl: file not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_doctor_reports_device_blas_and_the_embedded_model():
+    result = run_cli("doctor", cwd=ROOT)
+    out = result.stdout
+    assert "mlx device" in out and "compute dtype" in out and "BLAS" in out
+    assert "embedded model" in out and "SmolLM2-135M-Instruct.Q4_1.gguf" in out
+    if sys.platform == "linux":
+        # The CLI re-executes itself with OpenBLAS preloaded when it is installed.
+        assert "float32" in out
+        assert ("OpenBLAS (preloaded)" in out) == ("FIX] BLAS" not in out)
