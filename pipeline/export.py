@@ -19,10 +19,11 @@ import hashlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -118,6 +119,8 @@ def check_config(cfg: ExportConfig) -> None:
     for qtype, value in cfg.min_agreement.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ExportError(f"{where}.min_agreement.{qtype}: {value!r} is not between 0.0 and 1.0")
+    if '"""' in cfg.system_prompt:
+        raise ExportError(f'{where}.system_prompt: contains """, which ends the Modelfile SYSTEM block')
     if not cfg.prompts:
         raise ExportError(f"{where}.prompts: empty; list at least one prompt to prove the files run")
     if cfg.max_tokens < 1:
@@ -668,10 +671,12 @@ def mlx_reference(model_dir: Path, cfg: ExportConfig, seed: int) -> list[Referen
 
 
 def prove(model_dir: Path, files: dict[str, Path], cfg: ExportConfig, seed: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
     refs = mlx_reference(model_dir, cfg, seed)
     report: dict[str, Any] = {
         "prompts": list(cfg.prompts),
         "max_tokens": cfg.max_tokens,
+        "mlx_seconds": round(time.perf_counter() - t0, 3),
         "mlx": [{"prompt": r.prompt, "tokens": len(r.tokens), "stopped": r.stopped} for r in refs],
         "files": {},
     }
@@ -744,6 +749,7 @@ def check_file(path: Path, refs: list[Reference], cfg: ExportConfig, seed: int,
             f"over {compared} tokens (see first_divergence per answer)"
         )
     llm.close()
+    result["check_seconds"] = round(time.perf_counter() - t0, 3)
     return result
 
 
@@ -764,7 +770,10 @@ def check_prompt(llm: Any, ref: Reference, cfg: ExportConfig) -> dict[str, Any]:
         problems.append(f"did not stop within max_tokens={cfg.max_tokens} (finish_reason {finish})")
     matched, compared = teacher_forced(llm, ids, ref.tokens)
     div = first_divergence(tokens, ref.tokens)
-    detok = lambda ts: llm.detokenize(ts).decode("utf-8", "replace")  # noqa: E731
+
+    def detok(ts: list[int]) -> str:
+        return llm.detokenize(ts).decode("utf-8", "replace")
+
     return {
         "prompt": ref.prompt,
         "finish_reason": finish,
@@ -786,7 +795,9 @@ def llama_chat_prompt(llm: Any, cfg: ExportConfig, prompt: str) -> str:
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
         return ""
-    piece = lambda tid: llm.detokenize([tid], special=True).decode("utf-8", "replace")  # noqa: E731
+    def piece(tid: int) -> str:
+        return llm.detokenize([tid], special=True).decode("utf-8", "replace")
+
     bos = piece(llm.token_bos()) if llm.token_bos() >= 0 else ""
     formatter = Jinja2ChatFormatter(template, eos_token=piece(llm.token_eos()), bos_token=bos)
     return formatter(messages=messages_for(cfg, prompt)).prompt

@@ -62,7 +62,7 @@ def collect_facts(
     samples: int,
 ) -> dict[str, Any]:
     """Everything the card says except the git commit, as a deterministic JSON-safe dict."""
-    params = _read_yaml(inputs.params)
+    params = read_yaml(inputs.params)
     base = params.get("base") or {}
     evaluation = _tolerant_json(inputs.eval_report)
     upload = list(upload)
@@ -160,7 +160,7 @@ def base_license(model: Any, base_dir: Path) -> tuple[str | None, str]:
     if model == "embedded":
         from pipeline.base_model import EMBEDDED_LICENSE
 
-        return EMBEDDED_LICENSE, f"embedded base model ({EMBEDDED_HF_ID})"
+        return EMBEDDED_LICENSE, f"the embedded base model, {EMBEDDED_HF_ID}"
     return None, f"no license recorded in {base_dir}/tuneline.json or README.md"
 
 
@@ -210,7 +210,7 @@ def dataset_summary(dataset: Path, dvc_lock: Path) -> dict[str, Any]:
 
 def dvc_hashes(dvc_lock: Path, target: Path) -> list[dict[str, str]]:
     """Hashes DVC recorded for `target` (a folder output, or the files under it)."""
-    lock = _read_yaml(dvc_lock) if dvc_lock.is_file() else {}
+    lock = read_yaml(dvc_lock) if dvc_lock.is_file() else {}
     want = target.as_posix().rstrip("/")
     found = []
     for stage in (lock.get("stages") or {}).values():
@@ -329,7 +329,7 @@ def _tolerant_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:

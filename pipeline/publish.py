@@ -298,7 +298,7 @@ def check_judge(path: Path, evaluation: Any, threshold: float | None) -> Check:
 
 
 def check_license(cfg: PublishConfig, paths: PublishPaths) -> Check:
-    model = modelcard._read_yaml(paths.params).get("base", {}).get("model")
+    model = modelcard.read_yaml(paths.params).get("base", {}).get("model")
     found, where = modelcard.base_license(model, paths.base)
     license = found or (None if cfg.license == "auto" else cfg.license.lower())
     if license is None:
@@ -358,8 +358,8 @@ def check_dvc_pushed(required: bool) -> Check:
         return Check("dvc_pushed", False, f"cannot check DVC outputs ({type(exc).__name__}: "
                      f"{_first_line(exc)}){hint}")
     if local:
-        return Check("dvc_pushed", False, f"outputs differ from dvc.lock in stage(s) "
-                     f"{', '.join(sorted(local))}: run `dvc repro` and commit dvc.lock")
+        return Check("dvc_pushed", False, f"stage(s) {', '.join(sorted(local))} changed since "
+                     "dvc.lock or never ran: run `dvc repro` and commit dvc.lock")
     # DVC lists each file of a folder output too: name the outputs, count the files.
     tops = sorted(k for k in remote if not any(k.startswith(o + "/") for o in remote))
     if tops:
@@ -388,7 +388,7 @@ def _dvc_status() -> tuple[dict[str, Any], dict[str, Any]]:
 def build_release(cfg: PublishConfig, paths: PublishPaths) -> Release:
     artifacts = _artifact_files(cfg, paths)
     license = cfg.license if cfg.license != "auto" else modelcard.base_license(
-        modelcard._read_yaml(paths.params).get("base", {}).get("model"), paths.base)[0]
+        modelcard.read_yaml(paths.params).get("base", {}).get("model"), paths.base)[0]
     inputs = modelcard.CardInputs(paths.params, paths.dataset, paths.dvc_lock,
                                   paths.train_report, paths.eval, paths.base)
     facts = modelcard.collect_facts(

@@ -79,6 +79,8 @@ class TrainResult:
     peak_memory_gb: float
     wall_seconds: float
     resumed_from: int
+    world_size: int
+    adapter_sha256: str  # of the trained weights: equal across ranks and reruns with one seed
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -117,12 +119,16 @@ def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
     import mlx.core as mx
 
     def iterate(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
+        rank, size = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
+        if batch_size % size:
+            raise TrainError(f"params.yaml:train.batch_size: {batch_size} must be divisible by the "
+                             f"{size} distributed processes")
         order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
         batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed)  # same seed on every rank: same batch, own slice
         while True:
             for b in rng.permutation(len(batches)):
-                rows = [dataset[j] for j in batches[b]]
+                rows = [dataset[j] for j in batches[b][rank::size]]
                 width = min(max(len(t) for t, _ in rows), max_seq_length)
                 tokens = np.zeros((len(rows), width), np.int32)
                 mask = np.zeros((len(rows), width), np.float32)
@@ -258,8 +264,8 @@ def latest_checkpoint(folder: Path) -> tuple[int, Path | None]:
 class MetricsLog:
     """mlx-lm training callback: keeps the curves, persists them beside the checkpoints."""
 
-    def __init__(self, log_file: Path, offset: int):
-        self.log_file, self.offset = log_file, offset
+    def __init__(self, log_file: Path, offset: int, write: bool = True):
+        self.log_file, self.offset, self.write = log_file, offset, write
         self.rows: list[dict[str, Any]] = []
         if log_file.exists():
             self.rows = [json.loads(line) for line in log_file.read_text().splitlines() if line]
@@ -269,6 +275,8 @@ class MetricsLog:
 
     def _add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        if not self.write:
+            return
         with self.log_file.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -305,6 +313,8 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
     from pipeline import accel
 
     started = time.perf_counter()
+    world = mx.distributed.init()  # size 1 unless started by `mlx.launch`
+    lead = world.rank() == 0
     model, tokenizer = load(str(paths.model))
     model.set_dtype(getattr(mx, accel.compute_dtype()))
     train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
@@ -320,7 +330,7 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
     if ckpt is not None:
         print(f"resuming from checkpoint {ckpt} (step {done} of {iters})")
         model.load_weights(str(ckpt), strict=False)
-    log = MetricsLog(ckpt_dir / "metrics.jsonl", offset=done)
+    log = MetricsLog(ckpt_dir / "metrics.jsonl", offset=done, write=lead)
     if done < iters:
         args = TrainingArgs(
             batch_size=cfg.batch_size, iters=iters - done, val_batches=cfg.val_batches,
@@ -336,10 +346,22 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
 
     val_loss = evaluate(model, valid_set, cfg.batch_size, cfg.val_batches, cfg.max_seq_length,
                         loss=masked_loss, iterate_batches=batch_iterator(seed))
-    result = _result(log, iters, val_loss, started, done)
-    _write_outputs(model, cfg, paths, log, result)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    weights = dict(_flat(model.trainable_parameters()))
+    result = _result(log, iters, val_loss, started, done, world.size(), _digest(weights))
+    if lead:
+        _write_outputs(weights, cfg, len(model.layers), paths, log, result)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
+
+
+def _digest(weights: dict[str, Any]) -> str:
+    import mlx.core as mx
+
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(np.array(weights[name].astype(mx.float32)).tobytes())
+    return digest.hexdigest()
 
 
 def _renumber_checkpoints(ckpt_dir: Path, offset: int) -> None:
@@ -356,7 +378,8 @@ def _renumber_checkpoints(ckpt_dir: Path, offset: int) -> None:
         path.rename(path.with_suffix(""))
 
 
-def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: int) -> TrainResult:
+def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: int,
+            world_size: int, sha: str) -> TrainResult:
     trains = [r for r in log.rows if r["kind"] == "train"]
     speeds = [r["tokens_per_second"] for r in trains]
     return TrainResult(
@@ -368,17 +391,18 @@ def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: 
         peak_memory_gb=max((r["peak_memory"] for r in trains), default=0.0),
         wall_seconds=time.perf_counter() - started,
         resumed_from=done,
+        world_size=world_size,
+        adapter_sha256=sha,
     )
 
 
-def _write_outputs(model: Any, cfg: TrainConfig, paths: TrainPaths, log: MetricsLog,
-                   result: TrainResult) -> None:
+def _write_outputs(weights: dict[str, Any], cfg: TrainConfig, n_layers: int, paths: TrainPaths,
+                   log: MetricsLog, result: TrainResult) -> None:
     import mlx.core as mx
 
     with atomic_dir(paths.adapters) as tmp:
-        mx.save_safetensors(str(tmp / "adapters.safetensors"),
-                            dict(_flat(model.trainable_parameters())))
-        config = adapter_config(cfg, len(model.layers))
+        mx.save_safetensors(str(tmp / "adapters.safetensors"), weights)
+        config = adapter_config(cfg, n_layers)
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_text(paths.curve, log.curve_tsv())
     write_json(paths.metrics, {k: (round(v, 5) if isinstance(v, float) else v)

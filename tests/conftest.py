@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from tiny import make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tiny import CHATML_TEMPLATE, make_tiny_llama
 
 from pipeline import base_model, config, export
 from pipeline.errors import UserError
-from tiny import CHATML_TEMPLATE, make_tiny_llama
 
 ANSWER = "Use CREATE INDEX."
 SMOLLM_TEMPLATE = (
@@ -25,12 +25,12 @@ SMOLLM_TEMPLATE = (
 
 
 def make_cfg(**overrides: object) -> export.ExportConfig:
-    values = dict(
-        name="tiny-test", license="mit", quantizations=("q8_0", "q4_k_m"),
-        modelfile_quantization="q8_0", system_prompt="Be brief.",
-        prompts=("How do I create an index?", "Where are the logs?"), max_tokens=24,
-        min_agreement={"f16": 0.98, "q8_0": 0.9, "q4_k_m": 0.6},
-    )
+    values: dict[str, object] = {
+        "name": "tiny-test", "license": "mit", "quantizations": ("q8_0", "q4_k_m"),
+        "modelfile_quantization": "q8_0", "system_prompt": "Be brief.",
+        "prompts": ("How do I create an index?", "Where are the logs?"), "max_tokens": 24,
+        "min_agreement": {"f16": 0.98, "q8_0": 0.9, "q4_k_m": 0.6},
+    }
     values.update(overrides)
     return export.ExportConfig(**values)  # type: ignore[arg-type]
 

@@ -7,6 +7,7 @@ small corpus, with the ChatML special tokens and chat template (the layout of Sm
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,7 @@ def teach_answer(weights: dict[str, np.ndarray], tokenizer: Path, answer: str, s
     emb = weights["model.embed_tokens.weight"]
     emb *= np.sqrt(emb.shape[1]) / np.linalg.norm(emb, axis=1, keepdims=True)  # RMS 1 rows
     head = (0.1 * rng.standard_normal(emb.shape)).astype(np.float32)
-    for cur, nxt in zip(chain, chain[1:]):
+    for cur, nxt in itertools.pairwise(chain):
         head[nxt] = 0.25 * emb[cur]  # logit ~ 0.25 * hidden for the successor, ~N(0, 1) others
     weights["lm_head.weight"] = head
     for name, w in weights.items():

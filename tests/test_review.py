@@ -1,0 +1,208 @@
+"""`tuneline review`: an editable sheet of the dataset whose edits become corrections."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import corrections, review
+from pipeline.cli import app
+from pipeline.jsonl import read_jsonl
+from test_curate import Repo, answer, many
+
+
+@pytest.fixture
+def repo(tmp_path) -> Repo:
+    r = Repo(tmp_path)
+    r.write(r.paths.generated, many(12) + [
+        answer("q-0100", "Why is NULL = NULL not true?", "Generated answer.",
+               followup="And IS NULL?", followup_answer="Generated follow-up answer.",
+               followup_finish_reason="stop")])
+    r.run()
+    return r
+
+
+def sheet_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def edit(path: Path, rid: str, **cells: str) -> None:
+    rows = sheet_rows(path)
+    for row in rows:
+        if row["id"] == rid:
+            row.update(cells)
+    if rid == "":
+        rows.append({**{c: "" for c in review.COLUMNS}, **cells})
+    with path.open("w", encoding="utf-8-sig", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=review.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def export(repo: Repo) -> Path:
+    sheet = repo.root / "review.csv"
+    review.export(repo.paths.out, repo.paths.corrections, repo.paths.questions, sheet)
+    return sheet
+
+
+def apply(repo: Repo, sheet: Path) -> review.ApplyResult:
+    return review.apply(sheet, repo.paths.corrections, repo.paths.out)
+
+
+def correction_rows(repo: Repo) -> list[dict]:
+    path = repo.paths.corrections
+    return read_jsonl(path) if path.exists() else []
+
+
+def test_applying_an_untouched_sheet_writes_nothing(repo):
+    sheet = export(repo)
+    assert len(sheet_rows(sheet)) == 13
+    assert apply(repo, sheet).changed == []
+    assert not repo.paths.corrections.exists()
+
+
+def test_an_edited_answer_becomes_an_expert_row_after_curate(repo):
+    sheet = export(repo)
+    edit(sheet, "q-0100", answer="NULL means unknown, so = NULL is never true.")
+    result = apply(repo, sheet)
+    assert result.changed == ["q-0100 replace_answer (set)"]
+    [row] = correction_rows(repo)
+    assert row["action"] == "replace_answer" and row["question"] == "Why is NULL = NULL not true?"
+    repo.run()
+    fixed = repo.rows()["q-0100"]
+    assert fixed["messages"][1]["content"] == "NULL means unknown, so = NULL is never true."
+    assert fixed["messages"][3]["content"] == "Generated follow-up answer."
+    assert fixed["source"] == "expert" and fixed["turn_sources"] == ["expert", "generated"]
+
+
+def test_applying_the_same_sheet_twice_changes_nothing_the_second_time(repo):
+    sheet = export(repo)
+    edit(sheet, "q-0100", answer="Expert answer.", followup="How do I test for NULL?",
+         followup_answer="Use IS NULL.")
+    edit(sheet, "q-0003", action="drop")
+    edit(sheet, "", question="What is a tablespace?", answer="A directory for data files.")
+    assert len(apply(repo, sheet).changed) == 4
+    first = repo.paths.corrections.read_bytes()
+    assert apply(repo, sheet).changed == []
+    assert repo.paths.corrections.read_bytes() == first
+    corrections.load(repo.paths.corrections)  # every line is a valid correction
+    repo.run()
+    rows = repo.rows()
+    assert "q-0003" not in rows
+    assert [m["content"] for m in rows["q-0100"]["messages"]][2:] == [
+        "How do I test for NULL?", "Use IS NULL."]
+    assert any(r["messages"][0]["content"] == "What is a tablespace?" for r in rows.values())
+
+
+def test_editing_the_sheet_again_replaces_the_earlier_correction(repo):
+    sheet = export(repo)
+    edit(sheet, "q-0100", answer="First try.")
+    apply(repo, sheet)
+    edit(sheet, "q-0100", answer="Second, better try.")
+    apply(repo, sheet)
+    assert [r["answer"] for r in correction_rows(repo)] == ["Second, better try."]
+
+
+def test_changing_a_cell_back_removes_the_correction_this_sheet_made(repo):
+    sheet = export(repo)
+    edit(sheet, "q-0100", answer="Expert answer.")
+    apply(repo, sheet)
+    edit(sheet, "q-0100", answer="Generated answer.")
+    assert apply(repo, sheet).changed == ["q-0100 replace_answer (removed)"]
+    assert correction_rows(repo) == []
+
+
+def test_a_fresh_export_shows_the_expert_text_and_keeps_it(repo):
+    sheet = export(repo)
+    edit(sheet, "q-0100", answer="Expert answer.")
+    apply(repo, sheet)
+    repo.run()
+    fresh = export(repo)
+    row = next(r for r in sheet_rows(fresh) if r["id"] == "q-0100")
+    assert row["answer"] == "Expert answer." and row["source"] == "expert"
+    assert apply(repo, fresh).changed == []
+    assert len(correction_rows(repo)) == 1
+
+
+def test_edits_survive_regeneration_and_untouched_rows_follow_it(repo):
+    sheet = export(repo)  # exported before the answers are regenerated
+    edit(sheet, "q-0100", answer="Expert answer.")
+    repo.write(repo.paths.generated, many(12) + [
+        answer("q-0100", "Why is NULL = NULL not true?", "Regenerated answer."),
+        answer("q-0001", "How do I configure subsystem1 number 7919?", "Regenerated too.")])
+    repo.run()
+    result = apply(repo, sheet)
+    assert result.changed == ["q-0100 replace_answer (set)"]
+    assert any("regenerated" in n for n in result.notes)
+    repo.run()
+    rows = repo.rows()
+    assert rows["q-0100"]["messages"][1]["content"] == "Expert answer."
+    assert rows["q-0001"]["messages"][1]["content"] == "Regenerated too."  # never pinned
+
+
+def test_dropping_and_undropping_through_the_sheet(repo):
+    sheet = export(repo)
+    edit(sheet, "q-0005", action="drop")
+    apply(repo, sheet)
+    repo.run()
+    assert "q-0005" not in repo.rows()
+    again = export(repo)
+    dropped = next(r for r in sheet_rows(again) if r["id"] == "q-0005")
+    assert dropped["action"] == "drop"
+    edit(again, "q-0005", action="")
+    assert apply(repo, again).changed == ["q-0005 drop (removed)"]
+    repo.run()
+    assert "q-0005" in repo.rows()
+
+
+def test_an_edited_question_pins_the_whole_conversation(repo):
+    sheet = export(repo)
+    edit(sheet, "q-0100", question="Why is NULL = NULL unknown?", answer="Because NULL is unknown.")
+    apply(repo, sheet)
+    [row] = correction_rows(repo)
+    assert row["action"] == "add_conversation" and len(row["messages"]) == 4
+    repo.run()
+    assert repo.rows()["q-0100"]["messages"][0]["content"] == "Why is NULL = NULL unknown?"
+
+
+def test_a_followup_without_an_answer_is_refused_with_the_sheet_row(repo):
+    sheet = export(repo)
+    edit(sheet, "q-0100", followup_answer="")
+    with pytest.raises(review.ReviewError, match=r"sheet row \d+ \(q-0100\): fill both"):
+        apply(repo, sheet)
+    assert not repo.paths.corrections.exists()  # nothing half-applied
+
+
+def test_clearing_both_followup_cells_removes_the_followup(repo):
+    sheet = export(repo)
+    edit(sheet, "q-0100", followup="", followup_answer="")
+    apply(repo, sheet)
+    repo.run()
+    assert len(repo.rows()["q-0100"]["messages"]) == 2
+
+
+def test_unrelated_hand_written_lines_are_kept_byte_for_byte(repo):
+    hand = '{"id": "q-0002", "action": "drop",   "note": "spacing kept"}\n'
+    repo.paths.corrections.write_text(hand)
+    sheet = export(repo)
+    edit(sheet, "q-0100", answer="Expert answer.")
+    apply(repo, sheet)
+    assert repo.paths.corrections.read_text().splitlines()[0] == hand.strip()
+
+
+def test_cli_export_and_apply(repo, monkeypatch):
+    monkeypatch.chdir(repo.root)
+    runner = CliRunner()
+    args = ["--dataset", "dataset", "--corrections", "corrections.jsonl"]
+    out = runner.invoke(app, ["review", "export", "--sheet", "s.csv", *args,
+                              "--questions", "questions.jsonl"])
+    assert out.exit_code == 0, out.output
+    edit(Path("s.csv"), "q-0100", answer="Expert answer.")
+    applied = runner.invoke(app, ["review", "apply", "--sheet", "s.csv", *args])
+    assert applied.exit_code == 0 and "1 corrections changed" in applied.stdout
+    assert json.loads(Path("corrections.jsonl").read_text())["answer"] == "Expert answer."

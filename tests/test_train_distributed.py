@@ -1,0 +1,49 @@
+"""Data-parallel training with MLX's own launcher: 2 processes on 127.0.0.1 (ring backend)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+WORKER = textwrap.dedent("""
+    import dataclasses, json, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    import mlx.core as mx
+    from pipeline import train
+    from test_train import make_paths, params_train
+
+    world = mx.distributed.init()
+    root = Path({tmp!r}) / f"rank{{world.rank()}}"
+    cfg = dataclasses.replace(params_train(), iters=4, batch_size=4, steps_per_eval=4)
+    result = train.run(cfg, seed=3, paths=make_paths(root, Path({model!r})),
+                       checkpoint_root=root / "ckpt")
+    print("RESULT " + json.dumps({{"rank": world.rank(), "size": result.world_size,
+                                   "sha": result.adapter_sha256}}), flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_same_adapter(tiny_model_dir, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(TESTS), tmp=str(tmp_path), model=str(tiny_model_dir)))
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    out = subprocess.run([str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
+                          "--starting-port", "45731", "--", sys.executable, str(script)],
+                         capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines()
+               if "RESULT " in line]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert {r["size"] for r in results} == {2}
+    assert results[0]["sha"] == results[1]["sha"]
+    # Only rank 0 writes the DVC outputs.
+    assert (tmp_path / "rank0/adapters/adapters.safetensors").exists()
+    assert not (tmp_path / "rank1/adapters").exists()
