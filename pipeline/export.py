@@ -535,9 +535,12 @@ def quantize(src: Path, dst: Path, qtype: str) -> Path:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype(qtype)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with llama_log() as log:  # one line per tensor otherwise
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                            ctypes.byref(params))
     if rc != 0 or not dst.exists():
-        raise ExportError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc})")
+        tail = "".join(log[-3:]).strip()
+        raise ExportError(f"llama.cpp could not quantize {src} to {qtype} (code {rc}): {tail}")
     return dst
 
 
@@ -690,7 +693,7 @@ def load_llama(path: Path, n_ctx: int, seed: int) -> Any:
     import llama_cpp
 
     base_model.read_gguf(path)  # a truncated/corrupt file fails here with a readable message
-    with llama_errors() as errors:
+    with llama_log() as errors:
         try:
             return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, seed=seed,
                                    verbose=False)
@@ -703,8 +706,8 @@ def load_llama(path: Path, n_ctx: int, seed: int) -> Any:
 
 
 @contextmanager
-def llama_errors() -> Iterator[list[str]]:
-    """Collect llama.cpp's error log lines (it explains load failures only there)."""
+def llama_log() -> Iterator[list[str]]:
+    """Collect llama.cpp's log instead of printing it (it explains load failures only there)."""
     import ctypes
 
     import llama_cpp

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -419,7 +420,7 @@ def _pick_gguf(names: list[str]) -> str:
         for name in names:
             if preferred in name.lower():
                 return name
-    return sorted(names)[0]
+    return min(names)
 
 
 def _quant(name: str) -> str | None:

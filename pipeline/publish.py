@@ -24,10 +24,11 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Optional
+from typing import Any, Literal
 
 from pipeline import modelcard
 from pipeline.errors import UserError
@@ -51,14 +52,14 @@ class PublishError(UserError):
 @dataclass(frozen=True)
 class PublishConfig:
     enabled: bool  # upload at all (else every run is a dry run)
-    repo_id: Optional[str]  # namespace/name on the Hub
+    repo_id: str | None  # namespace/name on the Hub
     private: bool  # create the repo private; refuse to upload into a public one
     upload: tuple[UploadItem, ...]  # what goes into the repo
     license: str  # license of the published model; "auto" = the base model's
     allowed_licenses: tuple[str, ...]  # base model licenses that allow publishing a fine-tune
     tags: tuple[str, ...]  # extra tags on the card
     min_improvement: float  # base test_loss - tuned test_loss must be at least this
-    require_judge_win_rate: Optional[float]  # null = no judge needed
+    require_judge_win_rate: float | None  # null = no judge needed
     require_pushed: bool  # outputs match dvc.lock and are in the default DVC remote
     require_clean_git: bool  # no uncommitted changes, so the card's commit reproduces the model
     card_samples: int  # evaluation samples shown in the card
@@ -78,7 +79,7 @@ class PublishPaths:
     fused: Path
     gguf: Path
     report: Path
-    card: Optional[Path]  # also write the card here (a preview); None = don't
+    card: Path | None  # also write the card here (a preview); None = don't
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ class ReleaseFile:
     path: str  # path in the Hub repo
     size: int
     sha256: str
-    source: Optional[Path]  # local file, or None for generated content
-    data: Optional[bytes] = field(default=None, repr=False)
+    source: Path | None  # local file, or None for generated content
+    data: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -111,14 +112,14 @@ class PublishResult:
     dry_run: bool
     dry_run_reasons: list[str]
     checks: list[Check]
-    repo_id: Optional[str]
+    repo_id: str | None
     private: bool
     content_id: str
     files: list[dict[str, Any]]
-    commit_url: Optional[str] = None
-    revision: Optional[str] = None
-    error: Optional[str] = None
-    card_path: Optional[str] = None
+    commit_url: str | None = None
+    revision: str | None = None
+    error: str | None = None
+    card_path: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -574,7 +575,7 @@ def explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
 
     cause = _root_cause(exc)
     if isinstance(cause, OfflineModeIsEnabled):
-        return f"HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to publish. " \
+        return "HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to publish. " \
             + NOTHING_PUBLISHED
     if isinstance(cause, HfHubHTTPError) and cause.response is not None:
         return _explain_http(cause, repo_id, endpoint) + " " + NOTHING_PUBLISHED
@@ -593,7 +594,7 @@ def _explain_http(exc: Any, repo_id: str, endpoint: str) -> str:
     status = exc.response.status_code
     namespace = repo_id.split("/")[0]
     if status == 401:
-        return (f"the Hub rejected HF_TOKEN (401): it is invalid, expired or revoked; create a "
+        return ("the Hub rejected HF_TOKEN (401): it is invalid, expired or revoked; create a "
                 "token with write access at https://huggingface.co/settings/tokens and export it "
                 "as HF_TOKEN.")
     if status == 403:
@@ -675,7 +676,7 @@ def _number(data: Any, section: str, key: str) -> float | None:
 
 def _git(*args: str) -> str | None:
     try:
-        proc = subprocess.run(["git", *args], capture_output=True, text=True)
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
     except FileNotFoundError:
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
@@ -684,7 +685,7 @@ def _git(*args: str) -> str | None:
 def _git_changes() -> list[tuple[str, str]]:
     """(status, path) per uncommitted change, paths from the top of the work tree."""
     proc = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     entries = proc.stdout.split("\0")
     changes, i = [], 0
     while i < len(entries):

@@ -129,7 +129,7 @@ class HubStandin:
 
     # --- lifecycle
 
-    def start(self) -> "HubStandin":
+    def start(self) -> HubStandin:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -138,10 +138,10 @@ class HubStandin:
         self.server.shutdown()
         self.server.server_close()
 
-    def __enter__(self) -> "HubStandin":
+    def __enter__(self) -> HubStandin:  # noqa: PYI034 - no typing.Self on 3.10
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # --- test set-up and inspection
@@ -225,7 +225,7 @@ class _HubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     hub: HubStandin
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet tests
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def do_GET(self) -> None:

@@ -257,3 +257,19 @@ def test_embedded_llama_cpp_is_deterministic_with_a_seed():
     first, second = (llm.ask(client, HELLO, sampling, s) for _ in range(2))
     assert first.text == second.text and first.completion_tokens <= 16
     assert client.identity().startswith("llama.cpp:")
+
+
+def test_embedded_mlx_path_runs_a_model_directory(tiny_model_dir):
+    s = settings("embedded", model=str(tiny_model_dir))
+    client = llm.connect(s)
+    assert isinstance(client, llm.MlxClient)
+    reply = client.chat(HELLO, llm.Sampling(temperature=0.0, seed=1, max_tokens=6))
+    again = client.chat(HELLO, llm.Sampling(temperature=0.0, seed=1, max_tokens=6))
+    assert reply == again and reply.completion_tokens <= 6 and reply.prompt_tokens > 5
+    assert reply.finish_reason in ("stop", "length")
+    assert client.identity().startswith("mlx:")
+
+
+def test_embedded_model_that_is_missing_says_how_to_get_it(tmp_path):
+    with pytest.raises(llm.LLMError, match="dvc repro base_model"):
+        llm.connect(settings("embedded", model=str(tmp_path / "nope")))

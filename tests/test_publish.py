@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from hub_standin import GITATTRIBUTES, HubStandin
+
 from pipeline import config, publish
 from pipeline.modelcard import clean_remote
 
@@ -77,7 +77,7 @@ def _write(path: Path, data: Any) -> None:
 
 def _sh(cwd: Path, *cmd: str) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
     assert proc.returncode == 0, f"{cmd}: {proc.stderr}"
     return proc.stdout
 
@@ -534,16 +534,16 @@ def test_cli_publishes_and_never_prints_the_token(project: Path, hub: HubStandin
            "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(project.parent / "hf-home"),
            "HF_DEBUG": "0"}
     cmd = [sys.executable, "-m", "pipeline", "publish"]
-    published = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    published = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert published.returncode == 0, published.stderr
     assert "published 10 files" in published.stdout
     assert hub.repos[REPO].head.oid in published.stdout
     card = Path(".tuneline/model_card.md").read_bytes()  # the preview is what was uploaded
     assert card == hub.file_bytes(REPO, "README.md")
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert "already published" in again.stdout
     hub.fail("GET", "/api/models/", status=500, echo_auth=True)
-    failing = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    failing = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert failing.returncode == 1 and "error:" in failing.stderr
     assert "Traceback" not in failing.stderr
     for proc in (published, again, failing):

@@ -132,9 +132,10 @@ def test_a_fresh_export_shows_the_expert_text_and_keeps_it(repo):
 def test_edits_survive_regeneration_and_untouched_rows_follow_it(repo):
     sheet = export(repo)  # exported before the answers are regenerated
     edit(sheet, "q-0100", answer="Expert answer.")
-    repo.write(repo.paths.generated, many(12) + [
-        answer("q-0100", "Why is NULL = NULL not true?", "Regenerated answer."),
-        answer("q-0001", "How do I configure subsystem1 number 7919?", "Regenerated too.")])
+    regenerated = [answer("q-0001", "How do I configure subsystem1 number 7919?",
+                          "Regenerated too.") if r["id"] == "q-0001" else r for r in many(12)]
+    repo.write(repo.paths.generated, regenerated + [
+        answer("q-0100", "Why is NULL = NULL not true?", "Regenerated answer.")])
     repo.run()
     result = apply(repo, sheet)
     assert result.changed == ["q-0100 replace_answer (set)"]

@@ -27,13 +27,17 @@ TEMPLATE_MARKERS = (
 )
 TEMPLATE_MARKER_PATTERN = "|".join(re.escape(m) for m in TEMPLATE_MARKERS)
 
-# An answer that stops mid-sentence: the last visible character is not one that ends a sentence,
+# Every refusal pattern contains one of these (lowercase): a cheap `in` test first, since a
+# case-insensitive regex over every answer costs more than the rest of the checks together.
+REFUSAL_ANCHORS = ("an ai", "language model", "sorry", "assist with", "help with",
+                   "training data", "knowledge cutoff")
+
+# An answer that stops mid-sentence: its last visible character is not one that ends a sentence,
 # a list item, a code block or a quote.
-TERMINATED_PATTERN = r"[.!?:;)\]}`\"'*>…。！？_|-]\s*$"
+TERMINATORS = ".!?:;)]}`\"'*>…。！？_|-"
 
 _REFUSAL_RE = re.compile("|".join(f"(?:{p[4:]})" for p in REFUSAL_PATTERNS), re.IGNORECASE)
 _MARKER_RE = re.compile(TEMPLATE_MARKER_PATTERN)
-_TERMINATED_RE = re.compile(TERMINATED_PATTERN)
 
 # Words that carry no meaning for "is this the same question?".
 STOPWORDS = frozenset(
@@ -46,7 +50,8 @@ STOPWORDS = frozenset(
 
 
 def is_refusal(text: str) -> bool:
-    return _REFUSAL_RE.search(text) is not None
+    low = text.lower()
+    return any(a in low for a in REFUSAL_ANCHORS) and _REFUSAL_RE.search(text) is not None
 
 
 def template_marker(text: str) -> str | None:
@@ -55,8 +60,14 @@ def template_marker(text: str) -> str | None:
     return match.group(0) if match else None
 
 
+def last_char(text: str) -> str | None:
+    """The last visible character, None for blank text."""
+    return text.rstrip()[-1:] or None
+
+
 def is_terminated(text: str) -> bool:
-    return _TERMINATED_RE.search(text) is not None
+    char = last_char(text)
+    return char is not None and char in TERMINATORS
 
 
 def question_key(text: str) -> str:
