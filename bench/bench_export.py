@@ -63,13 +63,14 @@ def run(model: Path, types: list[str], n_tokens: int, work: Path) -> dict[str, A
     cfg = config.load(export.ExportConfig, "export", REPO / "params.yaml")
     cfg = dataclasses.replace(cfg, quantizations=tuple(types),
                               min_agreement={t: 0.0 for t in ["f16", *types]})
-    files, seconds = {}, {}
+    files, seconds, notes = {}, {}, {"f16": None}
     t0 = time.perf_counter()
     export.write_gguf(model, model, work / "model-f16.gguf", cfg)
     files["f16"], seconds["f16"] = work / "model-f16.gguf", time.perf_counter() - t0
     for qtype in types:
         t0 = time.perf_counter()
-        files[qtype] = export.quantize(files["f16"], work / f"model-{qtype}.gguf", qtype)
+        files[qtype], notes[qtype] = export.quantize(files["f16"], work / f"model-{qtype}.gguf",
+                                                     qtype)
         seconds[qtype] = time.perf_counter() - t0
     report = export.prove(model, files, cfg, seed=0)
     rows = {}
@@ -84,6 +85,7 @@ def run(model: Path, types: list[str], n_tokens: int, work: Path) -> dict[str, A
             "all_stopped": all(a["finish_reason"] == "stop" for a in info["answers"]),
             "first_divergence": min(divergences) if divergences else None,
             "tokens_per_s": round(tokens_per_second(path, n_tokens), 1),
+            "quantizer_note": notes[qtype],
         }
     return {"mlx_seconds": report["mlx_seconds"], "prompts": list(cfg.prompts), "rows": rows}
 
@@ -120,6 +122,9 @@ def main() -> None:
         result = run(model, args.types, args.tokens, work)
     print(f"MLX reference answers: {result['mlx_seconds']:.1f} s for {len(result['prompts'])} prompts")
     print(table(result))
+    for qtype, row in result["rows"].items():
+        if row["quantizer_note"]:
+            print(f"{qtype}: {row['quantizer_note']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

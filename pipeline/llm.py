@@ -421,8 +421,9 @@ class LlamaCppClient:
 
         self.model, self.server = gguf.name, "in-process llama.cpp"
         self.path = gguf
-        self.llm = Llama(model_path=str(gguf), n_ctx=EMBEDDED_CTX, n_threads=os.cpu_count(),
-                         verbose=False)
+        # llama-cpp-python's default thread count (half the cores): its threads spin-wait, and
+        # with all cores busy elsewhere 2 threads ran 6x slower than 1 here (bench/README.md).
+        self.llm = Llama(model_path=str(gguf), n_ctx=EMBEDDED_CTX, verbose=False)
         # Without a template in the GGUF llama.cpp would fall back to llama-2's format.
         if "tokenizer.chat_template" not in self.llm.metadata:
             self.llm.chat_format = "chatml"
@@ -433,9 +434,13 @@ class LlamaCppClient:
 
     def chat(self, messages: Sequence[Message], sampling: Sampling) -> Reply:
         with self.lock:
-            out = self.llm.create_chat_completion(
-                messages=list(messages), temperature=sampling.temperature,
-                max_tokens=sampling.max_tokens, seed=sampling.seed)
+            try:
+                out = self.llm.create_chat_completion(
+                    messages=list(messages), temperature=sampling.temperature,
+                    max_tokens=sampling.max_tokens, seed=sampling.seed)
+            except ValueError as exc:  # e.g. the prompt does not fit the context
+                raise Fatal(f"llama.cpp: {exc} (context: {EMBEDDED_CTX} tokens; shorten the "
+                            "question or lower max_tokens)") from exc
         choice, usage = out["choices"][0], out.get("usage") or {}
         return Reply(choice["message"].get("content") or "",
                      normalise_finish(choice.get("finish_reason")),

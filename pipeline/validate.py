@@ -25,7 +25,6 @@ from pipeline.errors import UserError
 from pipeline.jsonl import write_json
 
 Level = Literal["error", "warning", "off"]
-FRAME_KEYS = {"files": "file", "lines": "line", "messages": "line"}
 
 
 class UsageError(UserError):
@@ -131,7 +130,7 @@ def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: 
     data = frames.build(files)
     results = _run_gx(suites.build(severity, settings), data, docs)
     findings = _findings(results, data, settings)
-    report = Report(rows=int((~data.lines["blank"]).sum()) if len(data.lines) else 0,
+    report = Report(rows=int(data.files["rows"].sum()),
                     findings=findings, checks=_summary(severity, findings, tokenizer_file),
                     skipped=[] if tokenizer_file or severity["token_length"] == "off" else
                     [f"token_length: no tokenizer.json at {tokenizer}; run `dvc repro base_model`"])
@@ -183,6 +182,7 @@ def _findings(results: dict[str, Any], data: Any, settings: Any) -> list[Finding
 
     describe = {c.name: c.describe for c in CHECKS}
     order = {c.name: i for i, c in enumerate(CHECKS)}
+    texts = _LineTexts()
     found: dict[tuple[Any, ...], Finding] = {}
     for name, result in results.items():
         frame = getattr(data, name)
@@ -193,6 +193,11 @@ def _findings(results: dict[str, Any], data: Any, settings: Any) -> list[Finding
                 "severity"]
             indices = [entry["_i"] for entry in res.result.get("unexpected_index_list") or []]
             records = frame.iloc[indices].to_dict("records")
+            if name == "lines":
+                for rec in records:
+                    raw = rec["object_raw"]  # NaN, not None, where absent (pandas str column)
+                    rec["raw"] = raw if isinstance(raw, str) else texts.get(rec["file"],
+                                                                            rec["line"])
             copies = _duplicate_places(records) if check == "duplicate_question" else {}
             for rec in records:
                 key = (check, rec["file"], rec.get("line"), rec.get("msg"))
@@ -200,6 +205,18 @@ def _findings(results: dict[str, Any], data: Any, settings: Any) -> list[Finding
                 found.setdefault(key, Finding(rec["file"], _line(rec), _rid(rec), check, level,
                                               message))
     return sorted(found.values(), key=lambda f: (f.file, f.line or 0, order[f.check]))
+
+
+class _LineTexts:
+    """Lines that are not JSON objects are not kept in the frames; read them back on demand."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, list[bytes]] = {}
+
+    def get(self, path: str, line: int) -> str:
+        if path not in self.files:
+            self.files[path] = Path(path).read_bytes().split(b"\n")
+        return self.files[path][line - 1].rstrip(b"\r").decode("utf-8", errors="replace")
 
 
 def _line(rec: dict[str, Any]) -> int | None:

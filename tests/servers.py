@@ -53,11 +53,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, log: Path,
+                  timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}: {_output(proc)}")
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {tail}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -66,12 +68,10 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float =
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
 
 
-def _output(proc: subprocess.Popen) -> str:
-    try:
-        out, _ = proc.communicate(timeout=2)
-        return (out or b"").decode(errors="replace")[-2000:]
-    except subprocess.TimeoutExpired:
-        return ""
+def start(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    # Output goes to a file: an unread pipe fills up (64 KiB) and freezes a chatty server.
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -90,12 +90,11 @@ def s3_server(workdir: Path, bucket: str = BUCKET) -> Iterator[Server]:
     port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
-    proc = subprocess.Popen(
-        [*cmd, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **S3_ENV},
-    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "moto_server.log"
+    proc = start([*cmd, "-H", "127.0.0.1", "-p", str(port)], log, env={**os.environ, **S3_ENV})
     try:
-        wait_for_port(port, proc, "moto_server")
+        wait_for_port(port, proc, "moto_server", log)
         endpoint = f"http://127.0.0.1:{port}"
         server = Server(
             kind="s3", url=f"s3://{bucket}", port=port, process=proc,
@@ -157,14 +156,13 @@ def ssh_server(workdir: Path) -> Iterator[Server]:
     config = workdir / "sshd_config"
     config.write_text(_sshd_config(workdir, host_key, port))
     _privsep_dir()
-    proc = subprocess.Popen(
-        [str(SSHD), "-D", "-e", "-f", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    log = workdir / "sshd.log"
+    proc = start([str(SSHD), "-D", "-e", "-f", str(config)], log)
     root = workdir / "store"
     root.mkdir()
     user = _user()
     try:
-        wait_for_port(port, proc, "sshd")
+        wait_for_port(port, proc, "sshd", log)
         yield Server(
             kind="ssh", url=f"ssh://{user}@127.0.0.1:{port}{root}", port=port, process=proc,
             remote_config={}, local_config={"keyfile": str(user_key)}, root=root,

@@ -154,6 +154,39 @@ def test_tuned_adapter_lowers_test_loss_and_reports_both_models(
         assert html.escape(answer["answer"]) in page
 
 
+def test_batched_answers_match_one_prompt_at_a_time(tiny_model_dir: Path) -> None:
+    from mlx_lm import load
+
+    model, tokenizer = load(str(tiny_model_dir))
+    prompts = ev.prompts_for(ROWS, eval_cfg(n_samples=3, prompts=("Where is the config?",)))
+    batched = ev.batch_answers(model, tokenizer, prompts, 16)
+    single = [ev.greedy_answer(model, tokenizer, p.messages, 16) for p in prompts]
+    assert [b["answer"] for b in batched] == [s["answer"] for s in single]
+    assert [b["finish_reason"] for b in batched] == [s["finish_reason"] for s in single]
+    assert ev.batch_answers(model, tokenizer, [], 16) == []
+
+
+def test_base_results_are_reused_when_only_the_adapter_changes(
+        tiny_model_dir: Path, adapter_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real_side = ev.side
+    monkeypatch.setattr(ev, "side", lambda *a: calls.append(1) or real_side(*a))
+    other = make_trained_adapter(tiny_model_dir, tmp_path / "other", ROWS[:1], steps=5, seed=1)
+    cache, spec = tmp_path / "cache", ev.LossSpec(512, True)
+
+    ev.run(eval_cfg(), spec, paths(tmp_path / "a", tiny_model_dir, adapter_dir), cache=cache)
+    first = json.loads((tmp_path / "a" / "reports" / "eval.json").read_text())
+    ev.run(eval_cfg(), spec, paths(tmp_path / "b", tiny_model_dir, other), cache=cache)
+    second = json.loads((tmp_path / "b" / "reports" / "eval.json").read_text())
+    assert len(calls) == 3  # base + tuned, then the new tuned only
+    assert second["base"] == first["base"] and second["tuned"] != first["tuned"]
+
+    ev.run(eval_cfg(), ev.LossSpec(64, True), paths(tmp_path / "c", tiny_model_dir, other),
+           cache=cache)
+    assert len(calls) == 5  # a train knob the loss depends on: the base is scored again
+
+
 def test_held_out_prompt_stops_before_the_first_answer() -> None:
     prompts = ev.prompts_for(ROWS, eval_cfg(n_samples=5, prompts=("extra",)))
     assert [p.id for p in prompts] == ["t-1", "t-2", "t-3", "prompt-1"]
@@ -281,7 +314,7 @@ def test_dvc_stage_declares_the_module_inputs_and_params() -> None:
                                     "evaluate"}
     for flag in ("--model models/base", "--adapters models/adapters",
                  "--test data/dataset/test.jsonl", "--metrics reports/eval.json",
-                 "--html reports/compare.html"):
+                 "--html reports/compare.html", "--cache .tuneline/cache/evaluate"):
         assert flag in stage["cmd"]
     cfg = config.load(ev.EvalConfig, "evaluate", REPO / "params.yaml")
     assert cfg.judge.enabled is False  # no server needed by default

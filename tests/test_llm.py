@@ -3,7 +3,6 @@ llama.cpp's own OpenAI-compatible server serving the embedded GGUF."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -226,7 +225,7 @@ def llama_server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf()),
          "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1)],
+         "--n_ctx", "2048"],
         stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/v1/models", proc, 120)

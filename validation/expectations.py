@@ -7,6 +7,7 @@ every run, see validation/suites.py, so nothing is loaded from disk.)
 - ExpectColumnValuesToMatchCompiledJsonSchema: each value is a JSON text that must match a schema.
   GX's built-in ExpectColumnValuesToMatchJsonSchema rebuilds a validator for every row; this one
   compiles the schema once (fastjsonschema) and reuses it: see bench/README.md, "Validation".
+- ExpectColumnValuesToNotBeRefusals: no value is refusal boilerplate ("As an AI language model").
 - ExpectColumnValuesToFitTokenBudget: each value is a JSON chat/completions/text row whose
   rendered text must fit `max_tokens` tokens of a `tokenizers` tokenizer.json.
 """
@@ -18,6 +19,7 @@ from functools import lru_cache
 from typing import Any, Callable
 
 import fastjsonschema
+import orjson
 import pandas as pd
 from great_expectations.execution_engine import PandasExecutionEngine
 from great_expectations.expectations.expectation import ColumnMapExpectation
@@ -25,6 +27,8 @@ from great_expectations.expectations.metrics import (
     ColumnMapMetricProvider,
     column_condition_partial,
 )
+
+from validation import patterns
 
 
 @lru_cache(maxsize=32)
@@ -37,7 +41,7 @@ def schema_error(schema_text: str, raw: str) -> str | None:
     """Why `raw` does not match (fastjsonschema's message, e.g. "data.messages[1].content must
     be string"), or None when it matches."""
     try:
-        compiled_schema(schema_text)(json.loads(raw))
+        compiled_schema(schema_text)(orjson.loads(raw))
     except fastjsonschema.JsonSchemaValueException as exc:
         return exc.message
     except ValueError as exc:
@@ -52,7 +56,7 @@ class ColumnValuesMatchCompiledJsonSchema(ColumnMapMetricProvider):
     @column_condition_partial(engine=PandasExecutionEngine)
     def _pandas(cls, column: pd.Series, schema_text: str, **kwargs: Any) -> pd.Series:
         validate = compiled_schema(schema_text)
-        loads, failure = json.loads, (fastjsonschema.JsonSchemaValueException, ValueError)
+        loads, failure = orjson.loads, (fastjsonschema.JsonSchemaValueException, ValueError)
 
         def matches(raw: str) -> bool:
             try:
@@ -72,6 +76,24 @@ class ExpectColumnValuesToMatchCompiledJsonSchema(ColumnMapExpectation):
     map_metric = "column_values.match_compiled_json_schema"
     success_keys = ("schema_text", "mostly")
     args_keys = ("column", "schema_text")
+
+
+class ColumnValuesAreNotRefusals(ColumnMapMetricProvider):
+    condition_metric_name = "column_values.not_refusal"
+
+    @column_condition_partial(engine=PandasExecutionEngine)
+    def _pandas(cls, column: pd.Series, **kwargs: Any) -> pd.Series:
+        return ~column.map(patterns.is_refusal).astype(bool)
+
+
+class ExpectColumnValuesToNotBeRefusals(ColumnMapExpectation):
+    """Expect no value to be refusal boilerplate (validation/patterns.py). One pass with a cheap
+    literal pre-filter: GX's regex-list expectation runs each case-insensitive pattern over
+    every answer, the slowest check of all at 100k rows."""
+
+    map_metric = "column_values.not_refusal"
+    success_keys = ("mostly",)
+    args_keys = ("column",)
 
 
 @lru_cache(maxsize=4)
@@ -112,7 +134,7 @@ def token_counts(raws: pd.Series, tokenizer_file: str, max_tokens: int) -> pd.Se
 
 def _render_raw(raw: str) -> str:
     try:
-        row = json.loads(raw)
+        row = orjson.loads(raw)
     except ValueError:
         return ""
     return render_for_count(row) if isinstance(row, dict) else ""

@@ -1,29 +1,39 @@
-"""JSONL files -> the three pandas frames the suites check (plain Python and pandas, no GX).
+"""JSONL files -> the pandas frames the suites check (plain Python and pandas, no GX).
 
 - files:    one row per file (or expected split): file, rows, present
-- lines:    one row per physical line: file, line, id, raw text, utf8/blank/is_object flags,
-            format (of the row) and file_format (of the file's first row), role sequence,
-            question key
-- messages: one row per message with string content (chat), or prompt/completion: file, line,
-            id, msg (index), role, turn (assistant ordinal), content, has_text, finish_reason
+- lines:    one row per physical line: file, line, id, utf8/blank/is_object flags, format (of
+            the row) and file_format (of the file's first row), the line's text as `object_raw`
+            where it is a JSON object, role sequence, question key. Other lines' text is read
+            back from the file only when a finding needs it (pipeline/validate.py): GX fingerprints
+            every frame it validates, so each string column costs a pass over its bytes.
+- messages: one row per message with string content (chat), or prompt/completion: content for
+            every role; has_text, last_char, text_len, finish_reason and turn for answers only
 
-Line numbers are 1-based physical lines, so a finding points at what an editor shows.
+A column holds None where its check does not apply (a blank line has no `is_object`, a user
+message no `finish_reason`): GX map expectations skip nulls, so no check needs a row condition
+(each condition costs a DataFrame query per expectation). Line numbers are 1-based physical
+lines, so a finding points at what an editor shows.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pandas as pd
 
 from pipeline.formats import detect
-from validation.patterns import question_key
+from validation.patterns import last_char, question_key
 
 ROLE_CODES = {"system": "s", "user": "u", "assistant": "a"}
 TRAINING_FORMATS = ("chat", "completions", "text")
+FILE_COLUMNS = ("file", "rows", "present")
+LINE_COLUMNS = ("file", "line", "id", "utf8", "blank", "is_object", "format",
+                "file_format", "object_raw", "role_seq", "turn_seq", "question_key")
+MESSAGE_COLUMNS = ("file", "line", "id", "msg", "role", "content", "turn", "has_text",
+                   "last_char", "text_len", "finish_reason")
 
 
 @dataclass
@@ -33,68 +43,73 @@ class Frames:
     messages: pd.DataFrame
 
 
-@dataclass
-class _Columns:
-    """Column lists filled row by row (much faster than a list of dicts for 1M rows)."""
-
-    data: dict[str, list[Any]] = field(default_factory=dict)
-
-    def add(self, **values: Any) -> None:
-        for key, value in values.items():
-            self.data.setdefault(key, []).append(value)
-
-    def frame(self, columns: tuple[str, ...]) -> pd.DataFrame:
-        return pd.DataFrame({c: self.data.get(c, []) for c in columns})
+BOOLEAN = ("utf8", "blank", "is_object", "present", "has_text")
 
 
-LINE_COLUMNS = ("file", "line", "id", "raw", "utf8", "blank", "is_object", "format",
-                "file_format", "role_seq", "turn_seq", "question_key")
-MESSAGE_COLUMNS = ("file", "line", "id", "msg", "role", "turn", "content", "has_text",
-                   "finish_reason")
+class _Table:
+    """One tuple per row, turned into columns once: far cheaper than a dict per row at 1M rows."""
+
+    def __init__(self, columns: tuple[str, ...]):
+        self.columns = columns
+        self.rows: list[tuple[Any, ...]] = []
+        self.add = self.rows.append
+
+    def frame(self) -> pd.DataFrame:
+        columns = list(zip(*self.rows)) if self.rows else [()] * len(self.columns)
+        # Nullable booleans: isin() on them is vectorised, unlike object columns holding None.
+        return pd.DataFrame({name: pd.array(values, dtype="boolean") if name in BOOLEAN
+                             else values for name, values in zip(self.columns, columns)})
 
 
 def build(files: list[tuple[Path, bool]]) -> Frames:
     """`files`: (path, present) pairs; a missing expected split counts as a file with no rows."""
-    file_cols, lines, messages = _Columns(), _Columns(), _Columns()
+    tables = {name: _Table(cols) for name, cols in (
+        ("files", FILE_COLUMNS), ("lines", LINE_COLUMNS), ("messages", MESSAGE_COLUMNS))}
     for path, present in files:
-        rows = _read_file(path, lines, messages) if present else 0
-        file_cols.add(file=str(path), rows=rows, present=present)
-    return Frames(file_cols.frame(("file", "rows", "present")), lines.frame(LINE_COLUMNS),
-                  messages.frame(MESSAGE_COLUMNS))
+        rows = _read_file(path, tables) if present else 0
+        tables["files"].add((str(path), rows, present))
+    return Frames(**{name: table.frame() for name, table in tables.items()})
 
 
-def _read_file(path: Path, lines: _Columns, messages: _Columns) -> int:
+def _read_file(path: Path, tables: dict[str, _Table]) -> int:
     name, file_format, rows = str(path), None, 0
     with path.open("rb") as fh:
         for lineno, raw_bytes in enumerate(fh, start=1):
-            row, info = _parse(raw_bytes.rstrip(b"\r\n"))
-            rows += not info["blank"]
-            if row is not None:
-                file_format = file_format or info["format"]
-                _add_messages(messages, name, lineno, row, info["format"])
-            lines.add(file=name, line=lineno, file_format=file_format, **info)
+            raw, utf8, blank, row = _parse(raw_bytes.rstrip(b"\r\n"))
+            rows += blank is not True
+            fmt = (detect(row) or "unknown") if isinstance(row, dict) else None
+            file_format = file_format or fmt
+            rid = _id(row) if fmt is not None else None
+            tables["lines"].add((name, lineno, rid, utf8, blank,
+                                 *_line(raw, blank, row, fmt, file_format)))
+            if fmt is not None:
+                _add_messages(tables, name, lineno, rid, row, fmt)
     return rows
 
 
-def _parse(raw_bytes: bytes) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def _parse(raw_bytes: bytes) -> tuple[str, bool, bool | None, Any]:
     try:
-        raw, utf8 = raw_bytes.decode("utf-8"), True
+        raw = raw_bytes.decode("utf-8")
     except UnicodeDecodeError:
-        raw, utf8 = raw_bytes.decode("utf-8", errors="replace"), False
-    info: dict[str, Any] = {"raw": raw, "utf8": utf8, "blank": not raw.strip(), "id": None,
-                            "is_object": False, "format": None, "role_seq": None,
-                            "turn_seq": None, "question_key": None}
-    if not utf8 or info["blank"]:
-        return None, info
+        return raw_bytes.decode("utf-8", errors="replace"), False, None, None
+    if not raw.strip():
+        return raw, True, True, None
     try:
-        row = json.loads(raw)
-    except ValueError:
-        return None, info
-    if not isinstance(row, dict):
-        return None, info
-    fmt = detect(row) or "unknown"
-    info.update(is_object=True, format=fmt, id=_id(row), **_sequence(row, fmt))
-    return row, info
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw, True, False, False
+    return raw, True, False, value if isinstance(value, dict) else False
+
+
+def _line(raw: str, blank: bool | None, row: Any, fmt: str | None,
+          file_format: str | None) -> tuple[Any, ...]:
+    """The lines-frame values from is_object on, in LINE_COLUMNS order."""
+    if fmt is None:
+        is_object = None if blank is not False else False
+        return (is_object, None, file_format, None, None, None, None)
+    role_seq, question = _sequence(row, fmt)
+    turn_seq = role_seq if role_seq is not None and "x" not in role_seq else None
+    return (True, fmt, file_format, raw, role_seq, turn_seq, question)
 
 
 def _id(row: dict[str, Any]) -> str | None:
@@ -102,42 +117,47 @@ def _id(row: dict[str, Any]) -> str | None:
     return str(rid) if isinstance(rid, (str, int)) and rid != "" else None
 
 
-def _sequence(row: dict[str, Any], fmt: str) -> dict[str, Any]:
+def _sequence(row: dict[str, Any], fmt: str | None) -> tuple[str | None, str | None]:
     """Role sequence as letters (s, u, a; x for anything else) and the first question's key."""
     if fmt == "completions":
         prompt = row.get("prompt")
-        return {"question_key": question_key(prompt) if isinstance(prompt, str) else None}
+        return None, question_key(prompt) if isinstance(prompt, str) else None
     msgs = row.get("messages")
     if fmt != "chat" or not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-        return {}
+        return None, None
     seq = "".join(ROLE_CODES.get(m.get("role"), "x") for m in msgs)
     first = next((m.get("content") for m in msgs if m.get("role") == "user"), None)
-    return {"role_seq": seq, "turn_seq": seq if "x" not in seq else None,
-            "question_key": question_key(first) if isinstance(first, str) else None}
+    return seq, question_key(first) if isinstance(first, str) else None
 
 
-def _add_messages(out: _Columns, name: str, lineno: int, row: dict[str, Any], fmt: str) -> None:
+def _add_messages(tables: dict[str, _Table], name: str, lineno: int, rid: str | None,
+                  row: dict[str, Any], fmt: str | None) -> None:
     if fmt == "completions":
-        pairs = [{"role": "user", "content": row.get("prompt")},
-                 {"role": "assistant", "content": row.get("completion")}]
+        msgs: Any = [{"role": "user", "content": row.get("prompt")},
+                     {"role": "assistant", "content": row.get("completion")}]
     elif fmt == "chat" and isinstance(row.get("messages"), list):
-        pairs = row["messages"]
+        msgs = row["messages"]
     else:
         return
     finishes = row.get("finish_reasons") if isinstance(row.get("finish_reasons"), list) else []
-    n_answers = sum(1 for m in pairs if isinstance(m, dict) and m.get("role") == "assistant")
+    roles = [m.get("role") if isinstance(m, dict) else None for m in msgs]
+    last_turn = roles.count("assistant") - 1
     turn = -1
-    for msg_index, msg in enumerate(pairs):
-        role = msg.get("role") if isinstance(msg, dict) else None
+    for index, (msg, role) in enumerate(zip(msgs, roles)):
         turn += role == "assistant"
-        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, str):
             continue  # the schema check reports it
-        finish = None
-        if role == "assistant":
-            finish = finishes[turn] if turn < len(finishes) else None
-            if finish is None and turn == n_answers - 1:
-                finish = row.get("finish_reason")  # a single reason belongs to the last answer
-        out.add(file=name, line=lineno, id=_id(row), msg=msg_index, role=str(role),
-                turn=turn if role == "assistant" else -1, content=msg["content"],
-                has_text=bool(msg["content"].strip()),
-                finish_reason=finish if isinstance(finish, str) else None)
+        if role != "assistant":
+            tables["messages"].add((name, lineno, rid, index, str(role), content, -1, None,
+                                    None, None, None))
+            continue
+        finish = finishes[turn] if turn < len(finishes) else None
+        if finish is None and turn == last_turn:
+            finish = row.get("finish_reason")  # a single reason belongs to the last answer
+        char = last_char(content)
+        tables["messages"].add((name, lineno, rid, index, "assistant", content, turn,
+                                char is not None, char,
+                                len(content) if char is not None else None,
+                                finish if isinstance(finish, str) else None))
+
