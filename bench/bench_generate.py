@@ -138,7 +138,8 @@ def compare(server: StandIn, model: str, n: int, concurrencies: list[int],
     def measure(name: str, cmd: list[str]) -> None:
         # Best of `repeats`: the machine is shared, the minimum is the least disturbed run.
         for i in range(repeats):
-            shutil.rmtree(work / "cache", ignore_errors=True)  # every run starts cold
+            shutil.rmtree(work / "cache", ignore_errors=True)  # every run starts cold: no
+            (work / "answers.jsonl").unlink(missing_ok=True)  # cache, no output to reuse
             mark = len(server.requests)
             result = row(timed(cmd, work), n, *served(server, mark))
             if name not in rows or result["seconds"] < rows[name]["seconds"]:

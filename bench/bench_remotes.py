@@ -5,6 +5,7 @@ random bytes, so nothing compresses), tracks it with DVC in a temp repo and time
 (local folder, S3 on moto_server, SSH on sshd; servers on 127.0.0.1 from tests/servers.py):
   push  `dvc push` of everything into an empty remote
   pull  `dvc pull` into an empty cache and workspace (a teammate's fresh clone), verify = true
+        (the committed setting), and once with verify = false from the local folder
 against the floor for the same bytes in the same run: a plain copy (`cp -r`) on this disk and the
 raw transfer with the same protocol (boto3 upload/download, scp). Markdown rows go to stdout.
 """
@@ -63,8 +64,8 @@ def timed(fn) -> float:
 
 
 def set_remote(repo: Path, name: str, url: str, options: dict[str, str],
-               local: dict[str, str]) -> None:
-    lines = [f"['remote \"{name}\"']", f"    url = {url}", "    verify = true"]
+               local: dict[str, str], verify: bool = True) -> None:
+    lines = [f"['remote \"{name}\"']", f"    url = {url}", f"    verify = {str(verify).lower()}"]
     lines += [f"    {k} = {v}" for k, v in options.items()]
     with (repo / ".dvc/config").open("a") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -176,6 +177,11 @@ def bench(work: Path, total_mb: int, env: dict[str, str]) -> str:
     set_remote(repo, "local", str(work / "storage"), {}, {})
     push, pull = dvc_round_trip(repo, "local", env)
     lines.append(row("local folder", size, push, pull, copy, "cp -r", copy))
+    set_remote(repo, "unverified", str(work / "storage"), {}, {}, verify=False)
+    forget_everything(repo)
+    unverified = run([str(BIN / "dvc"), "pull", "-q", "-r", "unverified"], repo, env)
+    lines.append(f"| local folder, verify = false | | | {unverified:.1f} | "
+                 f"{size / 2**20 / unverified:.0f} | | | - / {unverified / copy[1]:.1f}x |")
     with servers.s3_server(work / "s3") as s3:
         set_remote(repo, "s3", f"{s3.url}/bench", s3.remote_config, {})
         push, pull = dvc_round_trip(repo, "s3", env)

@@ -1,4 +1,5 @@
-"""Train-stage speed on a GPU: `python bench/bench_train_gpu.py --base DIR [--out DIR] [--quick]`.
+"""Train-stage speed on a GPU: `python bench/bench_train_gpu.py --base DIR [--out DIR] [--quick]`
+(`--table results.json` reprints the table of a saved run).
 
 Compares, in one run on one machine, `pipeline.train.run` (what `tuneline train` calls) with bare
 `python -m mlx_lm lora --train` on the same data (the shipped expert seed split 40/8) and the same
@@ -36,6 +37,7 @@ GPU_SETTING = {"batch_size": 8, "iters": 50, "num_layers": 16, "max_seq_length":
 QUICK = {"iters": 4, "steps_per_report": 2, "steps_per_eval": 4, "val_batches": 1,
          "num_layers": 2, "save_every": 2, "warmup": 1, "max_seq_length": 64}
 CHILD_TIMEOUT_S = 240
+STEADY_FROM = 10  # steps; see summarize()
 
 
 # --- the model and data ----------------------------------------------------------------------
@@ -56,9 +58,12 @@ def random_weights(config: dict) -> dict:
     w = {"model.embed_tokens.weight": normal(vocab, h), "model.norm.weight": np.ones(h, np.float32)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        w |= {p + "self_attn.q_proj.weight": normal(q, h), p + "self_attn.k_proj.weight": normal(kv, h),
-              p + "self_attn.v_proj.weight": normal(kv, h), p + "self_attn.o_proj.weight": normal(h, q),
-              p + "mlp.gate_proj.weight": normal(inter, h), p + "mlp.up_proj.weight": normal(inter, h),
+        w |= {p + "self_attn.q_proj.weight": normal(q, h),
+              p + "self_attn.k_proj.weight": normal(kv, h),
+              p + "self_attn.v_proj.weight": normal(kv, h),
+              p + "self_attn.o_proj.weight": normal(h, q),
+              p + "mlp.gate_proj.weight": normal(inter, h),
+              p + "mlp.up_proj.weight": normal(inter, h),
               p + "mlp.down_proj.weight": normal(h, inter),
               p + "input_layernorm.weight": np.ones(h, np.float32),
               p + "post_attention_layernorm.weight": np.ones(h, np.float32)}
@@ -74,8 +79,8 @@ def ensure_weights(base: Path) -> None:
     import mlx.core as mx
 
     weights = random_weights(json.loads((base / "config.json").read_text()))
-    mx.save_safetensors(str(target), {k: mx.array(v).astype(mx.bfloat16) for k, v in weights.items()},
-                        metadata={"format": "mlx"})
+    bf16 = {k: mx.array(v).astype(mx.bfloat16) for k, v in weights.items()}
+    mx.save_safetensors(str(target), bf16, metadata={"format": "mlx"})
     print(f"wrote random bf16 weights: {sum(v.size for v in weights.values()) / 1e6:.1f}M params")
 
 
@@ -168,7 +173,7 @@ def stock_config(spec: dict) -> dict:
 
 def child_stock(spec: dict) -> dict:
     import yaml
-    import mlx_lm.lora as lora
+    from mlx_lm import lora
 
     cfg_file = Path(spec["work"]) / "lora.yaml"
     cfg_file.write_text(yaml.safe_dump(stock_config(spec)))
@@ -191,13 +196,19 @@ def child(kind: str, spec_file: str) -> None:
 
 
 def summarize(out: dict, steps_per_report: int) -> dict:
-    """Training time and rates from mlx-lm's windows (evaluation time is not in them)."""
+    """Training time and rates from mlx-lm's windows (evaluation time is not in them).
+
+    "steady" counts the windows after step STEADY_FROM: the first steps hold the kernel JIT and
+    one `mx.compile` trace per new batch width. With 10 (or 5) batches per epoch those windows
+    cover whole epochs, so both tools do the same work in them.
+    """
     wins = out["windows"]
     secs = [steps_per_report / w["iterations_per_second"] for w in wins]  # mlx-lm's it/s basis
     toks = [w["tokens_per_second"] * s for w, s in zip(wins, secs)]
-    return {"train_seconds": sum(secs), "steady_seconds": sum(secs[1:]),
-            "tokens": sum(toks), "steady_tokens": sum(toks[1:]),
-            "mean_window_tokens_per_second": statistics.mean(w["tokens_per_second"] for w in wins),
+    start = min(STEADY_FROM, wins[-1]["iteration"] // 2)  # short (--quick) runs: second half
+    late = [i for i, w in enumerate(wins) if w["iteration"] - steps_per_report >= start]
+    return {"train_seconds": sum(secs), "steady_seconds": sum(secs[i] for i in late),
+            "tokens": sum(toks), "steady_tokens": sum(toks[i] for i in late),
             "peak_memory_gb": max(w["peak_memory"] for w in wins),
             "final_train_loss": wins[-1]["train_loss"]}
 
@@ -217,7 +228,7 @@ def run_child(kind: str, spec: dict, tmp: Path, n: int) -> dict | None:
     try:
         proc = subprocess.run([sys.executable, __file__, "--child", kind, str(work / "spec.json")],
                               env=env, cwd=work, capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT_S)
+                              timeout=CHILD_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as e:
         print(f"--- {kind} #{n} timed out after {CHILD_TIMEOUT_S}s\n{_text(e.stdout)[-4000:]}\n"
               f"{_text(e.stderr)[-4000:]}")
@@ -235,50 +246,70 @@ def run_child(kind: str, spec: dict, tmp: Path, n: int) -> dict | None:
 
 
 def compare(name: str, runs: dict[str, list[dict]]) -> dict:
-    """Medians over repeats; equal-work rate = mlx-lm's token count over each one's time."""
-    med = {k: {m: statistics.median(r["summary"][m] for r in v) for m in v[0]["summary"]}
-           for k, v in runs.items() if v}
-    if len(med) < 2:
-        return {"setting": name, "incomplete": True, "medians": med}
+    """Medians over repeats. Equal-work rate: mlx-lm's token count over each tool's time."""
+    per = {k: [r["summary"] for r in v] for k, v in runs.items() if v}
+    if len(per) < 2:
+        return {"setting": name, "incomplete": True, "runs": per}
+    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in per.items()}
     s, t = med["stock"], med["tuneline"]
-    row = {"setting": name, "medians": med,
-           "stock_tokens_per_second": s["tokens"] / s["train_seconds"],
-           "tuneline_tokens_per_second_own_count": t["tokens"] / t["train_seconds"],
-           "tuneline_tokens_per_second_equal_work": s["tokens"] / t["train_seconds"],
-           "stock_steady_tokens_per_second": s["steady_tokens"] / s["steady_seconds"],
-           "tuneline_steady_tokens_per_second_equal_work": s["steady_tokens"] / t["steady_seconds"]}
-    row["ratio_equal_work"] = s["train_seconds"] / t["train_seconds"]
-    row["ratio_steady_equal_work"] = s["steady_seconds"] / t["steady_seconds"]
-    return row
+    return {
+        "setting": name, "runs": per, "medians": med,
+        "n_runs": {k: len(v) for k, v in per.items()},
+        "stock_steady_tokens_per_second": s["steady_tokens"] / s["steady_seconds"],
+        "tuneline_steady_tokens_per_second_equal_work": s["steady_tokens"] / t["steady_seconds"],
+        "tuneline_steady_tokens_per_second_own_count": t["steady_tokens"] / t["steady_seconds"],
+        "ratio_steady": s["steady_seconds"] / t["steady_seconds"],  # >1: tuneline faster
+        "ratio_whole_run": s["train_seconds"] / t["train_seconds"],
+        "steady_seconds_per_run": {k: [round(x["steady_seconds"], 3) for x in v]
+                                   for k, v in per.items()},
+        "peak_memory_gb": {k: max(x["peak_memory_gb"] for x in v) for k, v in per.items()},
+    }
 
 
 def gpu_name() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                                "--format=csv,noheader"], capture_output=True, text=True,
-                              timeout=30).stdout.strip()
+                              timeout=30, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "no nvidia-smi"
 
 
 def table(rows: list[dict], facts: dict) -> str:
-    lines = [f"device: {facts['gpu']}; mlx {facts.get('mlx')} default_device "
-             f"{facts.get('default_device')}, compute dtype {facts.get('compute_dtype')}", "",
-             "| setting | bare mlx_lm lora tok/s | tuneline tok/s (equal work) | ratio | "
-             "steady ratio | tuneline tok/s (own count) | peak GB stock / tuneline | "
-             "wall s stock / tuneline |", "|---|---|---|---|---|---|---|---|"]
+    device = (f"device: {facts['gpu']}; mlx {facts.get('mlx')}, default_device "
+              f"{facts.get('default_device')}, compute dtype {facts.get('compute_dtype')}; "
+              f"{facts.get('date')}")
+    header = ("| setting | runs stock/tuneline | bare mlx_lm lora tok/s | tuneline tok/s (equal "
+              "work) | ratio (steady) | ratio (whole run) | tuneline tok/s (own count) | steady s "
+              "per run stock; tuneline | peak GB stock / tuneline |")
+    lines = [device, "", header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("incomplete"):
-            lines.append(f"| {r['setting']} | incomplete | | | | | | |")
+            lines.append(f"| {r['setting']} | incomplete | | | | | | | |")
             continue
-        s, t = r["medians"]["stock"], r["medians"]["tuneline"]
+        runs, secs, peak = r["n_runs"], r["steady_seconds_per_run"], r["peak_memory_gb"]
         lines.append(
-            f"| {r['setting']} | {r['stock_tokens_per_second']:,.0f} | "
-            f"{r['tuneline_tokens_per_second_equal_work']:,.0f} | {r['ratio_equal_work']:.3f} | "
-            f"{r['ratio_steady_equal_work']:.3f} | {r['tuneline_tokens_per_second_own_count']:,.0f} | "
-            f"{s['peak_memory_gb']:.2f} / {t['peak_memory_gb']:.2f} | "
-            f"{r['medians_wall']['stock']:.1f} / {r['medians_wall']['tuneline']:.1f} |")
+            f"| {r['setting']} | {runs['stock']}/{runs['tuneline']} "
+            f"| {r['stock_steady_tokens_per_second']:,.0f} "
+            f"| {r['tuneline_steady_tokens_per_second_equal_work']:,.0f} | {r['ratio_steady']:.2f} "
+            f"| {r['ratio_whole_run']:.2f} "
+            f"| {r['tuneline_steady_tokens_per_second_own_count']:,.0f} "
+            f"| {', '.join(map(str, secs['stock']))}; {', '.join(map(str, secs['tuneline']))} "
+            f"| {peak['stock']:.2f} / {peak['tuneline']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def retable(results: Path) -> None:
+    """Recompute the table from a saved results.json (e.g. after changing the summary)."""
+    saved = json.loads(results.read_text())
+    rows = []
+    for name in dict.fromkeys(r["setting"] for r in saved["runs"]):
+        runs: dict[str, list[dict]] = {"stock": [], "tuneline": []}
+        for r in (r for r in saved["runs"] if r["setting"] == name):
+            r["summary"] = summarize(r, r["steps_per_report"])
+            runs[r["kind"]].append(r)
+        rows.append(compare(name, runs))
+    print(table(rows, saved["facts"]))
 
 
 def main() -> None:
@@ -289,9 +320,12 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=450.0, help="seconds; skip runs after")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (CPU)")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"))
+    ap.add_argument("--table", type=Path, help="only print the table of a saved results.json")
     a = ap.parse_args()
     if a.child:
         return child(*a.child)
+    if a.table:
+        return retable(a.table)
     started = time.perf_counter()
     ensure_weights(a.base)
     from pipeline import config
@@ -306,7 +340,8 @@ def main() -> None:
         tmp = Path(d)
         data = dataset(tmp)
         for name, train_cfg in plans:
-            spec = {"base": str(a.base.resolve()), "data": str(data), "seed": seed, "train": train_cfg}
+            spec = {"base": str(a.base.resolve()), "data": str(data), "seed": seed,
+                    "train": train_cfg}
             runs: dict[str, list[dict]] = {"stock": [], "tuneline": []}
             order = ["stock", "tuneline", "tuneline", "stock"] * a.repeats
             for n, kind in enumerate(order[: 2 * a.repeats]):
@@ -319,14 +354,16 @@ def main() -> None:
                 facts.update({k: out[k] for k in ("mlx", "default_device", "compute_dtype",
                                                   "cuda_available")})
                 print(f"{name}: {kind} train {out['summary']['train_seconds']:.3f}s "
-                      f"steady {out['summary']['steady_seconds']:.3f}s wall {out['wall_seconds']:.1f}s "
+                      f"steady {out['summary']['steady_seconds']:.3f}s "
+                      f"wall {out['wall_seconds']:.1f}s "
                       f"peak {out['summary']['peak_memory_gb']:.2f} GB")
                 runs[kind].append(out)
-                raw.append({"setting": name, "kind": kind, **out})
+                raw.append({"setting": name, "kind": kind,
+                            "steps_per_report": train_cfg["steps_per_report"], **out})
             row = compare(name, runs)
             row["settings"] = train_cfg
-            row["medians_wall"] = {k: statistics.median(r["wall_seconds"] for r in v)
-                                   for k, v in runs.items() if v}
+            row["wall_seconds_per_run"] = {k: [round(r["wall_seconds"], 1) for r in v]
+                                           for k, v in runs.items()}
             rows.append(row)
             if a.out:
                 a.out.mkdir(parents=True, exist_ok=True)

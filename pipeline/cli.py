@@ -106,7 +106,7 @@ def curate(
     report: Annotated[Path, typer.Option(help="reports/curate.json")],
     params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
-    """Merge generated answers, imports and expert corrections; dedupe; split into train/valid/test."""
+    """Merge generated answers, imports and expert corrections; dedupe; split train/valid/test."""
     from pipeline import curate as stage
 
     cfg = config.load(stage.CurateConfig, "curate", params)
@@ -119,10 +119,10 @@ def curate(
 @app.command()
 def validate(
     paths: Annotated[list[Path], typer.Argument(help="JSONL files, or dataset folders")],
-    json_out: Annotated[bool, typer.Option("--json", help="print the full report on stdout")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="full report on stdout")] = False,
     tokenizer: Annotated[Path, typer.Option(help="tokenizer.json or a model folder")] = Path(
         "models/base"),
-    report: Annotated[Optional[Path], typer.Option(help="write metrics (reports/validation.json)")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="metrics file to write")] = None,
     docs: Annotated[Optional[Path], typer.Option(help="write GX Data Docs HTML here")] = None,
     params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:

@@ -147,8 +147,10 @@ def apply(rows: dict[str, Conversation], questions: dict[str, str],
 
 def _last_per_action(corrections: list[Correction]) -> list[Correction]:
     last = {(c.id, c.action): c for c in corrections}
-    # add_conversation first: a replace_* on the same id then edits the expert's conversation.
-    return sorted(last.values(), key=lambda c: (c.action != "add_conversation", c.line))
+    # add_conversation first (a replace_* then edits the expert's conversation), and the answer
+    # before the follow-up (an expert answer can stand in for a question never generated).
+    rank = {"add_conversation": 0, "replace_answer": 1, "replace_followup": 2, "drop": 3}
+    return sorted(last.values(), key=lambda c: (rank[c.action], c.line))
 
 
 def _from_question(corr: Correction, questions: dict[str, str]) -> Conversation | None:
@@ -173,7 +175,7 @@ def _note_stale(corr: Correction, question_now: str | None, report: Applied) -> 
 
 
 def turn_meta(conv: Conversation) -> tuple[list[str], list[str | None]]:
-    """Per assistant turn: who wrote it, and the generator's finish reason (None if not generated)."""
+    """Per assistant turn: who wrote it, and the generator's finish reason (None: not generated)."""
     n = sum(1 for m in conv.messages if m["role"] == "assistant")
     sources = list(conv.meta.get("turn_sources") or [conv.source] * n)
     finishes = list(conv.meta.get("finish_reasons") or [None] * n)

@@ -1,10 +1,11 @@
-"""Curate: `tuneline curate --generated data/generated/answers.jsonl --questions data/questions.jsonl
---corrections data/corrections.jsonl --imports data/imports --out data/dataset
---report reports/curate.json` (the `curate` stage of dvc.yaml).
+"""Curate: `tuneline curate --generated data/generated/answers.jsonl
+--questions data/questions.jsonl --corrections data/corrections.jsonl --imports data/imports
+--out data/dataset --report reports/curate.json` (the `curate` stage of dvc.yaml).
 
 generated answers + imports (any layout of pipeline/formats.py) + expert corrections
 -> data/dataset/{train,valid,test}.jsonl in mlx-lm chat format, each row with `id`, `source`
-(generated|expert|imported), `turn_sources`, `finish_reasons` and `origin` (file:line of every input).
+(generated|expert|imported), `turn_sources`, `finish_reasons` and `origin` (file:line of every
+input).
 
 - Generated turns that are empty, cut off (finish_reason "length"), refusals or template leaks are
   dropped when `curate.drop_bad_generated` (they can be regenerated; expert and imported rows are
@@ -96,7 +97,8 @@ def _check_config(cfg: CurateConfig) -> None:
     if not (0 <= cfg.valid_fraction < 1 and 0 <= cfg.test_fraction < 1
             and cfg.valid_fraction + cfg.test_fraction < 1):
         raise CurateError(f"params.yaml curate: valid_fraction {cfg.valid_fraction} + "
-                          f"test_fraction {cfg.test_fraction} must be below 1 (train gets the rest)")
+                          f"test_fraction {cfg.test_fraction} must be below 1 "
+                          "(train gets the rest)")
     if not 0 < cfg.near_dup_threshold <= 1:
         raise CurateError(f"params.yaml curate.near_dup_threshold: {cfg.near_dup_threshold} "
                           "must be in (0, 1]; 1.0 removes exact duplicates only")
@@ -189,7 +191,8 @@ def _truncate_turns(conv: Conversation, n_answers: int) -> Conversation:
         messages.append(m)
         seen += m["role"] == "assistant"
     sources, finishes = corr_mod.turn_meta(conv)
-    meta = {**conv.meta, "turn_sources": sources[:n_answers], "finish_reasons": finishes[:n_answers]}
+    meta = {**conv.meta, "turn_sources": sources[:n_answers],
+            "finish_reasons": finishes[:n_answers]}
     return replace(conv, messages=tuple(messages), meta=meta)
 
 

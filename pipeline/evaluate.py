@@ -308,7 +308,7 @@ def parse_verdict(reply: str) -> tuple[str, str]:
 
 
 def make_judge_client(cfg: JudgeConfig) -> llm.Client:
-    """The generation backend named in `evaluate.judge` (a server, or a .gguf/mlx dir in-process)."""
+    """The backend named in `evaluate.judge`: a server, or a .gguf / mlx dir in-process."""
     return llm.connect(cfg)
 
 

@@ -77,24 +77,14 @@ class ExportResult:
 
 def run(cfg: ExportConfig, paths: ExportPaths, seed: int) -> ExportResult:
     check_config(cfg)
-    started = time.perf_counter()
     with atomic_dir(paths.out) as tmp:
-        f16 = tmp / "model-f16.gguf"
-        info = write_gguf(paths.model, paths.base, f16, cfg)
-        files = {F16: f16}
-        timings = {F16: round(time.perf_counter() - started, 3)}
-        notes: dict[str, str | None] = {F16: None}
-        for qtype in cfg.quantizations:
-            t0 = time.perf_counter()
-            files[qtype], notes[qtype] = quantize(f16, tmp / f"model-{qtype}.gguf", qtype)
-            timings[qtype] = round(time.perf_counter() - t0, 3)
+        files, build = write_files(paths, tmp, cfg)
         modelfile = write_modelfile(tmp, files[cfg.modelfile_quantization].name, paths.model, cfg)
         report = prove(paths.model, files, cfg, seed)
-        report.update(info, modelfile=modelfile, export_seconds=timings)
-        for qtype, path in files.items():
-            report["files"][qtype]["size_bytes"] = path.stat().st_size
-            report["files"][qtype]["quantizer_note"] = notes[qtype]
-        write_json(paths.report, report)
+        for qtype, info in build.pop("files").items():
+            report["files"][qtype].update(info)
+        report.update(build, modelfile=modelfile)
+        write_json(paths.report, report)  # also on failure: it says what went wrong
         failures = [f"{q}: {msg}" for q, r in report["files"].items() for msg in r["failures"]]
         if failures:
             raise ExportError(
@@ -103,6 +93,21 @@ def run(cfg: ExportConfig, paths: ExportPaths, seed: int) -> ExportResult:
             )
     final = {q: paths.out / p.name for q, p in files.items()}
     return ExportResult(files=final, report=report)
+
+
+def write_files(paths: ExportPaths, tmp: Path, cfg: ExportConfig) -> tuple[dict, dict]:
+    """The F16 GGUF and its quantized variants; per file: seconds, size, quantizer note."""
+    t0 = time.perf_counter()
+    files = {F16: tmp / "model-f16.gguf"}
+    build = write_gguf(paths.model, paths.base, files[F16], cfg)
+    info = {F16: {"export_seconds": round(time.perf_counter() - t0, 3), "quantizer_note": None}}
+    for qtype in cfg.quantizations:
+        t0 = time.perf_counter()
+        files[qtype], note = quantize(files[F16], tmp / f"model-{qtype}.gguf", qtype)
+        info[qtype] = {"export_seconds": round(time.perf_counter() - t0, 3), "quantizer_note": note}
+    for qtype, path in files.items():
+        info[qtype]["size_bytes"] = path.stat().st_size
+    return files, {**build, "files": info}
 
 
 def check_config(cfg: ExportConfig) -> None:
@@ -183,8 +188,8 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
             raise ExportError(f"{path}: {key}={value!r} is not supported by this exporter yet")
     if config.get("hidden_act", "silu") != "silu":
         raise ExportError(f"{path}: hidden_act {config['hidden_act']!r}; llama GGUF needs silu")
-    config.setdefault("num_key_value_heads", config["num_attention_heads"])
-    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    config["num_key_value_heads"] = config.get("num_key_value_heads") or config["num_attention_heads"]
+    config["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     return config
 
 
@@ -201,6 +206,9 @@ def gguf_tensors(model_dir: Path, config: dict[str, Any]) -> dict[str, np.ndarra
             array = base_model.permute_qk(array, config["num_key_value_heads"])
         # llama.cpp keeps norms (1-D) in F32; matrices go to F16 like its converter's --outtype f16.
         out[gg_name] = array.astype(np.float16 if array.ndim > 1 else np.float32)
+        if not np.isfinite(out[gg_name]).all():
+            raise ExportError(f"{model_dir}: {name} has values beyond float16 range (or NaN); "
+                              "the fine-tune diverged: lower train.learning_rate and retrain")
     n_vocab = out["token_embd.weight"].shape[0]
     if n_vocab != config["vocab_size"]:
         raise ExportError(
@@ -735,7 +743,7 @@ def llama_log() -> Iterator[list[str]]:
 
 def check_file(path: Path, refs: list[Reference], cfg: ExportConfig, seed: int,
                threshold: float) -> dict[str, Any]:
-    n_ctx = max(len(r.prompt_ids) for r in refs) + cfg.max_tokens + 8
+    n_ctx = max(len(r.prompt_ids) for r in refs) + cfg.max_tokens + 64  # + template slack
     t0 = time.perf_counter()
     llm = load_llama(path, n_ctx, seed)
     result: dict[str, Any] = {"file": path.name, "load_seconds": round(time.perf_counter() - t0, 3),

@@ -93,7 +93,8 @@ def _drop_unanswered(messages: list[dict[str, str]]) -> tuple[list[dict[str, str
     while kept and kept[-1]["role"] == "user":
         kept.pop()
     dropped = sum(1 for m in messages[len(kept):] if m["role"] == "user")
-    if not any(m["role"] == "assistant" for m in kept):
+    if not any(m["role"] == "assistant" for m in kept) or not any(m["role"] == "user"
+                                                                  for m in kept):
         raise FormatError("no answered turn: a conversation needs a user message and an answer")
     return kept, dropped
 

@@ -107,7 +107,7 @@ class Lines:
     texts: list[str]
 
     @classmethod
-    def read(cls, path: Path) -> "Lines":
+    def read(cls, path: Path) -> Lines:
         if not path.exists():
             return cls([], [])
         rows = read_jsonl(path)

@@ -173,7 +173,7 @@ def _run_gx(suite_map: dict[str, Any], data: Any, docs: Path | None) -> dict[str
             "result_format": "COMPLETE", "unexpected_index_column_names": ["_i"],
             "partial_unexpected_count": 20})
     if docs is not None:
-        context.build_data_docs()
+        context.build_data_docs(site_names=["tuneline"])  # not GX's default temp site
     return results
 
 

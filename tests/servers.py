@@ -134,6 +134,10 @@ def s3_put(server: Server, key: str, data: bytes, bucket: str = BUCKET) -> None:
     s3_client(server).put_object(Bucket=bucket, Key=key, Body=data)
 
 
+def s3_delete(server: Server, key: str, bucket: str = BUCKET) -> None:
+    s3_client(server).delete_object(Bucket=bucket, Key=key)
+
+
 def sshd_available() -> str | None:
     """None when sshd can run here, else what to install."""
     if not SSHD.exists() or not SFTP_SERVER.exists():

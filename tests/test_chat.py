@@ -1,4 +1,4 @@
-"""`tuneline chat` and `tuneline compare`: the loop with a recording reply, the CLI on a tiny model."""
+"""`tuneline chat` and `compare`: the loop with a recording reply, the CLI on a tiny model."""
 
 from __future__ import annotations
 

@@ -246,3 +246,39 @@ def test_rerun_gives_byte_identical_outputs(repo, tmp_path):
     shutil.rmtree(repo.paths.out)
     repo.run()
     assert {p.name: p.read_bytes() for p in repo.paths.out.iterdir()} == first
+
+
+def test_a_followup_fix_listed_before_the_answer_fix_still_applies(repo):
+    repo.write(repo.paths.generated, many(12))
+    repo.write(repo.paths.questions, [{"id": "q-0500", "question": "Is VACUUM FULL safe?"}])
+    repo.write(repo.paths.corrections, [
+        {"id": "q-0500", "action": "replace_followup", "followup": "And VACUUM?",
+         "followup_answer": "It does not block writes."},
+        {"id": "q-0500", "action": "replace_answer", "answer": "It locks the table."}])
+    repo.run()
+    assert [m["content"] for m in repo.rows()["q-0500"]["messages"]] == [
+        "Is VACUUM FULL safe?", "It locks the table.", "And VACUUM?", "It does not block writes."]
+
+
+@pytest.mark.parametrize("text", [
+    "As an AI language model, I cannot browse the internet.",
+    "I'm sorry, but I cannot help with that.",
+    "I am just an AI and have no opinions.",
+    "My knowledge cutoff is 2023, so I may be wrong.",
+    "I can't assist with that request.",
+])
+def test_refusal_boilerplate_is_recognised(text):
+    from validation.patterns import is_refusal
+
+    assert is_refusal(text)
+
+
+@pytest.mark.parametrize("text", [
+    "You cannot drop a table that other tables reference; drop the constraint first.",
+    "Sorry to hear that! Run VACUUM FULL during a maintenance window.",
+    "The planner can help with that if statistics are current.",
+])
+def test_technical_answers_are_not_refusals(text):
+    from validation.patterns import is_refusal
+
+    assert not is_refusal(text)

@@ -25,7 +25,9 @@ import pytest
 import yaml
 
 from pipeline.remote import remote_status
-from servers import Server, free_port, s3, s3_get, s3_keys, s3_put, ssh  # noqa: F401 (fixtures)
+from servers import (  # noqa: F401 (s3 and ssh are fixtures)
+    Server, free_port, s3, s3_delete, s3_keys, s3_put, ssh,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -127,10 +129,11 @@ class Remote:
         return [str(p.relative_to(self.root)) for p in self.root.rglob("*")
                 if p.is_file() and "tmp" not in p.name]
 
-    def read(self, key: str) -> bytes:
+    def delete(self, key: str) -> None:
         if self.kind == "s3":
-            return s3_get(self.server, self.url.split("/", 3)[3] + "/" + key)
-        return (self.root / key).read_bytes()
+            s3_delete(self.server, self.url.split("/", 3)[3] + "/" + key)
+        else:
+            (self.root / key).unlink()
 
     def overwrite(self, key: str, data: bytes) -> None:
         if self.kind == "s3":
@@ -433,7 +436,8 @@ def test_corrupted_object_in_remote_fails_pull_and_never_reaches_workspace(team:
     team.dvc(alice, "add", "-q", "data/dataset", "models/adapters")
     share(team, alice, "data")
     good = snapshot(alice, ["models/adapters"])
-    team.remote.overwrite(object_key(adapter), os.urandom(65536))  # bit rot, bad disk, bad copy
+    bad = object_key(adapter)
+    team.remote.overwrite(bad, os.urandom(65536))  # bit rot, a bad disk, a botched copy
 
     bob = team.clone("bob")
     pull = team.dvc(bob, "pull", check=False)
@@ -443,6 +447,13 @@ def test_corrupted_object_in_remote_fails_pull_and_never_reaches_workspace(team:
     got = bob / "models/adapters/adapters.safetensors"
     assert not got.exists() or snapshot(bob, ["models/adapters"]) == good
     assert snapshot(bob, ["data/dataset"]) == snapshot(alice, ["data/dataset"])
+
+    # Repair (docs/remotes.md): drop the bad object and its directory listing, re-push a good copy.
+    for key in [bad] + [k for k in team.remote.keys() if k.endswith(".dir")]:
+        team.remote.delete(key)
+    team.dvc(alice, "push", "-q")
+    team.dvc(bob, "pull", "-q")
+    assert snapshot(bob, ["models/adapters"]) == good
 
 
 def one_file_repo(team: Team) -> Path:

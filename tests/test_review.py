@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from test_curate import Repo, answer, many
 from typer.testing import CliRunner
 
 from pipeline import corrections, review
 from pipeline.cli import app
 from pipeline.jsonl import read_jsonl
-from test_curate import Repo, answer, many
 
 
 @pytest.fixture

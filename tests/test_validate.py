@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import make_tiny_tokenizer
 from typer.testing import CliRunner
 
 from pipeline import config
 from pipeline import validate as stage
 from pipeline.cli import app
-from tiny import make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_SEQ = 200
@@ -190,7 +190,8 @@ def test_duplicates_across_files_are_leakage(tmp_path, params_file, tokenizer):
 
 
 def test_warning_severity_passes_and_off_skips(tmp_path, params_file, tokenizer):
-    path = write_lines(tmp_path / "x.jsonl", [chat("a", "Refusal?", "As an AI language model, no.")])
+    refusal = chat("a", "Refusal?", "As an AI language model, no.")
+    path = write_lines(tmp_path / "x.jsonl", [refusal])
     warned = stage.run(cfg(params_file, refusal="warning"), [path], MAX_SEQ, tokenizer)
     assert warned.ok and [f.severity for f in warned.findings] == ["warning"]
     skipped = stage.run(cfg(params_file, refusal="off"), [path], MAX_SEQ, tokenizer)

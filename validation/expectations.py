@@ -15,8 +15,9 @@ every run, see validation/suites.py, so nothing is loaded from disk.)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import fastjsonschema
 import orjson

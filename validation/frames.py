@@ -44,6 +44,7 @@ class Frames:
 
 
 BOOLEAN = ("utf8", "blank", "is_object", "present", "has_text")
+INTEGER = ("line", "rows", "msg", "turn", "text_len")
 
 
 class _Table:
@@ -56,9 +57,18 @@ class _Table:
 
     def frame(self) -> pd.DataFrame:
         columns = list(zip(*self.rows)) if self.rows else [()] * len(self.columns)
-        # Nullable booleans: isin() on them is vectorised, unlike object columns holding None.
-        return pd.DataFrame({name: pd.array(values, dtype="boolean") if name in BOOLEAN
-                             else values for name, values in zip(self.columns, columns)})
+        return pd.DataFrame({name: _column(name, values)
+                             for name, values in zip(self.columns, columns)})
+
+
+def _column(name: str, values: tuple[Any, ...]) -> Any:
+    if name in BOOLEAN:  # nullable booleans: isin() is vectorised, unlike objects with None
+        return pd.array(values, dtype="boolean")
+    if name in INTEGER:
+        return pd.array(values, dtype="Int64")
+    # Object, not pandas' "str" dtype: its isna() and isin(), which GX runs for every check,
+    # cost several times more on Python-backed strings.
+    return pd.Series(values, dtype=object)
 
 
 def build(files: list[tuple[Path, bool]]) -> Frames:

@@ -40,18 +40,21 @@ _REFUSAL_RE = re.compile("|".join(f"(?:{p[4:]})" for p in REFUSAL_PATTERNS), re.
 _MARKER_RE = re.compile(TEMPLATE_MARKER_PATTERN)
 
 # Words that carry no meaning for "is this the same question?".
-STOPWORDS = frozenset(
+_STOPWORDS = (
     "a an the i me my we our you your it its is are was be been do does did can could should "
     "would will shall may might must how what which who whom why when where there here this that "
     "these those to of in on at for from with by about as and or if then so into than please "
     "between s"
-    .split()
 )
+STOPWORDS = frozenset(_STOPWORDS.split())
 
 
 def is_refusal(text: str) -> bool:
     low = text.lower()
-    return any(a in low for a in REFUSAL_ANCHORS) and _REFUSAL_RE.search(text) is not None
+    # Spelled out rather than any(...) over REFUSAL_ANCHORS: this runs on every message.
+    hit = ("an ai" in low or "language model" in low or "sorry" in low or "assist with" in low
+           or "help with" in low or "training data" in low or "knowledge cutoff" in low)
+    return hit and _REFUSAL_RE.search(text) is not None
 
 
 def template_marker(text: str) -> str | None:

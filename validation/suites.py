@@ -8,8 +8,9 @@ that turns a failing row into a message that says what is wrong and what to do.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import great_expectations as gx
 
