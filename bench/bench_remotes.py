@@ -169,10 +169,10 @@ def bench(work: Path, total_mb: int, env: dict[str, str]) -> str:
     run([str(BIN / "dvc"), "init", "-q"], repo, env)
     size = make_artifacts(repo, total_mb)
     add = run([str(BIN / "dvc"), "add", "-q", *TRACKED], repo, env)
+    header = ("| remote | push s | push MiB/s | pull s | pull MiB/s | same protocol, raw: s up / "
+              "down | DVC / raw (push / pull) | DVC / plain copy (push / pull) |")
     lines = [f"artifact set: {size / 2**20:.0f} MiB in {len(LAYOUT)} files; `dvc add` {add:.1f} s",
-             "", "| remote | push s | push MiB/s | pull s | pull MiB/s | same protocol, raw: s up / down "
-             "| DVC / raw (push / pull) | DVC / plain copy (push / pull) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", header, "|---|---|---|---|---|---|---|---|"]
     copy = copy_floor(repo, work)
     set_remote(repo, "local", str(work / "storage"), {}, {})
     push, pull = dvc_round_trip(repo, "local", env)

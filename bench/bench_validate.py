@@ -1,7 +1,8 @@
 """Benchmark `tuneline validate`: `python bench/bench_validate.py [--sizes 10000 100000 1000000]
 [--tokenizer models/base] [--schema-rows 10000]`.
 
-1. Rows per second and peak memory of the real command (a subprocess, GX import included) on
+1. Wall and CPU seconds, rows per second and peak memory of the real command (a subprocess,
+   GX import included; CPU time is the fairer number on a shared machine) on
    synthetic chat JSONL written here, with every check on, and with the token-length check off
    (the tokenizer dominates when rows are longer than train.max_seq_length bytes).
 2. The custom compiled-schema expectation against GX's built-in ExpectColumnValuesToMatchJsonSchema
@@ -61,14 +62,14 @@ def params_file(tmp: Path, token_length: str) -> Path:
     return path
 
 
-def run_cli(data: Path, params: Path, tokenizer: Path) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS in MiB and exit code of one `tuneline validate` run."""
-    cmd = ["/usr/bin/time", "-f", "%e %M", str(Path(sys.executable).parent / "tuneline"),
+def run_cli(data: Path, params: Path, tokenizer: Path) -> tuple[float, float, float, int]:
+    """Wall seconds, CPU seconds (user + sys), peak RSS in MiB and exit code of one run."""
+    cmd = ["/usr/bin/time", "-f", "%e %U %S %M", str(Path(sys.executable).parent / "tuneline"),
            "validate", str(data), "--params", str(params), "--tokenizer", str(tokenizer)]
     env = {**os.environ, "GX_ANALYTICS_ENABLED": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    wall, rss_kb = proc.stderr.strip().splitlines()[-1].split()
-    return float(wall), int(rss_kb) / 1024, proc.returncode
+    wall, user, system, rss_kb = proc.stderr.strip().splitlines()[-1].split()
+    return float(wall), float(user) + float(system), int(rss_kb) / 1024, proc.returncode
 
 
 def schema_compare(n: int) -> tuple[float, float]:
@@ -116,8 +117,8 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        print("| rows | token_length | seconds | rows/s | peak RSS MiB |")
-        print("|---:|---|---:|---:|---:|")
+        print("| rows | token_length | wall s | CPU s | rows/s (wall) | peak RSS MiB |")
+        print("|---:|---|---:|---:|---:|---:|")
         for n in args.sizes:
             data = tmp / f"rows-{n}.jsonl"
             synth(data, n)
@@ -125,10 +126,10 @@ def main() -> None:
                 if tokens == "warning" and args.token_sizes is not None and \
                         n not in args.token_sizes:
                     continue
-                wall, rss, code = run_cli(data, params_file(tmp, tokens), args.tokenizer)
+                wall, cpu, rss, code = run_cli(data, params_file(tmp, tokens), args.tokenizer)
                 assert code == 0, f"validate exited {code} on clean synthetic data"
-                print(f"| {n:,} | {tokens} | {wall:.1f} | {n / wall:,.0f} | {rss:,.0f} |",
-                      flush=True)
+                print(f"| {n:,} | {tokens} | {wall:.1f} | {cpu:.1f} | {n / wall:,.0f} | "
+                      f"{rss:,.0f} |", flush=True)
             data.unlink()
     custom_s, builtin_s = schema_compare(args.schema_rows)
     print(f"\nschema check on {args.schema_rows:,} rows: custom compiled {custom_s:.2f} s, "

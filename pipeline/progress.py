@@ -20,6 +20,7 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every_s, self.clock = every_s, clock
         self.start = self.last = clock()
+        self.shown = -1  # `done` when a plain line was last printed
 
     def advance(self, n: int = 1, note: str = "") -> None:
         self.done += n
@@ -30,11 +31,12 @@ class Progress:
         elif now - self.last >= self.every_s:
             self.stream.write(self.line(now, note) + "\n")
             self.stream.flush()
-            self.last = now
+            self.last, self.shown = now, self.done
 
     def close(self, note: str = "") -> None:
-        now = self.clock()
-        self.stream.write(("\r" if self.tty else "") + self.line(now, note) + "\n")
+        if not self.tty and self.shown == self.done:
+            return  # the last plain line already says it
+        self.stream.write(("\r" if self.tty else "") + self.line(self.clock(), note) + "\n")
         self.stream.flush()
 
     def line(self, now: float, note: str = "") -> str:

@@ -14,7 +14,8 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 CHECK_TIMEOUT_S = 10.0
@@ -119,9 +120,9 @@ def committed_secrets(repo_root: Path) -> list[str]:
 def _verify_warning(name: str, conf: dict[str, Any]) -> list[str]:
     if conf.get("verify"):
         return []
-    return [f"remote '{name}': verify is off, so `dvc pull` trusts downloaded bytes and a "
-            f"corrupted object reaches the workspace unnoticed; `dvc remote modify {name} verify "
-            "true` (committed) makes pull re-hash and refuse it"]
+    return [(f"remote '{name}': verify is off, so `dvc pull` trusts downloaded bytes and a "
+             f"corrupted object reaches the workspace unnoticed; `dvc remote modify {name} verify "
+             "true` (committed) makes pull re-hash and refuse it")]
 
 
 def _probe(config, name: str, kind: str, conf: dict[str, Any], timeout: float) -> tuple[bool, str]:

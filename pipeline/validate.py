@@ -27,6 +27,10 @@ from pipeline.jsonl import write_json
 Level = Literal["error", "warning", "off"]
 
 
+class ValidationCrash(RuntimeError):
+    """A check raised inside Great Expectations: a bug to report, never a pass."""
+
+
 class UsageError(UserError):
     """A path that cannot be validated at all (missing, unreadable): exit code 2."""
 
@@ -191,6 +195,9 @@ def _findings(results: dict[str, Any], data: Any, settings: Any) -> list[Finding
                 continue
             check, level = res.expectation_config.meta["check"], res.expectation_config.meta[
                 "severity"]
+            crash = _exception(res.exception_info)
+            if crash is not None:  # a check that could not run must not pass silently
+                raise ValidationCrash(f"check {check} could not run on the {name} frame: {crash}")
             indices = [entry["_i"] for entry in res.result.get("unexpected_index_list") or []]
             records = frame.iloc[indices].to_dict("records")
             if name == "lines":
@@ -205,6 +212,17 @@ def _findings(results: dict[str, Any], data: Any, settings: Any) -> list[Finding
                 found.setdefault(key, Finding(rec["file"], _line(rec), _rid(rec), check, level,
                                               message))
     return sorted(found.values(), key=lambda f: (f.file, f.line or 0, order[f.check]))
+
+
+def _exception(info: Any) -> str | None:
+    """GX reports a failed metric either flat or keyed by metric id."""
+    if not isinstance(info, dict):
+        return None
+    entries = [info] if "raised_exception" in info else list(info.values())
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("raised_exception"):
+            return str(entry.get("exception_message"))
+    return None
 
 
 class _LineTexts:

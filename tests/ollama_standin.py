@@ -89,7 +89,7 @@ class StandIn:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def __enter__(self) -> StandIn:
+    def __enter__(self) -> StandIn:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

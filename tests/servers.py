@@ -5,7 +5,8 @@
 
 Each yields a `Server` whose `remote_config` is what `dvc remote add` + `dvc remote modify`
 need, with secrets kept apart in `local_config` (they belong in .dvc/config.local) and `env`.
-The pytest fixtures at the bottom wrap the context managers per test module.
+The pytest fixtures `s3` and `ssh` at the bottom (import `s3_fixture`, `ssh_fixture` into a
+test module) wrap the context managers, one server per test module.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -210,13 +211,13 @@ def _user() -> str:
     return getpass.getuser()
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", name="s3")
+def s3_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with s3_server(tmp_path_factory.mktemp("s3")) as server:
         yield server
 
 
-@pytest.fixture(scope="module")
-def ssh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", name="ssh")
+def ssh_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with ssh_server(tmp_path_factory.mktemp("ssh")) as server:
         yield server

@@ -1,7 +1,7 @@
 """Team flows through real DVC remotes: a local folder, S3 (moto_server) and SSH (sshd) on 127.0.0.1.
 
-Each test builds a tiny DVC project laid out like this repository (DVC-tracked questions and
-corrections; generate -> curate -> train -> export stages writing data/generated, data/dataset,
+Each test builds a tiny DVC project laid out like this repository (questions and corrections in
+git; generate -> curate -> train -> export stages writing data/generated, data/dataset,
 models/adapters, models/gguf; params.yaml with `train.learning_rate`), pushes it to a bare git
 remote and a DVC remote as "alice", and has "bob" clone and pull it in another folder. The stages
 are small Python stand-ins so the flows take seconds; git, DVC and the servers are all real.
@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from pipeline.remote import remote_status
-from servers import (  # noqa: F401 (s3 and ssh are fixtures)
-    Server, free_port, s3, s3_delete, s3_keys, s3_put, ssh,
+from servers import (  # noqa: F401 (fixtures s3 and ssh)
+    Server, free_port, s3_delete, s3_fixture, s3_keys, s3_put, ssh_fixture,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,7 +260,6 @@ def publish_project(team: Team) -> Path:
     (alice / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
     write_rows(alice / "data/questions.jsonl", QUESTIONS)
     write_rows(alice / "data/corrections.jsonl", CORRECTIONS)
-    team.dvc(alice, "add", "-q", "data/questions.jsonl", "data/corrections.jsonl")
     team.dvc(alice, "repro", "-q")
     share(team, alice, "project")
     return alice
@@ -340,7 +339,7 @@ def test_expert_edit_reproduced_and_pushed_reaches_teammate_without_rerun(team: 
     team.dvc(bob, "pull", "-q")
     before = snapshot(bob, ["data/dataset"])
 
-    # Alice, the expert, corrects an answer; repro re-hashes the .dvc-tracked source itself.
+    # Alice, the expert, corrects an answer (a git-tracked source: reviewable as a line diff).
     write_rows(alice / "data/corrections.jsonl",
                CORRECTIONS + [{"id": "q-0005", "answer": "Better five."}])
     repro = team.dvc(alice, "repro").stdout

@@ -205,6 +205,18 @@ def test_without_a_tokenizer_token_length_is_skipped_and_said_so(tmp_path, param
     assert report.skipped and "dvc repro base_model" in report.skipped[0]
 
 
+def test_a_check_that_crashes_inside_gx_fails_loudly(tmp_path, params_file, monkeypatch):
+    from validation import patterns
+
+    def boom(text):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(patterns, "is_refusal", boom)
+    path = write_lines(tmp_path / "x.jsonl", [chat("a", "Fine?", OK)])
+    with pytest.raises(stage.ValidationCrash, match="check refusal could not run.*kaboom"):
+        stage.run(cfg(params_file), [path], MAX_SEQ, None)
+
+
 def test_severity_keys_are_exactly_the_checks_of_the_suites():
     from validation.suites import CHECK_NAMES
 
