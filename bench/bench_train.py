@@ -4,7 +4,9 @@ models/base converted: `dvc repro base_model`).
 Measures, in one run, on the same data (the shipped expert seed) and settings:
   1. a float32 1024x1024 matmul with the mlx wheel's own BLAS vs OpenBLAS preloaded;
   2. a 256-token forward pass of the base model in float32 vs bfloat16 (why CPUs use float32);
-  3. training tokens/s: `tuneline train` vs stock `mlx_lm lora` (no preload, its defaults).
+  3. a whole training run (load, train `--iters` steps, validation) of `tuneline train` vs stock
+     `mlx_lm lora` with the same settings: as installed (no preload) and with OpenBLAS preloaded
+     (the second pair isolates tuneline's own overhead: target under 3%).
 Prints a markdown table for bench/README.md.
 """
 
@@ -18,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,15 +69,22 @@ def dataset(tmp: Path) -> Path:
     return data
 
 
+def timed(cmd: list[str], tmp: Path, preload: bool) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, env=env(preload), cwd=tmp, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
 def tuneline_train(base: Path, data: Path, tmp: Path, iters: int, preload: bool) -> float:
     params = (ROOT / "params.yaml").read_text()
     params = re.sub(r"(\n  iters:) \d+", rf"\1 {iters}", params)
+    params = re.sub(r"(\n  steps_per_eval:) \d+", rf"\1 {iters}", params)
+    params = re.sub(r"(\n  val_batches:) \d+", r"\1 1", params)
     (tmp / "params.yaml").write_text(params)
-    subprocess.run([str(Path(PY).parent / "tuneline"), "train", "--model", str(base), "--data",
-                    str(data), "--adapters", str(tmp / "ad"), "--metrics", str(tmp / "m.json"),
-                    "--curve", str(tmp / "c.tsv"), "--params", str(tmp / "params.yaml")],
-                   env=env(preload), cwd=tmp, check=True, capture_output=True)
-    return json.loads((tmp / "m.json").read_text())["tokens_per_second"]
+    cmd = [str(Path(PY).parent / "tuneline"), "train", "--model", str(base), "--data", str(data),
+           "--adapters", str(tmp / "ad"), "--metrics", str(tmp / "m.json"), "--curve",
+           str(tmp / "c.tsv"), "--params", str(tmp / "params.yaml")]
+    return timed(cmd, tmp, preload)
 
 
 def stock_lora(base: Path, data: Path, tmp: Path, iters: int, preload: bool) -> float:
@@ -85,12 +95,10 @@ def stock_lora(base: Path, data: Path, tmp: Path, iters: int, preload: bool) -> 
     cmd = [PY, "-m", "mlx_lm", "lora", "--train", "--model", str(base), "--data", str(data),
            "--iters", str(iters), "--batch-size", str(t["batch_size"]), "--num-layers",
            str(t["num_layers"]), "--learning-rate", str(t["learning_rate"]), "--mask-prompt",
-           "--steps-per-report", str(iters), "--steps-per-eval", str(10**6), "--val-batches", "1",
-           "--adapter-path", str(tmp / "stock"), "--save-every", str(10**6)]
-    out = subprocess.run(cmd, env=env(preload), cwd=tmp, capture_output=True, text=True,
-                         check=True)
-    speeds = re.findall(r"Tokens/sec ([\d.]+)", out.stdout + out.stderr)
-    return float(speeds[-1])
+           "--steps-per-report", str(t["steps_per_report"]), "--steps-per-eval", str(iters),
+           "--val-batches", "1",
+           "--adapter-path", str(tmp / "stock"), "--save-every", str(t["save_every"])]
+    return timed(cmd, tmp, preload)
 
 
 def main() -> None:
@@ -108,8 +116,11 @@ def main() -> None:
         tmp = Path(d)
         data = dataset(tmp)
         stock = stock_lora(a.base, data, tmp, a.iters, preload=False)
+        stock_blas = stock_lora(a.base, data, tmp, a.iters, preload=True)
         ours = tuneline_train(a.base, data, tmp, a.iters, preload=True)
-        rows.append(("train tokens/s", stock, ours, "stock mlx_lm lora", "tuneline train"))
+        rows.append(("train run, seconds", stock, ours, "stock mlx_lm lora", "tuneline train"))
+        rows.append(("train run, seconds, both on OpenBLAS", stock_blas, ours,
+                     "mlx_lm lora + OpenBLAS", "tuneline train"))
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores; iters={a.iters}\n")
     print("| measure | baseline | value | tuneline's path | value | ratio |")
     print("|---|---|---|---|---|---|")

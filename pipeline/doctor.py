@@ -103,6 +103,8 @@ def _check_remote(root: Path) -> Check:
         return Check("DVC remote", True, "remote check not available")
     status = remote_status(root)
     detail = f"{status.get('name')} -> {status.get('url')} ({status.get('detail', '')})"
+    for warning in status.get("warnings", []):
+        detail += f"\n       warning: {warning}"
     return Check("DVC remote", bool(status.get("reachable")), detail,
                  "check the url in .dvc/config, credentials in env or .dvc/config.local")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,7 +31,7 @@ DEFAULT_PORTS = {"ssh": 22, "http": 80, "https": 443}
 def remote_status(
     repo_root: Path, name: str | None = None, timeout: float = CHECK_TIMEOUT_S
 ) -> dict[str, Any]:
-    """{name, url (redacted), kind, reachable, detail, warnings} for the default (or named) remote."""
+    """{name, url (redacted), kind, reachable, detail, warnings} of the default or named remote."""
     try:
         config = _load_config(repo_root)
     except Exception as exc:  # a broken config is itself the finding
@@ -166,7 +166,8 @@ def _tcp_refusal(host: str, port: int, kind: str, timeout: float) -> str | None:
     except OSError as exc:
         reason = "no answer" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
         setting = "endpointurl" if kind == "s3" else "host and port in the url"
-        return f"nothing answers at {host}:{port} ({reason}): check {setting} and that the server runs"
+        return (f"nothing answers at {host}:{port} ({reason}): check {setting} and that the "
+                "server runs")
 
 
 def _with_timeout(

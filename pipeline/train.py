@@ -75,6 +75,7 @@ class TrainResult:
     train_loss: float
     val_loss: float
     tokens_per_second: float
+    steps_per_second: float
     trained_tokens: int
     peak_memory_gb: float
     wall_seconds: float
@@ -285,6 +286,7 @@ class MetricsLog:
     def on_train_loss_report(self, info: dict[str, Any]) -> None:
         self._add({"kind": "train", "step": info["iteration"] + self.offset,
                    "loss": info["train_loss"], "tokens_per_second": info["tokens_per_second"],
+                   "steps_per_second": info["iterations_per_second"],
                    "trained_tokens": info["trained_tokens"] + self.token_base,
                    "peak_memory": info["peak_memory"],
                    "learning_rate": info["learning_rate"]})
@@ -389,6 +391,7 @@ def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: 
         train_loss=trains[-1]["loss"] if trains else float("nan"),
         val_loss=val_loss,
         tokens_per_second=float(np.mean(speeds)) if speeds else 0.0,
+        steps_per_second=float(np.mean([r["steps_per_second"] for r in trains])) if trains else 0.0,
         trained_tokens=int(trains[-1]["trained_tokens"]) if trains else 0,
         peak_memory_gb=max((r["peak_memory"] for r in trains), default=0.0),
         wall_seconds=time.perf_counter() - started,

@@ -1,4 +1,4 @@
-"""Team flows through real DVC remotes: a local folder, S3 (moto_server) and SSH (sshd) on 127.0.0.1.
+"""Team flows through real DVC remotes: a local folder, S3 (moto_server), SSH (sshd) on 127.0.0.1.
 
 Each test builds a tiny DVC project laid out like this repository (questions and corrections in
 git; generate -> curate -> train -> export stages writing data/generated, data/dataset,
@@ -23,11 +23,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from servers import (  # noqa: F401 (fixtures s3 and ssh)
+    Server,
+    free_port,
+    s3_delete,
+    s3_fixture,
+    s3_keys,
+    s3_put,
+    ssh_fixture,
+)
 
 from pipeline.remote import remote_status
-from servers import (  # noqa: F401 (fixtures s3 and ssh)
-    Server, free_port, s3_delete, s3_fixture, s3_keys, s3_put, ssh_fixture,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -59,7 +65,8 @@ elif stage == "curate":
     fixes = {c["id"]: c["answer"] for c in rows("data/corrections.jsonl")}
     split = {"train": [], "valid": [], "test": []}
     for r in rows("data/generated/answers.jsonl"):
-        answer, source = fixes.get(r["id"], r["answer"]), "expert" if r["id"] in fixes else "generated"
+        answer = fixes.get(r["id"], r["answer"])
+        source = "expert" if r["id"] in fixes else "generated"
         name = ["train", "train", "valid", "test"][digest(r["id"])[0] % 4]
         split[name].append({"messages": [{"role": "user", "content": r["question"]},
                                          {"role": "assistant", "content": answer}],
@@ -67,7 +74,8 @@ elif stage == "curate":
     for name, out in split.items():
         write(f"data/dataset/{name}.jsonl", "".join(json.dumps(r) + "\\n" for r in out))
 elif stage == "train":
-    data = b"".join(pathlib.Path(f"data/dataset/{n}.jsonl").read_bytes() for n in ("train", "valid"))
+    data = b"".join(pathlib.Path(f"data/dataset/{n}.jsonl").read_bytes()
+                    for n in ("train", "valid"))
     seed = digest(data, params["base"]["seed"], params["train"]["learning_rate"])
     write("models/adapters/adapters.safetensors", b"".join(digest(seed, i) for i in range(512)))
     write("models/adapters/adapter_config.json", json.dumps(params["train"]))
