@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 from tiny import make_tiny_tokenizer
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # before any test imports GX
 from typer.testing import CliRunner
 
 from pipeline import config

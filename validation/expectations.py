@@ -97,6 +97,9 @@ class ExpectColumnValuesToNotBeRefusals(ColumnMapExpectation):
     args_keys = ("column",)
 
 
+TOKEN_CHUNK = 2048
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(path: str) -> Any:
     from tokenizers import Tokenizer
@@ -125,10 +128,12 @@ def token_counts(raws: pd.Series, tokenizer_file: str, max_tokens: int) -> pd.Se
     texts = [_render_raw(raw) for raw in raws]
     sizes = [len(t.encode("utf-8")) for t in texts]
     long_rows = [i for i, n in enumerate(sizes) if n > max_tokens]
-    if long_rows:
-        encoded = load_tokenizer(tokenizer_file).encode_batch_fast(
-            [texts[i] for i in long_rows], add_special_tokens=False)
-        for i, enc in zip(long_rows, encoded):
+    tokenizer = load_tokenizer(tokenizer_file) if long_rows else None
+    for start in range(0, len(long_rows), TOKEN_CHUNK):  # chunks: Encodings are large objects
+        chunk = long_rows[start:start + TOKEN_CHUNK]
+        encoded = tokenizer.encode_batch_fast([texts[i] for i in chunk],
+                                              add_special_tokens=False)
+        for i, enc in zip(chunk, encoded):
             sizes[i] = len(enc.ids)
     return pd.Series(sizes, index=raws.index)
 
