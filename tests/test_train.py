@@ -130,3 +130,30 @@ def test_fused_model_matches_base_plus_adapter(tiny_model_dir, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-4)
     assert np.abs(a - c).max() > 1e-3  # the adapter changed something
     assert (tmp_path / "fused" / "tokenizer.json").exists()
+
+
+def test_quantized_base_trains_as_qlora(tiny_model_dir, tmp_path):
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.utils import quantize_model
+
+    model, _ = load(str(tiny_model_dir))
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    model, cfg = quantize_model(model, cfg, group_size=32, bits=4)
+    qdir = tmp_path / "q4"
+    qdir.mkdir()
+    mx.save_safetensors(str(qdir / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (qdir / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tiny_model_dir / name, qdir / name)
+    paths = make_paths(tmp_path, qdir)
+    result = train.run(dataclasses.replace(params_train(), iters=4), seed=0, paths=paths,
+                       checkpoint_root=tmp_path / "ckpt")
+    adapter = mx.load(str(paths.adapters / "adapters.safetensors"))
+    assert adapter and all(k.endswith(("lora_a", "lora_b")) for k in adapter)
+    assert result.val_loss == result.val_loss  # finite, not NaN
+    tuned, _ = load(str(qdir), adapter_path=str(paths.adapters))
+    assert any(type(m).__name__ == "QuantizedLinear" for _, m in tuned.named_modules())
