@@ -167,10 +167,11 @@ def make_handler(server: StandIn) -> type[BaseHTTPRequestHandler]:
             if fault is not None and fault.kind == "delay":
                 time.sleep(fault.seconds)
                 fault = None
+            # Record before replying: a client that has its reply must find its request logged.
             if fault is not None and fault.kind in ("status", "notjson", "drop"):
-                self.send_fault(fault)
                 server.record({"path": self.path, "messages": messages, "fault": fault.kind,
                                "start": started, "end": time.time()})
+                self.send_fault(fault)
                 return
             text, p_tokens, c_tokens, reason = server.generate(messages, options)
             if fault is not None and fault.kind == "empty":
@@ -178,6 +179,11 @@ def make_handler(server: StandIn) -> type[BaseHTTPRequestHandler]:
             final = {"model": body["model"], "created_at": now(), "done": True,
                      "done_reason": reason, "total_duration": 1, "prompt_eval_count": p_tokens,
                      "eval_count": c_tokens}
+            server.record({"path": self.path, "model": body["model"], "messages": messages,
+                           "options": options, "stream": body.get("stream", True),
+                           "authorization": self.headers.get("Authorization"),
+                           "completion_tokens": c_tokens,
+                           "start": started, "end": time.time()})
             if self.openai:
                 self.send_json(200, openai_completion(body["model"], text, p_tokens, c_tokens,
                                                       reason))
@@ -185,11 +191,6 @@ def make_handler(server: StandIn) -> type[BaseHTTPRequestHandler]:
                 self.send_stream(chat, text, final, fault)
             else:
                 self.send_json(200, {**final, **content(chat, text)})
-            server.record({"path": self.path, "model": body["model"], "messages": messages,
-                           "options": options, "stream": body.get("stream", True),
-                           "authorization": self.headers.get("Authorization"),
-                           "completion_tokens": c_tokens,
-                           "start": started, "end": time.time()})
 
         def send_fault(self, fault: Fault) -> None:
             if fault.kind == "drop":
