@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_train import dataset  # noqa: E402  the same 40/8 split as the CPU benchmark
 
 GPU_SETTING = {"batch_size": 8, "iters": 50, "num_layers": 16, "max_seq_length": 512}
 QUICK = {"iters": 4, "steps_per_report": 2, "steps_per_eval": 4, "val_batches": 1,
@@ -82,15 +84,6 @@ def ensure_weights(base: Path) -> None:
     bf16 = {k: mx.array(v).astype(mx.bfloat16) for k, v in weights.items()}
     mx.save_safetensors(str(target), bf16, metadata={"format": "mlx"})
     print(f"wrote random bf16 weights: {sum(v.size for v in weights.values()) / 1e6:.1f}M params")
-
-
-def dataset(tmp: Path) -> Path:
-    rows = (ROOT / "data/imports/postgresql_expert.jsonl").read_text().splitlines()
-    data = tmp / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text("\n".join(rows[:40]) + "\n")
-    (data / "valid.jsonl").write_text("\n".join(rows[40:48]) + "\n")
-    return data
 
 
 def settings(extra: dict) -> dict:
