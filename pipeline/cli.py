@@ -222,6 +222,7 @@ def fuse(
 def export(
     model: Annotated[Path, typer.Option(help="fused model directory (mlx-lm layout)")],
     base: Annotated[Path, typer.Option(help="base model directory (for tokenizer provenance)")],
+    dataset: Annotated[Path, typer.Option(help="dataset folder (hashed into the provenance)")],
     out: Annotated[Path, typer.Option(help="GGUF output directory")],
     report: Annotated[Path, typer.Option(help="reports/gguf.json")],
     params: ParamsOpt = config.PARAMS_FILE,
@@ -231,7 +232,7 @@ def export(
 
     cfg = config.load(stage.ExportConfig, "export", params)
     seed = config.load(base_model.BaseConfig, "base", params).seed
-    result = stage.run(cfg, stage.ExportPaths(model, base, out, report), seed)
+    result = stage.run(cfg, stage.ExportPaths(model, base, dataset, out, report), seed=seed)
     for qtype, path in result.files.items():
         info = result.report["files"][qtype]
         typer.echo(f"{path}: agreement with MLX {info['agreement']:.3f}, "
