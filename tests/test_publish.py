@@ -655,6 +655,40 @@ def test_publish_stage_runs_inside_dvc_repro_and_leaves_the_tree_clean(project: 
     assert _sh(project, "git", "status", "--porcelain") == ""
 
 
+@pytest.mark.slow
+def test_stage_verdict_inside_dvc_repro_and_records_of_real_publishes_survive(
+        project: Path, hub: HubStandin) -> None:
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())
+    stages["stages"]["publish"] = {
+        "cmd": f"{sys.executable} -m pipeline publish --stage --report reports/publish.json",
+        "deps": ["models/gguf", "reports/eval.json"], "params": ["publish"],
+        "metrics": [{"reports/publish.json": {"cache": False}}]}
+    _write(project / "dvc.yaml", stages)
+    _write(project / "src/gguf/Modelfile", "FROM ./model-f16.gguf\n")  # new, unpushed outputs
+    _dvc(project, "repro", "-q")  # as a first repro: dvc.lock rewritten, nothing pushed
+
+    verdict = _report()
+    assert verdict["passed"] is True and verdict["status"] == "stage", verdict["checks"]
+    assert verdict["pending"] == ["git_clean", "dvc_pushed"]
+
+    _commit(project, "repro")
+    _dvc(project, "push", "-q")
+    env = {**os.environ, "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(project.parent / "hf-home")}
+    real = subprocess.run([sys.executable, "-m", "pipeline", "publish"], capture_output=True,
+                          text=True, env=env, check=False)
+    assert real.returncode == 0, real.stdout + real.stderr
+    [record] = Path("reports/releases").glob("*.json")
+    kept = record.read_bytes()
+    assert json.loads(kept)["status"] == "published"
+    assert json.loads(kept)["revision"] == hub.repos[REPO].head.oid
+    _commit(project, "record the release")
+
+    _dvc(project, "repro", "-q", "-f", "publish")  # DVC deletes and rewrites the stage's report
+    assert _report()["status"] == "stage"
+    assert record.read_bytes() == kept and list(Path("reports/releases").iterdir()) == [record]
+
+
 def test_dvc_yaml_publish_stage_matches_the_code() -> None:
     root = Path(__file__).resolve().parents[1]
     stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["publish"]
