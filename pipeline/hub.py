@@ -14,6 +14,7 @@ here retries a commit, which is not idempotent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -50,8 +51,6 @@ class ReleaseFile:
 
     @classmethod
     def generated(cls, repo_path: str, data: bytes, *, volatile: bool = False) -> ReleaseFile:
-        import hashlib
-
         return cls(repo_path, len(data), hashlib.sha256(data).hexdigest(), None, data, volatile)
 
 
