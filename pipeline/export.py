@@ -239,13 +239,13 @@ def quantize(src: Path, dst: Path, qtype: str) -> tuple[Path, str | None]:
 # --- Ollama Modelfile ------------------------------------------------------------------------
 
 
-def write_modelfile(out: Path, gguf_file: str, model_dir: Path, cfg: ExportConfig) -> dict[str, Any]:
+def write_modelfile(out: Path, gguf_name: str, model_dir: Path, cfg: ExportConfig) -> dict[str, Any]:
     """Modelfile with a TEMPLATE checked against the chat template on probe conversations."""
     template = gguf_tokenizer.chat_template(model_dir) or ""
     stops = end_of_turn_tokens(model_dir)
     default_system = chatml_default_system(template)
     lines = [f"# Ollama: ollama create {cfg.name} -f Modelfile && ollama run {cfg.name}",
-             f"FROM ./{gguf_file}"]
+             f"FROM ./{gguf_name}"]
     if default_system is not None:
         lines.append(f'TEMPLATE """{ollama_chatml(default_system)}"""')
         kind = "chatml"
@@ -257,7 +257,7 @@ def write_modelfile(out: Path, gguf_file: str, model_dir: Path, cfg: ExportConfi
     if cfg.system_prompt:
         lines.append(f'SYSTEM """{cfg.system_prompt}"""')
     (out / "Modelfile").write_text("\n".join(lines) + "\n")
-    return {"from": gguf_file, "template": kind, "stop": stops}
+    return {"from": gguf_name, "template": kind, "stop": stops}
 
 
 def end_of_turn_tokens(model_dir: Path) -> list[str]:
