@@ -8,8 +8,12 @@ repository left behind would look like a release that went missing.
 
 The token is handed to `huggingface_hub` only and scrubbed from every message (`redact`); every
 failure comes out as one HubError line naming the URL and what to do, never the client's chained
-exception (which carries request headers). huggingface_hub retries LFS transfers itself; nothing
-here retries a commit, which is not idempotent.
+exception (which carries request headers).
+
+Reads (whoami, repo info, the previous manifest) are retried on a 429/5xx reply or a network error,
+up to READ_ATTEMPTS times with a short backoff: a proxy's passing 502 should not fail a release.
+The commit is never retried (it is not idempotent; a lost reply to a commit that landed would
+otherwise become a second commit); huggingface_hub retries LFS transfers itself.
 """
 
 from __future__ import annotations
@@ -17,16 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pipeline.errors import UserError
 from pipeline.repo_facts import sha256_file
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+READ_ATTEMPTS = 3
+READ_BACKOFF_S = 0.5  # doubled after each failed attempt
+RETRY_STATUS = (429, 500, 502, 503, 504)
+T = TypeVar("T")
 NOTHING_PUBLISHED = (
     "Nothing was published: the Hub shows a new revision only once its single commit succeeds."
 )
@@ -63,6 +72,7 @@ class Upload:
     content_id: str  # same id + same bytes on the Hub = nothing to do
     title: str  # commit title
     description: str
+    repo_type: str = "model"  # or "dataset"
 
 
 def redact(text: str, token: str | None) -> str:
@@ -78,21 +88,22 @@ def push(upload: Upload, token: str | None,
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(repo_id, endpoint, token):
         _check_token(api)
-        remote = _remote_info(api, repo_id)
+        remote = _remote_info(api, upload)
         if remote is not None and remote.private is False and upload.private:
             raise HubError(f"{endpoint}/{repo_id} is public but publish.private is true: make "
                            "it private in its settings, or set publish.private: false")
-        previous = _previous_manifest(api, repo_id, remote, upload.manifest)
+        previous = _previous_manifest(api, upload, remote)
         if remote is not None and _already_there(upload, previous, remote):
             return "unchanged", f"{endpoint}/{repo_id}/commit/{remote.sha}", str(remote.sha)
         if remote is None:
             # exist_ok=False: a repo someone else created meanwhile is theirs, never deleted below.
-            api.create_repo(repo_id, private=upload.private, exist_ok=False)
+            api.create_repo(repo_id, private=upload.private, exist_ok=False,
+                            repo_type=upload.repo_type)
         try:
             info = _commit(api, upload, remote, previous)
         except Exception as exc:
             if remote is None:
-                _delete_created(api, exc, repo_id, endpoint)
+                _delete_created(api, exc, upload, endpoint)
             raise
     return "published", str(info.commit_url), str(info.oid)
 
@@ -109,16 +120,17 @@ def _commit(api: Any, upload: Upload, remote: Any, previous: dict[str, Any] | No
         for f in upload.files]
     operations += [CommitOperationDelete(path) for path in stale]
     return api.create_commit(
-        upload.repo_id, operations, commit_message=upload.title,
+        upload.repo_id, operations, repo_type=upload.repo_type, commit_message=upload.title,
         commit_description=f"{upload.description}\n{len(upload.files)} files, "
                            f"{len(stale)} removed",
         parent_commit=remote.sha if remote is not None else None)
 
 
-def _delete_created(api: Any, exc: Exception, repo_id: str, endpoint: str) -> None:
+def _delete_created(api: Any, exc: Exception, upload: Upload, endpoint: str) -> None:
     """Remove the repo this run created for a commit that failed; say so if that fails too."""
+    repo_id = upload.repo_id
     try:
-        api.delete_repo(repo_id, missing_ok=True)
+        _read(lambda: api.delete_repo(repo_id, repo_type=upload.repo_type, missing_ok=True))
     except Exception as cleanup:  # noqa: BLE001 - reported, with the original failure
         raise HubError(
             f"{explain(exc, repo_id, endpoint)} The empty repository this run created could not "
@@ -126,8 +138,29 @@ def _delete_created(api: Any, exc: Exception, repo_id: str, endpoint: str) -> No
         ) from None
 
 
+def _read(call: Callable[[], T]) -> T:
+    """`call()`, retried on 429/5xx replies and network errors (idempotent calls only)."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt == READ_ATTEMPTS - 1 or not _transient(exc):
+                raise
+            time.sleep(READ_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _transient(exc: BaseException) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    cause = _root_cause(exc)
+    if isinstance(cause, HfHubHTTPError) and cause.response is not None:
+        return cause.response.status_code in RETRY_STATUS
+    return _is_network(cause)
+
+
 def _check_token(api: Any) -> None:
-    who = api.whoami()
+    who = _read(api.whoami)
     auth = who.get("auth") if isinstance(who, dict) else None
     role = ((auth or {}).get("accessToken") or {}).get("role") if isinstance(auth, dict) else None
     if role == "read":
@@ -136,22 +169,24 @@ def _check_token(api: Any) -> None:
                        + NOTHING_PUBLISHED)
 
 
-def _remote_info(api: Any, repo_id: str) -> Any:
+def _remote_info(api: Any, upload: Upload) -> Any:
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
-        return api.model_info(repo_id, revision="main", files_metadata=True)
+        return _read(lambda: api.repo_info(upload.repo_id, repo_type=upload.repo_type,
+                                           revision="main", files_metadata=True))
     except RepositoryNotFoundError:
         return None  # a first publish: the repo is created just before the commit
 
 
-def _previous_manifest(api: Any, repo_id: str, remote: Any,
-                       manifest: str) -> dict[str, Any] | None:
+def _previous_manifest(api: Any, upload: Upload, remote: Any) -> dict[str, Any] | None:
     """What an earlier publish put in the repo (to delete what this one no longer has)."""
-    if remote is None or manifest not in {s.rfilename for s in remote.siblings or []}:
+    if remote is None or upload.manifest not in {s.rfilename for s in remote.siblings or []}:
         return None
     with tempfile.TemporaryDirectory(prefix="tuneline-hub-") as cache:
-        path = api.hf_hub_download(repo_id, manifest, revision=remote.sha, cache_dir=cache)
+        path = _read(lambda: api.hf_hub_download(
+            upload.repo_id, upload.manifest, repo_type=upload.repo_type, revision=remote.sha,
+            cache_dir=cache))
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):

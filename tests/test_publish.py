@@ -527,6 +527,7 @@ ERRORS: dict[str, tuple[dict[str, Any], str]] = {
     # Hostile or broken replies: a proxy's HTML page, a body that is not JSON, the wrong shape.
     "proxy_html_error_page": ({"fault": {
         "method": "GET", "path": "/api/models/", "status": 502, "content_type": "text/html",
+        "times": hub_client.READ_ATTEMPTS,
         "body": b"<html><body><h1>502 Bad Gateway</h1></body></html>"}}, "answered 502"),
     "reply_not_json": ({"fault": {"method": "GET", "path": "/api/models/", "status": 200,
                                   "content_type": "text/html", "body": b"<html>login</html>"}},
@@ -579,9 +580,18 @@ def test_hub_errors_are_clear_token_free_and_publish_nothing(
     assert list(hub.repos) == ([REPO] if setup.get("seed_repo") else [])
 
 
+def test_a_passing_server_error_on_a_read_is_retried(project: Path, hub: HubStandin) -> None:
+    hub.fail("GET", "/api/whoami-v2", status=503)
+    hub.fail("GET", "/api/models/", status=502, body=b"<html>Bad Gateway</html>",
+             content_type="text/html")
+    result = _run(hub)
+    assert result.status == "published"
+    assert hub.calls("GET", "/api/whoami-v2") == 2 and hub.calls("POST", "/commit/") == 1
+
+
 def test_a_repo_that_cannot_be_cleaned_up_is_named(project: Path, hub: HubStandin) -> None:
     hub.fail("POST", "/commit/", status=500)
-    hub.fail("DELETE", "/api/repos/delete", status=500)
+    hub.fail("DELETE", "/api/repos/delete", status=500, times=hub_client.READ_ATTEMPTS)
     with pytest.raises(publish.PublishError, match="could not be deleted") as info:
         _run(hub)
     assert f"{hub.url}/{REPO}/settings" in str(info.value)
@@ -622,7 +632,7 @@ def test_cli_publishes_and_never_prints_the_token(project: Path, hub: HubStandin
     assert card == hub.file_bytes(REPO, "README.md")
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert "already published" in again.stdout
-    hub.fail("GET", "/api/models/", status=500, echo_auth=True)
+    hub.fail("GET", "/api/models/", status=500, echo_auth=True, times=hub_client.READ_ATTEMPTS)
     failing = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert failing.returncode == 1 and "error:" in failing.stderr
     assert "Traceback" not in failing.stderr
