@@ -36,8 +36,7 @@ async function load() {
   Object.assign(state, { rows: data.rows, version: data.version, matched: data.matched });
   state.focus = Math.min(state.focus, Math.max(0, data.rows.length - 1));
   $("progress").textContent = `reviewed ${data.reviewed} / ${data.total}`;
-  const notBuilt = data.pending ? `${data.pending} saved change(s) not in the dataset yet: ` +
-    "run dvc repro, then commit and push" : "";
+  const notBuilt = data.pending ? `· ${data.pending} saved change(s) not in the dataset yet` : "";
   $("pending-count").textContent = notBuilt;
   fillSources(data.sources);
   const last = Math.min(data.offset + data.rows.length, data.matched);
