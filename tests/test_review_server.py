@@ -273,3 +273,23 @@ def test_ten_thousand_rows_are_filtered_and_paged_on_the_server(tmp_path):
         assert get(url, source="expert")["matched"] == 2500
         assert [r["id"] for r in get(url, q="question number 4321?")["rows"]] == ["q-04321"]
         assert len(get(url, limit="100000")["rows"]) == review_server.PAGE_MAX
+
+
+@pytest.mark.slow
+def test_findings_of_the_real_validate_stage_show_on_their_rows(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = make_project(tmp_path / "proj", corrections=[
+        {"id": "q-0007", "action": "replace_answer", "answer": "Yes, do it."}])
+    (root / "reports/validation.json").unlink()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "validate", "data/dataset",
+                           "--tokenizer", "models/base", "--report", "reports/validation.json"],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr  # a warning only
+    with served(root) as url:
+        flagged = get(url, findings="1")["rows"]
+    assert [r["id"] for r in flagged] == ["q-0007"]
+    assert [f["check"] for f in flagged[0]["findings"]] == ["answer_length"]
