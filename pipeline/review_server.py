@@ -31,6 +31,9 @@ TEXT_MAX = 200_000        # characters in one cell
 EDIT_KEYS = {"id", "action", "question", "answer", "followup", "followup_answer", "base",
              "reviewed"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Only the page's own script and style may run or load: a second wall behind the escaping.
+CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+       b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class ServeError(UserError):
@@ -139,6 +142,7 @@ def _row(conv: Conversation, curated: dict[str, Any] | None, mark: str | None,
     cells, more = _cells(list(conv.messages))
     sources, _ = corr_mod.turn_meta(conv)
     shown = review.conversation_digest(cells)
+    by_expert = bool(sources) and all(s == "expert" for s in sources)
     then = _cells(curated["messages"])[0] if curated else None
     return {
         "id": conv.id, "split": curated["split"] if curated else "new", "source": conv.source,
@@ -146,7 +150,7 @@ def _row(conv: Conversation, curated: dict[str, Any] | None, mark: str | None,
         **cells, "more_turns": more, "findings": findings,
         "base_answer": answers.get("base"), "tuned_answer": answers.get("tuned"),
         # An expert wrote every answer, or an expert vouched for exactly this text.
-        "reviewed": bool(sources) and all(s == "expert" for s in sources) or mark == shown,
+        "by_expert": by_expert, "reviewed": by_expert or mark == shown,
         "dropped": False, "pending": then != cells,
         "base": {k: review.digest(v) for k, v in cells.items()},
     }
@@ -161,7 +165,7 @@ def _dropped(rid: str, curated: dict[str, Any] | None, questions: dict[str, str]
             "origin": list(curated.get("origin") or []) if curated else [],
             "question": question, "answer": cells.get("answer", ""), "followup": "",
             "followup_answer": "", "more_turns": [], "findings": [], "base_answer": None,
-            "tuned_answer": None, "reviewed": True, "dropped": True,
+            "tuned_answer": None, "by_expert": False, "reviewed": True, "dropped": True,
             "pending": curated is not None, "base": {"drop": True}}
 
 
@@ -322,9 +326,7 @@ def create_app(paths: ServePaths, host: str = "127.0.0.1") -> Any:
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", []).extend([
-                    (b"content-security-policy", b"default-src 'none'; script-src 'self'; "
-                     b"style-src 'self'; img-src 'self'; connect-src 'self'; base-uri 'none'; "
-                     b"form-action 'none'; frame-ancestors 'none'"),
+                    (b"content-security-policy", CSP),
                     (b"x-content-type-options", b"nosniff"),
                     (b"referrer-policy", b"no-referrer"),
                     (b"cache-control", b"no-store")])

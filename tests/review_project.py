@@ -96,11 +96,16 @@ def _eval(test_ids: list[str]) -> dict[str, Any]:
 
 
 def curate_now(root: Path) -> None:
+    """What dvc.yaml's curate stage runs, from the project folder (origins read data/...)."""
     cfg = config.load(curate.CurateConfig, "curate", root / "params.yaml")
-    d = root / "data"
-    curate.run(cfg, curate.CuratePaths(d / "generated/answers.jsonl", d / "questions.jsonl",
-                                       d / "corrections.jsonl", d / "imports", d / "dataset",
-                                       root / "reports/curate.json"))
+    d, here = Path("data"), Path.cwd()
+    os.chdir(root)
+    try:
+        curate.run(cfg, curate.CuratePaths(d / "generated/answers.jsonl", d / "questions.jsonl",
+                                           d / "corrections.jsonl", d / "imports", d / "dataset",
+                                           Path("reports/curate.json")))
+    finally:
+        os.chdir(here)
 
 
 def paths(root: Path) -> review_server.ServePaths:

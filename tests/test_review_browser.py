@@ -28,7 +28,8 @@ NEW_ANSWER = "Set option2 with ALTER SYSTEM SET, then SELECT pg_reload_conf(); n
 def run(cmd: list[str], cwd: Path) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -104,9 +105,9 @@ def test_expert_edits_and_drops_in_the_browser_and_dvc_repro_builds_it(tmp_path)
 
         # Filter: one split, then a text search.
         Select(driver.find_element(By.ID, "f-split")).select_by_value("test")
-        wait_for(driver, "return document.querySelectorAll('#rows .card').length > 0 && "
-                         "[...document.querySelectorAll('#rows .card .badge:nth-of-type(1)')]"
-                         ".every(b => b.textContent === 'test')")
+        wait_for(driver, "const cs = [...document.querySelectorAll('#rows .card')]; return "
+                         "cs.length > 0 && cs.every(c => c.querySelector('.badge').textContent "
+                         "=== 'test')")
         assert set(cards(driver)) == {r["id"] for r in before.values() if r["id"] in
                                       {x["id"] for x in read_jsonl(
                                           root / "data/dataset/test.jsonl")}}
