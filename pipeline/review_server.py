@@ -120,20 +120,48 @@ def _json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def build_view(paths: ServePaths) -> list[dict[str, Any]]:
-    """Every conversation as the page shows it, sorted by id; dropped ones included."""
+@dataclass(frozen=True)
+class Sources:
+    """What changes rarely (dataset, questions, reports): parsed once per change, so a save
+    (which changes only data/corrections.jsonl) rebuilds just the rows it touches."""
+
+    curated: dict[str, dict[str, Any]]
+    questions: dict[str, str]
+    convs: dict[str, Conversation]
+    findings: dict[str, list[dict]]
+    answers: dict[str, dict[str, str]]
+    plain: dict[str, dict[str, Any]]  # id -> the row as shown without corrections
+
+
+def load_sources(paths: ServePaths) -> Sources:
     curated, places = _dataset(paths)
     questions = {}
     if paths.questions.exists():
         questions = {r["id"]: r.get("question", "") for r in read_jsonl(paths.questions)}
-    corrs = corr_mod.load(paths.corrections)
     convs = {rid: _conversation(row) for rid, row in curated.items()}
-    merged, applied = corr_mod.apply(convs, questions, corrs, str(paths.corrections))
-    marks = {c.id: c.row.get("digest") for c in corrs if c.action == "reviewed"}
     findings, answers = _findings(paths, places), _eval_answers(paths)
-    view = [_row(conv, curated.get(rid), marks.get(rid), findings.get(rid, []),
-                 answers.get(rid, {})) for rid, conv in merged.items()]
-    view += [_dropped(rid, curated.get(rid), questions, corrs) for rid in applied.dropped]
+    plain = {rid: _row(conv, curated[rid], None, findings.get(rid, []), answers.get(rid, {}))
+             for rid, conv in convs.items()}
+    return Sources(curated, questions, convs, findings, answers, plain)
+
+
+def build_view(paths: ServePaths, src: Sources | None = None) -> list[dict[str, Any]]:
+    """Every conversation as the page shows it, sorted by id; dropped ones included."""
+    src = src or load_sources(paths)
+    corrs = corr_mod.load(paths.corrections)
+    merged, applied = corr_mod.apply(src.convs, src.questions, corrs, str(paths.corrections))
+    marks = {c.id: c.row.get("digest") for c in corrs if c.action == "reviewed"}
+    view = []
+    for rid, conv in merged.items():
+        if conv is src.convs.get(rid):  # no correction touched it
+            row = src.plain[rid]
+            if rid in marks:
+                row = {**row, "reviewed": row["by_expert"] or marks[rid] == row["digest"]}
+        else:
+            row = _row(conv, src.curated.get(rid), marks.get(rid), src.findings.get(rid, []),
+                       src.answers.get(rid, {}))
+        view.append(row)
+    view += [_dropped(rid, src.curated.get(rid), src.questions, corrs) for rid in applied.dropped]
     return sorted(view, key=lambda r: r["id"])
 
 
@@ -150,7 +178,7 @@ def _row(conv: Conversation, curated: dict[str, Any] | None, mark: str | None,
         **cells, "more_turns": more, "findings": findings,
         "base_answer": answers.get("base"), "tuned_answer": answers.get("tuned"),
         # An expert wrote every answer, or an expert vouched for exactly this text.
-        "by_expert": by_expert, "reviewed": by_expert or mark == shown,
+        "by_expert": by_expert, "reviewed": by_expert or mark == shown, "digest": shown,
         "dropped": False, "pending": then != cells,
         "base": {k: review.digest(v) for k, v in cells.items()},
     }
@@ -165,27 +193,35 @@ def _dropped(rid: str, curated: dict[str, Any] | None, questions: dict[str, str]
             "origin": list(curated.get("origin") or []) if curated else [],
             "question": question, "answer": cells.get("answer", ""), "followup": "",
             "followup_answer": "", "more_turns": [], "findings": [], "base_answer": None,
-            "tuned_answer": None, "by_expert": False, "reviewed": True, "dropped": True,
+            "tuned_answer": None, "by_expert": False, "reviewed": True, "digest": "",
+            "dropped": True,
             "pending": curated is not None, "base": {"drop": True}}
 
 
 class Views:
-    """build_view, rebuilt only when one of its files changed (size or mtime)."""
+    """build_view, redone only when one of its files changed (size or mtime)."""
 
     def __init__(self, paths: ServePaths) -> None:
-        self.paths, self._key, self._rows = paths, None, []
+        self.paths = paths
+        self._src_key: Any = None
+        self._key: Any = None
+        self._src: Sources | None = None
+        self._rows: list[dict[str, Any]] = []
 
-    def _signature(self) -> tuple[Any, ...]:
-        files = [self.paths.dataset / f"{s}.jsonl" for s in review.SPLITS] + [
-            self.paths.corrections, self.paths.questions, self.paths.validation,
-            self.paths.evaluation]
+    @staticmethod
+    def _signature(files: list[Path]) -> tuple[Any, ...]:
         return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else
                      (str(f),) for f in files)
 
     def rows(self) -> list[dict[str, Any]]:
-        key = self._signature()
+        p = self.paths
+        src_key = self._signature([p.dataset / f"{s}.jsonl" for s in review.SPLITS] + [
+            p.questions, p.validation, p.evaluation])
+        key = (src_key, self._signature([p.corrections]))
+        if src_key != self._src_key or self._src is None:
+            self._src, self._src_key = load_sources(p), src_key
         if key != self._key:
-            self._rows, self._key = build_view(self.paths), key
+            self._rows, self._key = build_view(p, self._src), key
         return self._rows
 
 
