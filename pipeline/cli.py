@@ -146,8 +146,8 @@ def validate(
         raise typer.Exit(1)
 
 
-review_app = typer.Typer(no_args_is_help=True, help="Review the dataset in a sheet; edits become "
-                         "data/corrections.jsonl lines.")
+review_app = typer.Typer(no_args_is_help=True, help="Review the dataset in a sheet or the browser; "
+                         "edits become data/corrections.jsonl lines.")
 app.add_typer(review_app, name="review")
 SheetOpt = Annotated[Path, typer.Option(help="the review sheet (CSV)")]
 

@@ -1,5 +1,6 @@
 """Review: `tuneline review export --sheet review.csv`, edit the sheet, then
 `tuneline review apply --sheet review.csv` turns what you changed into data/corrections.jsonl lines.
+`tuneline review serve` (review_server.py) saves through the same function, `save_edits`.
 
 The sheet (CSV, UTF-8, opens in any spreadsheet app) has one row per dataset row plus the questions
 dropped by corrections. Columns you edit:

@@ -345,6 +345,9 @@ def create_app(paths: ServePaths, host: str = "127.0.0.1") -> Any:
         origin = request.headers.get("origin")
         if origin and origin.split("://", 1)[-1] != request.headers.get("host"):
             return error(403, f"a page from {origin} may not save here")
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > BODY_MAX:  # refused before it is read into memory
+            return error(413, f"a save is at most {BODY_MAX} bytes; save more often")
         try:
             everything = views.rows()
             version, edits = parse_save(await request.body(), {r["id"] for r in everything})

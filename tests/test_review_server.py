@@ -292,3 +292,39 @@ def test_findings_of_the_real_validate_stage_show_on_their_rows(tmp_path):
         flagged = get(url, findings="1")["rows"]
     assert [r["id"] for r in flagged] == ["q-0007"]
     assert [f["check"] for f in flagged[0]["findings"]] == ["answer_length"]
+
+
+def test_review_serve_listens_on_loopback_only_by_default(project):
+    import socket
+
+    from tests.review_project import served_cli
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # UDP: picks the outgoing address, sends nothing
+            address = probe.getsockname()[0]
+        except OSError:
+            address = None
+    with served_cli(project) as url:
+        assert get(url)["total"] == 12
+        if address is None or address.startswith("127."):
+            pytest.skip("this machine has no non-loopback address to try")
+        port = url.rsplit(":", 1)[1]
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://{address}:{port}/", timeout=5)
+
+
+def test_an_oversized_save_is_refused_before_it_is_read(project):
+    import http.client
+
+    with served(project) as url:
+        conn = http.client.HTTPConnection(url.split("//")[1], timeout=30)
+        conn.putrequest("POST", "/api/save")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(review_server.BODY_MAX + 1))
+        conn.endheaders()  # the body never comes: the answer must not wait for it
+        res = conn.getresponse()
+        status, reply = res.status, json.loads(res.read())
+        conn.close()
+    assert status == 413 and "at most" in reply["error"]
+    assert (project / "data/corrections.jsonl").read_text() == ""
