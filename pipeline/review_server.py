@@ -162,7 +162,20 @@ def build_view(paths: ServePaths, src: Sources | None = None) -> list[dict[str, 
                        src.answers.get(rid, {}))
         view.append(row)
     view += [_dropped(rid, src.curated.get(rid), src.questions, corrs) for rid in applied.dropped]
+    # Questions with no conversation: never answered, answer dropped by curate, or restored
+    # since the last `dvc repro`. An expert answer written here stands in for a generated one.
+    known = set(merged) | set(applied.dropped)
+    view += [_unanswered(rid, q, paths.questions) for rid, q in src.questions.items()
+             if rid not in known]
     return sorted(view, key=lambda r: r["id"])
+
+
+def _unanswered(rid: str, question: str, origin: Path) -> dict[str, Any]:
+    cells = {"question": question, "answer": "", "followup": "", "followup_answer": ""}
+    return {"id": rid, "split": "unanswered", "source": "", "origin": [str(origin)], **cells,
+            "more_turns": [], "findings": [], "base_answer": None, "tuned_answer": None,
+            "by_expert": False, "reviewed": False, "digest": "", "dropped": False,
+            "pending": False, "base": {k: review.digest(v) for k, v in cells.items()}}
 
 
 def _row(conv: Conversation, curated: dict[str, Any] | None, mark: str | None,

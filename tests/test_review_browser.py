@@ -197,3 +197,33 @@ def test_a_save_from_a_stale_tab_is_refused_in_the_page(tmp_path):
                          ".startsWith('Saved 1')")
     assert [json.loads(x)["id"] for x in (root / "data/corrections.jsonl").read_text(
         ).splitlines()] == ["q-0005", "q-0003"]
+
+
+def test_add_a_conversation_mark_reviewed_and_restore_in_the_page(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    root = make_project(tmp_path / "proj", corrections=[{"id": "q-0003", "action": "drop"}])
+    with served_cli(root) as url, chromium(tmp_path) as driver:
+        driver.get(url + "/")
+        wait_for(driver, "return document.querySelectorAll('#rows .card').length === 12")
+        assert "dropped" in card(driver, "q-0003").get_attribute("class")
+        driver.find_element(By.CSS_SELECTOR, "#add summary").click()
+        driver.find_element(By.ID, "new-question").send_keys("How do I list installed extensions?")
+        driver.find_element(By.ID, "new-answer").send_keys("Run \\dx in psql.")
+        driver.find_element(By.ID, "add-button").click()
+        search(driver, "subsystem", expect=12)
+        keys(driver, Keys.ESCAPE, "j", "j", "r", "j", "d")  # q-0002 reviewed, q-0003 restored
+        assert driver.find_element(By.ID, "save").text == "Save 3 changes"
+        driver.find_element(By.ID, "save").click()
+        wait_for(driver, "return document.getElementById('status').textContent"
+                         ".startsWith('Saved 3')")
+        wait_for(driver, "return document.getElementById('progress').textContent === "
+                         "'reviewed 2 / 13'")  # q-0002 and the expert's new conversation
+        # Restored: listed (without an answer) until dvc repro brings its answer back.
+        assert card(driver, "q-0003").find_element(By.CSS_SELECTOR, ".badge").text == (
+            "unanswered")
+    lines = [json.loads(x) for x in (root / "data/corrections.jsonl").read_text().splitlines()]
+    assert [c["action"] for c in lines] == ["reviewed", "add_conversation"]
+    assert lines[0]["id"] == "q-0002"
+    assert lines[1]["messages"][1]["content"] == "Run \\dx in psql."

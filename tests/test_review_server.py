@@ -328,3 +328,17 @@ def test_an_oversized_save_is_refused_before_it_is_read(project):
         conn.close()
     assert status == 413 and "at most" in reply["error"]
     assert (project / "data/corrections.jsonl").read_text() == ""
+
+
+def test_an_unanswered_question_gets_an_expert_answer_that_curate_takes(project):
+    qs = read_jsonl(project / "data/questions.jsonl")
+    write_jsonl(project / "data/questions.jsonl", [*qs, {
+        "id": "q-0100", "question": "How do I see the server version?", "source": "expert"}])
+    with served(project) as url:
+        waiting = row(url, "q-0100")
+        assert (waiting["split"], waiting["answer"]) == ("unanswered", "")
+        save(url, edit(waiting, answer="Run SELECT version(); in psql."))
+        curate_now(project)
+        answered = row(url, "q-0100")
+    assert answered["split"] in review.SPLITS and answered["source"] == "expert"
+    assert answered["answer"] == "Run SELECT version(); in psql." and not answered["pending"]

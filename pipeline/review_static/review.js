@@ -102,7 +102,7 @@ function toggleDrop(i) {
 
 function toggleReviewed(i) {
   const row = state.rows[i];
-  if (row.dropped || row.by_expert) return;
+  if (row.dropped || row.by_expert || !row.answer) return;
   const e = edit(row);
   const now = e.reviewed === null ? row.reviewed : e.reviewed;
   e.reviewed = !now;
@@ -198,7 +198,7 @@ function card(row, i) {
   drop.addEventListener("click", () => toggleDrop(i));
   const rev = el("button", { type: "button", class: "review", text: reviewed ? "Unmark reviewed (r)" : "Mark reviewed (r)" });
   rev.addEventListener("click", () => toggleReviewed(i));
-  if (dropped || row.by_expert) rev.disabled = true;
+  if (dropped || row.by_expert || !row.answer) rev.disabled = true;
   if (row.by_expert) rev.title = "an expert wrote every answer of this conversation";
   node.append(el("div", { class: "actions" }, rev, drop));
   node.addEventListener("click", () => { state.focus = i; highlight(false); });
