@@ -184,25 +184,33 @@ function card(row, i) {
     node.append(el("ul", { class: "findings" }, ...row.findings.map((f) =>
       el("li", { class: f.severity, text: `${f.severity} ${f.check}: ${f.message}` }))));
   }
-  for (const f of FIELDS) node.append(field(row, f, dropped));
+  for (const f of FIELDS) {
+    node.append(field(row, f, dropped));
+    const models = f === "answer" ? modelAnswers(row) : null;  // next to the reference
+    if (models) node.append(models);
+  }
   if (row.more_turns.length) {
     node.append(el("div", { class: "more" }, el("label", { text: "Later turns (edit in data/corrections.jsonl)" }),
       ...row.more_turns.map((t) => el("pre", { text: t }))));
   }
-  if (row.base_answer !== null || row.tuned_answer !== null) {
-    node.append(el("div", { class: "models" },
-      el("div", {}, el("label", { text: "base model answered" }), el("pre", { class: "base-answer", text: row.base_answer || "" })),
-      el("div", {}, el("label", { text: "tuned model answered" }), el("pre", { class: "tuned-answer", text: row.tuned_answer || "" }))));
-  }
   const drop = el("button", { type: "button", class: "drop", text: dropped ? "Restore (d)" : "Drop (d)" });
   drop.addEventListener("click", () => toggleDrop(i));
-  const rev = el("button", { type: "button", class: "review", text: reviewed ? "Unmark reviewed (r)" : "Mark reviewed (r)" });
+  const label = row.by_expert ? "Written by an expert" : reviewed ? "Unmark reviewed (r)" : "Mark reviewed (r)";
+  const rev = el("button", { type: "button", class: "review", text: label });
   rev.addEventListener("click", () => toggleReviewed(i));
   if (dropped || row.by_expert || !row.answer) rev.disabled = true;
   if (row.by_expert) rev.title = "an expert wrote every answer of this conversation";
   node.append(el("div", { class: "actions" }, rev, drop));
   node.addEventListener("click", () => { state.focus = i; highlight(false); });
   return node;
+}
+
+function modelAnswers(row) {
+  if (row.base_answer === null && row.tuned_answer === null) return null;
+  const side = (who, cls, text) => el("div", {}, el("label", { text: `${who} model answered` }),
+                                      el("pre", { class: cls, text: text || "" }));
+  return el("div", { class: "models" }, side("base", "base-answer", row.base_answer),
+            side("tuned", "tuned-answer", row.tuned_answer));
 }
 
 function field(row, name, dropped) {
