@@ -342,3 +342,29 @@ def test_an_unanswered_question_gets_an_expert_answer_that_curate_takes(project)
         answered = row(url, "q-0100")
     assert answered["split"] in review.SPLITS and answered["source"] == "expert"
     assert answered["answer"] == "Run SELECT version(); in psql." and not answered["pending"]
+
+
+def test_serve_refuses_a_corrections_file_outside_data_with_one_line(project):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pipeline", "review", "serve", "--corrections",
+                           "../elsewhere.jsonl"], cwd=project, capture_output=True, text=True,
+                          timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ../elsewhere.jsonl: review serve writes only inside")
+    assert "Traceback" not in done.stderr and not (project.parent / "elsewhere.jsonl").exists()
+
+
+def test_a_broken_corrections_line_is_shown_with_its_place_and_blocks_saves(project):
+    (project / "data/corrections.jsonl").write_text('{"id": "q-0002", "action": "rename"}\n')
+    with served(project) as url:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            get(url)
+        assert "corrections.jsonl:1" in json.loads(err.value.read())["error"]
+        status, reply = post(url, {"version": "0" * 64, "edits": [{"id": "q-0002"}]})
+    assert status == 422 and "rename" in reply["error"]
+    assert (project / "data/corrections.jsonl").read_text() == (
+        '{"id": "q-0002", "action": "rename"}\n')
