@@ -176,15 +176,17 @@ def version(corrections: Path) -> str:
 
 
 def save_edits(edits: list[Edit], corrections: Path, dataset: Path,
-               expect_version: str | None = None) -> ApplyResult:
+               expect_version: str | None = None,
+               current: dict[str, dict[str, str]] | None = None) -> ApplyResult:
     """The one path from edits to correction lines (CSV apply and `review serve`): only lines
-    that change are rewritten, the file is replaced atomically, nothing is written on error."""
+    that change are rewritten, the file is replaced atomically, nothing is written on error.
+    `current`: the dataset's cells by id, where the caller has them parsed already."""
     if expect_version is not None and version(corrections) != expect_version:
         raise StaleError(f"{corrections} changed since this page was loaded (another tab, a "
                          "teammate's git pull?); reload to see the current state, then redo the "
                          "edits that are not there yet")
     lines, result = Lines.read(corrections), ApplyResult()
-    current = _current_answers(dataset)
+    current = _current_answers(dataset) if current is None else current
     for edit in edits:
         cells, base, where = edit.cells, edit.base, edit.where
         if not cells["id"]:

@@ -223,8 +223,14 @@ class Views:
 
     @staticmethod
     def _signature(files: list[Path]) -> tuple[Any, ...]:
-        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else
-                     (str(f),) for f in files)
+        # The inode too: an atomic replace within one mtime tick still shows.
+        return tuple((str(f), f.stat().st_ino, f.stat().st_mtime_ns, f.stat().st_size)
+                     if f.exists() else (str(f),) for f in files)
+
+    def curated_cells(self, ids: Any) -> dict[str, dict[str, str]]:
+        """The last curated text of these rows (review notes edits made on an older one)."""
+        curated = self._src.curated if self._src else {}
+        return {rid: _cells(curated[rid]["messages"])[0] for rid in ids if rid in curated}
 
     def rows(self) -> list[dict[str, Any]]:
         p = self.paths
@@ -364,7 +370,8 @@ def create_app(paths: ServePaths, host: str = "127.0.0.1") -> Any:
         try:
             everything = views.rows()
             version, edits = parse_save(await request.body(), {r["id"] for r in everything})
-            result = review.save_edits(edits, paths.corrections, paths.dataset, version)
+            result = review.save_edits(edits, paths.corrections, paths.dataset, version,
+                                       views.curated_cells(e.cells["id"] for e in edits))
         except BadRequest as exc:
             return error(400, str(exc))
         except review.StaleError as exc:
