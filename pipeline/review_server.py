@@ -227,10 +227,11 @@ class Views:
         return tuple((str(f), f.stat().st_ino, f.stat().st_mtime_ns, f.stat().st_size)
                      if f.exists() else (str(f),) for f in files)
 
-    def curated_cells(self, ids: Any) -> dict[str, dict[str, str]]:
-        """The last curated text of these rows (review notes edits made on an older one)."""
-        curated = self._src.curated if self._src else {}
-        return {rid: _cells(curated[rid]["messages"])[0] for rid in ids if rid in curated}
+    def shown_cells(self, ids: Any) -> dict[str, dict[str, str]]:
+        """These rows' text as the page shows it now (review notes edits made on an older one)."""
+        wanted = set(ids)
+        return {r["id"]: {k: r[k] for k in review.EDITABLE} for r in self.rows()
+                if r["id"] in wanted}
 
     def rows(self) -> list[dict[str, Any]]:
         p = self.paths
@@ -310,8 +311,7 @@ def _edit(n: int, e: Any, known: set[str]) -> review.Edit:
         raise BadRequest(f"{where}: 'base' must be the row's base object as the page got it")
     if reviewed is not None and not isinstance(reviewed, bool):
         raise BadRequest(f"{where}: 'reviewed' must be true, false or null")
-    label = f"{where} ({cells['id']})" if cells["id"] else where
-    return review.Edit(label, {k: review._norm(v) for k, v in cells.items()}, base, reviewed)
+    return review.Edit(where, {k: review._norm(v) for k, v in cells.items()}, base, reviewed)
 
 
 # ---------------------------------------------------------------- the app
@@ -371,7 +371,7 @@ def create_app(paths: ServePaths, host: str = "127.0.0.1") -> Any:
             everything = views.rows()
             version, edits = parse_save(await request.body(), {r["id"] for r in everything})
             result = review.save_edits(edits, paths.corrections, paths.dataset, version,
-                                       views.curated_cells(e.cells["id"] for e in edits))
+                                       views.shown_cells(e.cells["id"] for e in edits))
         except BadRequest as exc:
             return error(400, str(exc))
         except review.StaleError as exc:

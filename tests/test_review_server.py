@@ -94,7 +94,8 @@ def test_a_save_rewrites_only_the_lines_it_changes(tmp_path):
     (root / "data/corrections.jsonl").write_text("\n".join(hand) + "\n")
     with served(root) as url:
         save(url, edit(row(url, "q-0002"), answer="A new answer from the web page."))
-        save(url, edit(row(url, "q-0002"), answer="A second, better answer."))
+        again = save(url, edit(row(url, "q-0002"), answer="A second, better answer."))
+    assert again["notes"] == []  # its own first edit is not news to the expert
     lines = (root / "data/corrections.jsonl").read_text().splitlines()
     assert lines[:2] == hand
     assert len(lines) == 3 and json.loads(lines[2])["answer"] == "A second, better answer."
