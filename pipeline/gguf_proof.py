@@ -42,19 +42,25 @@ def messages_for(system_prompt: str, prompt: str) -> list[dict[str, str]]:
     return [*system, {"role": "user", "content": prompt}]
 
 
-def load_llama(path: Path, n_ctx: int, seed: int) -> Any:
-    """llama.cpp model for `path`, with a clear error (llama.cpp's own reason) for bad files."""
+def load_llama(path: Path, n_ctx: int, seed: int, lora_path: Path | None = None) -> Any:
+    """llama.cpp model for `path` (with the LoRA adapter GGUF `lora_path` applied), with a clear
+    error (llama.cpp's own reason) for bad files."""
     import llama_cpp
 
-    gguf_file.read(path)  # a truncated/corrupt file fails here with a readable message
+    for file in (path, lora_path):
+        if file is not None:
+            gguf_file.read(file)  # a truncated/corrupt file fails here with a readable message
+    lora = {"lora_path": str(lora_path)} if lora_path is not None else {}
     with llama_log() as errors:
         try:
             return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, seed=seed,
-                                   verbose=False)
+                                   verbose=False, **lora)
         except (ValueError, RuntimeError) as exc:
-            reason = next((e.strip() for e in errors if "error loading" in e), str(exc))
+            reason = next((e.strip() for e in errors if "error loading" in e or "lora" in e.lower()),
+                          str(exc))
+    where = f"{path} + {lora_path}" if lora_path is not None else str(path)
     raise ProofError(
-        f"{path}: llama.cpp cannot load this GGUF: {reason}; the file may be damaged or miss "
+        f"{where}: llama.cpp cannot load this GGUF: {reason}; the file may be damaged or miss "
         "metadata llama.cpp needs: re-run `dvc repro export`"
     )
 
