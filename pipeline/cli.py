@@ -247,18 +247,28 @@ def export(
     dataset: Annotated[Path, typer.Option(help="dataset folder (hashed into the provenance)")],
     out: Annotated[Path, typer.Option(help="GGUF output directory")],
     report: Annotated[Path, typer.Option(help="reports/gguf.json")],
+    adapters: Annotated[Optional[Path], typer.Option(
+        help="LoRA adapter directory: also write adapter-f16.gguf for llama.cpp/Ollama")] = None,
     params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
-    """Write F16 + quantized GGUFs and an Ollama Modelfile; prove each runs in llama.cpp."""
+    """Write F16 + quantized GGUFs, the LoRA adapter GGUF and Ollama Modelfiles; prove each runs
+    in llama.cpp."""
     from pipeline import base_model, export as stage
 
     cfg = config.load(stage.ExportConfig, "export", params)
     seed = config.load(base_model.BaseConfig, "base", params).seed
-    result = stage.run(cfg, stage.ExportPaths(model, base, dataset, out, report), seed=seed)
+    result = stage.run(cfg, stage.ExportPaths(model, base, dataset, out, report, adapters),
+                       seed=seed)
     for qtype, path in result.files.items():
         info = result.report["files"][qtype]
         typer.echo(f"{path}: agreement with MLX {info['agreement']:.3f}, "
                    f"{info['tokens_per_second']} tokens/s in llama.cpp")
+    lora = result.adapter
+    if lora.get("written"):
+        typer.echo(f"{out / lora['file']} ({lora['size_bytes'] / 1e6:.1f} MB) on {lora['base_file']}: "
+                   f"agreement with the fused F16 GGUF {lora['agreement_with_fused_f16']:.3f}")
+    else:
+        typer.echo(f"no adapter GGUF: {lora.get('reason')}")
 
 
 @app.command()

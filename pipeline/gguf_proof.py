@@ -87,11 +87,12 @@ def llama_log() -> Iterator[list[str]]:
 
 
 def check_file(path: Path, refs: list[Reference], *, system_prompt: str, max_tokens: int,
-               seed: int, threshold: float) -> dict[str, Any]:
-    """The proof of one file: per answer what happened, `failures` empty when it passed."""
-    n_ctx = max(len(r.prompt_ids) for r in refs) + max_tokens + 64  # + template slack
+               seed: int, threshold: float, lora_path: Path | None = None,
+               reference: str = "MLX") -> dict[str, Any]:
+    """The proof of one file (with a LoRA adapter GGUF applied): per answer what happened,
+    `failures` empty when it passed. `reference` names who produced `refs`, for messages."""
     t0 = time.perf_counter()
-    llm = load_llama(path, n_ctx, seed)
+    llm = load_llama(path, context_size(refs, max_tokens), seed, lora_path=lora_path)
     result: dict[str, Any] = {"file": path.name, "load_seconds": round(time.perf_counter() - t0, 3),
                               "answers": [], "failures": []}
     matched = compared = generated = 0
@@ -109,12 +110,28 @@ def check_file(path: Path, refs: list[Reference], *, system_prompt: str, max_tok
     result["tokens_per_second"] = round(generated / gen_seconds, 1) if gen_seconds else None
     if result["agreement"] < threshold:
         result["failures"].append(
-            f"greedy agreement with MLX {result['agreement']:.3f} < min_agreement {threshold} "
+            f"greedy agreement with {reference} {result['agreement']:.3f} < min_agreement {threshold} "
             f"over {compared} tokens (see first_divergence per answer)"
         )
     llm.close()
     result["check_seconds"] = round(time.perf_counter() - t0, 3)
     return result
+
+
+def context_size(refs: list[Reference], max_tokens: int) -> int:
+    return max(len(r.prompt_ids) for r in refs) + max_tokens + 64  # + template slack
+
+
+def llama_reference(path: Path, refs: list[Reference], max_tokens: int, seed: int) -> list[Reference]:
+    """What llama.cpp answers (greedy) with the GGUF `path` to the prompts of `refs`: the
+    reference for a file that must match another GGUF (base + adapter vs the fused F16)."""
+    llm = load_llama(path, context_size(refs, max_tokens), seed)
+    out = []
+    for ref in refs:
+        tokens, finish = greedy(llm, ref.prompt_ids, max_tokens)
+        out.append(Reference(ref.prompt, ref.text, ref.prompt_ids, tokens, finish == "stop"))
+    llm.close()
+    return out
 
 
 def check_prompt(llm: Any, ref: Reference, system_prompt: str, max_tokens: int) -> dict[str, Any]:

@@ -9,9 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tiny import CHATML_TEMPLATE, make_tiny_llama
+from tiny import CHATML_TEMPLATE, make_tiny_adapter, make_tiny_llama
 
-from pipeline import base_model, config, export, gguf_file, gguf_proof
+from pipeline import (
+    base_model,
+    config,
+    export,
+    fuse,
+    gguf_file,
+    gguf_proof,
+    publish_gate,
+    repo_facts,
+)
 from pipeline.errors import UserError
 
 ANSWER = "Use CREATE INDEX."
@@ -29,7 +38,8 @@ def make_cfg(**overrides: object) -> export.ExportConfig:
         "name": "tiny-test", "license": "mit", "quantizations": ("q8_0", "q4_k_m"),
         "modelfile_quantization": "q8_0", "system_prompt": "Be brief.",
         "prompts": ("How do I create an index?", "Where are the logs?"), "max_tokens": 24,
-        "min_agreement": {"f16": 0.98, "q8_0": 0.9, "q4_k_m": 0.6},
+        "min_agreement": {"f16": 0.98, "q8_0": 0.9, "q4_k_m": 0.6, "adapter": 0.99},
+        "adapter": False,
     }
     values.update(overrides)
     return export.ExportConfig(**values)  # type: ignore[arg-type]
@@ -145,6 +155,53 @@ def test_unknown_quantization_is_rejected_before_any_work(tiny_model_dir, tmp_pa
         export.run(make_cfg(min_agreement={"f16": 0.9, "q4_k_m": 0.5}),
                    paths(tmp_path, tiny_model_dir), seed=0)
     assert not (tmp_path / "gguf").exists()
+
+
+# --- the LoRA adapter GGUF ------------------------------------------------------------------
+
+
+def adapter_paths(tmp: Path, base: Path, kind: str = "lora") -> export.ExportPaths:
+    adapters = make_tiny_adapter(base, tmp / "adapters", std=0.02, fine_tune_type=kind)
+    fused = fuse.run(base, adapters, tmp / "fused")
+    (tmp / "dataset").mkdir()
+    (tmp / "dataset" / "train.jsonl").write_text('{"messages": []}\n')
+    return dataclasses.replace(paths(tmp, fused, base), adapters=adapters)
+
+
+def test_stage_writes_a_lora_adapter_gguf_that_llama_cpp_applies_to_the_base(answering_model,
+                                                                            tmp_path):
+    cfg = make_cfg(adapter=True, quantizations=(), modelfile_quantization="f16")
+    result = export.run(cfg, adapter_paths(tmp_path, answering_model), seed=0)
+    out = tmp_path / "gguf"
+    lora = result.adapter
+    assert lora["written"] and lora["file"] == "adapter-f16.gguf"
+    proof = result.report["files"]["adapter"]
+    assert proof["failures"] == [] and proof["agreement"] >= 0.99
+    assert [a["finish_reason"] for a in proof["answers"]] == ["stop", "stop"]
+    assert all(a["answer"] == ANSWER for a in proof["answers"])
+    # Which base it needs, by hash: the file next to it, also named inside the adapter.
+    assert lora["base_sha256"] == repo_facts.sha256_file(out / "base-f16.gguf")
+    meta = gguf_meta(out / "adapter-f16.gguf")
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["general.tuneline.base_gguf_sha256"] == lora["base_sha256"]
+    assert lora["size_bytes"] < result.report["files"]["f16"]["size_bytes"] / 5
+    route = (out / "Modelfile.adapter").read_text()
+    assert "FROM ./base-f16.gguf\n" in route and "ADAPTER ./adapter-f16.gguf\n" in route
+    assert 'PARAMETER stop "<|im_end|>"' in route
+    assert "Modelfile.adapter" in (out / "Modelfile").read_text()
+    # Every GGUF in the folder is proven: the publish gate accepts the folder as it is.
+    gate = publish_gate.check_gguf(tmp_path / "reports" / "gguf.json", out, needed=True)
+    assert gate.passed, gate.detail
+
+
+def test_dora_fine_tune_exports_without_adapter_file_and_says_why(answering_model, tmp_path):
+    cfg = make_cfg(adapter=True, quantizations=(), modelfile_quantization="f16")
+    result = export.run(cfg, adapter_paths(tmp_path, answering_model, kind="dora"), seed=0)
+    assert not result.adapter["written"]
+    assert "dora" in result.adapter["reason"] and "fused GGUF" in result.adapter["reason"]
+    report = json.loads((tmp_path / "reports" / "gguf.json").read_text())
+    assert report["adapter"]["reason"] == result.adapter["reason"]
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["Modelfile", "model-f16.gguf"]
 
 
 # --- damaged files ---------------------------------------------------------------------------
