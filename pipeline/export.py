@@ -165,33 +165,19 @@ def adapter_skip_reason(cfg: ExportConfig, paths: ExportPaths) -> str | None:
 def export_adapter(paths: ExportPaths, tmp: Path, cfg: ExportConfig, report: dict[str, Any],
                    mlx_refs: list[Reference], seed: int) -> dict[str, Any]:
     """base-f16.gguf + adapter-f16.gguf, proved against the fused F16 GGUF in llama.cpp."""
-    assert paths.adapters is not None
     t0 = time.perf_counter()
-    base_file, adapter_file = tmp / gguf_adapter.BASE_FILE, tmp / gguf_adapter.ADAPTER_FILE
-    prov = report["provenance"]
-    base = prov["base"]
-    config = gguf_file.read_model_config(paths.base)
-    source = base_gguf(paths.base)
-    tokenizer, _ = gguf_tokenizer.tokenizer_fields(paths.base, source, config["vocab_size"])
-    gguf_file.write(base_file, config, gguf_file.gguf_tensors(paths.base, config), tokenizer,
-                    {"name": base["name"], "license": base.get("license"), "base": base,
-                     "tuneline": {"base_model": prov["base_model"]}})
-    base_sha = repo_facts.sha256_file(base_file)
-    general = {"name": f"{cfg.name}-lora", "license": prov["license"], "base": base,
-               "tuneline": {"dataset_hash": prov["dataset"]["hash"],
-                            "base_model": prov["base_model"], "base_gguf_sha256": base_sha}}
-    lora = gguf_adapter.write(paths.adapters, config, adapter_file, general)
+    base_file, adapter_file, lora = write_adapter_files(paths, tmp, cfg, report["provenance"])
     seconds = round(time.perf_counter() - t0, 3)
-    fused = tmp / report["files"][F16]["file"]
-    refs = gguf_proof.llama_reference(fused, mlx_refs, cfg.max_tokens, seed)
+    refs = gguf_proof.llama_reference(tmp / report["files"][F16]["file"], mlx_refs,
+                                      cfg.max_tokens, seed)
     proof = gguf_proof.check_file(base_file, refs, system_prompt=cfg.system_prompt,
                                   max_tokens=cfg.max_tokens, seed=seed,
                                   threshold=cfg.min_agreement[ADAPTER], lora_path=adapter_file,
                                   reference="the fused F16 GGUF")
-    size = adapter_file.stat().st_size
-    report["files"][ADAPTER] = {**proof, "file": adapter_file.name, "base_file": base_file.name, "base_sha256": base_sha,
-                                "export_seconds": seconds, "size_bytes": size,
-                                "sha256": repo_facts.sha256_file(adapter_file)}
+    base_sha, size = repo_facts.sha256_file(base_file), adapter_file.stat().st_size
+    report["files"][ADAPTER] = {**proof, "file": adapter_file.name, "base_file": base_file.name,
+                                "base_sha256": base_sha, "export_seconds": seconds,
+                                "size_bytes": size, "sha256": repo_facts.sha256_file(adapter_file)}
     # The base file is proved together with the adapter (the publish gate needs an entry).
     report["files"][ADAPTER_BASE] = {"file": base_file.name, "sha256": base_sha,
                                      "size_bytes": base_file.stat().st_size,
@@ -199,10 +185,44 @@ def export_adapter(paths: ExportPaths, tmp: Path, cfg: ExportConfig, report: dic
                                      "proved_with": adapter_file.name}
     return {"written": True, "reason": None, "file": adapter_file.name, "size_bytes": size,
             "fused_f16_size_bytes": report["files"][F16]["size_bytes"],
-            "base_file": base_file.name, "base_sha256": base_sha,
-            "imported_base_sha256": prov["base_sha256"], **lora,
-            "agreement_with_fused_f16": proof["agreement"],
-            "modelfile": "Modelfile.adapter"}
+            "base_file": base_file.name, "base_sha256": base_sha, **lora,
+            "agreement_with_fused_f16": proof["agreement"], "modelfile": "Modelfile.adapter",
+            "on_imported_base": on_imported_base(paths.base, adapter_file, refs, cfg, seed)}
+
+
+def write_adapter_files(paths: ExportPaths, tmp: Path, cfg: ExportConfig,
+                        prov: dict[str, Any]) -> tuple[Path, Path, dict[str, Any]]:
+    """The base model as F16 GGUF, then the adapter naming that file's sha256."""
+    assert paths.adapters is not None
+    base_file, adapter_file = tmp / gguf_adapter.BASE_FILE, tmp / gguf_adapter.ADAPTER_FILE
+    base = prov["base"]
+    config = gguf_file.read_model_config(paths.base)
+    tokenizer, _ = gguf_tokenizer.tokenizer_fields(paths.base, base_gguf(paths.base),
+                                                   config["vocab_size"])
+    gguf_file.write(base_file, config, gguf_file.gguf_tensors(paths.base, config), tokenizer,
+                    {"name": base["name"], "license": base.get("license"), "base": base,
+                     "tuneline": {"base_model": prov["base_model"]}})
+    general = {"name": f"{cfg.name}-lora", "license": prov["license"], "base": base,
+               "tuneline": {"dataset_hash": prov["dataset"]["hash"],
+                            "base_model": prov["base_model"],
+                            "base_gguf_sha256": repo_facts.sha256_file(base_file)}}
+    lora = gguf_adapter.write(paths.adapters, config, adapter_file, general)
+    return base_file, adapter_file, lora
+
+
+def on_imported_base(base_dir: Path, adapter_file: Path, refs: list[Reference],
+                     cfg: ExportConfig, seed: int) -> dict[str, Any] | None:
+    """The adapter on the GGUF the base was imported from (e.g. the embedded Q4_1): measured
+    for the report, not a gate, since a quantized base answers differently by itself."""
+    source = base_gguf(base_dir)
+    if source is None:
+        return None
+    proof = gguf_proof.check_file(source, refs, system_prompt=cfg.system_prompt,
+                                  max_tokens=cfg.max_tokens, seed=seed, threshold=0.0,
+                                  lora_path=adapter_file, reference="the fused F16 GGUF")
+    return {"sha256": repo_facts.sha256_file(source), "agreement": proof["agreement"],
+            "stopped": [a["finish_reason"] == "stop" for a in proof["answers"]],
+            "problems": proof["failures"]}
 
 
 # --- the F16 file and its provenance ---------------------------------------------------------
@@ -337,7 +357,7 @@ def write_modelfile(out: Path, gguf_name: str, model_dir: Path, cfg: ExportConfi
                         f"{cfg.name}-lora -f Modelfile.adapter")
         route = [f"# Ollama: ollama create {cfg.name}-lora -f Modelfile.adapter",
                  f"FROM ./{gguf_adapter.BASE_FILE}",
-                 "# ADAPTER must be applied to the base it was trained on (sha256 in reports/gguf.json)",
+                 "# ADAPTER needs the base it was trained on (sha256 in reports/gguf.json)",
                  f"ADAPTER ./{gguf_adapter.ADAPTER_FILE}", *lines[3:]]
         (out / "Modelfile.adapter").write_text("\n".join(route) + "\n")
         result["adapter_modelfile"] = "Modelfile.adapter"

@@ -53,7 +53,8 @@ def unsupported_reason(adapters: Path) -> str | None:
     return None
 
 
-def adapter_tensors(adapters: Path, config: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], float]:
+def adapter_tensors(adapters: Path,
+                    config: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], float]:
     """GGUF-named lora_a/lora_b arrays (F16) and alpha, from mlx-lm's adapters.safetensors."""
     import mlx.core as mx
 
@@ -78,17 +79,20 @@ def adapter_tensors(adapters: Path, config: Mapping[str, Any]) -> tuple[dict[str
     unknown = sorted(n for n in raw if not n.endswith((".lora_a", ".lora_b")))
     if unknown or not out:
         raise gguf_file.GGUFError(
-            f"{adapters}/adapters.safetensors: {'tensors ' + str(unknown[:3]) if unknown else 'no lora_a tensors'}"
-            " are not LoRA matrices of linear layers; llama.cpp adapters hold only those")
+            f"{adapters}/adapters.safetensors: "
+            f"{'tensors ' + str(unknown[:3]) if unknown else 'no lora_a tensors'}: "
+            "llama.cpp adapters hold LoRA matrices of linear layers only")
     return dict(sorted(out.items(), key=lambda kv: gguf_file._tensor_order(kv[0]))), scale * rank
 
 
-def write(adapters: Path, config: Mapping[str, Any], out: Path, general: Mapping[str, Any]) -> dict[str, Any]:
+def write(adapters: Path, config: Mapping[str, Any], out: Path,
+          general: Mapping[str, Any]) -> dict[str, Any]:
     """Write the adapter GGUF; `general`: {name, license, base: {...}, tuneline: {key: text}}."""
     import gguf
 
     tensors, alpha = adapter_tensors(adapters, config)
-    writer = gguf.GGUFWriter(str(out), "llama")  # llama.cpp refuses an arch that differs from the base
+    # llama.cpp refuses an adapter whose architecture differs from the base model's.
+    writer = gguf.GGUFWriter(str(out), "llama")
     gguf_file.add_general(writer, {**general, "type": gguf.GGUFType.ADAPTER})
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)

