@@ -348,6 +348,9 @@ def publish(
         "--exit-zero", help="exit 0 even if the gate fails")] = False,
     card: Annotated[Path, typer.Option(help="model card preview (git-ignored folder)")] = Path(
         ".tuneline/model_card.md"),
+    dataset_card: Annotated[Path, typer.Option(
+        help="dataset card preview, with publish.dataset.enabled")] = Path(
+        ".tuneline/dataset_card.md"),
     report: Annotated[Path, typer.Option(
         help="this run's verdict (the dvc stage writes reports/publish.json)")] = Path(
         ".tuneline/publish.json"),
@@ -375,7 +378,7 @@ def publish(
     cfg = config.load(stage_module.PublishConfig, "publish", params)
     paths = stage_module.PublishPaths(params, validation, eval_report, gguf_report, train_report,
                                       dataset, dvc_lock, base, adapters, fused, gguf, report, card,
-                                      None if stage else releases)
+                                      None if stage else releases, dataset_card)
     result = stage_module.run(cfg, paths, dry_run=dry_run, stage=stage)
     typer.echo(stage_module.render(result))
     if not result.passed and not (exit_zero or stage):
