@@ -216,6 +216,8 @@ def train(
     adapters: Annotated[Path, typer.Option(help="adapter output directory")],
     metrics: Annotated[Path, typer.Option(help="reports/train.json")],
     curve: Annotated[Path, typer.Option(help="reports/train_loss.tsv")],
+    live: Annotated[Optional[Path], typer.Option(
+        help="DVCLive folder updated while training (dvc exp show, dvc plots show)")] = None,
     params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset."""
@@ -223,7 +225,7 @@ def train(
 
     cfg = config.load(stage.TrainConfig, "train", params)
     seed = config.load(base_model.BaseConfig, "base", params).seed
-    result = stage.run(cfg, seed, stage.TrainPaths(model, data, adapters, metrics, curve))
+    result = stage.run(cfg, seed, stage.TrainPaths(model, data, adapters, metrics, curve, live))
     typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f} -> {adapters}")
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 
+from pipeline import train_metrics
 from pipeline.errors import UserError
 from pipeline.jsonl import atomic_dir, read_jsonl, write_json, write_text
 
@@ -67,6 +68,7 @@ class TrainPaths:
     adapters: Path
     metrics: Path
     curve: Path
+    live: Path | None = None  # DVCLive folder (pipeline/train_metrics.py), rewritten while training
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,7 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
         print(f"resuming from checkpoint {ckpt} (step {done} of {iters})")
         model.load_weights(str(ckpt), strict=False)
     log = MetricsLog(ckpt_dir / "metrics.jsonl", offset=done, write=lead)
+    callback = train_metrics.wrap(log, paths.live if lead else None, done)
     if done < iters:
         args = TrainingArgs(
             batch_size=cfg.batch_size, iters=iters - done, val_batches=cfg.val_batches,
@@ -345,8 +348,9 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
             grad_accumulation_steps=cfg.grad_accumulation_steps)
         train(model=model, optimizer=build_optimizer(cfg, iters, done), train_dataset=train_set,
               val_dataset=valid_set, args=args, loss=masked_loss,
-              iterate_batches=batch_iterator(seed + done), training_callback=log)
+              iterate_batches=batch_iterator(seed + done), training_callback=callback)
         _renumber_checkpoints(ckpt_dir, done)
+    train_metrics.finish(callback)
 
     val_loss = evaluate(model, valid_set, cfg.batch_size, cfg.val_batches, cfg.max_seq_length,
                         loss=masked_loss, iterate_batches=batch_iterator(seed))
