@@ -627,6 +627,19 @@ def test_dataset_without_a_license_blocks_both_uploads(project: Path, hub: HubSt
     assert not check.passed and "publish.dataset.license is not set" in check.detail
 
 
+def test_card_offers_the_lora_gguf_route_and_never_suggests_it_as_the_model() -> None:
+    from pipeline import modelcard_text
+
+    facts = {"repo_id": REPO, "upload": ["gguf", "modelfile", "card"], "private": False,
+             "base": {"hf_id": None, "model": "embedded"}, "model_name": "pg-helper",
+             "files": [{"path": p, "size": 1} for p in
+                       ("adapter-f16.gguf", "base-f16.gguf", "model-f16.gguf")]}
+    text = modelcard_text._run_section(facts)
+    assert "--hf-file model-f16.gguf" in text
+    assert "llama-cli -m base-f16.gguf --lora adapter-f16.gguf" in text
+    assert "Modelfile.adapter" in text
+
+
 def test_base_model_relation_follows_what_is_uploaded() -> None:
     assert modelcard.base_model_relation(["adapter", "card"]) == "adapter"
     assert modelcard.base_model_relation(["adapter", "fused", "gguf", "card"]) == "finetune"
