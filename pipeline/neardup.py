@@ -1,0 +1,335 @@
+"""Near-duplicate questions: one similarity definition for `questions draft`, `curate` and
+`validate`, found in near-linear time (MinHash + locality-sensitive hashing), verified exactly.
+
+Similarity of two questions = Jaccard similarity of their shingle sets:
+- the text is the question's content: case, width, accents and punctuation folded
+  (patterns.question_key), filler words dropped (English stopwords, Chinese/Japanese question
+  words such as 如何/怎样/怎么), plurals singularised; a question of nothing but filler keeps all
+  its words;
+- spaced scripts (Latin, Cyrillic, Hangul, ...) give character 3-grams of the words with a space
+  around each (so word boundaries count and word order barely does);
+- unspaced scripts (Han, kana, Thai, Lao, Khmer, Myanmar) give character 2-grams of each run,
+  a lone character itself: one Chinese word is two characters, so 3-grams would miss
+  paraphrases of short questions.
+
+Finding pairs: each question's shingles are hashed in numpy, `NUM_PERM` min-hashes per question
+are cut into bands, and questions sharing a band are candidates; every candidate pair is then
+compared exactly, so precision is exact and recall is what the bands catch (`bands()` picks
+them so that a pair at the threshold is found with probability >= 99%).
+bench/bench_curate_scale.py measures recall and precision on planted near-duplicates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from validation import patterns
+
+NUM_PERM = 64  # min-hashes per question (bench/README.md: 64 measured faster than fewer bands)
+MAX_BUCKET_PAIRS = 64  # per bucket, each question is compared with at most this many before it
+CHUNK = 50_000  # questions hashed at a time: bounds memory at ~NUM_PERM x shingles x 8 bytes
+
+_UNSPACED_RANGES = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0x20000, 0x3FFFF),  # CJK extensions B..
+)
+_UNSPACED_CLASS = "".join(f"{chr(a)}-{chr(b)}" for a, b in _UNSPACED_RANGES)
+_UNSPACED_RUN = re.compile(f"[{_UNSPACED_CLASS}]+")
+_SPACE_IN_RUN = re.compile(f"(?<=[{_UNSPACED_CLASS}]) +(?=[{_UNSPACED_CLASS}])")
+# Question words and particles that carry no topic in Chinese and Japanese (longest first, so
+# 怎么样 goes before 怎么). Removed only inside unspaced runs: they are CJK characters.
+_CJK_FILLER = sorted((
+    "如何才能 怎样才能 怎么才能 如何 怎样 怎么样 怎么 为什么 为何 什么 哪里 哪儿 哪个 哪些 是否 能否 "
+    "可否 能不能 可不可以 可以 请问 一下 应该 应当 需要 我们 你们 您 我 你 吗 呢 吧 啊 呀 的 了 "
+    "どうやって どうすれば どうしたら なぜ ですか ますか ください とは には の を は が に で か"
+).split(), key=len, reverse=True)
+_CJK_FILLER_RE = re.compile("|".join(map(re.escape, _CJK_FILLER)))
+
+
+def is_unspaced(char: str) -> bool:
+    return _UNSPACED_RUN.fullmatch(char) is not None
+
+
+def content_text(question: str) -> str:
+    """The text whose shingles are compared; see the module docstring."""
+    key = _SPACE_IN_RUN.sub("", patterns.question_key(question))  # 备份 数据库 = 备份数据库
+    spaced = _UNSPACED_RUN.sub(lambda m: f" {_CJK_FILLER_RE.sub('', m.group(0))} ", key)
+    return patterns.content_words(spaced) or key
+
+
+def shingles(question: str) -> frozenset[str]:
+    return frozenset(_grams(f" {content_text(question)} "))
+
+
+def _grams(text: str) -> Iterable[str]:
+    unspaced = [is_unspaced(c) for c in text]
+    n = len(text)
+    for i in range(n):
+        if unspaced[i]:
+            if i + 1 < n and unspaced[i + 1]:
+                yield text[i:i + 2]
+            elif not (i > 0 and unspaced[i - 1]):
+                yield text[i]
+        elif i + 2 < n and not (unspaced[i + 1] or unspaced[i + 2]):
+            yield text[i:i + 3]
+
+
+def jaccard(x: frozenset[str], y: frozenset[str]) -> float:
+    union = len(x | y)
+    return len(x & y) / union if union else 1.0
+
+
+def similarity(a: str, b: str) -> float:
+    """The one near-duplicate measure (0..1) that the threshold in params.yaml applies to."""
+    return jaccard(shingles(a), shingles(b))
+
+
+# --- MinHash over numpy ------------------------------------------------------------------------
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fixed, well-spread 64-bit hash (no per-process salt)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _codepoints(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """All texts as one code point array, each as ' text ' followed by a 0 separator, and the
+    start offset of each."""
+    joined = "".join(f" {t} \0" for t in texts)
+    cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    lengths = np.fromiter((len(t) + 3 for t in texts), dtype=np.int64, count=len(texts))
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    return cps, starts
+
+
+def _unspaced_mask(cps: np.ndarray) -> np.ndarray:
+    mask = np.zeros(cps.shape, dtype=bool)
+    for lo, hi in _UNSPACED_RANGES:
+        mask |= (cps >= lo) & (cps <= hi)
+    return mask
+
+
+def gram_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of each content text's shingles (as `_grams` defines them), flattened,
+    and the row each belongs to. `texts` are content texts (content_text's output)."""
+    cps, starts = _codepoints(texts)
+    row_of = np.repeat(np.arange(len(texts)), np.diff(np.append(starts, len(cps))))
+    u = _unspaced_mask(cps)
+    z = cps == 0
+
+    nxt = np.append(u[1:], False)
+    prv = np.concatenate(([False], u[:-1]))
+    nxt2 = np.append(u[2:], [False, False])
+    # Windows never cross a row: each row ends " \0", and " " and "\0" are not unspaced.
+    ok3 = ~u & ~nxt & ~nxt2 & ~z
+    ok3[-2:] = False
+    ok3[:-2] &= ~z[1:-1] & ~z[2:]
+    ok2 = u & nxt
+    ok1 = u & ~nxt & ~prv
+    c1 = np.append(cps[1:], np.uint64(0))
+    c2 = np.append(cps[2:], [np.uint64(0), np.uint64(0)])
+    k = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9))
+    base = cps * k[0]
+    h3 = _mix(base ^ (c1 * k[1]) ^ (c2 * k[2]))
+    h2 = _mix(base ^ (c1 * k[1]) ^ np.uint64(2))
+    h1 = _mix(base ^ np.uint64(1))
+    hashes = np.concatenate((h3[ok3], h2[ok2], h1[ok1]))
+    rows = np.concatenate((row_of[ok3], row_of[ok2], row_of[ok1]))
+    order = np.argsort(rows, kind="stable")
+    return hashes[order], rows[order]
+
+
+def _perm_params(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0x7E11E)  # fixed: the same questions always give the same pairs
+    a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
+    b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def minhashes(texts: Sequence[str], num_perm: int = NUM_PERM) -> np.ndarray:
+    """(len(texts), num_perm) uint64 min-hashes; a text without shingles gets all-max rows
+    (callers leave those out of the bands)."""
+    out = np.full((len(texts), num_perm), _M64, dtype=np.uint64)
+    a, b = _perm_params(num_perm)
+    for start in range(0, len(texts), CHUNK):
+        hashes, rows = gram_hashes(texts[start:start + CHUNK])
+        if not len(hashes):
+            continue
+        present, first = np.unique(rows, return_index=True)
+        for p in range(num_perm):
+            # a*x+b mod 2^64 (a odd) permutes the already well-mixed shingle hashes; a
+            # _mix per permutation measured 4x slower for the same recall.
+            out[start + present, p] = np.minimum.reduceat(hashes * a[p] + b[p], first)
+    return out
+
+
+def bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows per band): the most rows per band (fewest false candidates) that still
+    find a pair at exactly `threshold` with probability >= 0.99."""
+    best = (num_perm, 1)
+    for r in range(1, num_perm + 1):
+        b = num_perm // r
+        if 1 - (1 - threshold ** r) ** b >= 0.99:
+            best = (b, r)
+    return best
+
+
+def candidate_pairs(texts: Sequence[str], threshold: float) -> np.ndarray:
+    """(k, 2) index pairs i < j whose min-hashes share at least one band."""
+    sig = minhashes(texts)
+    live = np.flatnonzero(sig[:, 0] != _M64)
+    n_bands, r = bands(threshold)
+    found = []
+    weights = _mix(np.arange(1, r + 1, dtype=np.uint64))
+    for band in range(n_bands):
+        cols = sig[live, band * r:(band + 1) * r]
+        keys = _mix((cols * weights).sum(axis=1, dtype=np.uint64) + np.uint64(band))
+        order = np.argsort(keys, kind="stable")
+        sk, members = keys[order], live[order]
+        for d in range(1, MAX_BUCKET_PAIRS + 1):
+            same = np.flatnonzero(sk[d:] == sk[:-d])
+            if not len(same):
+                break
+            found.append(np.stack((members[same], members[same + d]), axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.sort(np.concatenate(found), axis=1)
+    return np.unique(pairs, axis=0)
+
+
+@dataclass(frozen=True)
+class Pair:
+    i: int
+    j: int  # i < j
+    similarity: float
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Near-duplicate pairs of a list of content texts. Identical texts form a group, whose
+    first member (`rep`) stands for it; `pairs` are verified pairs of group firsts."""
+
+    rep: list[int]  # per index: the first index with the same text (itself if it is first)
+    pairs: list[Pair]
+
+    def groups(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = defaultdict(list)
+        for i, r in enumerate(self.rep):
+            out[r].append(i)
+        return out
+
+    def expanded(self, limit: int = 10_000) -> Iterable[Pair]:
+        """Every pair of indices: within a group (similarity 1.0) and across near groups, at
+        most `limit` per group pair (a degenerate input of thousands of copies stays linear)."""
+        groups = {r: m for r, m in self.groups().items() if len(m) > 1}
+        for members in groups.values():
+            yield from (Pair(members[0], k, 1.0) for k in members[1:])
+        for p in self.pairs:
+            left, right = groups.get(p.i, [p.i]), groups.get(p.j, [p.j])
+            pairs = ((a, b) for a in left for b in right)
+            for n, (a, b) in enumerate(pairs):
+                if n >= limit:
+                    break
+                yield Pair(min(a, b), max(a, b), p.similarity)
+
+
+def near_pairs(texts: Sequence[str], threshold: float) -> Pairs:
+    """Verified pairs (Jaccard >= threshold) among content texts; identical texts are grouped
+    first, so they cost nothing in the bands."""
+    first_of: dict[str, int] = {}
+    rep = [first_of.setdefault(text, i) for i, text in enumerate(texts)]
+    unique = [i for i, r in enumerate(rep) if r == i]
+    distinct = [texts[i] for i in unique]
+    cache: dict[int, frozenset[str]] = {}
+
+    def grams(k: int) -> frozenset[str]:
+        if k not in cache:
+            cache[k] = frozenset(_grams(f" {distinct[k]} "))
+        return cache[k]
+
+    pairs = []
+    for i, j in candidate_pairs(distinct, threshold).tolist():
+        sim = jaccard(grams(i), grams(j))
+        if sim >= threshold:
+            pairs.append(Pair(unique[i], unique[j], sim))
+    return Pairs(rep, pairs)
+
+
+@dataclass(frozen=True)
+class Dedup:
+    kept: list[int]  # indices into the input, in input order
+    duplicate_of: dict[int, tuple[int, float]]  # removed index -> (kept index, similarity)
+    family: list[int]  # per input index: the smallest index of its near-duplicate family
+
+
+def dedupe(questions: Sequence[str], threshold: float) -> Dedup:
+    """Questions in precedence order (best first): each is removed when it is a near duplicate
+    of an earlier kept one (the most similar is named); a copy of an earlier text goes where
+    that text's first copy went. Families are the connected components of all near-duplicate
+    pairs, removed questions included, so chains (A~B~C with A, C kept) stay together."""
+    found = near_pairs([content_text(q) for q in questions], threshold)
+    earlier: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for p in found.pairs:
+        earlier[p.j].append((p.i, p.similarity))
+    removed: dict[int, tuple[int, float]] = {}
+    for j in sorted(set(earlier) | {i for i, r in enumerate(found.rep) if r != i}):
+        r = found.rep[j]
+        if r != j:
+            removed[j] = removed.get(r, (r, 1.0))
+            continue
+        kept_before = [(i, s) for i, s in earlier[j] if i not in removed]
+        if kept_before:
+            removed[j] = max(kept_before, key=lambda m: (m[1], -m[0]))
+    kept = [i for i in range(len(questions)) if i not in removed]
+    copies = [Pair(r, i, 1.0) for i, r in enumerate(found.rep) if r != i]
+    return Dedup(kept, removed, families(len(questions), [*found.pairs, *copies]))
+
+
+def families(n: int, pairs: Iterable[Pair]) -> list[int]:
+    parent = list(range(n))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for p in pairs:
+        a, b = root(p.i), root(p.j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return [root(i) for i in range(n)]
+
+
+def matches(queries: Sequence[str], questions: Sequence[str],
+            threshold: float) -> list[tuple[int, int, float]]:
+    """(query index, question index, similarity) for every near-duplicate pair across the two
+    lists (e.g. evaluate.prompts against training questions)."""
+    texts = [content_text(q) for q in (*queries, *questions)]
+    nq = len(queries)
+    return [(p.i, p.j - nq, p.similarity)
+            for p in near_pairs(texts, threshold).expanded() if p.i < nq <= p.j]
+
+
+def cross_pairs(questions: Sequence[str], groups: Sequence[str],
+                threshold: float) -> list[Pair]:
+    """Near-duplicate pairs whose two questions are in different groups (e.g. split files)."""
+    found = near_pairs([content_text(q) for q in questions], threshold)
+    return [p for p in found.expanded() if groups[p.i] != groups[p.j]]
