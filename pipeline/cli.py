@@ -155,7 +155,10 @@ def validate(
         max_seq = config.read_params(params).get("train", {}).get("max_seq_length")
         if not isinstance(max_seq, int):
             raise config.ConfigError(f"{params}: train.max_seq_length missing or not an integer")
-        result = stage.run(cfg, paths, max_seq, tokenizer, report, docs)
+        from validation.leakage import Leakage
+
+        leak = Leakage(_near_dup_threshold(params), _evaluate_prompts(params))
+        result = stage.run(cfg, paths, max_seq, tokenizer, report, docs, leak)
     except (stage.UsageError, config.ConfigError) as exc:
         fail(str(exc), 2)
     typer.echo(stage.render(result), err=True)
