@@ -17,9 +17,7 @@ STARTERS = ("How do I", "How can I", "What is the best way to", "Can I", "Is it 
 # Starters made of filler words only: swapping one for another keeps the question's content.
 FILLER_STARTERS = ("How do I", "How can I", "Can I", "Where do I", "How to", "When should I")
 ZH_STARTERS = ("如何", "怎样", "怎么", "请问如何", "我应该怎样")
-_SYL = ("ka ri to mo ne su ha pe li ro da vi zo ul en ar is ot am ex pre con sub tra ver "
-        "log buf idx tab col row seg wal "
-        "sta gre mid lon pin qua nor dex fil mar").split()
+_SYL = ["ka", "ri", "to", "mo", "ne", "su", "ha", "pe", "li", "ro", "da", "vi", "zo", "ul", "en", "ar", "is", "ot", "am", "ex", "pre", "con", "sub", "tra", "ver", "log", "buf", "idx", "tab", "col", "row", "seg", "wal", "sta", "gre", "mid", "lon", "pin", "qua", "nor", "dex", "fil", "mar"]
 _ZH = ("数据库表索引查询备份恢复用户权限密码连接事务锁日志复制主从分区视图函数触发器约束字段类型"
        "排序分组统计性能优化内存磁盘缓存配置参数版本升级迁移导入导出文件目录网络端口服务进程线程"
        "监控告警延迟吞吐容量扩展集群节点故障切换安全加密审计清理压缩归档快照时间区域字符编码")

@@ -35,7 +35,7 @@ from pipeline import corrections as corr_mod
 from pipeline import formats, neardup
 from pipeline.errors import UserError
 from pipeline.formats import Conversation
-from pipeline.jsonl import read_jsonl, write_json, write_jsonl
+from pipeline.jsonl import paused_gc, read_jsonl, read_jsonl_numbered, write_json, write_jsonl
 from validation import patterns
 
 SPLITS = ("train", "valid", "test")
@@ -77,6 +77,11 @@ class CurateResult:
 
 def run(cfg: CurateConfig, paths: CuratePaths, held_out: tuple[str, ...] = ()) -> CurateResult:
     """`held_out`: evaluate.prompts; rows that near-duplicate one are kept out of train."""
+    with paused_gc():
+        return _run(cfg, paths, held_out)
+
+
+def _run(cfg: CurateConfig, paths: CuratePaths, held_out: tuple[str, ...]) -> CurateResult:
     _check_config(cfg)
     questions = load_questions(paths.questions)
     generated = load_generated(paths.generated)
@@ -87,10 +92,10 @@ def run(cfg: CurateConfig, paths: CuratePaths, held_out: tuple[str, ...] = ()) -
     bad: list[dict[str, Any]] = []
     if cfg.drop_bad_generated:
         rows = _drop_bad_generated(rows, bad)
-    kept, duplicates, family = dedupe(list(rows.values()), cfg.near_dup_threshold)
+    kept, duplicates, family, held = dedupe(list(rows.values()), cfg.near_dup_threshold,
+                                            held_out)
     if cfg.system_prompt is not None:
         kept = [_with_system(c, cfg.system_prompt) for c in kept]
-    held = held_out_rows(kept, held_out, cfg.near_dup_threshold)
     splits, moved = split(kept, cfg, family, {h["id"] for h in held})
     for name in SPLITS:
         write_jsonl(paths.out / f"{name}.jsonl", [dataset_row(c) for c in splits[name]])
@@ -123,8 +128,7 @@ def load_generated(path: Path) -> list[Conversation]:
     """data/generated/answers.jsonl rows -> conversations; absent or empty means none yet."""
     if not path.exists():
         return []
-    numbered = [n for n, raw in enumerate(path.read_bytes().split(b"\n"), 1) if raw.strip()]
-    return [_generated(path, line, row) for line, row in zip(numbered, read_jsonl(path))]
+    return [_generated(path, line, row) for line, row in read_jsonl_numbered(path)]
 
 
 def _generated(path: Path, line: int, row: dict[str, Any]) -> Conversation:
@@ -214,13 +218,15 @@ def first_question(conv: Conversation) -> str:
     return next(m["content"] for m in conv.messages if m["role"] == "user")
 
 
-def dedupe(convs: list[Conversation], threshold: float
-           ) -> tuple[list[Conversation], list[dict[str, Any]], dict[str, str]]:
+def dedupe(convs: list[Conversation], threshold: float, held_out: tuple[str, ...] = ()
+           ) -> tuple[list[Conversation], list[dict[str, Any]], dict[str, str],
+                      list[dict[str, Any]]]:
     """Keep one row per question: expert over imported over generated, then by id. Also returns
-    each kept row's family id (pipeline/neardup.py: chains of near duplicates)."""
+    each kept row's family id (pipeline/neardup.py: chains of near duplicates) and the kept rows
+    whose question near-duplicates a `held_out` prompt (they must not be trained on)."""
     ordered = sorted(convs, key=lambda c: (SOURCE_RANK.get(c.source, 3), c.id))
     questions = [first_question(c) for c in ordered]
-    found = neardup.dedupe(questions, threshold)
+    found = neardup.dedupe(questions, threshold, held_out)
     removed = []
     for j, (i, sim) in sorted(found.duplicate_of.items()):
         exact = patterns.question_key(questions[j]) == patterns.question_key(questions[i])
@@ -228,17 +234,10 @@ def dedupe(convs: list[Conversation], threshold: float
                         "kind": "exact" if exact else "near",
                         "similarity": 1.0 if exact else round(sim, 3), "question": questions[j]})
     family = {ordered[i].id: ordered[found.family[i]].id for i in found.kept}
-    return [ordered[i] for i in found.kept], removed, family
-
-
-def held_out_rows(convs: list[Conversation], prompts: tuple[str, ...],
-                  threshold: float) -> list[dict[str, Any]]:
-    """Rows whose question near-duplicates an evaluate prompt: they must not be trained on."""
-    if not prompts:
-        return []
-    hits = neardup.matches(prompts, [first_question(c) for c in convs], threshold)
-    return [{"id": convs[j].id, "prompt": prompts[q], "similarity": round(sim, 3)}
-            for q, j, sim in sorted(hits, key=lambda h: (h[1], h[0]))]
+    held = [{"id": ordered[k].id, "prompt": held_out[q], "similarity": round(sim, 3)}
+            for q, k, sim in sorted(found.probe_hits, key=lambda h: (ordered[h[1]].id, h[0]))
+            if k not in found.duplicate_of]
+    return [ordered[i] for i in found.kept], removed, family, held
 
 
 def position(seed: int, row_id: str) -> float:

@@ -50,22 +50,25 @@ _SPACE_IN_RUN = re.compile(f"(?<=[{_UNSPACED_CLASS}]) +(?=[{_UNSPACED_CLASS}])")
 # Question words and particles that carry no topic in Chinese and Japanese (longest first, so
 # 怎么样 goes before 怎么). Removed only inside unspaced runs: they are CJK characters.
 _CJK_FILLER = sorted((
-    "如何才能 怎样才能 怎么才能 如何 怎样 怎么样 怎么 为什么 为何 什么 哪里 哪儿 哪个 哪些 是否 能否 "
-    "可否 能不能 可不可以 可以 请问 一下 应该 应当 需要 我们 你们 您 我 你 吗 呢 吧 啊 呀 的 了 "
-    "どうやって どうすれば どうしたら なぜ ですか ますか ください とは には の を は が に で か"
-).split(), key=len, reverse=True)
+    "如何才能", "怎样才能", "怎么才能", "如何", "怎样", "怎么样", "怎么", "为什么", "为何", "什么", "哪里", "哪儿", "哪个", "哪些",
+    "是否", "能否", "可否", "能不能", "可不可以", "可以", "请问", "一下", "应该", "应当", "需要", "我们", "你们", "您", "我",
+    "你", "吗", "呢", "吧", "啊", "呀", "的", "了", "どうやって", "どうすれば", "どうしたら", "なぜ", "ですか", "ますか",
+    "ください", "とは", "には", "の", "を", "は", "が", "に", "で", "か",
+), key=len, reverse=True)
 _CJK_FILLER_RE = re.compile("|".join(map(re.escape, _CJK_FILLER)))
-
-
-def is_unspaced(char: str) -> bool:
-    return _UNSPACED_RUN.fullmatch(char) is not None
 
 
 def content_text(question: str) -> str:
     """The text whose shingles are compared; see the module docstring."""
-    key = _SPACE_IN_RUN.sub("", patterns.question_key(question))  # 备份 数据库 = 备份数据库
-    spaced = _UNSPACED_RUN.sub(lambda m: f" {_CJK_FILLER_RE.sub('', m.group(0))} ", key)
-    return patterns.content_words(spaced) or key
+    key = patterns.question_key(question)
+    if not key.isascii():
+        key = _SPACE_IN_RUN.sub("", key)  # 备份 数据库 = 备份数据库
+        spaced = _UNSPACED_RUN.sub(lambda m: f" {_CJK_FILLER_RE.sub('', m.group(0))} ", key)
+    else:
+        spaced = key
+    # patterns.content_words on the folded text, without folding it twice.
+    words = [w for w in spaced.split() if w not in patterns.STOPWORDS]
+    return " ".join(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words) or key
 
 
 def shingles(question: str) -> frozenset[str]:
@@ -73,7 +76,15 @@ def shingles(question: str) -> frozenset[str]:
 
 
 def _grams(text: str) -> Iterable[str]:
-    unspaced = [is_unspaced(c) for c in text]
+    if text.isascii():
+        return (text[i:i + 3] for i in range(len(text) - 2))
+    return _mixed_grams(text)
+
+
+def _mixed_grams(text: str) -> Iterable[str]:
+    unspaced = [False] * len(text)
+    for m in _UNSPACED_RUN.finditer(text):
+        unspaced[m.start():m.end()] = [True] * (m.end() - m.start())
     n = len(text)
     for i in range(n):
         if unspaced[i]:
@@ -173,10 +184,13 @@ def minhashes(texts: Sequence[str], num_perm: int = NUM_PERM) -> np.ndarray:
         if not len(hashes):
             continue
         present, first = np.unique(rows, return_index=True)
+        tmp = np.empty_like(hashes)
         for p in range(num_perm):
             # a*x+b mod 2^64 (a odd) permutes the already well-mixed shingle hashes; a
             # _mix per permutation measured 4x slower for the same recall.
-            out[start + present, p] = np.minimum.reduceat(hashes * a[p] + b[p], first)
+            np.multiply(hashes, a[p], out=tmp)
+            np.add(tmp, b[p], out=tmp)
+            out[start + present, p] = np.minimum.reduceat(tmp, first)
     return out
 
 
@@ -228,6 +242,7 @@ class Pairs:
 
     rep: list[int]  # per index: the first index with the same text (itself if it is first)
     pairs: list[Pair]
+    probe_hits: list[tuple[int, int, float]]  # (probe, index, similarity), every group member
 
     def groups(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = defaultdict(list)
@@ -250,13 +265,15 @@ class Pairs:
                 yield Pair(min(a, b), max(a, b), p.similarity)
 
 
-def near_pairs(texts: Sequence[str], threshold: float) -> Pairs:
+def near_pairs(texts: Sequence[str], threshold: float, probes: Sequence[str] = ()) -> Pairs:
     """Verified pairs (Jaccard >= threshold) among content texts; identical texts are grouped
-    first, so they cost nothing in the bands."""
+    first, so they cost nothing in the bands. `probes` (content texts too, e.g. evaluation
+    prompts) go through the same bands and are paired with texts only."""
     first_of: dict[str, int] = {}
     rep = [first_of.setdefault(text, i) for i, text in enumerate(texts)]
     unique = [i for i, r in enumerate(rep) if r == i]
-    distinct = [texts[i] for i in unique]
+    distinct = [texts[i] for i in unique] + list(probes)
+    nd = len(unique)
     cache: dict[int, frozenset[str]] = {}
 
     def grams(k: int) -> frozenset[str]:
@@ -264,12 +281,22 @@ def near_pairs(texts: Sequence[str], threshold: float) -> Pairs:
             cache[k] = frozenset(_grams(f" {distinct[k]} "))
         return cache[k]
 
-    pairs = []
+    pairs, hits = [], []
     for i, j in candidate_pairs(distinct, threshold).tolist():
+        if i >= nd:
+            continue  # two probes
         sim = jaccard(grams(i), grams(j))
-        if sim >= threshold:
+        if sim < threshold:
+            continue
+        if j < nd:
             pairs.append(Pair(unique[i], unique[j], sim))
-    return Pairs(rep, pairs)
+        else:
+            hits.append((j - nd, unique[i], sim))
+    result = Pairs(rep, pairs, [])
+    if hits:
+        groups = result.groups()
+        result.probe_hits.extend((q, k, sim) for q, r, sim in hits for k in groups[r])
+    return result
 
 
 @dataclass(frozen=True)
@@ -277,14 +304,16 @@ class Dedup:
     kept: list[int]  # indices into the input, in input order
     duplicate_of: dict[int, tuple[int, float]]  # removed index -> (kept index, similarity)
     family: list[int]  # per input index: the smallest index of its near-duplicate family
+    probe_hits: list[tuple[int, int, float]]  # (probe index, question index, similarity)
 
 
-def dedupe(questions: Sequence[str], threshold: float) -> Dedup:
+def dedupe(questions: Sequence[str], threshold: float, probes: Sequence[str] = ()) -> Dedup:
     """Questions in precedence order (best first): each is removed when it is a near duplicate
     of an earlier kept one (the most similar is named); a copy of an earlier text goes where
     that text's first copy went. Families are the connected components of all near-duplicate
     pairs, removed questions included, so chains (A~B~C with A, C kept) stay together."""
-    found = near_pairs([content_text(q) for q in questions], threshold)
+    found = near_pairs([content_text(q) for q in questions], threshold,
+                       [content_text(p) for p in probes])
     earlier: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for p in found.pairs:
         earlier[p.j].append((p.i, p.similarity))
@@ -299,7 +328,8 @@ def dedupe(questions: Sequence[str], threshold: float) -> Dedup:
             removed[j] = max(kept_before, key=lambda m: (m[1], -m[0]))
     kept = [i for i in range(len(questions)) if i not in removed]
     copies = [Pair(r, i, 1.0) for i, r in enumerate(found.rep) if r != i]
-    return Dedup(kept, removed, families(len(questions), [*found.pairs, *copies]))
+    return Dedup(kept, removed, families(len(questions), [*found.pairs, *copies]),
+                 found.probe_hits)
 
 
 def families(n: int, pairs: Iterable[Pair]) -> list[int]:
@@ -322,14 +352,6 @@ def matches(queries: Sequence[str], questions: Sequence[str],
             threshold: float) -> list[tuple[int, int, float]]:
     """(query index, question index, similarity) for every near-duplicate pair across the two
     lists (e.g. evaluate.prompts against training questions)."""
-    texts = [content_text(q) for q in (*queries, *questions)]
-    nq = len(queries)
-    return [(p.i, p.j - nq, p.similarity)
-            for p in near_pairs(texts, threshold).expanded() if p.i < nq <= p.j]
-
-
-def cross_pairs(questions: Sequence[str], groups: Sequence[str],
-                threshold: float) -> list[Pair]:
-    """Near-duplicate pairs whose two questions are in different groups (e.g. split files)."""
-    found = near_pairs([content_text(q) for q in questions], threshold)
-    return [p for p in found.expanded() if groups[p.i] != groups[p.j]]
+    found = near_pairs([content_text(q) for q in questions], threshold,
+                       [content_text(q) for q in queries])
+    return found.probe_hits

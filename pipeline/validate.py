@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import UserError
-from pipeline.jsonl import write_json
+from pipeline.jsonl import paused_gc, write_json
 
 Level = Literal["error", "warning", "off"]
 
@@ -135,9 +135,10 @@ def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: 
     settings = suites.Settings(cfg.required_fields, cfg.answer_min_chars, cfg.answer_max_chars,
                                max_seq_length, tokenizer_file)
     severity = asdict(cfg.severity)
-    data = frames.build(files)
-    if severity["leakage"] != "off":
-        data.lines = leakage.add_columns(data.lines, leak)
+    with paused_gc():
+        data = frames.build(files)
+        if severity["leakage"] != "off":
+            data.lines = leakage.add_columns(data.lines, leak)
     results = _run_gx(suites.build(severity, settings), data, docs)
     findings = _findings(results, data, settings)
     report = Report(rows=int(data.files["rows"].sum()),

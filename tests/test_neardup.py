@@ -12,7 +12,7 @@ import pytest
 from pipeline import neardup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synth_rows import synth  # noqa: E402
+from synth_rows import synth
 
 
 @pytest.mark.parametrize("a, b", [
@@ -50,7 +50,7 @@ def test_numpy_shingle_hashes_match_the_python_shingles():
 
 def test_lsh_finds_every_pair_that_brute_force_finds():
     rng = random.Random(3)
-    words = "vacuum index table replica backup restore role grant lock wal query plan".split()
+    words = ["vacuum", "index", "table", "replica", "backup", "restore", "role", "grant", "lock", "wal", "query", "plan"]
     questions = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 6))) + "?"
                  for _ in range(300)]
     texts = [neardup.content_text(q) for q in questions]

@@ -48,16 +48,17 @@ def _leaks(lines: pd.DataFrame, leak: Leakage) -> dict[int, list[str]]:
     keys = lines["question_key"].to_numpy()
     files = lines["file"].to_numpy()
     found: dict[int, list[str]] = defaultdict(list)
-    for p in neardup.cross_pairs([keys[i] for i in rows], [files[i] for i in rows],
-                                 leak.threshold):
+    near = neardup.near_pairs([neardup.content_text(keys[i]) for i in rows], leak.threshold,
+                              [neardup.content_text(p) for p in leak.prompts])
+    for p in near.expanded():
         a, b = rows[p.i], rows[p.j]
-        found[a].append(_place(lines, b, p.similarity))
-        found[b].append(_place(lines, a, p.similarity))
-    train = [i for i in rows if Path(str(files[i])).stem.startswith(leak.train_stem)]
-    if leak.prompts and train:
-        for q, k, sim in neardup.matches(leak.prompts, [keys[i] for i in train], leak.threshold):
-            found[train[k]].append(f"evaluate.prompts[{q}] {leak.prompts[q]!r} ({sim:.2f}): "
-                                   "the evaluation would test training data")
+        if files[a] != files[b]:
+            found[a].append(_place(lines, b, p.similarity))
+            found[b].append(_place(lines, a, p.similarity))
+    for q, k, sim in near.probe_hits:
+        if Path(str(files[rows[k]])).stem.startswith(leak.train_stem):
+            found[rows[k]].append(f"evaluate.prompts[{q}] {leak.prompts[q]!r} ({sim:.2f}): "
+                                  "the evaluation would test training data")
     return found
 
 
