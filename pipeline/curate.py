@@ -35,7 +35,7 @@ from pipeline import corrections as corr_mod
 from pipeline import formats, neardup
 from pipeline.errors import UserError
 from pipeline.formats import Conversation
-from pipeline.jsonl import paused_gc, read_jsonl, read_jsonl_numbered, write_json, write_jsonl
+from pipeline.jsonl import iter_jsonl_numbered, paused_gc, read_jsonl, write_json, write_jsonl
 from validation import patterns
 
 SPLITS = ("train", "valid", "test")
@@ -128,7 +128,7 @@ def load_generated(path: Path) -> list[Conversation]:
     """data/generated/answers.jsonl rows -> conversations; absent or empty means none yet."""
     if not path.exists():
         return []
-    return [_generated(path, line, row) for line, row in read_jsonl_numbered(path)]
+    return [_generated(path, line, row) for line, row in iter_jsonl_numbered(path)]
 
 
 def _generated(path: Path, line: int, row: dict[str, Any]) -> Conversation:

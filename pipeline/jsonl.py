@@ -11,9 +11,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import orjson
 
@@ -30,16 +31,20 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
 
 def read_jsonl_numbered(path: Path | str) -> list[tuple[int, dict[str, Any]]]:
     """(1-based line number, row) for each non-blank line: messages can name the line."""
+    return list(iter_jsonl_numbered(path))
+
+
+def iter_jsonl_numbered(path: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """read_jsonl_numbered one row at a time: a caller that converts rows as it goes never holds
+    every parsed dict at once (a million-row file is gigabytes of dicts)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    rows = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             row = _parse_line(path, lineno, raw)
             if row is not None:
-                rows.append((lineno, row))
-    return rows
+                yield lineno, row
 
 
 def _parse_line(path: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
@@ -111,7 +116,9 @@ def write_json(path: Path | str, data: Any) -> None:
 
 
 def write_jsonl(path: Path | str, rows: Iterable[Any]) -> None:
-    write_text(path, "".join(dumps(r) + "\n" for r in rows))
+    """Streamed into the temporary file: no second copy of the whole file in memory."""
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        fh.writelines(dumps(r) + "\n" for r in rows)
 
 
 @contextmanager

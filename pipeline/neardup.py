@@ -177,20 +177,25 @@ def _perm_params(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
 def minhashes(texts: Sequence[str], num_perm: int = NUM_PERM) -> np.ndarray:
     """(len(texts), num_perm) uint64 min-hashes; a text without shingles gets all-max rows
     (callers leave those out of the bands)."""
+    return np.concatenate([_minhash_chunk(texts[s:s + CHUNK], num_perm)
+                           for s in range(0, len(texts), CHUNK)] or
+                          [np.empty((0, num_perm), dtype=np.uint64)])
+
+
+def _minhash_chunk(texts: Sequence[str], num_perm: int) -> np.ndarray:
     out = np.full((len(texts), num_perm), _M64, dtype=np.uint64)
+    hashes, rows = gram_hashes(texts)
+    if not len(hashes):
+        return out
     a, b = _perm_params(num_perm)
-    for start in range(0, len(texts), CHUNK):
-        hashes, rows = gram_hashes(texts[start:start + CHUNK])
-        if not len(hashes):
-            continue
-        present, first = np.unique(rows, return_index=True)
-        tmp = np.empty_like(hashes)
-        for p in range(num_perm):
-            # a*x+b mod 2^64 (a odd) permutes the already well-mixed shingle hashes; a
-            # _mix per permutation measured 4x slower for the same recall.
-            np.multiply(hashes, a[p], out=tmp)
-            np.add(tmp, b[p], out=tmp)
-            out[start + present, p] = np.minimum.reduceat(tmp, first)
+    present, first = np.unique(rows, return_index=True)
+    tmp = np.empty_like(hashes)
+    for p in range(num_perm):
+        # a*x+b mod 2^64 (a odd) permutes the already well-mixed shingle hashes; a
+        # _mix per permutation measured 4x slower for the same recall.
+        np.multiply(hashes, a[p], out=tmp)
+        np.add(tmp, b[p], out=tmp)
+        out[present, p] = np.minimum.reduceat(tmp, first)
     return out
 
 
@@ -205,27 +210,42 @@ def bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
     return best
 
 
+def band_keys(texts: Sequence[str], threshold: float) -> np.ndarray:
+    """(len(texts), bands) uint64: one hash per band of each text's min-hashes. Built chunk by
+    chunk, so only CHUNK rows of min-hashes exist at a time (8 bytes x bands per text stay)."""
+    n_bands, r = bands(threshold)
+    weights = _mix(np.arange(1, r + 1, dtype=np.uint64))
+    out = np.zeros((len(texts), n_bands), dtype=np.uint64)
+    for start in range(0, len(texts), CHUNK):
+        sig = _minhash_chunk(texts[start:start + CHUNK], n_bands * r)
+        for band in range(n_bands):
+            cols = sig[:, band * r:(band + 1) * r]
+            out[start:start + len(sig), band] = _mix(
+                (cols * weights).sum(axis=1, dtype=np.uint64) + np.uint64(band))
+        out[start + np.flatnonzero(sig[:, 0] == _M64)] = 0  # no shingles: in no band
+    return out
+
+
 def candidate_pairs(texts: Sequence[str], threshold: float) -> np.ndarray:
     """(k, 2) index pairs i < j whose min-hashes share at least one band."""
-    sig = minhashes(texts)
-    live = np.flatnonzero(sig[:, 0] != _M64)
-    n_bands, r = bands(threshold)
+    keys_all = band_keys(texts, threshold)
+    live = np.flatnonzero(keys_all[:, 0] != 0) if len(texts) else np.empty(0, dtype=np.int64)
+    n = np.int64(len(texts))
     found = []
-    weights = _mix(np.arange(1, r + 1, dtype=np.uint64))
-    for band in range(n_bands):
-        cols = sig[live, band * r:(band + 1) * r]
-        keys = _mix((cols * weights).sum(axis=1, dtype=np.uint64) + np.uint64(band))
+    for band in range(keys_all.shape[1]):
+        keys = keys_all[live, band]
         order = np.argsort(keys, kind="stable")
         sk, members = keys[order], live[order]
         for d in range(1, MAX_BUCKET_PAIRS + 1):
             same = np.flatnonzero(sk[d:] == sk[:-d])
             if not len(same):
                 break
-            found.append(np.stack((members[same], members[same + d]), axis=1))
+            a, b = members[same], members[same + d]
+            found.append(np.minimum(a, b) * n + np.maximum(a, b))  # one int per pair: fast unique
     if not found:
         return np.empty((0, 2), dtype=np.int64)
-    pairs = np.sort(np.concatenate(found), axis=1)
-    return np.unique(pairs, axis=0)
+    codes = np.unique(np.concatenate(found))
+    return np.stack((codes // n, codes % n), axis=1)
 
 
 @dataclass(frozen=True)
