@@ -31,7 +31,7 @@ import numpy as np
 from validation import patterns
 
 NUM_PERM = 64  # min-hashes per question (bench/README.md: 64 measured faster than fewer bands)
-MAX_BUCKET_PAIRS = 64  # per bucket, each question is compared with at most this many before it
+MAX_BUCKET_PAIRS = 64  # per bucket, each question meets at most this many neighbours each side
 CHUNK = 10_000  # questions hashed at a time: ~15 arrays of 8 bytes per character (~70 MB)
 
 _UNSPACED_RANGES = (
@@ -236,6 +236,13 @@ def candidate_pairs(texts: Sequence[str], threshold: float) -> np.ndarray:
         keys = keys_all[live, band]
         order = np.argsort(keys, kind="stable")
         sk, members = keys[order], live[order]
+        # Each member meets its bucket's first (lowest index) member, and its MAX_BUCKET_PAIRS
+        # neighbours on either side: a bucket of thousands stays linear yet every copy is
+        # compared with the question that the others are compared with.
+        starts = np.flatnonzero(np.concatenate(([True], sk[1:] != sk[:-1])))
+        head = members[np.repeat(starts, np.diff(np.append(starts, len(sk))))]
+        far = head != members
+        found.append(head[far] * n + members[far])
         for d in range(1, MAX_BUCKET_PAIRS + 1):
             same = np.flatnonzero(sk[d:] == sk[:-d])
             if not len(same):

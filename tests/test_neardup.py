@@ -106,3 +106,11 @@ def test_matches_pair_queries_with_questions_only():
                  "what is the difference between vacuum and vacuum full"]
     assert sorted((q, k) for q, k, _ in neardup.matches(queries, questions, 0.8)) == [
         (0, 0), (0, 2)]
+
+
+def test_a_family_larger_than_a_bucket_window_keeps_one_question():
+    base = "Configure autovacuum thresholds partitioned tables nightly batch loads warehouse"
+    questions = [f"{base} r{i:03d}?" for i in range(300)]
+    assert min(neardup.similarity(questions[0], q) for q in questions) >= 0.8
+    found = neardup.dedupe(questions, 0.8)
+    assert found.kept == [0] and set(found.family) == {0}
