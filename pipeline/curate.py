@@ -35,7 +35,7 @@ from pipeline import corrections as corr_mod
 from pipeline import formats, neardup
 from pipeline.errors import UserError
 from pipeline.formats import Conversation
-from pipeline.jsonl import iter_jsonl_numbered, paused_gc, read_jsonl, write_json, write_jsonl
+from pipeline.jsonl import iter_jsonl_numbered, paused_gc, write_json, write_jsonl
 from validation import patterns
 
 SPLITS = ("train", "valid", "test")
@@ -120,7 +120,7 @@ def _check_config(cfg: CurateConfig) -> None:
 def load_questions(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
-    return {str(r["id"]): r["question"] for r in read_jsonl(path)
+    return {str(r["id"]): r["question"] for _, r in iter_jsonl_numbered(path)
             if "id" in r and isinstance(r.get("question"), str)}
 
 
