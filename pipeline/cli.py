@@ -238,7 +238,7 @@ def train(
     adapters: Annotated[Path, typer.Option(help="adapter output directory")],
     metrics: Annotated[Path, typer.Option(help="reports/train.json")],
     curve: Annotated[Path, typer.Option(help="reports/train_loss.tsv")],
-    live: Annotated[Optional[Path], typer.Option(
+    live: Annotated[Path | None, typer.Option(
         help="DVCLive folder updated while training (dvc exp show, dvc plots show)")] = None,
     params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
@@ -271,7 +271,7 @@ def export(
     dataset: Annotated[Path, typer.Option(help="dataset folder (hashed into the provenance)")],
     out: Annotated[Path, typer.Option(help="GGUF output directory")],
     report: Annotated[Path, typer.Option(help="reports/gguf.json")],
-    adapters: Annotated[Optional[Path], typer.Option(
+    adapters: Annotated[Path | None, typer.Option(
         help="LoRA adapter directory: also write adapter-f16.gguf for llama.cpp/Ollama")] = None,
     params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
@@ -322,7 +322,7 @@ def evaluate(
 def chat(
     model: Annotated[Optional[Path], typer.Option(
         help="model directory (default: models/base + models/adapters; or models/fused)")] = None,
-    adapters: Annotated[Optional[Path], typer.Option(
+    adapters: Annotated[Path | None, typer.Option(
         help="adapter to apply (default: models/adapters when --model is not given)")] = None,
     max_tokens: Annotated[int, typer.Option(help="longest reply, in tokens")] = 512,
     temp: Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")] = 0.0,

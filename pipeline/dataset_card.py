@@ -122,11 +122,11 @@ def render(facts: dict[str, Any], git: GitFacts) -> str:
 def body(facts: dict[str, Any], git: GitFacts) -> str:
     summary, gen = facts["summary"], facts["generation"]
     lines = [f"# {facts['name']}", "",
-             f"Chat conversations (mlx-lm `messages` layout, one JSON object per line, with `id` "
-             f"and `source`) curated by tuneline: {summary['rows']} rows.", ""]
+             (f"Chat conversations (mlx-lm `messages` layout, one JSON object per line, with "
+              f"`id` and `source`) curated by tuneline: {summary['rows']} rows."), ""]
     if facts["model_repo"]:
-        lines += [f"Model trained on it: [{facts['model_repo']}]"
-                  f"(https://huggingface.co/{facts['model_repo']})", ""]
+        repo = facts["model_repo"]
+        lines += [f"Model trained on it: [{repo}](https://huggingface.co/{repo})", ""]
     lines += ["## Splits", "", "| file | Hub split | rows |", "|---|---|---|"]
     lines += [f"| `{stem}.jsonl` | {split} | {summary['splits'].get(stem, 0)} |"
               for stem, split in HUB_SPLITS.items() if stem in summary["splits"]]
@@ -150,8 +150,8 @@ def body(facts: dict[str, Any], git: GitFacts) -> str:
         or ["- DVC: no hash in dvc.lock yet (run `dvc repro`)"]
     remote = f" of {git.remote}" if git.remote else ""
     lines += ["## Versions", "", f"- Git commit: `{git.commit or 'unknown'}`{remote}", *dvc,
-              f"- License: `{facts['license']}`. Generated answers inherit the terms of the "
-              "model that wrote them; check them before choosing this license.", ""]
+              (f"- License: `{facts['license']}`. Generated answers inherit the terms of the "
+               "model that wrote them; check them before choosing this license."), ""]
     return "\n".join(lines)
 
 

@@ -78,7 +78,8 @@ def test_running_training_shows_its_progress_in_dvc_exp_show(tiny_model_dir, tmp
 
 def test_resumed_run_replays_earlier_reports_into_the_live_files(tmp_path):
     class Inner:
-        rows: list[dict[str, Any]] = []
+        def __init__(self) -> None:
+            self.rows: list[dict[str, Any]] = []
 
         def on_train_loss_report(self, info: dict[str, Any]) -> None: ...
 
