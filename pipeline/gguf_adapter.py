@@ -60,8 +60,12 @@ def adapter_tensors(adapters: Path,
 
     params = read_adapter_config(adapters)["lora_parameters"]
     rank, scale = int(params["rank"]), float(params["scale"])
+    weights = adapters / "adapters.safetensors"
+    if not weights.is_file():
+        raise gguf_file.GGUFError(f"{weights}: not found next to adapter_config.json; "
+                                  "re-run the train stage (dvc repro train)")
     raw = {name: np.array(arr.astype(mx.float32))
-           for name, arr in mx.load(str(adapters / "adapters.safetensors")).items()}
+           for name, arr in mx.load(str(weights)).items()}
     out: dict[str, np.ndarray] = {}
     for name, lora_a in raw.items():
         if not name.endswith(".lora_a"):

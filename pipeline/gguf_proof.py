@@ -53,11 +53,19 @@ def load_llama(path: Path, n_ctx: int, seed: int, lora_path: Path | None = None)
     lora = {"lora_path": str(lora_path)} if lora_path is not None else {}
     with llama_log() as errors:
         try:
-            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, seed=seed,
-                                   verbose=False, **lora)
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, seed=seed,
+                                  verbose=False, **lora)
         except (ValueError, RuntimeError) as exc:
             reason = next((e.strip() for e in errors if "error loading" in e or "lora" in e.lower()),
                           str(exc))
+        else:
+            # llama-cpp-python checks the adapter pointer with `is None`, so a NULL one (llama.cpp
+            # refused the adapter, e.g. another base's shapes) silently runs the bare base.
+            refused = [e.strip() for e in errors if "failed to apply lora" in e]
+            if lora_path is None or (getattr(llm, "_lora_adapter", None) and not refused):
+                return llm
+            llm.close()
+            reason = refused[0] if refused else "llama.cpp did not apply the LoRA adapter"
     where = f"{path} + {lora_path}" if lora_path is not None else str(path)
     raise ProofError(
         f"{where}: llama.cpp cannot load this GGUF: {reason}; the file may be damaged or miss "

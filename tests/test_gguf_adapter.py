@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import make_tiny_adapter
+from tiny import make_tiny_adapter, make_tiny_llama
 
 from pipeline import fuse, gguf_adapter, gguf_file, gguf_proof, gguf_tokenizer
 
@@ -84,3 +84,20 @@ def test_dora_and_full_fine_tunes_say_why_there_is_no_adapter_file(tiny_model_di
     assert words in gguf_adapter.unsupported_reason(adapters)
     lora = make_tiny_adapter(tiny_model_dir, tmp_path / "b")
     assert gguf_adapter.unsupported_reason(lora) is None
+
+
+def test_adapter_for_another_base_fails_with_llama_cpps_reason(files, tmp_path):
+    other = make_tiny_llama(tmp_path / "wider", hidden=96, heads=4, kv_heads=2)
+    base = tmp_path / "wider.gguf"
+    write_f16(other, base)
+    with pytest.raises(gguf_proof.ProofError, match=r"wider.gguf \+ .*a.gguf: llama.cpp cannot load"):
+        gguf_proof.load_llama(base, n_ctx=64, seed=0, lora_path=files["adapter"])
+
+
+def test_missing_adapter_weights_name_the_file(files, tmp_path):
+    broken = tmp_path / "adapters"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((files["adapters"] / "adapter_config.json").read_text())
+    config = gguf_file.read_model_config(files["adapters"].parent / "fused")
+    with pytest.raises(gguf_file.GGUFError, match=r"adapters.safetensors: not found .*dvc repro train"):
+        gguf_adapter.write(broken, config, tmp_path / "x.gguf", GENERAL)
