@@ -90,7 +90,7 @@ def test_adapter_for_another_base_fails_with_llama_cpps_reason(files, tmp_path):
     other = make_tiny_llama(tmp_path / "wider", hidden=96, heads=4, kv_heads=2)
     base = tmp_path / "wider.gguf"
     write_f16(other, base)
-    with pytest.raises(gguf_proof.ProofError, match=r"wider.gguf \+ .*a.gguf: llama.cpp cannot load"):
+    with pytest.raises(gguf_proof.ProofError, match=r"wider.gguf \+ .*a.gguf: llama.cpp cannot load.*incorrect shape"):
         gguf_proof.load_llama(base, n_ctx=64, seed=0, lora_path=files["adapter"])
 
 
