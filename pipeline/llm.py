@@ -453,10 +453,11 @@ class MlxClient:
     backend = "embedded"
 
     def __init__(self, model_dir: Path):
-        from mlx_lm import load
+        from pipeline import mlx_model
 
         self.model, self.server, self.path = model_dir.name, "in-process mlx-lm", model_dir
-        self.mlx_model, self.tokenizer = load(str(model_dir))
+        # The checkpoint's own dtype: cached replies are keyed on the files, not on the backend.
+        self.mlx_model, self.tokenizer = mlx_model.load(model_dir, backend_dtype=False)
         self.lock = threading.Lock()
 
     def identity(self) -> str:
@@ -464,20 +465,18 @@ class MlxClient:
 
     def chat(self, messages: Sequence[Message], sampling: Sampling) -> Reply:
         import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
 
-        prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        from pipeline import mlx_model
+
         parts, last = [], None
         with self.lock:
             if sampling.seed is not None:
                 mx.random.seed(sampling.seed)
-            for last in stream_generate(self.mlx_model, self.tokenizer, prompt,
-                                        max_tokens=sampling.max_tokens,
-                                        sampler=make_sampler(temp=sampling.temperature)):
+            for last in mlx_model.stream(self.mlx_model, self.tokenizer, messages,
+                                         sampling.max_tokens, sampling.temperature):
                 parts.append(last.text)
         if last is None:
-            return Reply("", "stop", len(prompt), 0)
+            return Reply("", "stop", len(mlx_model.prompt_ids(self.tokenizer, messages)), 0)
         return Reply("".join(parts), normalise_finish(last.finish_reason), last.prompt_tokens,
                      last.generation_tokens)
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.jsonl import atomic_dir, read_jsonl, write_json, write_text
+from pipeline.mlx_model import encode_chat, masked_loss
 
 CHECKPOINT_ROOT = Path(".tuneline/checkpoints")
 CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.safetensors$")
@@ -87,23 +88,6 @@ class TrainResult:
 # --- data ------------------------------------------------------------------------------------
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]], mask_prompt: bool):
-    """Token ids of a conversation and a 0/1 mask marking the assistant tokens to learn."""
-    tokens = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-    if not mask_prompt:
-        return tokens, [1] * len(tokens)
-    mask = [0] * len(tokens)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(
-            messages[:i], tokenize=True, add_generation_prompt=True, return_dict=False))
-        end = len(tokenizer.apply_chat_template(
-            messages[: i + 1], tokenize=True, return_dict=False))
-        mask[start:end] = [1] * (end - start)
-    return tokens, mask
-
-
 def load_split(path: Path, tokenizer: Any, mask_prompt: bool) -> list[tuple[list[int], list[int]]]:
     rows = read_jsonl(path)
     encoded = []
@@ -141,20 +125,6 @@ def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
                 return
 
     return iterate
-
-
-def masked_loss(model: Any, tokens: Any, mask: Any):
-    """Mean cross-entropy over the target tokens the mask selects; returns (loss, n_tokens)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    logits = model(tokens[:, :-1])
-    weights = mask[:, 1:]
-    # Cross-entropy on the model's own dtype, then float32: a float32 copy of bf16 logits
-    # (batch x length x vocab) cost 0.7-1.7 GB more peak memory on GPU (bench/README.md).
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]).astype(mx.float32) * weights
-    ntoks = weights.sum()
-    return ce.sum() / mx.maximum(ntoks, 1), ntoks.astype(mx.int32)
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -311,16 +281,14 @@ class MetricsLog:
 def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
         checkpoint_root: Path = CHECKPOINT_ROOT) -> TrainResult:
     import mlx.core as mx
-    from mlx_lm import load
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
-    from pipeline import accel
+    from pipeline import mlx_model
 
     started = time.perf_counter()
     world = mx.distributed.init()  # size 1 unless started by `mlx.launch`
     lead = world.rank() == 0
-    model, tokenizer = load(str(paths.model))
-    model.set_dtype(getattr(mx, accel.compute_dtype()))
+    model, tokenizer = mlx_model.load(paths.model)
     train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
     valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
     check_settings(cfg, len(model.layers), len(train_set), len(valid_set))

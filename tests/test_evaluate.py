@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from ollama_standin import Fault, StandIn
-from pipeline import config, llm
+from pipeline import config, llm, mlx_model
 from pipeline import evaluate as ev
 from pipeline.cli import app
 from pipeline.jsonl import write_jsonl
@@ -48,7 +48,7 @@ def make_trained_adapter(model_dir: Path, out: Path, rows: list[dict[str, Any]],
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from pipeline.train import masked_loss
+    from pipeline.mlx_model import masked_loss
 
     mx.random.seed(seed)
     model, tokenizer = load(str(model_dir))
@@ -160,7 +160,7 @@ def test_batched_answers_match_one_prompt_at_a_time(tiny_model_dir: Path) -> Non
     model, tokenizer = load(str(tiny_model_dir))
     prompts = ev.prompts_for(ROWS, eval_cfg(n_samples=3, prompts=("Where is the config?",)))
     batched = ev.batch_answers(model, tokenizer, prompts, 16)
-    single = [ev.greedy_answer(model, tokenizer, p.messages, 16) for p in prompts]
+    single = [mlx_model.greedy_answer(model, tokenizer, p.messages, 16) for p in prompts]
     assert [b["answer"] for b in batched] == [s["answer"] for s in single]
     assert [b["finish_reason"] for b in batched] == [s["finish_reason"] for s in single]
     assert ev.batch_answers(model, tokenizer, [], 16) == []

@@ -36,19 +36,6 @@ def make_paths(root: Path, model: Path) -> TrainPaths:
                       root / "reports/train_loss.tsv")
 
 
-def test_loss_mask_covers_every_assistant_turn_and_nothing_else(tiny_model_dir):
-    from mlx_lm import load
-
-    _, tok = load(str(tiny_model_dir))
-    messages = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A one"},
-                {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A two"}]
-    tokens, mask = train.encode_chat(tok, messages, mask_prompt=True)
-    learned = tok.decode([t for t, m in zip(tokens, mask) if m])
-    assert learned == "A one<|im_end|>\nA two<|im_end|>\n"
-    _, full = train.encode_chat(tok, messages, mask_prompt=False)
-    assert all(full)
-
-
 def test_training_lowers_validation_loss_and_leaves_only_the_final_adapter(tiny_model_dir, tmp_path):
     paths = make_paths(tmp_path, tiny_model_dir)
     ckpts = tmp_path / "ckpt"
