@@ -9,8 +9,14 @@
 - `MlxClient`: mlx-lm in-process on a model directory, for base models that are not GGUF.
 
 `ask` wraps any of them: exponential backoff on timeouts, connection errors, 429 (honouring
-Retry-After), 5xx, replies that are not JSON and empty answers; then one `LLMError` that names the
-server, the model and what to check. `connect` builds a client from a params section.
+Retry-After), 5xx, replies that are not JSON or of the wrong shape, and empty answers; then one
+`LLMError` that names the server, the model and what to check. `connect` builds a client from a
+params section.
+
+Server replies are untrusted input: redirects are refused (an API key must never travel to another
+host, and a POST turned into a GET is not an answer), bodies and stream lines are read up to a
+bound, a whole request has a deadline besides the silence timeout, and error bodies are redacted
+before they reach a message.
 """
 
 from __future__ import annotations
@@ -19,15 +25,18 @@ import email.utils
 import hashlib
 import http.client
 import json
+import math
 import os
 import random
+import re
 import socket
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -38,6 +47,9 @@ Message = dict[str, str]
 T = TypeVar("T")
 MAX_RETRY_AFTER_S = 600.0  # a server asking for longer than this is treated as down
 EMBEDDED_CTX = 4096  # llama.cpp context: question + answer + follow-up fit with room to spare
+MAX_REPLY_BYTES = 8 << 20  # a chat reply is kilobytes; more is a wrong URL or a hostile server
+MAX_LINE_BYTES = 1 << 20  # one streamed NDJSON chunk carries a few tokens
+MAX_ERROR_BYTES = 64 << 10  # of an error body: enough for its message
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class LLMSettings:
     api_key_env: str  # environment variable holding the API key (openai backend)
     stream: bool  # ollama: stream tokens, so `timeout` bounds silence rather than a whole answer
     timeout: float  # seconds of silence before a request counts as timed out
+    deadline: float  # seconds a whole request may take, however steadily the bytes trickle in
     retries: int  # extra attempts after the first, with exponential backoff
     backoff: float  # first retry delay in seconds; doubles each attempt
 
@@ -205,9 +218,17 @@ def hint(client: Client, reason: str, status: int | None, s: LLMSettings) -> str
     if "refused" in reason or "unreachable" in reason or "resolve" in reason:
         return ("is the server running and listening there? Start it (e.g. `ollama serve`) "
                 "or fix `url` in params.yaml")
+    if "deadline" in reason:
+        return (f"the reply took longer than {s.deadline:g} s in all: is the server overloaded? "
+                "Raise `deadline`, lower `concurrency` or `max_tokens`")
     if "timed out" in reason:
         return (f"the server sent nothing for {s.timeout:g} s: is it overloaded? Raise `timeout`,"
                 " lower `concurrency` or `max_tokens`")
+    if "redirect" in reason:
+        return "set `url` to the server's final address (redirects are not followed)"
+    if "larger than" in reason or "reply shape" in reason:
+        return ("that `url` and `backend` match the server's API (ollama: /api/chat, "
+                "openai: /v1/chat/completions)")
     if status == 404 and "model" in reason.lower():
         return f"the model is not on the server: {pull}, or set `model` to one it lists"
     if status == 404:
@@ -224,41 +245,154 @@ def hint(client: Client, reason: str, status: int | None, s: LLMSettings) -> str
 # --- HTTP ----------------------------------------------------------------------------------
 
 
-def post(url: str, body: dict[str, Any], headers: dict[str, str], timeout: float) -> Any:
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: urllib would resend the Authorization header to any host and turn
+    the POST into a GET whose reply would pass for an answer."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises HTTPError with the 3xx status
+
+
+class _Deadline:
+    """Shuts down a request's sockets when its time is up: a socket timeout only bounds silence,
+    and a server that trickles a byte at a time would otherwise hold the request forever."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired = seconds, False
+        self.sockets: list[socket.socket] = []
+        self.timer = threading.Timer(max(seconds, 0.0), self._expire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        self.sockets.append(sock)
+        if self.expired:
+            self._expire()
+
+    def _expire(self) -> None:
+        self.expired = True
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+_REQUEST = threading.local()  # the deadline of the request this thread is making
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        if getattr(_REQUEST, "deadline", None) is not None:
+            _REQUEST.deadline.watch(self.sock)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        if getattr(_REQUEST, "deadline", None) is not None:
+            _REQUEST.deadline.watch(self.sock)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect, _HTTPHandler, _HTTPSHandler)
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Bound everything inside (connect, headers, body, stream) to `seconds` in all."""
+    limit = _Deadline(seconds)
+    _REQUEST.deadline = limit
+    try:
+        yield
+    except (Transient, Fatal, OSError, http.client.HTTPException) as exc:
+        if limit.expired:
+            raise Transient(f"no complete reply within the deadline of {seconds:g} s") from exc
+        raise
+    finally:
+        limit.timer.cancel()
+        _REQUEST.deadline = None
+    if limit.expired:  # a reply cut short can still parse: never take it as the answer
+        raise Transient(f"no complete reply within the deadline of {seconds:g} s")
+
+
+def post(url: str, body: dict[str, Any], headers: dict[str, str], timeout: float,
+         secrets: Sequence[str] = ()) -> Any:
     """POST JSON; returns the open response, or raises Transient/Fatal classified by cause."""
     data = json.dumps(body).encode("utf-8")
     req = urllib.request.Request(url, data=data, method="POST",
                                  headers={"Content-Type": "application/json", **headers})
-    try:
-        return urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        raise http_failure(exc.code, exc.read(), exc.headers.get("Retry-After")) from exc
-    except urllib.error.URLError as exc:
-        raise network_failure(exc.reason, timeout) from exc
-    except (OSError, http.client.HTTPException) as exc:
-        raise network_failure(exc, timeout) from exc
+    return _open(req, timeout, secrets)
 
 
 def get_json(url: str, headers: dict[str, str], timeout: float) -> Any:
     req = urllib.request.Request(url, headers=headers)
+    with _open(req, timeout, ()) as resp:
+        return parse_json(read_body(resp, timeout))
+
+
+def _open(req: urllib.request.Request, timeout: float, secrets: Sequence[str]) -> Any:
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return parse_json(read_body(resp, timeout))
+        return _OPENER.open(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
-        raise http_failure(exc.code, exc.read(), exc.headers.get("Retry-After")) from exc
+        raise http_failure(exc.code, _read_error(exc), exc.headers.get("Retry-After"),
+                           exc.headers.get("Location"), secrets) from exc
     except urllib.error.URLError as exc:
         raise network_failure(exc.reason, timeout) from exc
-
-
-def read_body(resp: Any, timeout: float) -> bytes:
-    try:
-        return resp.read()
     except (OSError, http.client.HTTPException) as exc:
         raise network_failure(exc, timeout) from exc
 
 
-def http_failure(status: int, body: bytes, retry_after: str | None) -> Exception:
-    message = f"HTTP {status}: {error_message(body)}"
+def _read_error(exc: urllib.error.HTTPError) -> bytes:
+    try:
+        return exc.read(MAX_ERROR_BYTES)
+    except (OSError, http.client.HTTPException):
+        return b""
+
+
+def read_body(resp: Any, timeout: float) -> bytes:
+    """The whole body, refusing more than MAX_REPLY_BYTES."""
+    try:
+        raw = resp.read(MAX_REPLY_BYTES + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise network_failure(exc, timeout) from exc
+    if len(raw) > MAX_REPLY_BYTES:
+        raise Fatal(f"the reply is larger than {MAX_REPLY_BYTES >> 20} MiB")
+    return raw
+
+
+def read_lines(resp: Any) -> Iterator[bytes]:
+    """Stream lines, each at most MAX_LINE_BYTES, all together at most MAX_REPLY_BYTES."""
+    total = 0
+    while True:
+        line = resp.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        total += len(line)
+        if len(line) > MAX_LINE_BYTES:
+            raise Fatal(f"a streamed line is larger than {MAX_LINE_BYTES >> 20} MiB")
+        if total > MAX_REPLY_BYTES:
+            raise Fatal(f"the streamed reply is larger than {MAX_REPLY_BYTES >> 20} MiB")
+        yield line
+
+
+def http_failure(status: int, body: bytes, retry_after: str | None, location: str | None = None,
+                 secrets: Sequence[str] = ()) -> Exception:
+    if 300 <= status < 400:
+        where = redact_url(location or "") or "another address"
+        return Fatal(f"HTTP {status}: the server redirected to {where}; redirects are not "
+                     "followed", status)
+    message = f"HTTP {status}: {redact(error_message(body), secrets)}"
     if status in (408, 429) or status >= 500:
         return Transient(message, parse_retry_after(retry_after), status)
     return Fatal(message, status)
@@ -274,12 +408,38 @@ def network_failure(reason: Any, timeout: float) -> Transient:
     return Transient(f"connection dropped ({type(reason).__name__}: {reason})")
 
 
+SECRET_PATTERNS = (
+    re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}"),
+    re.compile(r"(?i)\b((?:api[_-]?key|access[_-]?token|token|secret|password|passwd|"
+               r"authorization|key)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}&]{4,}"),
+    re.compile(r"\b(sk|pk|rk|hf|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{8,}"),
+)
+
+
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """Text from a server with secrets masked: the key we sent, and anything shaped like one."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    text = SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)} ***", text)
+    text = SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)}***", text)
+    return SECRET_PATTERNS[2].sub("***", text)
+
+
+def redact_url(url: str) -> str:
+    """scheme://host[:port]/path: no user:password, no query (tokens travel there too)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def error_message(body: bytes) -> str:
     """Ollama sends {"error": "..."}, OpenAI-style servers {"error": {"message": ...}}."""
     text = body.decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return text[:200] or "(empty body)"
     err = data.get("error", data.get("detail", data)) if isinstance(data, dict) else data
     if isinstance(err, dict):
@@ -301,9 +461,34 @@ def parse_retry_after(value: str | None) -> float | None:
 def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        snippet = raw[:80].decode("utf-8", "replace")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        snippet = redact(raw[:80].decode("utf-8", "replace"))
         raise Transient(f"the reply was not JSON: {snippet!r}") from None
+
+
+def shape_error(data: Any) -> Transient:
+    return Transient(f"unexpected reply shape: {redact(str(data)[:120])}")
+
+
+def field(data: Any, key: str, kind: type[T] | tuple[type, ...], default: Any = None) -> Any:
+    """`data[key]` if `data` is an object and the value has the expected type; absent or null
+    gives `default`; anything else is a reply of the wrong shape (retried, then explained)."""
+    if not isinstance(data, dict):
+        raise shape_error(data)
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise shape_error(data)
+    return value
+
+
+def count(data: Any, key: str) -> int:
+    """A token count: a non-negative integer, 0 when the server leaves it out."""
+    value = field(data, key, (int, float), 0)
+    if not math.isfinite(value):
+        raise shape_error(data)
+    return max(0, int(value))
 
 
 def normalise_finish(reason: Any) -> str:
@@ -318,19 +503,23 @@ class OllamaClient:
 
     backend = "ollama"
 
-    def __init__(self, url: str, model: str, timeout: float, stream: bool):
-        self.server, self.model, self.timeout, self.stream = url.rstrip("/"), model, timeout, stream
+    def __init__(self, url: str, model: str, timeout: float, stream: bool,
+                 deadline: float = float("inf")):
+        self.url, self.model, self.timeout, self.stream = url.rstrip("/"), model, timeout, stream
+        self.server = redact_url(self.url)  # for messages: no credentials, no query
+        self.deadline = deadline
         self._identity: str | None = None
 
     def identity(self) -> str:
         # The digest changes when the model is re-pulled, so old answers are not reused.
         if self._identity is None:
-            tags = get_json(f"{self.server}/api/tags", {}, self.timeout)
-            models = tags.get("models", []) if isinstance(tags, dict) else []
-            digest = next((m.get("digest", "") for m in models
+            with deadline(self.deadline):
+                tags = get_json(f"{self.url}/api/tags", {}, self.timeout)
+            models = [m for m in field(tags, "models", list, []) if isinstance(m, dict)]
+            digest = next((str(m.get("digest", "")) for m in models
                            if m.get("name") in (self.model, f"{self.model}:latest")), None)
             if digest is None:
-                names = ", ".join(m.get("name", "?") for m in models) or "none"
+                names = ", ".join(str(m.get("name", "?")) for m in models) or "none"
                 raise Fatal(f"model {self.model!r} not found on the server (it has: {names})", 404)
             self._identity = f"ollama:{self.model}@{digest}"
         return self._identity
@@ -342,7 +531,7 @@ class OllamaClient:
             options["seed"] = sampling.seed
         body = {"model": self.model, "messages": list(messages), "stream": self.stream,
                 "options": options}
-        with post(f"{self.server}/api/chat", body, {}, self.timeout) as resp:
+        with deadline(self.deadline), post(f"{self.url}/api/chat", body, {}, self.timeout) as resp:
             if not self.stream:
                 return ollama_reply(parse_json(read_body(resp, self.timeout)), "")
             return ollama_stream(resp, self.timeout)
@@ -351,14 +540,14 @@ class OllamaClient:
 def ollama_stream(resp: Any, timeout: float) -> Reply:
     parts: list[str] = []
     try:
-        for raw in resp:
+        for raw in read_lines(resp):
             if not raw.strip():
                 continue
             chunk = parse_json(raw)
             if isinstance(chunk, dict) and "error" in chunk:
-                raise Transient(f"error mid-stream: {chunk['error']}")
-            parts.append(chunk.get("message", {}).get("content", ""))
-            if chunk.get("done"):
+                raise Transient(f"error mid-stream: {redact(str(chunk['error'])[:300])}")
+            parts.append(field(field(chunk, "message", dict, {}), "content", str, ""))
+            if field(chunk, "done", bool, False):
                 return ollama_reply(chunk, "".join(parts))
     except (OSError, http.client.HTTPException) as exc:
         raise network_failure(exc, timeout) from exc
@@ -366,11 +555,12 @@ def ollama_stream(resp: Any, timeout: float) -> Reply:
 
 
 def ollama_reply(data: Any, streamed: str) -> Reply:
-    if not isinstance(data, dict) or ("message" not in data and not streamed):
-        raise Transient(f"unexpected reply shape: {str(data)[:120]}")
-    text = streamed or data["message"].get("content", "")
-    return Reply(text, normalise_finish(data.get("done_reason")),
-                 int(data.get("prompt_eval_count", 0)), int(data.get("eval_count", 0)))
+    message = field(data, "message", dict)
+    if message is None and not streamed:
+        raise shape_error(data)
+    text = streamed or field(message, "content", str, "")
+    return Reply(text, normalise_finish(field(data, "done_reason", str)),
+                 count(data, "prompt_eval_count"), count(data, "eval_count"))
 
 
 # --- OpenAI-compatible ---------------------------------------------------------------------
@@ -381,11 +571,14 @@ class OpenAIClient:
 
     backend = "openai"
 
-    def __init__(self, url: str, model: str, timeout: float, api_key: str | None):
+    def __init__(self, url: str, model: str, timeout: float, api_key: str | None,
+                 deadline: float = float("inf")):
         parsed = urllib.parse.urlsplit(url.rstrip("/"))
-        self.server = url.rstrip("/") + ("" if parsed.path else "/v1")
-        self.model, self.timeout = model, timeout
+        self.url = url.rstrip("/") + ("" if parsed.path else "/v1")
+        self.server = redact_url(self.url)  # for messages: no credentials, no query
+        self.model, self.timeout, self.deadline = model, timeout, deadline
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.secrets = (api_key,) if api_key else ()
 
     def identity(self) -> str:
         return f"openai:{self.model}"
@@ -396,16 +589,17 @@ class OpenAIClient:
                                 "max_tokens": sampling.max_tokens, "stream": False}
         if sampling.seed is not None:
             body["seed"] = sampling.seed
-        with post(f"{self.server}/chat/completions", body, self.headers, self.timeout) as resp:
+        with deadline(self.deadline), post(f"{self.url}/chat/completions", body, self.headers,
+                                           self.timeout, self.secrets) as resp:
             data = parse_json(read_body(resp, self.timeout))
-        try:
-            choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise Transient(f"unexpected reply shape: {str(data)[:120]}") from None
-        usage = data.get("usage") or {}
-        return Reply(text, normalise_finish(choice.get("finish_reason")),
-                     int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+        choices = field(data, "choices", list, [])
+        if not choices:
+            raise shape_error(data)
+        choice = choices[0]
+        text = field(field(choice, "message", dict, {}), "content", str, "")
+        usage = field(data, "usage", dict, {})
+        return Reply(text, normalise_finish(field(choice, "finish_reason", str)),
+                     count(usage, "prompt_tokens"), count(usage, "completion_tokens"))
 
 
 # --- in-process ----------------------------------------------------------------------------
@@ -516,9 +710,10 @@ class BaseModel:
 
 def connect(s: LLMSettings, base: BaseModel | None = None) -> Client:
     if s.backend == "ollama":
-        return OllamaClient(s.url, s.model, s.timeout, s.stream)
+        return OllamaClient(s.url, s.model, s.timeout, s.stream, s.deadline)
     if s.backend == "openai":
-        return OpenAIClient(s.url, s.model, s.timeout, os.environ.get(s.api_key_env) or None)
+        return OpenAIClient(s.url, s.model, s.timeout, os.environ.get(s.api_key_env) or None,
+                            s.deadline)
     return embedded(s.model, base)
 
 

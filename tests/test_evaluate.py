@@ -81,7 +81,7 @@ def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def judge_cfg(enabled: bool, url: str = "http://127.0.0.1:9") -> ev.JudgeConfig:
     prompt = 'Reply {"winner": "A"|"B"|"tie"}.\nQ: {question}\nA: {answer_a}\nB: {answer_b}'
     return ev.JudgeConfig(backend="ollama", url=url, model="judge", api_key_env="NO_KEY",
-                          stream=True, timeout=10.0, retries=2, backoff=0.01, enabled=enabled,
+                          stream=True, timeout=10.0, deadline=60.0, retries=2, backoff=0.01, enabled=enabled,
                           max_tokens=64, prompt=prompt)
 
 
