@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import BaseConfig
 from pipeline.errors import UserError
 from pipeline.jsonl import atomic_dir
 
@@ -74,12 +75,6 @@ SUPPORTED_ARCHS = ("llama",)
 
 class ModelError(UserError):
     """A base model that cannot be used, with what to do about it."""
-
-
-@dataclass(frozen=True)
-class BaseConfig:
-    seed: int  # the one seed every stage derives its randomness from
-    model: str  # "embedded", a .gguf path, a local HF-layout directory, or a Hugging Face id
 
 
 @dataclass(frozen=True)

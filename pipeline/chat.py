@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
@@ -28,6 +29,13 @@ Reply = Callable[[Messages], Iterator[str]]  # a conversation in, reply text pie
 
 class ChatError(UserError):
     """A model or adapter that cannot be loaded, with the command that makes it."""
+
+
+@dataclass(frozen=True)
+class AnswerBudget:
+    """`compare` answers as the evaluate stage does: `evaluate.max_tokens` unless told."""
+
+    max_tokens: int
 
 
 def resolve(model: Optional[Path], adapters: Optional[Path]) -> tuple[Path, Optional[Path]]:

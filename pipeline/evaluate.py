@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipeline import llm, mlx_model
+from pipeline import config, llm, mlx_model
 from pipeline.errors import UserError
 from pipeline.jsonl import read_jsonl, write_json, write_text
 
@@ -92,20 +92,13 @@ class Result:
     seconds: float
 
 
-def loss_spec(params: dict[str, Any], where: str) -> LossSpec:
+def loss_spec(params: Path | str) -> LossSpec:
     """The two `train` keys the test loss must share with training."""
-    train = params.get("train")
-    if not isinstance(train, dict):
-        raise EvalError(f"{where}: section `train` missing; evaluate scores tokens as train does")
-    try:
-        length, mask = train["max_seq_length"], train["mask_prompt"]
-    except KeyError as exc:
-        raise EvalError(f"{where}: train.{exc.args[0]} missing; add it to params.yaml") from exc
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise EvalError(f"{where}: train.max_seq_length must be an integer >= 2, got {length!r}")
-    if not isinstance(mask, bool):
-        raise EvalError(f"{where}: train.mask_prompt must be true or false, got {mask!r}")
-    return LossSpec(length, mask)
+    spec = config.load_keys(LossSpec, "train", params)
+    if spec.max_seq_length < 2:
+        raise config.ConfigError(f"{params}:train.max_seq_length must be >= 2, "
+                                 f"got {spec.max_seq_length}")
+    return spec
 
 
 # ---------------------------------------------------------------- inputs

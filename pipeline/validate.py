@@ -34,6 +34,15 @@ class ValidationCrash(RuntimeError):
 class UsageError(UserError):
     """A path that cannot be validated at all (missing, unreadable): exit code 2."""
 
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class TrainLimits:
+    """The one `train` key validate checks rows against (read with `config.load_keys`)."""
+
+    max_seq_length: int
+
 
 @dataclass(frozen=True)
 class Severity:

@@ -282,11 +282,14 @@ def test_empty_test_split_is_a_user_error(tmp_path: Path) -> None:
         ev.read_test(tmp_path / "test.jsonl")
 
 
-def test_loss_spec_names_the_train_key_that_is_wrong() -> None:
-    with pytest.raises(ev.EvalError, match=r"train\.mask_prompt"):
-        ev.loss_spec({"train": {"max_seq_length": 512, "mask_prompt": "yes"}}, "params.yaml")
-    with pytest.raises(ev.EvalError, match=r"train\.max_seq_length missing"):
-        ev.loss_spec({"train": {"mask_prompt": True}}, "params.yaml")
+def test_loss_spec_names_the_train_key_that_is_wrong(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"train": {"max_seq_length": 512, "mask_prompt": "yes"}}))
+    with pytest.raises(config.ConfigError, match=r"train\.mask_prompt"):
+        ev.loss_spec(path)
+    path.write_text(yaml.safe_dump({"train": {"mask_prompt": True}}))
+    with pytest.raises(config.ConfigError, match=r"train\.max_seq_length missing"):
+        ev.loss_spec(path)
 
 
 def test_cli_runs_the_stage_from_params_yaml(tiny_model_dir: Path, adapter_dir: Path,
@@ -308,7 +311,7 @@ def test_cli_runs_the_stage_from_params_yaml(tiny_model_dir: Path, adapter_dir: 
 
 def test_dvc_stage_declares_the_module_inputs_and_params() -> None:
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]
-    assert {"pipeline/evaluate.py", "pipeline/train.py", "models/base", "models/adapters",
+    assert {"pipeline/evaluate.py", "pipeline/mlx_model.py", "models/base", "models/adapters",
             "data/dataset/test.jsonl"} <= set(stage["deps"])
     assert set(stage["params"]) == {"base.seed", "train.max_seq_length", "train.mask_prompt",
                                     "evaluate"}
@@ -318,7 +321,7 @@ def test_dvc_stage_declares_the_module_inputs_and_params() -> None:
         assert flag in stage["cmd"]
     cfg = config.load(ev.EvalConfig, "evaluate", REPO / "params.yaml")
     assert cfg.judge.enabled is False  # no server needed by default
-    ev.loss_spec(config.read_params(REPO / "params.yaml"), "params.yaml")
+    ev.loss_spec(REPO / "params.yaml")
 
 
 def test_shipped_judge_prompt_fills_without_touching_its_json_example() -> None:
