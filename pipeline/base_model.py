@@ -84,7 +84,13 @@ class BaseResult:
     out: Path
 
 
-def run(cfg: BaseConfig, out: Path) -> BaseResult:
+@dataclass(frozen=True)
+class BasePaths:
+    out: Path  # the mlx-lm model directory to write
+
+
+def run(cfg: BaseConfig, paths: BasePaths) -> BaseResult:
+    out = paths.out
     source, kind = resolve_source(cfg.model)
     with atomic_dir(out) as tmp:
         if kind == "gguf":

@@ -96,7 +96,7 @@ def base_model(
     """Convert `base.model` (embedded GGUF, .gguf, directory or HF id) into an mlx-lm model."""
     from pipeline import base_model as stage
 
-    result = stage.run(params_of(ctx).base, out)
+    result = stage.run(params_of(ctx).base, stage.BasePaths(out))
     typer.echo(f"base model ({result.kind}) {result.source} -> {result.out}")
 
 
@@ -115,7 +115,7 @@ def generate(
     params = params_of(ctx)
     cfg, base_cfg = params.load(stage.GenerateConfig, "generate"), params.base
     paths = stage.GeneratePaths(questions, out, metrics, cache)
-    r = stage.run(cfg, base_cfg.seed, paths, base=llm.BaseModel(base_cfg.model, base_model))
+    r = stage.run(cfg, paths, seed=base_cfg.seed, base=llm.BaseModel(base_cfg.model, base_model))
     typer.echo(f"{r.questions} questions: {r.generated} generated, {r.reused} reused, "
                f"{len(r.failed)} failed; {r.requests} requests in {r.wall_s:.1f} s -> {out}")
 
@@ -197,7 +197,8 @@ def validate(
     params = params_of(ctx)
     cfg = params.load(stage.ValidateConfig, "validate")
     limits = config.load_keys(stage.TrainLimits, "train", params.path)
-    result = stage.run(cfg, paths, limits.max_seq_length, tokenizer, report, docs)
+    result = stage.run(cfg, stage.ValidatePaths(paths, tokenizer, report, docs),
+                       max_seq_length=limits.max_seq_length)
     typer.echo(stage.render(result), err=True)
     if json_out:
         typer.echo(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
@@ -260,7 +261,7 @@ def train(
 
     params = params_of(ctx)
     cfg, seed = params.load(stage.TrainConfig, "train"), params.base.seed
-    result = stage.run(cfg, seed, stage.TrainPaths(model, data, adapters, metrics, curve))
+    result = stage.run(cfg, stage.TrainPaths(model, data, adapters, metrics, curve), seed=seed)
     typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f} -> {adapters}")
 
 
@@ -273,7 +274,7 @@ def fuse(
     """Merge the adapter into the base weights: a standalone mlx-lm model."""
     from pipeline import fuse as stage
 
-    stage.run(model, adapters, out)
+    stage.run(stage.FusePaths(model, adapters, out))
     typer.echo(f"fused model -> {out}")
 
 
@@ -314,8 +315,8 @@ def evaluate(
     params = params_of(ctx)
     cfg, seed = params.load(stage.EvalConfig, "evaluate"), params.base.seed
     spec = stage.loss_spec(params.path)
-    paths = stage.EvalPaths(model, adapters, test, metrics, html)
-    result = stage.run(cfg, spec, paths, seed, cache=cache)
+    paths = stage.EvalPaths(model, adapters, test, metrics, html, cache)
+    result = stage.run(cfg, paths, spec=spec, seed=seed)
     typer.echo(f"test loss base {result.base_loss:.4f} -> tuned {result.tuned_loss:.4f} "
                f"({result.improvement:+.4f}); {result.answers} answers each -> {html}")
 

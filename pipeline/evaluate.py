@@ -70,6 +70,7 @@ class EvalPaths:
     test: Path
     metrics: Path
     html: Path
+    cache: Path | None = None  # keeps the base model's results between runs (not a DVC output)
 
 
 @dataclass(frozen=True)
@@ -280,9 +281,11 @@ def make_judge_client(cfg: JudgeConfig) -> llm.Client:
 # ---------------------------------------------------------------- report
 
 
-def run(cfg: EvalConfig, spec: LossSpec, paths: EvalPaths, seed: int | None = None,
-        client: llm.Client | None = None, cache: Path | None = None) -> Result:
-    """Score base then tuned; `cache` (outside DVC outputs) keeps base results between runs."""
+def run(cfg: EvalConfig, paths: EvalPaths, *, spec: LossSpec, seed: int | None = None,
+        client: llm.Client | None = None) -> Result:
+    """Score base then tuned; `paths.cache` (outside DVC outputs) keeps base results between
+    runs."""
+    cache = paths.cache
     from pipeline import accel
 
     start = time.perf_counter()

@@ -68,6 +68,7 @@ class TrainPaths:
     adapters: Path
     metrics: Path
     curve: Path
+    checkpoints: Path = CHECKPOINT_ROOT  # resumable state of unfinished runs, outside DVC outputs
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,7 @@ class MetricsLog:
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
-        checkpoint_root: Path = CHECKPOINT_ROOT) -> TrainResult:
+def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     import mlx.core as mx
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
@@ -296,7 +296,7 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
 
     mx.random.seed(seed)
     apply_adapters(model, cfg)
-    ckpt_dir = checkpoint_root / run_key(cfg, seed, paths)
+    ckpt_dir = paths.checkpoints / run_key(cfg, seed, paths)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     done, ckpt = latest_checkpoint(ckpt_dir)
     if ckpt is not None:

@@ -91,12 +91,12 @@ def eval_cfg(judge: bool = False, prompts: tuple[str, ...] = ("Where do I find t
                          judge=judge_cfg(judge, url))
 
 
-def paths(tmp: Path, model: Path, adapters: Path) -> ev.EvalPaths:
+def paths(tmp: Path, model: Path, adapters: Path, cache: Path | None = None) -> ev.EvalPaths:
     test = tmp / "data" / "test.jsonl"
     if not test.exists():
         write_jsonl(test, ROWS)
     return ev.EvalPaths(model, adapters, test, tmp / "reports" / "eval.json",
-                        tmp / "reports" / "compare.html")
+                        tmp / "reports" / "compare.html", cache)
 
 
 def prefer_tuned(tuned_answers: set[str], seen: list[str]) -> Any:
@@ -131,8 +131,8 @@ def test_tuned_adapter_lowers_test_loss_and_reports_both_models(
         tiny_model_dir: Path, adapter_dir: Path, tmp_path: Path) -> None:
     xss = "<script>alert('x')</script> & more?"
     p = paths(tmp_path, tiny_model_dir, adapter_dir)
-    result = ev.run(eval_cfg(prompts=("Where do I find the logs?", xss)),
-                    ev.LossSpec(max_seq_length=512, mask_prompt=True), p, seed=0)
+    result = ev.run(eval_cfg(prompts=("Where do I find the logs?", xss)), p,
+                    spec=ev.LossSpec(max_seq_length=512, mask_prompt=True), seed=0)
 
     report = json.loads(p.metrics.read_text())
     base, tuned = report["base"], report["tuned"]
@@ -175,15 +175,15 @@ def test_base_results_are_reused_when_only_the_adapter_changes(
     other = make_trained_adapter(tiny_model_dir, tmp_path / "other", ROWS[:1], steps=5, seed=1)
     cache, spec = tmp_path / "cache", ev.LossSpec(512, True)
 
-    ev.run(eval_cfg(), spec, paths(tmp_path / "a", tiny_model_dir, adapter_dir), cache=cache)
+    ev.run(eval_cfg(), paths(tmp_path / "a", tiny_model_dir, adapter_dir, cache), spec=spec)
     first = json.loads((tmp_path / "a" / "reports" / "eval.json").read_text())
-    ev.run(eval_cfg(), spec, paths(tmp_path / "b", tiny_model_dir, other), cache=cache)
+    ev.run(eval_cfg(), paths(tmp_path / "b", tiny_model_dir, other, cache), spec=spec)
     second = json.loads((tmp_path / "b" / "reports" / "eval.json").read_text())
     assert len(calls) == 3  # base + tuned, then the new tuned only
     assert second["base"] == first["base"] and second["tuned"] != first["tuned"]
 
-    ev.run(eval_cfg(), ev.LossSpec(64, True), paths(tmp_path / "c", tiny_model_dir, other),
-           cache=cache)
+    ev.run(eval_cfg(), paths(tmp_path / "c", tiny_model_dir, other, cache),
+           spec=ev.LossSpec(64, True))
     assert len(calls) == 5  # a train knob the loss depends on: the base is scored again
 
 
@@ -247,8 +247,8 @@ def test_judge_runs_in_the_stage_against_an_ollama_server(tiny_model_dir: Path, 
     tie = lambda messages, options: '{"winner": "tie", "reason": "both <b>fine</b>"}'  # noqa: E731
     with StandIn(models=("judge",), reply=tie) as server:
         server.fail(Fault("status", status=500))  # retried, as generation requests are
-        ev.run(eval_cfg(judge=True, n_samples=1, prompts=(), url=server.url),
-               ev.LossSpec(512, True), p, seed=0)
+        ev.run(eval_cfg(judge=True, n_samples=1, prompts=(), url=server.url), p,
+               spec=ev.LossSpec(512, True), seed=0)
         sent = [r for r in server.requests if r.get("path") == "/api/chat"]
     report = json.loads(p.metrics.read_text())
     assert report["judge"]["ties"] == 1 and report["judge"]["model"] == "judge"
@@ -273,7 +273,7 @@ def test_parse_verdict_reads_json_and_plain_replies(reply: str, pick: str) -> No
 def test_missing_adapter_names_the_stage_to_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     p = paths(tmp_path, tiny_model_dir, tmp_path / "models" / "adapters")
     with pytest.raises(ev.EvalError, match="dvc repro train"):
-        ev.run(eval_cfg(), ev.LossSpec(512, True), p)
+        ev.run(eval_cfg(), p, spec=ev.LossSpec(512, True))
 
 
 def test_empty_test_split_is_a_user_error(tmp_path: Path) -> None:

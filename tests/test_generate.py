@@ -89,7 +89,7 @@ def paths(tmp_path: Path) -> GeneratePaths:
 
 
 def go(cfg: GenerateConfig, paths: GeneratePaths, client: Any, seed: int = BASE_SEED):
-    return run(cfg, seed, paths, client=client, progress=io.StringIO(), sleep=lambda s: None)
+    return run(cfg, paths, seed=seed, client=client, progress=io.StringIO(), sleep=lambda s: None)
 
 
 def rows_of(path: Path) -> list[dict[str, Any]]:
@@ -313,7 +313,7 @@ def test_server_killed_mid_run_keeps_finished_answers_and_rerun_asks_only_the_re
                    backoff=0.05)
     try:
         with pytest.raises(llm.LLMError, match=rf"{url}.*'tiny'.*connection refused"):
-            run(cfg, BASE_SEED, paths, progress=io.StringIO())
+            run(cfg, paths, seed=BASE_SEED, progress=io.StringIO())
     finally:
         killer.join()
         proc.wait()
@@ -322,7 +322,7 @@ def test_server_killed_mid_run_keeps_finished_answers_and_rerun_asks_only_the_re
     log2 = tmp_path / "served2.jsonl"
     proc2, url2 = start_standin(log2)
     try:
-        result = run(replace(cfg, url=url2), BASE_SEED, paths, progress=io.StringIO())
+        result = run(replace(cfg, url=url2), paths, seed=BASE_SEED, progress=io.StringIO())
     finally:
         proc2.kill()
         proc2.wait()
@@ -382,7 +382,7 @@ def test_embedded_default_answers_with_llama_cpp(paths):
     write_questions(paths.questions, 2)
     cfg = base_cfg(max_tokens=24, followup_max_tokens=16)
     assert cfg.backend == "embedded" and cfg.model == "base"
-    result = run(cfg, BASE_SEED, paths, base=llm.BaseModel(EMBEDDED, Path("unused")),
+    result = run(cfg, paths, seed=BASE_SEED, base=llm.BaseModel(EMBEDDED, Path("unused")),
                  progress=io.StringIO())
     rows = rows_of(paths.out)
     assert result.requests == 4 and all(r["answer"].strip() for r in rows)
