@@ -1,7 +1,7 @@
-"""Hostile LLM servers, real sockets on 127.0.0.1 (tests/scripted_http.py): redirects, secrets in
-error bodies, JSON of the wrong shape, oversized replies, bytes trickled past any deadline. Each
-ends in one clear `LLMError` naming the server and what to check; through `tuneline generate`,
-exit code 1, one line, no traceback, nothing written."""
+"""Hostile LLM servers against pipeline/llm.py and llm_http.py, real sockets on 127.0.0.1
+(tests/scripted_http.py): redirects, secrets in error bodies, JSON of the wrong shape, oversized
+replies, bytes trickled past any deadline. Each ends in one clear `LLMError` naming the server and
+what to check; through `tuneline generate`: exit code 1, one line, no traceback, nothing written."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import yaml
 from scripted_http import Request, Scripted, response
 
-from pipeline import llm
+from pipeline import llm, llm_http
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = llm.Sampling(temperature=0.0, seed=7, max_tokens=50)
@@ -136,7 +136,7 @@ def test_ollama_identity_with_odd_tags_is_a_clear_error():
 
 
 def test_a_reply_larger_than_the_bound_is_refused():
-    huge = {"choices": [{"message": {"content": "a" * (llm.MAX_REPLY_BYTES + 10)}}]}
+    huge = {"choices": [{"message": {"content": "a" * (llm_http.MAX_REPLY_BYTES + 10)}}]}
     with Scripted(always(response(200, huge))) as server, \
             pytest.raises(llm.LLMError, match="larger than 8 MiB"):
         ask(settings("openai", server.url + "/v1"))
@@ -144,7 +144,7 @@ def test_a_reply_larger_than_the_bound_is_refused():
 
 
 def test_a_stream_line_larger_than_the_bound_is_refused():
-    line = ndjson({"message": {"content": "a" * (llm.MAX_LINE_BYTES + 10)}, "done": True})
+    line = ndjson({"message": {"content": "a" * (llm_http.MAX_LINE_BYTES + 10)}, "done": True})
     with Scripted(always(response(200, line))) as server, \
             pytest.raises(llm.LLMError, match="streamed line is larger than 1 MiB"):
         ask(settings("ollama", server.url))
@@ -208,7 +208,7 @@ CORPUS = {
     "secret_500": response(500, {"error": f"backend crashed; key={KEY}"}),
     "wrong_shape": response(200, {"choices": [{"message": {"content": "hi"}}], "usage": []}),
     "not_json": response(200, b"<html>login page</html>", {"Content-Type": "text/html"}),
-    "huge": response(200, b"[" + b"1," * (llm.MAX_REPLY_BYTES // 2) + b"1]"),
+    "huge": response(200, b"[" + b"1," * (llm_http.MAX_REPLY_BYTES // 2) + b"1]"),
 }
 
 
