@@ -398,9 +398,10 @@ def test_dvc_repro_after_editing_one_question_sends_two_requests(tmp_path):
     (repo / "data").mkdir()
     (repo / "models" / "base").mkdir(parents=True)
     (repo / "models" / "base" / "stand-in").write_text("the base_model stage's output\n")
-    for name in ("generate.py", "llm.py"):
-        shutil.copy(REPO / "pipeline" / name, repo / "pipeline" / name)
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["generate"]
+    for dep in stage["deps"]:  # the stage's code, as declared
+        if dep.startswith("pipeline/"):
+            shutil.copy(REPO / dep, repo / dep)
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"generate": stage}}))
     log = tmp_path / "served.jsonl"
     server, url = start_standin(log)

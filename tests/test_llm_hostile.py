@@ -212,6 +212,37 @@ CORPUS = {
 }
 
 
+def run_command(tmp_path: Path, section: str, url: str, args: list[str]):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params[section].update(backend="openai", url=url, model="tiny", retries=0,
+                           api_key_env="TUNELINE_HOSTILE_KEY")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TUNELINE_HOSTILE_KEY": KEY}
+    return subprocess.run([sys.executable, "-m", "pipeline", "--params", "params.yaml", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def assert_one_clear_line(done: subprocess.CompletedProcess, url: str) -> None:
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and len(errors) == 1, done.stderr
+    assert url in errors[0] and "Check:" in errors[0] and KEY not in done.stderr
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_questions_draft_fails_with_one_clear_line_and_appends_nothing(name, tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_bytes(b'{"id": "q-0001", "question": "How do I list tables?"}\n')
+    before = questions.read_bytes()
+    with Scripted(always(CORPUS[name])) as server:
+        done = run_command(tmp_path, "questions", server.url + "/v1",
+                           ["questions", "draft", "--out", "questions.jsonl"])
+    assert_one_clear_line(done, server.url)
+    assert questions.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "questions.jsonl"]
+
+
 @pytest.mark.parametrize("name", list(CORPUS))
 def test_generate_command_fails_with_one_clear_line_and_writes_nothing(name, tmp_path):
     questions = tmp_path / "questions.jsonl"
