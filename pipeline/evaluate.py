@@ -273,11 +273,6 @@ def parse_verdict(reply: str) -> tuple[str, str]:
     return "unparsed", reply.strip()
 
 
-def make_judge_client(cfg: JudgeConfig) -> llm.Client:
-    """The backend named in `evaluate.judge`: a server, or a .gguf / mlx dir in-process."""
-    return llm.connect(cfg)
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -302,7 +297,8 @@ def run(cfg: EvalConfig, paths: EvalPaths, *, spec: LossSpec, seed: int | None =
     tuned = side(model, tokenizer, encoded, prompts, cfg, spec)
     report = build_report(rows, prompts, base, tuned)
     if cfg.judge.enabled:
-        client = client if client is not None else make_judge_client(cfg.judge)
+        # The backend named in `evaluate.judge`: a server, or a .gguf / mlx dir in-process.
+        client = client if client is not None else llm.connect(cfg.judge)
         report["judge"] = judge(client, cfg.judge, prompts, base["answers"], tuned["answers"],
                                 seed)
     write_json(paths.metrics, report)

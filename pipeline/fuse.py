@@ -29,12 +29,13 @@ def run(paths: FusePaths) -> Path:
     """No params section: fusing has no knobs."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm import load
+    from pipeline import mlx_model
 
     model, adapters, out = paths.model, paths.adapters, paths.out
     if not (adapters / "adapter_config.json").exists():
         raise UserError(f"{adapters}: no adapter_config.json; run `dvc repro train` first")
-    fused, _ = load(str(model), adapter_path=str(adapters))
+    # The checkpoint's own dtype: fused weights must not depend on the machine that fused them.
+    fused, _ = mlx_model.load(model, adapters, backend_dtype=False)
     merged = [(name, module.fuse()) for name, module in fused.named_modules()
               if hasattr(module, "fuse")]
     if merged:
