@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+from pipeline.config import ConfigError
 from pipeline.errors import UserError
 from pipeline.llm_http import (
     Fatal,
@@ -452,6 +453,9 @@ class BaseModel:
 
 
 def connect(s: LLMSettings, base: BaseModel | None = None) -> Client:
+    if s.backend != "embedded" and not (s.timeout > 0 and s.deadline >= s.timeout):
+        raise ConfigError(f"params.yaml: timeout ({s.timeout:g} s) must be > 0 and deadline "
+                          f"({s.deadline:g} s) at least as long; raise deadline")
     if s.backend == "ollama":
         return OllamaClient(s.url, s.model, s.timeout, s.stream, s.deadline)
     if s.backend == "openai":

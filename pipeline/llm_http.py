@@ -69,7 +69,8 @@ class _Deadline:
         self.sockets: list[socket.socket] = []
         self.timer = threading.Timer(max(seconds, 0.0), self._expire)
         self.timer.daemon = True
-        self.timer.start()
+        if math.isfinite(seconds):  # no deadline: no timer (an infinite wait overflows)
+            self.timer.start()
 
     def watch(self, sock: socket.socket) -> None:
         self.sockets.append(sock)

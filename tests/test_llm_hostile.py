@@ -195,6 +195,11 @@ def test_a_server_trickling_bytes_hits_the_overall_deadline(head, drip):
     assert "deadline of 1.5 s" in str(exc) and "Raise `deadline`" in str(exc)
 
 
+def test_a_deadline_shorter_than_the_timeout_is_a_params_error():
+    with pytest.raises(llm.ConfigError, match=r"deadline \(2 s\) at least as long"):
+        llm.connect(settings("ollama", "http://127.0.0.1:9", timeout=5.0, deadline=2.0))
+
+
 def test_a_complete_reply_within_the_deadline_is_unaffected():
     with Scripted(always(response(200, GOOD_OPENAI))) as server:
         reply = ask(settings("openai", server.url + "/v1", deadline=5.0))
