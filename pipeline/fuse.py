@@ -29,6 +29,7 @@ def run(paths: FusePaths) -> Path:
     """No params section: fusing has no knobs."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
+
     from pipeline import mlx_model
 
     model, adapters, out = paths.model, paths.adapters, paths.out
