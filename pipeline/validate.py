@@ -156,7 +156,9 @@ def run(cfg: ValidateConfig, paths: ValidatePaths, *, max_seq_length: int) -> Re
                     skipped=[] if tokenizer_file or severity["token_length"] == "off" else
                     [f"token_length: no tokenizer.json at {tokenizer}; run `dvc repro base_model`"])
     if paths.report is not None:
-        write_json(paths.report, report.metrics())
+        # Findings too (sorted, so still unchanged for unchanged data): `review serve` shows
+        # them on their rows; `dvc metrics show` lists only the numbers.
+        write_json(paths.report, report.to_json())
     return report
 
 
