@@ -305,6 +305,7 @@ def export(
     ctx: typer.Context,
     model: Annotated[Path, typer.Option(help="fused model directory (mlx-lm layout)")],
     base: Annotated[Path, typer.Option(help="base model directory (for tokenizer provenance)")],
+    dataset: Annotated[Path, typer.Option(help="dataset folder (hashed into the provenance)")],
     out: Annotated[Path, typer.Option(help="GGUF output directory")],
     report: Annotated[Path, typer.Option(help="reports/gguf.json")],
 ) -> None:
@@ -313,7 +314,7 @@ def export(
 
     params = params_of(ctx)
     cfg, seed = params.load(stage.ExportConfig, "export"), params.base.seed
-    result = stage.run(cfg, stage.ExportPaths(model, base, out, report), seed=seed)
+    result = stage.run(cfg, stage.ExportPaths(model, base, dataset, out, report), seed=seed)
     for qtype, path in result.files.items():
         info = result.report["files"][qtype]
         typer.echo(f"{path}: agreement with MLX {info['agreement']:.3f}, "
@@ -391,12 +392,19 @@ def publish(
     ctx: typer.Context,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="check the gate and build the release, upload nothing")] = False,
+    stage: Annotated[bool, typer.Option(
+        "--stage", help="the dvc stage: judge what can be judged inside dvc repro, list what "
+        "waits for git commit and dvc push, upload nothing, exit 0")] = False,
     exit_zero: Annotated[bool, typer.Option(
-        "--exit-zero", help="exit 0 even if the gate fails (the dvc stage records the verdict)")
-    ] = False,
+        "--exit-zero", help="exit 0 even if the gate fails")] = False,
     card: Annotated[Path, typer.Option(help="model card preview (git-ignored folder)")] = Path(
         ".tuneline/model_card.md"),
-    report: Annotated[Path, typer.Option(help="gate verdict")] = Path("reports/publish.json"),
+    report: Annotated[Path, typer.Option(
+        help="this run's verdict (the dvc stage writes reports/publish.json)")] = Path(
+        ".tuneline/publish.json"),
+    releases: Annotated[Path, typer.Option(
+        help="folder keeping one record per upload attempt (commit it)")] = Path(
+        "reports/releases"),
     validation: Annotated[Path, typer.Option()] = Path("reports/validation.json"),
     eval_report: Annotated[Path, typer.Option("--eval")] = Path("reports/eval.json"),
     gguf_report: Annotated[Path, typer.Option()] = Path("reports/gguf.json"),
@@ -412,15 +420,16 @@ def publish(
 
     Uploads only if publish.enabled, publish.repo_id and HF_TOKEN are all set; else a dry run.
     """
-    from pipeline import publish as stage
+    from pipeline import publish as stage_module
 
     params = params_of(ctx)
-    cfg = params.load(stage.PublishConfig, "publish")
-    paths = stage.PublishPaths(params.path, validation, eval_report, gguf_report, train_report,
-                               dataset, dvc_lock, base, adapters, fused, gguf, report, card)
-    result = stage.run(cfg, paths, dry_run=dry_run)
-    typer.echo(stage.render(result))
-    if not result.passed and not exit_zero:
+    cfg = params.load(stage_module.PublishConfig, "publish")
+    paths = stage_module.PublishPaths(params.path, validation, eval_report, gguf_report,
+                                      train_report, dataset, dvc_lock, base, adapters, fused,
+                                      gguf, report, card, None if stage else releases)
+    result = stage_module.run(cfg, paths, dry_run=dry_run, stage=stage)
+    typer.echo(stage_module.render(result))
+    if not result.passed and not (exit_zero or stage):
         raise typer.Exit(1)
 
 

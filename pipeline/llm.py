@@ -466,7 +466,7 @@ def connect(s: LLMSettings, base: BaseModel | None = None) -> Client:
 
 def embedded(model: str, base: BaseModel | None) -> Client:
     """`base`: the GGUF itself when base.model is one (llama.cpp is faster), else the mlx dir."""
-    from pipeline.base_model import resolve_source
+    from pipeline.model_source import resolve_source
 
     if model == "base":
         if base is None:

@@ -173,8 +173,6 @@ def test_every_path_in_a_stage_command_is_declared(stage):
     assert undeclared == [], f"dvc.yaml stage {stage}: declare as deps or outs: {undeclared}"
 
 
-@pytest.mark.xfail(strict=True, reason="llm.py imports base_model.resolve_source until i15a's "
-                   "pipeline/model_source.py is merged; then point llm.py there and drop this mark")
 def test_no_stage_module_imports_another_stage_module():
     stages = {f"pipeline/{s}.py" for s in STAGES}
     for stage in STAGES:
