@@ -150,13 +150,39 @@ def questions_draft(
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     base_cfg = params.base
     r = stage.run(cfg, base_cfg.seed, out, base=llm.BaseModel(base_cfg.model, base_model),
-                  dry_run=dry_run)
+                  dry_run=dry_run, near_dup_threshold=_near_dup_threshold(params))
     for row in r.added:
         typer.echo(f"{'(dry run) ' if dry_run else ''}{row['id']} [{row.get('category', '-')}] "
                    f"{row['question']}")
     typer.echo(f"parsed {r.parsed}, dropped {len(r.duplicates)} near-duplicates, "
                f"{'would append' if dry_run else 'appended'} {len(r.added)} to {out} "
                f"(prompt {r.prompt_id})")
+
+
+@dataclass(frozen=True)
+class HeldOutPrompts:
+    """evaluate.prompts: curate keeps their near copies out of train, validate checks it."""
+
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NearDup:
+    """curate.near_dup_threshold: the one near-duplicate threshold (questions draft, validate)."""
+
+    near_dup_threshold: float
+
+
+def _evaluate_prompts(params: Params) -> tuple[str, ...]:
+    return config.load_keys(HeldOutPrompts, "evaluate", params.path).prompts
+
+
+def _near_dup_threshold(params: Params) -> float:
+    value = config.load_keys(NearDup, "curate", params.path).near_dup_threshold
+    if not 0 < value <= 1:
+        raise config.ConfigError(f"{params.path}:curate.near_dup_threshold: {value} must be in "
+                                 "(0, 1]")
+    return value
 
 
 @app.command()
@@ -172,8 +198,10 @@ def curate(
     """Merge generated answers, imports and expert corrections; dedupe; split train/valid/test."""
     from pipeline import curate as stage
 
-    cfg = params_of(ctx).load(stage.CurateConfig, "curate")
-    r = stage.run(cfg, stage.CuratePaths(generated, questions, corrections, imports, out, report))
+    params = params_of(ctx)
+    cfg = params.load(stage.CurateConfig, "curate")
+    r = stage.run(cfg, stage.CuratePaths(generated, questions, corrections, imports, out, report),
+                  held_out=_evaluate_prompts(params))
     counts = ", ".join(f"{k} {v}" for k, v in r.counts.items())
     typer.echo(f"dataset -> {out}: {counts}; removed {r.duplicates} duplicates, "
                f"{r.dropped} dropped (details in {report})")
@@ -193,12 +221,14 @@ def validate(
     import json
 
     from pipeline import validate as stage
+    from validation.leakage import Leakage
 
     params = params_of(ctx)
     cfg = params.load(stage.ValidateConfig, "validate")
     limits = config.load_keys(stage.TrainLimits, "train", params.path)
+    leak = Leakage(_near_dup_threshold(params), _evaluate_prompts(params))
     result = stage.run(cfg, stage.ValidatePaths(paths, tokenizer, report, docs),
-                       max_seq_length=limits.max_seq_length)
+                       max_seq_length=limits.max_seq_length, leak=leak)
     typer.echo(stage.render(result), err=True)
     if json_out:
         typer.echo(json.dumps(result.to_json(), ensure_ascii=False, indent=2))

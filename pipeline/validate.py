@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import UserError
-from pipeline.jsonl import write_json
+from pipeline.jsonl import paused_gc, write_json
 
 Level = Literal["error", "warning", "off"]
 
@@ -63,6 +63,7 @@ class Severity:
     template_markers: Level
     answer_length: Level
     duplicate_question: Level
+    leakage: Level
     token_length: Level
 
 
@@ -138,9 +139,12 @@ class ValidatePaths:
     docs: Path | None = None  # GX Data Docs HTML folder to write
 
 
-def run(cfg: ValidateConfig, paths: ValidatePaths, *, max_seq_length: int) -> Report:
+def run(cfg: ValidateConfig, paths: ValidatePaths, *, max_seq_length: int,
+        leak: Any = None) -> Report:
+    """`leak`: validation.leakage.Leakage (curate.near_dup_threshold, evaluate.prompts); None
+    checks nothing for leakage."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    from validation import frames, suites  # GX import costs seconds: only when validating
+    from validation import frames, leakage, suites  # GX import costs seconds: only when validating
 
     files = inputs(paths.inputs, cfg.splits)
     tokenizer, docs = paths.tokenizer, paths.docs
@@ -148,7 +152,10 @@ def run(cfg: ValidateConfig, paths: ValidatePaths, *, max_seq_length: int) -> Re
     settings = suites.Settings(cfg.required_fields, cfg.answer_min_chars, cfg.answer_max_chars,
                                max_seq_length, tokenizer_file)
     severity = asdict(cfg.severity)
-    data = frames.build(files)
+    with paused_gc():
+        data = frames.build(files)
+        if severity["leakage"] != "off":
+            data.lines = leakage.add_columns(data.lines, leak)
     results = _run_gx(suites.build(severity, settings), data, docs)
     findings = _findings(results, data, settings)
     report = Report(rows=int(data.files["rows"].sum()),
