@@ -24,9 +24,9 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pipeline import llm
