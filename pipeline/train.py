@@ -230,11 +230,12 @@ def apply_adapters(model: Any, cfg: TrainConfig) -> None:
 
 
 def build_optimizer(cfg: TrainConfig, iters: int, start: int) -> Any:
+    import mlx.core as mx
     import mlx.optimizers as optim
 
     peak = cfg.learning_rate
     decay = (optim.cosine_decay(peak, max(1, iters - cfg.warmup), peak * COSINE_FLOOR)
-             if cfg.lr_schedule == "cosine" else (lambda step: peak))
+             if cfg.lr_schedule == "cosine" else (lambda step: mx.array(peak)))  # an array, as AdamW's update needs
     if cfg.warmup:
         warm = optim.linear_schedule(0.0, peak, cfg.warmup)
         schedule = optim.join_schedules([warm, decay], [cfg.warmup])
