@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -40,10 +41,12 @@ LORA = {"rank": 8, "scale": 20.0, "keys": ["self_attn.q_proj", "self_attn.v_proj
 FLOP_RATE = 790e12  # bf16 matrix rate measured on this workplace's H200s (device KINDS.md)
 # name, batch rows (unpacked) or None, pack_width, tokens_per_step, epochs
 QUICK = ("unpacked 4 rows", "packed 2x1024")
-TUNELINE = [("unpacked 4 rows", 4, None, None, 3), ("packed 4x1024", None, 1024, 4096, 6),
-            ("unpacked 16 rows", 16, None, None, 4), ("packed 8x512", None, 512, 4096, 6),
-            ("packed 8x1024", None, 1024, 8192, 8), ("packed 2x1024", None, 1024, 2048, 4),
-            ("packed 12x512", None, 512, 6144, 8), ("packed 1x1024", None, 1024, 1024, 3)]
+CLEARED = "unpacked 4 rows, cache cleared each step"  # diagnosis of the peak memory
+TUNELINE = [("unpacked 4 rows", 4, None, None, 3), ("packed 8x1024", None, 1024, 8192, 8),
+            ("packed 4x1024", None, 1024, 4096, 6), ("unpacked 16 rows", 16, None, None, 4),
+            ("packed 16x1024", None, 1024, 16384, 10), ("packed 12x512", None, 512, 6144, 8),
+            ("packed 4x2048", None, 2048, 8192, 8), (CLEARED, 4, None, None, 3),
+            ("packed 2x1024", None, 1024, 2048, 4)]
 HF = [("HF+PEFT 4 rows", 4, 3), ("HF+PEFT 16 rows", 16, 4)]
 
 
@@ -67,8 +70,6 @@ def n_params(c: dict) -> int:
 
 def make_base(base: Path, tokenizer: Path, shape: dict, only_config: bool = False) -> dict:
     """config.json + tokenizer + random bf16 weights (std 0.02, norms 1) in Hugging Face names."""
-    import mlx.core as mx
-
     base.mkdir(parents=True, exist_ok=True)
     c = config(shape)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -77,6 +78,8 @@ def make_base(base: Path, tokenizer: Path, shape: dict, only_config: bool = Fals
     (base / "config.json").write_text(json.dumps(c, indent=1))
     if only_config:
         return c
+    import mlx.core as mx
+
     h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
     mx.random.seed(0)
@@ -152,7 +155,8 @@ def plan(name: str, batch, width, tps, epochs: int, counts: dict, layers: int) -
         per_epoch = packing.steps_per_epoch(counts["encoded"], width, tps // width, 512)
     # packed steps may straddle epochs (bins carry over), so a window is a whole number of steps
     # covering a whole number of epochs when per_epoch is fractional (rows / seqs per step)
-    report = per_epoch
+    report = math.ceil(per_epoch) if epochs > 1 else 1  # --quick: two one-step windows
+    epochs = max(epochs, 2)
     return {"name": name, "settings": train_settings(batch, width, tps, report * epochs, report, layers),
             "epochs": epochs, "steps_per_epoch": per_epoch}
 
@@ -168,13 +172,20 @@ def child_tuneline(spec: dict) -> None:
         original = train.MetricsLog.on_train_loss_report
 
         def record(self, info, windows=windows, original=original):
-            windows.append({k: info[k] for k in ("iteration", "iterations_per_second",
-                                                 "tokens_per_second", "peak_memory",
-                                                 "train_loss")})
+            windows.append({**{k: info[k] for k in ("iteration", "iterations_per_second",
+                                                    "tokens_per_second", "peak_memory",
+                                                    "train_loss")},
+                            "active_gb": mx.get_active_memory() / 1e9,
+                            "cache_gb": mx.get_cache_memory() / 1e9})
             original(self, info)
 
         train.MetricsLog.on_train_loss_report = record
         out = {"name": job["name"], "kind": "tuneline"}
+        from mlx_lm.tuner import trainer
+
+        trainer._clear_cache = ((lambda _: mx.clear_cache()) if job["name"] == CLEARED
+                                else (lambda t: t > 0 and mx.get_cache_memory() > t
+                                      and mx.clear_cache()))
         try:
             gc.collect()  # the previous configuration's model and compiled step
             mx.clear_cache()
@@ -380,7 +391,7 @@ def main() -> None:
     print(f"rows {counts['rows']}, positions {counts['positions']}, trained {counts['trained']}")
     skip = set(filter(None, a.skip.split(",")))
     layers = c["num_hidden_layers"] // 2  # the top half: 16 of 32 blocks
-    jobs = [plan(n, b, w, t, 2 if a.quick else e, counts, layers) for n, b, w, t, e in TUNELINE
+    jobs = [plan(n, b, w, t, 1 if a.quick else e, counts, layers) for n, b, w, t, e in TUNELINE
             if n not in skip and (n in QUICK or not a.quick)
             and (not a.runs or n in a.runs.split(","))]
     data = dataset(a.work)

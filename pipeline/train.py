@@ -163,7 +163,7 @@ def masked_loss(model: Any, tokens: Any, mask: Any):
 # --- settings --------------------------------------------------------------------------------
 
 
-def total_iters(cfg: TrainConfig, n_train: int, steps_per_epoch: int | None = None) -> int:
+def total_iters(cfg: TrainConfig, n_train: int, steps_per_epoch: float | None = None) -> int:
     if cfg.epochs is not None:
         per_epoch = steps_per_epoch or n_train / cfg.batch_size  # packed: from the layout
         return max(1, math.ceil(cfg.epochs * per_epoch))
@@ -367,7 +367,7 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
 
 
 def _batching(cfg: TrainConfig, model: Any, train_set: list, world_size: int
-              ) -> tuple[Callable[[int], Any], Callable[..., Any], int | None]:
+              ) -> tuple[Callable[[int], Any], Callable[..., Any], float | None]:
     """(seed -> iterate_batches, loss, steps per epoch or None): packed or padded batches."""
     if not cfg.pack:
         return batch_iterator, masked_loss, None

@@ -122,12 +122,15 @@ def test_packed_training_steps_give_the_padded_adapter(tiny_model_dir):
 def test_every_row_is_packed_once_per_pass_within_the_width(loaded):
     model, tok = loaded
     encoded = rows(tok) * 3
-    it = packing.batch_iterator(0, 128, 256)(encoded, 4, 128)
-    seen = 0
-    for tokens, mask, segs in it:
-        assert tokens.shape == (2, 129)
-        seen += sum(len(set(np.array(s).tolist()) - {0}) for s in segs)
-    assert seen == len(encoded)
+    it = packing.batch_iterator(0, 256, 512)(encoded, 4, 256)  # one pass, as evaluation
+    seen: dict[tuple, int] = {}
+    for tokens, _, segs in it:
+        assert tokens.shape == (2, 257)
+        for t, s in zip(np.array(tokens), np.array(segs)):
+            for k in set(s.tolist()) - {0}:
+                key = tuple(t[s == k].tolist())
+                seen[key] = seen.get(key, 0) + 1
+    assert seen == {tuple(t): 3 for t, _ in rows(tok)}  # each copy of each row, once
 
 
 def test_train_stage_packed_lowers_validation_loss_with_epochs_from_the_layout(
