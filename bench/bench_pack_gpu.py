@@ -46,7 +46,7 @@ TUNELINE = [("unpacked 4 rows", 4, None, None, 3), ("packed 8x1024", None, 1024,
             ("packed 4x1024", None, 1024, 4096, 6), ("unpacked 16 rows", 16, None, None, 4),
             ("packed 16x1024", None, 1024, 16384, 10), ("packed 12x512", None, 512, 6144, 8),
             ("packed 4x2048", None, 2048, 8192, 8), (CLEARED, 4, None, None, 3),
-            ("packed 2x1024", None, 1024, 2048, 4)]
+            ("packed 2x1024", None, 1024, 2048, 4), ("packed 1x1024", None, 1024, 1024, 3)]
 HF = [("HF+PEFT 4 rows", 4, 3), ("HF+PEFT 16 rows", 16, 4)]
 
 
@@ -369,6 +369,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("hf", "tuneline"))
     ap.add_argument("--base", type=Path, help="an existing model folder (no random weights)")
     ap.add_argument("--runs", default="", help="comma-separated tuneline runs (default: all)")
+    ap.add_argument("--epochs", type=int, help="epochs per tuneline run (default: per run)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
     ap.add_argument("--child", nargs=2)
     a = ap.parse_args()
@@ -391,7 +392,7 @@ def main() -> None:
     print(f"rows {counts['rows']}, positions {counts['positions']}, trained {counts['trained']}")
     skip = set(filter(None, a.skip.split(",")))
     layers = c["num_hidden_layers"] // 2  # the top half: 16 of 32 blocks
-    jobs = [plan(n, b, w, t, 1 if a.quick else e, counts, layers) for n, b, w, t, e in TUNELINE
+    jobs = [plan(n, b, w, t, 1 if a.quick else (a.epochs or e), counts, layers) for n, b, w, t, e in TUNELINE
             if n not in skip and (n in QUICK or not a.quick)
             and (not a.runs or n in a.runs.split(","))]
     data = dataset(a.work)
