@@ -108,6 +108,12 @@ def loss_spec(params: dict[str, Any], where: str) -> LossSpec:
     if not isinstance(mask, bool):
         raise EvalError(f"{where}: train.mask_prompt must be true or false, got {mask!r}")
     pack, width = train.get("pack", False), train.get("pack_width")
+    if pack not in (True, False, "auto"):
+        raise EvalError(f"{where}: train.pack must be true, false or auto, got {pack!r}")
+    if pack == "auto":
+        from pipeline import packing
+
+        pack = packing.wanted(pack)
     if pack and (isinstance(width, bool) or not isinstance(width, int) or width < length):
         raise EvalError(f"{where}: train.pack_width must be an integer >= max_seq_length, "
                         f"got {width!r}")

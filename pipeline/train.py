@@ -16,7 +16,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
@@ -58,7 +58,7 @@ class TrainConfig:
     steps_per_eval: int
     val_batches: int
     save_every: int
-    pack: bool  # rows end to end in fixed-width sequences (pipeline/packing.py)
+    pack: bool | Literal["auto"]  # rows end to end in fixed-width sequences (pipeline/packing.py)
     pack_width: int  # inputs per packed sequence
     tokens_per_step: int  # packed positions per optimizer step (all processes together)
 
@@ -330,6 +330,8 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
     model.set_dtype(getattr(mx, accel.compute_dtype()))
     train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
     valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
+    if cfg.pack == "auto":  # recorded resolved: the adapter config says what was done
+        cfg = replace(cfg, pack=packing_wanted(cfg.pack))
     batches, loss, per_epoch = _batching(cfg, model, train_set, world.size())
     iters = total_iters(cfg, len(train_set), per_epoch)
     check_settings(cfg, len(model.layers), len(train_set), len(valid_set), iters)
@@ -364,6 +366,12 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
         _write_outputs(weights, cfg, len(model.layers), paths, log, result)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
+
+
+def packing_wanted(pack: bool | str) -> bool:
+    from pipeline import packing
+
+    return packing.wanted(pack)
 
 
 def _batching(cfg: TrainConfig, model: Any, train_set: list, world_size: int

@@ -12,8 +12,9 @@ from test_train import make_paths, params_train
 from pipeline import evaluate as ev
 from pipeline import packing, train
 
-QUESTIONS = ["How do I vacuum table t?", "Where are the logs", "Which index fits a LIKE 'x%' "
-             "query on a text column in PostgreSQL?", "Why?", "List the roles and their grants."]
+QUESTIONS = ["How do I vacuum table t?", "Where are the logs",
+             "Which index fits a LIKE 'x%' query on a text column in PostgreSQL?", "Why?",
+             "List the roles and their grants."]
 
 
 def rows(tok, mask_prompt=True):
@@ -93,7 +94,7 @@ def one_changed(model, row, width):
 
 def test_packed_training_steps_give_the_padded_adapter(tiny_model_dir):
     import mlx.core as mx
-    import mlx.nn as nn
+    from mlx import nn
     from mlx.utils import tree_flatten
     from mlx_lm import load
 
@@ -120,7 +121,7 @@ def test_packed_training_steps_give_the_padded_adapter(tiny_model_dir):
 
 
 def test_every_row_is_packed_once_per_pass_within_the_width(loaded):
-    model, tok = loaded
+    _, tok = loaded
     encoded = rows(tok) * 3
     it = packing.batch_iterator(0, 256, 512)(encoded, 4, 256)  # one pass, as evaluation
     seen: dict[tuple, int] = {}
