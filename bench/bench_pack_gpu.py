@@ -42,11 +42,13 @@ FLOP_RATE = 790e12  # bf16 matrix rate measured on this workplace's H200s (devic
 # name, batch rows (unpacked) or None, pack_width, tokens_per_step, epochs
 QUICK = ("unpacked 4 rows", "packed 2x1024")
 CLEARED = "unpacked 4 rows, cache cleared each step"  # diagnosis of the peak memory
+UNCOMPILED = "unpacked 4 rows without mx.compile"  # likewise
 TUNELINE = [("unpacked 4 rows", 4, None, None, 3), ("packed 8x1024", None, 1024, 8192, 8),
             ("packed 4x1024", None, 1024, 4096, 6), ("unpacked 16 rows", 16, None, None, 4),
             ("packed 16x1024", None, 1024, 16384, 10), ("packed 12x512", None, 512, 6144, 8),
             ("packed 4x2048", None, 2048, 8192, 8), (CLEARED, 4, None, None, 3),
-            ("packed 2x1024", None, 1024, 2048, 4), ("packed 1x1024", None, 1024, 1024, 3)]
+            ("packed 2x1024", None, 1024, 2048, 4), ("packed 1x1024", None, 1024, 1024, 3),
+            (UNCOMPILED, 4, None, None, 3), ("packed 2x1024 without mx.compile", None, 1024, 2048, 4)]
 HF = [("HF+PEFT 4 rows", 4, 3), ("HF+PEFT 16 rows", 16, 4)]
 
 
@@ -195,6 +197,8 @@ def child_tuneline(spec: dict) -> None:
             paths = train.TrainPaths(Path(spec["base"]), Path(spec["data"]), work / "ad",
                                      work / "train.json", work / "curve.tsv")
             started = time.perf_counter()
+            if "without mx.compile" in job["name"]:
+                mx.disable_compile()
             result = train.run(cfg, 0, paths, checkpoint_root=work / "ckpt")
             out |= {"windows": windows, "wall_s": time.perf_counter() - started,
                     "val_loss": result.val_loss, "peak_gb_process": mx.get_peak_memory() / 1e9}
@@ -202,6 +206,7 @@ def child_tuneline(spec: dict) -> None:
             out["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
         finally:
             train.MetricsLog.on_train_loss_report = original
+            mx.enable_compile()
         print("RESULT " + json.dumps(out), flush=True)
     print("FACTS " + json.dumps({"mlx": mx.__version__, "device": str(mx.default_device())}))
 

@@ -117,7 +117,12 @@ def test_packed_training_steps_give_the_padded_adapter(tiny_model_dir):
         adapters.append(dict(tree_flatten(model.trainable_parameters())))
     assert adapters[0].keys() == adapters[1].keys() and adapters[0]
     for name, w in adapters[0].items():
-        assert np.allclose(np.array(w), np.array(adapters[1][name]), atol=2e-5), name
+        a, b = np.array(w), np.array(adapters[1][name])
+        # Within 5% of one Adam step (lr): float32 on CPU agrees far closer; on an H200 (CUDA
+        # matmuls) the largest difference was 3.8e-4 at lr 1e-2. A row seeing another row's
+        # tokens changes the gradients outright and the updates by about one step.
+        assert np.allclose(a, b, rtol=0.0, atol=0.05 * cfg.learning_rate), (
+            f"{name}: max |diff| {np.abs(a - b).max():.2e}, max |w| {np.abs(a).max():.2e}")
 
 
 def test_every_row_is_packed_once_per_pass_within_the_width(loaded):
@@ -169,4 +174,4 @@ def test_evaluate_scores_the_same_loss_packed(loaded):
     plain, n_plain = ev.test_loss(model, encoded, 2, 512)
     pack, n_pack = ev.test_loss(model, encoded, 2, 512, pack_width=512)
     assert n_pack == n_plain
-    assert pack == pytest.approx(plain, rel=1e-5)
+    assert pack == pytest.approx(plain, rel=1e-4)
