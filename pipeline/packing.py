@@ -117,8 +117,8 @@ def steps_per_epoch(rows: Sequence[Row], width: int, n_seqs: int, max_seq_length
 def wanted(pack: bool | str) -> bool:
     """`train.pack`: true, false, or auto = packed on a GPU, padded batches on a CPU.
 
-    Measured (bench/README.md): on an H200 packed steps of 2x1024 train 1.42x faster than padded
-    4-row batches at the same peak memory. CPUs keep padded batches: packing was not measured
+    Measured (bench/README.md): on an H200 packed steps of 2x1024 train 1.16-1.42x faster than
+    padded 4-row batches at the same peak memory. CPUs keep padded batches: packing was not measured
     faster there (and a CPU has no idle time between small steps for it to fill).
     """
     if pack == "auto":
