@@ -284,10 +284,12 @@ def test_empty_test_split_is_a_user_error(tmp_path: Path) -> None:
 
 def test_loss_spec_names_the_train_key_that_is_wrong(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"train": {"max_seq_length": 512, "mask_prompt": "yes"}}))
+    packing = {"pack": False, "pack_width": 1024}
+    path.write_text(yaml.safe_dump({"train": {"max_seq_length": 512, "mask_prompt": "yes",
+                                              **packing}}))
     with pytest.raises(config.ConfigError, match=r"train\.mask_prompt"):
         ev.loss_spec(path)
-    path.write_text(yaml.safe_dump({"train": {"mask_prompt": True}}))
+    path.write_text(yaml.safe_dump({"train": {"mask_prompt": True, **packing}}))
     with pytest.raises(config.ConfigError, match=r"train\.max_seq_length missing"):
         ev.loss_spec(path)
 
