@@ -308,7 +308,7 @@ def check_dataset(data: DatasetConfig, folder: Path) -> Check:
 
 
 def _base_license(cfg: PublishConfig, paths: PublishPaths) -> tuple[str | None, str]:
-    model = config.read_params(paths.params).get("base", {}).get("model")
+    model = config.load(config.BaseConfig, "base", paths.params).model
     found, where = modelcard.base_license(model, paths.base)
     if found or cfg.license == "auto":
         return found, where

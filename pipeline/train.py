@@ -16,7 +16,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
@@ -25,6 +25,7 @@ import numpy as np
 from pipeline import train_metrics
 from pipeline.errors import UserError
 from pipeline.jsonl import atomic_dir, read_jsonl, write_json, write_text
+from pipeline.mlx_model import encode_chat, masked_loss
 
 CHECKPOINT_ROOT = Path(".tuneline/checkpoints")
 CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.safetensors$")
@@ -59,6 +60,9 @@ class TrainConfig:
     steps_per_eval: int
     val_batches: int
     save_every: int
+    pack: bool | Literal["auto"]  # rows end to end in fixed-width sequences (pipeline/packing.py)
+    pack_width: int  # inputs per packed sequence
+    tokens_per_step: int  # packed positions per optimizer step (all processes together)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class TrainPaths:
     adapters: Path
     metrics: Path
     curve: Path
+    checkpoints: Path = CHECKPOINT_ROOT  # resumable state of unfinished runs, outside DVC outputs
     live: Path | None = None  # DVCLive folder (pipeline/train_metrics.py), rewritten while training
 
 
@@ -87,23 +92,6 @@ class TrainResult:
 
 
 # --- data ------------------------------------------------------------------------------------
-
-
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]], mask_prompt: bool):
-    """Token ids of a conversation and a 0/1 mask marking the assistant tokens to learn."""
-    tokens = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-    if not mask_prompt:
-        return tokens, [1] * len(tokens)
-    mask = [0] * len(tokens)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(
-            messages[:i], tokenize=True, add_generation_prompt=True, return_dict=False))
-        end = len(tokenizer.apply_chat_template(
-            messages[: i + 1], tokenize=True, return_dict=False))
-        mask[start:end] = [1] * (end - start)
-    return tokens, mask
 
 
 def load_split(path: Path, tokenizer: Any, mask_prompt: bool) -> list[tuple[list[int], list[int]]]:
@@ -145,45 +133,34 @@ def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
     return iterate
 
 
-def masked_loss(model: Any, tokens: Any, mask: Any):
-    """Mean cross-entropy over the target tokens the mask selects; returns (loss, n_tokens)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    logits = model(tokens[:, :-1])
-    weights = mask[:, 1:]
-    # Cross-entropy on the model's own dtype, then float32: a float32 copy of bf16 logits
-    # (batch x length x vocab) cost 0.7-1.7 GB more peak memory on GPU (bench/README.md).
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]).astype(mx.float32) * weights
-    ntoks = weights.sum()
-    return ce.sum() / mx.maximum(ntoks, 1), ntoks.astype(mx.int32)
-
-
 # --- settings --------------------------------------------------------------------------------
 
 
-def total_iters(cfg: TrainConfig, n_train: int) -> int:
+def total_iters(cfg: TrainConfig, n_train: int, steps_per_epoch: float | None = None) -> int:
     if cfg.epochs is not None:
-        return max(1, math.ceil(cfg.epochs * n_train / cfg.batch_size))
+        per_epoch = steps_per_epoch or n_train / cfg.batch_size  # packed: from the layout
+        return max(1, math.ceil(cfg.epochs * per_epoch))
     return cfg.iters
 
 
-def check_settings(cfg: TrainConfig, n_layers: int, n_train: int, n_valid: int) -> None:
+def check_settings(cfg: TrainConfig, n_layers: int, n_train: int, n_valid: int,
+                   iters: int | None = None) -> None:
     where = "params.yaml:train"
+    iters = total_iters(cfg, n_train) if iters is None else iters
     if cfg.num_layers > n_layers or cfg.num_layers == 0 or cfg.num_layers < -1:
         raise TrainError(f"{where}.num_layers: asked for {cfg.num_layers} layers, the model has "
                          f"{n_layers}; use 1..{n_layers} or -1 for all")
     if cfg.fine_tune_type != "full" and cfg.rank < 1:
         raise TrainError(f"{where}.rank: must be >= 1 for {cfg.fine_tune_type}, got {cfg.rank}")
-    if cfg.batch_size < 1 or n_train < cfg.batch_size:
+    # Packed steps are tokens_per_step positions: batch_size is unused (packing.check_settings).
+    if not cfg.pack and (cfg.batch_size < 1 or n_train < cfg.batch_size):
         raise TrainError(f"{where}.batch_size: {cfg.batch_size} needs at least that many training "
                          f"rows; train.jsonl has {n_train}")
-    if n_valid < cfg.batch_size:
+    if not cfg.pack and n_valid < cfg.batch_size:
         raise TrainError(f"{where}.batch_size: {cfg.batch_size} is more than the {n_valid} rows in "
                          "valid.jsonl; lower batch_size or give curate a larger valid split")
-    if cfg.warmup < 0 or cfg.warmup >= total_iters(cfg, n_train):
-        raise TrainError(f"{where}.warmup: {cfg.warmup} must be in 0..iters-1 "
-                         f"(iters is {total_iters(cfg, n_train)})")
+    if cfg.warmup < 0 or cfg.warmup >= iters:
+        raise TrainError(f"{where}.warmup: {cfg.warmup} must be in 0..iters-1 (iters is {iters})")
     if min(cfg.grad_accumulation_steps, cfg.steps_per_report, cfg.steps_per_eval,
            cfg.save_every) < 1:
         raise TrainError(f"{where}: grad_accumulation_steps, steps_per_report, steps_per_eval "
@@ -226,11 +203,12 @@ def apply_adapters(model: Any, cfg: TrainConfig) -> None:
 
 
 def build_optimizer(cfg: TrainConfig, iters: int, start: int) -> Any:
+    import mlx.core as mx
     import mlx.optimizers as optim
 
     peak = cfg.learning_rate
     decay = (optim.cosine_decay(peak, max(1, iters - cfg.warmup), peak * COSINE_FLOOR)
-             if cfg.lr_schedule == "cosine" else (lambda step: peak))
+             if cfg.lr_schedule == "cosine" else (lambda step: mx.array(peak)))  # an array, as AdamW's update needs
     if cfg.warmup:
         warm = optim.linear_schedule(0.0, peak, cfg.warmup)
         schedule = optim.join_schedules([warm, decay], [cfg.warmup])
@@ -310,27 +288,27 @@ class MetricsLog:
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
-        checkpoint_root: Path = CHECKPOINT_ROOT) -> TrainResult:
+def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     import mlx.core as mx
-    from mlx_lm import load
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
-    from pipeline import accel
+    from pipeline import mlx_model
 
     started = time.perf_counter()
     world = mx.distributed.init()  # size 1 unless started by `mlx.launch`
     lead = world.rank() == 0
-    model, tokenizer = load(str(paths.model))
-    model.set_dtype(getattr(mx, accel.compute_dtype()))
+    model, tokenizer = mlx_model.load(paths.model)
     train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
     valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
-    check_settings(cfg, len(model.layers), len(train_set), len(valid_set))
-    iters = total_iters(cfg, len(train_set))
+    if cfg.pack == "auto":  # recorded resolved: the adapter config says what was done
+        cfg = replace(cfg, pack=packing_wanted(cfg.pack))
+    batches, loss, per_epoch = _batching(cfg, model, train_set, world.size())
+    iters = total_iters(cfg, len(train_set), per_epoch)
+    check_settings(cfg, len(model.layers), len(train_set), len(valid_set), iters)
 
     mx.random.seed(seed)
     apply_adapters(model, cfg)
-    ckpt_dir = checkpoint_root / run_key(cfg, seed, paths)
+    ckpt_dir = paths.checkpoints / run_key(cfg, seed, paths)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     done, ckpt = latest_checkpoint(ckpt_dir)
     if ckpt is not None:
@@ -347,19 +325,41 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
             grad_checkpoint=cfg.grad_checkpoint,
             grad_accumulation_steps=cfg.grad_accumulation_steps)
         train(model=model, optimizer=build_optimizer(cfg, iters, done), train_dataset=train_set,
-              val_dataset=valid_set, args=args, loss=masked_loss,
-              iterate_batches=batch_iterator(seed + done), training_callback=callback)
+              val_dataset=valid_set, args=args, loss=loss,
+              iterate_batches=batches(seed + done), training_callback=callback)
         _renumber_checkpoints(ckpt_dir, done)
     train_metrics.finish(callback)
 
     val_loss = evaluate(model, valid_set, cfg.batch_size, cfg.val_batches, cfg.max_seq_length,
-                        loss=masked_loss, iterate_batches=batch_iterator(seed))
+                        loss=loss, iterate_batches=batches(seed))
     weights = dict(_flat(model.trainable_parameters()))
     result = _result(log, iters, val_loss, started, done, world.size(), _digest(weights))
     if lead:
         _write_outputs(weights, cfg, len(model.layers), paths, log, result)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
+
+
+def packing_wanted(pack: bool | str) -> bool:
+    from pipeline import packing
+
+    return packing.wanted(pack)
+
+
+def _batching(cfg: TrainConfig, model: Any, train_set: list, world_size: int
+              ) -> tuple[Callable[[int], Any], Callable[..., Any], float | None]:
+    """(seed -> iterate_batches, loss, steps per epoch or None): packed or padded batches."""
+    if not cfg.pack:
+        return batch_iterator, masked_loss, None
+    from pipeline import packing
+
+    packing.check_model(model)
+    per_rank = packing.check_settings(cfg.pack_width, cfg.tokens_per_step, cfg.max_seq_length,
+                                      world_size)
+    per_epoch = packing.steps_per_epoch(train_set, cfg.pack_width, per_rank * world_size,
+                                        cfg.max_seq_length)
+    return (lambda seed: packing.batch_iterator(seed, cfg.pack_width, cfg.tokens_per_step),
+            packing.packed_loss, per_epoch)
 
 
 def _digest(weights: dict[str, Any]) -> str:

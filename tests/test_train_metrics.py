@@ -49,7 +49,8 @@ def _exp_show(repo: Path) -> dict[str, Any]:
 
 def test_running_training_shows_its_progress_in_dvc_exp_show(tiny_model_dir, tmp_path, monkeypatch):
     repo = _repo(tmp_path / "repo")
-    paths = dataclasses.replace(make_paths(tmp_path, tiny_model_dir), live=repo / LIVE)
+    paths = dataclasses.replace(make_paths(tmp_path, tiny_model_dir), live=repo / LIVE,
+                                checkpoints=tmp_path / "ckpt")
     seen: list[dict[str, Any]] = []
     report = train_metrics.LiveMetrics.on_train_loss_report
 
@@ -59,7 +60,7 @@ def test_running_training_shows_its_progress_in_dvc_exp_show(tiny_model_dir, tmp
             seen.append(_exp_show(repo))
 
     monkeypatch.setattr(train_metrics.LiveMetrics, "on_train_loss_report", report_then_look)
-    result = train.run(params_train(), seed=0, paths=paths, checkpoint_root=tmp_path / "ckpt")
+    result = train.run(params_train(), paths, seed=0)
 
     assert seen and seen[0]["step"] == 4 and seen[0]["train"]["loss"] > 0
     final = _exp_show(repo)
