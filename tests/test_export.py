@@ -162,7 +162,7 @@ def test_unknown_quantization_is_rejected_before_any_work(tiny_model_dir, tmp_pa
 
 def adapter_paths(tmp: Path, base: Path, kind: str = "lora") -> export.ExportPaths:
     adapters = make_tiny_adapter(base, tmp / "adapters", std=0.02, fine_tune_type=kind)
-    fused = fuse.run(base, adapters, tmp / "fused")
+    fused = fuse.run(fuse.FusePaths(base, adapters, tmp / "fused"))
     (tmp / "dataset").mkdir()
     (tmp / "dataset" / "train.jsonl").write_text('{"messages": []}\n')
     return dataclasses.replace(paths(tmp, fused, base), adapters=adapters)
@@ -325,7 +325,7 @@ def test_embedded_model_adapter_gguf_agrees_with_the_fused_gguf(embedded_base_di
                               modelfile_quantization="f16")
     adapters = make_tiny_adapter(embedded_base_dir, tmp_path / "adapters", rank=8, scale=20.0,
                                  std=0.002, num_layers=8)
-    fused = fuse.run(embedded_base_dir, adapters, tmp_path / "fused")
+    fused = fuse.run(fuse.FusePaths(embedded_base_dir, adapters, tmp_path / "fused"))
     (tmp_path / "dataset").mkdir()
     (tmp_path / "dataset" / "train.jsonl").write_text('{"messages": []}\n')
     result = export.run(cfg, dataclasses.replace(paths(tmp_path, fused, embedded_base_dir),

@@ -26,7 +26,7 @@ def write_f16(model_dir: Path, out: Path) -> None:
 def files(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("adapter")
     adapters = make_tiny_adapter(tiny_model_dir, tmp / "adapters", rank=4, scale=2.0)
-    fused = fuse.run(tiny_model_dir, adapters, tmp / "fused")
+    fused = fuse.run(fuse.FusePaths(tiny_model_dir, adapters, tmp / "fused"))
     paths = {"base": tmp / "base.gguf", "fused": tmp / "fused.gguf", "adapter": tmp / "a.gguf",
              "adapters": adapters}
     write_f16(tiny_model_dir, paths["base"])
