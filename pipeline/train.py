@@ -314,8 +314,9 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
     from mlx_lm import load
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
-    from pipeline import accel
+    from pipeline import accel, progress
 
+    progress.plain_mlx_console()  # no colour codes in `dvc repro` logs
     started = time.perf_counter()
     world = mx.distributed.init()  # size 1 unless started by `mlx.launch`
     lead = world.rank() == 0
