@@ -49,9 +49,11 @@ system_packages() {
   command -v apt-get >/dev/null || { say "please install: ${need[*]} (no apt-get here)" >&2; return 0; }
   local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   say "installing system packages: ${need[*]}"
-  $sudo apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    "${need[@]}" >/dev/null
+  local log="${TMPDIR:-/tmp}/tuneline-apt.log"
+  if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install \
+         -y -qq --no-install-recommends "${need[@]}"; } >"$log" 2>&1; then
+    tail -n 20 "$log" >&2; say "apt-get failed; full log: $log" >&2; exit 1
+  fi
 }
 
 # llama.cpp flags: the same build on every CPU of an architecture, never `-march=native`.
