@@ -400,6 +400,7 @@ def test_dvc_repro_after_editing_one_question_sends_two_requests(tmp_path):
     (repo / "models" / "base" / "stand-in").write_text("the base_model stage's output\n")
     for name in ("generate.py", "llm.py"):
         shutil.copy(REPO / "pipeline" / name, repo / "pipeline" / name)
+    shutil.copytree(REPO / "scripts", repo / "scripts")  # the stage command's wrapper
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["generate"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"generate": stage}}))
     log = tmp_path / "served.jsonl"
