@@ -106,8 +106,10 @@ def test_writes_one_row_per_question_with_the_contract_fields(paths):
     assert row["followup"] == "And how do I undo that?"  # label, quotes and chatter removed
     assert row["followup_answer"] is None and row["followup_finish_reason"] is None
     assert (row["model"], row["backend"], row["finish_reason"]) == ("fake-1", "fake", "stop")
-    assert row["sampling"] == {"temperature": 0.7, "seed": BASE_SEED, "max_tokens": 200,
-                               "followup_max_tokens": 64}
+    cfg = base_cfg()
+    assert row["sampling"] == {"temperature": cfg.temperature, "seed": BASE_SEED,
+                               "max_tokens": cfg.max_tokens,
+                               "followup_max_tokens": cfg.followup_max_tokens}
     assert row["tokens"]["prompt"] > 0 and row["tokens"]["completion"] > 0
     assert [c["role"] for c in row["calls"]] == ["answer", "followup"]
     report = json.loads(paths.metrics.read_text())
@@ -115,6 +117,24 @@ def test_writes_one_row_per_question_with_the_contract_fields(paths):
         "questions": 3, "generated": 3, "reused": 0, "failed": 0, "requests": 6}
     assert report["tokens"]["completion"] > 0 and report["wall_s"] >= 0
     assert result.requests == 6
+
+
+def test_cut_off_answer_gets_no_followup_request(paths):
+    # curate drops an answer that hit max_tokens: a follow-up on it would be thrown away.
+    class CutOff(FakeClient):
+        def chat(self, messages, sampling):
+            reply = super().chat(messages, sampling)
+            cut = "thing 2" in messages[-1]["content"]
+            return llm.Reply(reply.text, "length" if cut else "stop", reply.prompt_tokens,
+                             reply.completion_tokens)
+
+    write_questions(paths.questions, 3)
+    client = CutOff()
+    result = go(base_cfg(answer_followups=True), paths, client)
+    assert result.requests == 7 and len(client.calls) == 7  # 3 x 3, less 2 for the cut-off one
+    row = rows_of(paths.out)[1]
+    assert (row["finish_reason"], row["followup"], row["followup_answer"]) == ("length", None, None)
+    assert [c["role"] for c in row["calls"]] == ["answer"]
 
 
 def test_rerun_sends_no_requests(paths):
