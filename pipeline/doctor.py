@@ -124,8 +124,8 @@ def check_llama(info: str, cpu: set[str]) -> Check:
     amx_cpu = sorted(cpu.intersection(AMX_FLAGS))
     if native:
         crash = " and this CPU has AMX: chat completions crash" if amx_cpu else ""
-        return Check("llama.cpp build", False, f"native build ({', '.join(native)} compiled in){crash}; "
-                     "it only fits the CPU it was built on", REBUILD)
+        return Check("llama.cpp build", False, f"native build ({', '.join(native)} compiled "
+                     f"in){crash}; it only fits the CPU it was built on", REBUILD)
     if amx_cpu:
         return Check("llama.cpp build", True, f"portable; this CPU has AMX ({', '.join(amx_cpu)}): "
                      "keep llama.cpp portable, a native build crashes here (llama.cpp#20824)",

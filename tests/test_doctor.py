@@ -8,7 +8,8 @@ from pathlib import Path
 from pipeline import doctor
 
 NATIVE = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
-          "AVX512 = 1 | AVX512_VBMI = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
+          "AVX512 = 1 | AVX512_VBMI = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | "
+          "REPACK = 1 | ")
 PORTABLE = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
             "AVX512 = 0 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
 AMX_CPU = {"avx2", "avx512f", "amx_tile", "amx_int8", "amx_bf16"}

@@ -43,7 +43,7 @@ def user_env() -> dict[str, str]:
 
 def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=user_env(), capture_output=True, text=True,
-                          timeout=1500)
+                          timeout=1500, check=False)
 
 
 def copy_repo(dest: Path) -> Path:
