@@ -146,8 +146,8 @@ def validate(
         raise typer.Exit(1)
 
 
-review_app = typer.Typer(no_args_is_help=True, help="Review the dataset in a sheet; edits become "
-                         "data/corrections.jsonl lines.")
+review_app = typer.Typer(no_args_is_help=True, help="Review the dataset in a sheet or the browser; "
+                         "edits become data/corrections.jsonl lines.")
 app.add_typer(review_app, name="review")
 SheetOpt = Annotated[Path, typer.Option(help="the review sheet (CSV)")]
 
@@ -185,6 +185,28 @@ def review_apply(
         typer.secho(f"note: {note}", err=True)
     typer.echo(f"{len(r.changed)} corrections changed in {corrections}"
                + ("; run `dvc repro` to rebuild the dataset" if r.changed else ""))
+
+
+@review_app.command("serve")
+def review_serve(
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8765,
+    open_browser: Annotated[bool, typer.Option("--open", help="open the page in a browser")] = False,
+    host: Annotated[str, typer.Option(help="address to listen on; others on the network can "
+                                      "edit your data if you widen it")] = "127.0.0.1",
+    dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
+    corrections: Annotated[Path, typer.Option(help="corrections file (inside data/)")] = Path(
+        "data/corrections.jsonl"),
+    questions: Annotated[Path, typer.Option(help="questions file")] = Path(
+        "data/questions.jsonl"),
+    validation: Annotated[Path, typer.Option(help="validate's report")] = Path(
+        "reports/validation.json"),
+    evaluation: Annotated[Path, typer.Option(help="evaluate's report")] = Path("reports/eval.json"),
+) -> None:
+    """Review and correct the dataset in the browser; saves become data/corrections.jsonl lines."""
+    from pipeline import review_server as stage
+
+    paths = stage.ServePaths(Path.cwd(), dataset, corrections, questions, validation, evaluation)
+    stage.serve(paths, host, port, open_browser)
 
 
 @app.command()
