@@ -87,13 +87,30 @@ def questions_draft(
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     base_cfg = config.load(base.BaseConfig, "base", params)
     r = stage.run(cfg, base_cfg.seed, out, base=llm.BaseModel(base_cfg.model, base_model),
-                  dry_run=dry_run)
+                  dry_run=dry_run, near_dup_threshold=_near_dup_threshold(params))
     for row in r.added:
         typer.echo(f"{'(dry run) ' if dry_run else ''}{row['id']} [{row.get('category', '-')}] "
                    f"{row['question']}")
     typer.echo(f"parsed {r.parsed}, dropped {len(r.duplicates)} near-duplicates, "
                f"{'would append' if dry_run else 'appended'} {len(r.added)} to {out} "
                f"(prompt {r.prompt_id})")
+
+
+def _evaluate_prompts(params: Path) -> tuple[str, ...]:
+    """evaluate.prompts: curate keeps their near copies out of train, validate checks it."""
+    prompts = config.read_params(params).get("evaluate", {}).get("prompts")
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise config.ConfigError(f"{params}: evaluate.prompts missing or not a list of strings")
+    return tuple(prompts)
+
+
+def _near_dup_threshold(params: Path) -> float:
+    """curate.near_dup_threshold: the one near-duplicate threshold (questions draft, validate)."""
+    value = config.read_params(params).get("curate", {}).get("near_dup_threshold")
+    if not isinstance(value, float) or not 0 < value <= 1:
+        raise config.ConfigError(f"{params}: curate.near_dup_threshold missing or not a number "
+                                 "in (0, 1]")
+    return value
 
 
 @app.command()
@@ -110,7 +127,9 @@ def curate(
     from pipeline import curate as stage
 
     cfg = config.load(stage.CurateConfig, "curate", params)
-    r = stage.run(cfg, stage.CuratePaths(generated, questions, corrections, imports, out, report))
+    held_out = _evaluate_prompts(params)
+    r = stage.run(cfg, stage.CuratePaths(generated, questions, corrections, imports, out, report),
+                  held_out)
     counts = ", ".join(f"{k} {v}" for k, v in r.counts.items())
     typer.echo(f"dataset -> {out}: {counts}; removed {r.duplicates} duplicates, "
                f"{r.dropped} dropped (details in {report})")
@@ -136,7 +155,10 @@ def validate(
         max_seq = config.read_params(params).get("train", {}).get("max_seq_length")
         if not isinstance(max_seq, int):
             raise config.ConfigError(f"{params}: train.max_seq_length missing or not an integer")
-        result = stage.run(cfg, paths, max_seq, tokenizer, report, docs)
+        from validation.leakage import Leakage
+
+        leak = Leakage(_near_dup_threshold(params), _evaluate_prompts(params))
+        result = stage.run(cfg, paths, max_seq, tokenizer, report, docs, leak)
     except (stage.UsageError, config.ConfigError) as exc:
         fail(str(exc), 2)
     typer.echo(stage.render(result), err=True)
@@ -244,6 +266,7 @@ def fuse(
 def export(
     model: Annotated[Path, typer.Option(help="fused model directory (mlx-lm layout)")],
     base: Annotated[Path, typer.Option(help="base model directory (for tokenizer provenance)")],
+    dataset: Annotated[Path, typer.Option(help="dataset folder (hashed into the provenance)")],
     out: Annotated[Path, typer.Option(help="GGUF output directory")],
     report: Annotated[Path, typer.Option(help="reports/gguf.json")],
     params: ParamsOpt = config.PARAMS_FILE,
@@ -253,7 +276,7 @@ def export(
 
     cfg = config.load(stage.ExportConfig, "export", params)
     seed = config.load(base_model.BaseConfig, "base", params).seed
-    result = stage.run(cfg, stage.ExportPaths(model, base, out, report), seed)
+    result = stage.run(cfg, stage.ExportPaths(model, base, dataset, out, report), seed=seed)
     for qtype, path in result.files.items():
         info = result.report["files"][qtype]
         typer.echo(f"{path}: agreement with MLX {info['agreement']:.3f}, "
@@ -330,12 +353,19 @@ def compare(
 def publish(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="check the gate and build the release, upload nothing")] = False,
+    stage: Annotated[bool, typer.Option(
+        "--stage", help="the dvc stage: judge what can be judged inside dvc repro, list what "
+        "waits for git commit and dvc push, upload nothing, exit 0")] = False,
     exit_zero: Annotated[bool, typer.Option(
-        "--exit-zero", help="exit 0 even if the gate fails (the dvc stage records the verdict)")
-    ] = False,
+        "--exit-zero", help="exit 0 even if the gate fails")] = False,
     card: Annotated[Path, typer.Option(help="model card preview (git-ignored folder)")] = Path(
         ".tuneline/model_card.md"),
-    report: Annotated[Path, typer.Option(help="gate verdict")] = Path("reports/publish.json"),
+    report: Annotated[Path, typer.Option(
+        help="this run's verdict (the dvc stage writes reports/publish.json)")] = Path(
+        ".tuneline/publish.json"),
+    releases: Annotated[Path, typer.Option(
+        help="folder keeping one record per upload attempt (commit it)")] = Path(
+        "reports/releases"),
     validation: Annotated[Path, typer.Option()] = Path("reports/validation.json"),
     eval_report: Annotated[Path, typer.Option("--eval")] = Path("reports/eval.json"),
     gguf_report: Annotated[Path, typer.Option()] = Path("reports/gguf.json"),
@@ -352,14 +382,15 @@ def publish(
 
     Uploads only if publish.enabled, publish.repo_id and HF_TOKEN are all set; else a dry run.
     """
-    from pipeline import publish as stage
+    from pipeline import publish as stage_module
 
-    cfg = config.load(stage.PublishConfig, "publish", params)
-    paths = stage.PublishPaths(params, validation, eval_report, gguf_report, train_report,
-                               dataset, dvc_lock, base, adapters, fused, gguf, report, card)
-    result = stage.run(cfg, paths, dry_run=dry_run)
-    typer.echo(stage.render(result))
-    if not result.passed and not exit_zero:
+    cfg = config.load(stage_module.PublishConfig, "publish", params)
+    paths = stage_module.PublishPaths(params, validation, eval_report, gguf_report, train_report,
+                                      dataset, dvc_lock, base, adapters, fused, gguf, report, card,
+                                      None if stage else releases)
+    result = stage_module.run(cfg, paths, dry_run=dry_run, stage=stage)
+    typer.echo(stage_module.render(result))
+    if not result.passed and not (exit_zero or stage):
         raise typer.Exit(1)
 
 
