@@ -6,9 +6,12 @@ leaves a half-written output that a later stage (or DVC) would mistake for a fin
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,17 +58,78 @@ def dumps(row: Any) -> str:
     return json.dumps(row, ensure_ascii=False, sort_keys=False)
 
 
+TMP_SUFFIX = ".tmp"  # `.*.tmp` is in .gitignore and .dvcignore: a killed run's leftover stays out of both
+
+
+def _tmp_prefix(path: Path) -> str:
+    # The pid lets the next run tell a dead run's leftover from a live one's work in progress.
+    return f".{path.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(path: Path) -> None:
+    """Remove temporaries that a killed run (SIGKILL, power loss) left next to `path`."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^/]*{re.escape(TMP_SUFFIX)}")
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if m and not _pid_alive(int(m.group(1))):
+            _remove(entry)
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it into place only on success."""
+    """Yield a temporary path next to `path`; rename it into place only on success.
+
+    The data is fsynced before the rename and the folder after it, so a power loss leaves the old
+    file or the new one; the replaced file's permissions are kept (mkstemp would make it 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_leftovers(path)
+    mode = path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode()
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -86,21 +150,71 @@ def write_jsonl(path: Path | str, rows: Iterable[Any]) -> None:
 
 @contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
-    """Build a directory under a temporary name and swap it in only when complete."""
+    """Build a directory under a temporary name and swap it in only when complete.
+
+    On Linux the swap is one renameat2(RENAME_EXCHANGE): `path` is never missing. Elsewhere it is
+    two renames, and a run killed between them finds the old copy at `.NAME.old` next time and puts
+    it back: the only good copy is never deleted.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _recover_old(path)
+    clean_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; outputs are for the whole team
     try:
         yield tmp
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
+        _fsync_tree(tmp)
+        _swap_in(tmp, path)
+        _fsync(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _old_copy(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _recover_old(path: Path) -> None:
+    old = _old_copy(path)
+    if not old.exists():
+        return
+    if path.exists():
+        shutil.rmtree(old)  # the swap finished; only the cleanup was cut short
+    else:
+        old.rename(path)  # killed between the two renames: the old copy is the only good one
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    if _exchange(tmp, path):
+        shutil.rmtree(tmp)  # tmp now holds the previous output
+        return
+    old = _old_copy(path)
+    path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the system cannot."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
