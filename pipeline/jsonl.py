@@ -54,8 +54,16 @@ def _parse_line(path: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
     return row
 
 
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
 def dumps(row: Any) -> str:
-    return json.dumps(row, ensure_ascii=False, sort_keys=False)
+    # JSON allows U+2028/U+2029/U+0085 raw inside strings, but tools that split with
+    # str.splitlines() (and some editors) break lines there: write them escaped.
+    text = json.dumps(row, ensure_ascii=False, sort_keys=False)
+    for char, escaped in _LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text
 
 
 TMP_SUFFIX = ".tmp"  # `.*.tmp` is in .gitignore and .dvcignore: a killed run's leftover stays out of both
@@ -137,7 +145,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 
 def write_text(path: Path | str, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(text.encode("utf-8"))  # exactly these bytes: no newline translation
 
 
 def write_json(path: Path | str, data: Any) -> None:
