@@ -51,7 +51,27 @@ def _parse_line(path: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
         ) from exc
     if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    if "\\ud" in text.lower():  # cheap test first: only an escape can make a lone surrogate
+        _check_surrogates(path, lineno, row)
     return row
+
+
+def _check_surrogates(path: Path, lineno: int, value: Any) -> None:
+    """A lone UTF-16 surrogate escape ("\\ud83d") parses, then crashes whatever encodes it."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_surrogates(path, lineno, key)
+            _check_surrogates(path, lineno, item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_surrogates(path, lineno, item)
+    elif isinstance(value, str) and (m := _SURROGATE.search(value)):
+        raise DataError(
+            f"{path}:{lineno}: a lone surrogate escape \\u{ord(m.group()):04x} (half of an emoji "
+            "or other character cut in two); write the whole character or its escape pair")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 _LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}

@@ -23,6 +23,7 @@ import yaml
 from ollama_standin import DIGEST
 
 from pipeline import config, llm
+from pipeline.errors import UserError
 from pipeline.generate import (
     CACHE_FILE,
     GenerateConfig,
@@ -425,3 +426,12 @@ def test_dvc_repro_after_editing_one_question_sends_two_requests(tmp_path):
     report = json.loads((repo / "reports" / "generate.json").read_text())
     assert (report["requests"], report["generated"], report["reused"]) == (2, 1, 19)
     assert len(rows_of(repo / "data" / "generated" / "answers.jsonl")) == 20
+
+
+def test_a_lone_surrogate_in_questions_is_a_clear_error_before_any_request(paths):
+    paths.questions.write_text('{"id": "q-0001", "question": "Fine?"}\n'
+                               '{"id": "q-0002", "question": "Emoji \\ud83d cut?"}\n')
+    client = FakeClient()
+    with pytest.raises(UserError, match=r"questions.jsonl:2: a lone surrogate"):
+        go(base_cfg(), paths, client)
+    assert client.calls == [] and not paths.out.exists()
