@@ -106,7 +106,7 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_leftovers(path: Path) -> None:
     """Remove temporaries that a killed run (SIGKILL, power loss) left next to `path`."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^/]*{re.escape(TMP_SUFFIX)}")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^/]*{re.escape(TMP_SUFFIX)}(\.\w+)?")
     if not path.parent.is_dir():
         return
     for entry in path.parent.iterdir():
@@ -139,7 +139,7 @@ def _new_file_mode() -> int:
 
 
 @contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
+def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it into place only on success.
 
     The data is fsynced before the rename and the folder after it, so a power loss leaves the old
@@ -149,7 +149,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(path)
     mode = path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode()
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX + suffix,
+                               dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
