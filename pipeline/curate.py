@@ -30,7 +30,7 @@ from pipeline import corrections as corr_mod
 from pipeline import formats
 from pipeline.errors import UserError
 from pipeline.formats import Conversation
-from pipeline.jsonl import read_jsonl, write_json, write_jsonl
+from pipeline.jsonl import atomic_dir, read_jsonl, write_json, write_jsonl
 from validation import patterns
 
 SPLITS = ("train", "valid", "test")
@@ -85,8 +85,9 @@ def run(cfg: CurateConfig, paths: CuratePaths) -> CurateResult:
     if cfg.system_prompt is not None:
         kept = [_with_system(c, cfg.system_prompt) for c in kept]
     splits, moved = split(kept, cfg)
-    for name in SPLITS:
-        write_jsonl(paths.out / f"{name}.jsonl", [dataset_row(c) for c in splits[name]])
+    with atomic_dir(paths.out) as tmp:  # the three splits as one unit: a kill never mixes runs
+        for name in SPLITS:
+            write_jsonl(tmp / f"{name}.jsonl", [dataset_row(c) for c in splits[name]])
     report = _report(splits, generated, imported, applied, duplicates, bad, moved)
     write_json(paths.report, report)
     counts = {name: len(splits[name]) for name in SPLITS}
