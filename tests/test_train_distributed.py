@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -30,13 +31,36 @@ WORKER = textwrap.dedent("""
 """)
 
 
+def free_ports(n: int) -> int:
+    """A first port of n consecutive free ones (mlx's ring backend takes starting-port + rank)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + n > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(first, first + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no run of free ports on 127.0.0.1")
+
+
 @pytest.mark.slow
 def test_two_ranks_train_the_same_adapter(tiny_model_dir, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(TESTS), tmp=str(tmp_path), model=str(tiny_model_dir)))
     launcher = Path(sys.executable).parent / "mlx.launch"
     out = subprocess.run([str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
-                          "--starting-port", "45731", "--", sys.executable, str(script)],
+                          "--starting-port", str(free_ports(4)), "--", sys.executable, str(script)],
                          capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines()
