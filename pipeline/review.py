@@ -234,6 +234,9 @@ def _cell(value: str | None) -> str:
 def _check_no_spreadsheet_error(sheet: Path, n: int, cells: dict[str, str],
                                 base: dict[str, Any]) -> None:
     for key in EDITABLE:
+        if "\x00" in cells[key] and _changed(cells, base, key):
+            raise ReviewError(f"{sheet}: row {n} ({cells['id'] or 'new'}): the {key} cell holds a "
+                              "NUL byte (a damaged sheet); export a fresh sheet and edit again")
         if SPREADSHEET_ERRORS.fullmatch(cells[key]) and _changed(cells, base, key):
             raise ReviewError(
                 f"{sheet}: row {n} ({cells['id'] or 'new'}): the {key} cell holds the spreadsheet "

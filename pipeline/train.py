@@ -23,7 +23,15 @@ from typing import Any, Callable, Iterator, Literal, Optional
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.jsonl import atomic_dir, atomic_path, read_jsonl, write_json, write_text
+from pipeline.jsonl import (
+    atomic_dir,
+    atomic_path,
+    check_safetensors,
+    read_jsonl,
+    safetensors_problem,
+    write_json,
+    write_text,
+)
 
 CHECKPOINT_ROOT = Path(".tuneline/checkpoints")
 CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.safetensors$")
@@ -266,22 +274,10 @@ def latest_checkpoint(folder: Path) -> tuple[int, Path | None]:
                     if (m := CHECKPOINT_RE.match(p.name))), reverse=True)
     for step, path in found:
         state = path.with_name(path.name.replace("_adapters.", "_optimizer."))
-        if complete_safetensors(path) and complete_safetensors(state):
+        if safetensors_problem(path) is None and safetensors_problem(state) is None:
             return step, path
         print(f"skipping torn checkpoint {path}")
     return 0, None
-
-
-def complete_safetensors(path: Path) -> bool:
-    """Header parses and the file holds every byte the header points at."""
-    try:
-        with path.open("rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-        return path.stat().st_size == 8 + size + max(ends, default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, MemoryError):
-        return False
 
 
 def checkpointing(iterate: Callable[..., Iterator[Any]], every: int, save: Callable[[int], None],
@@ -389,6 +385,8 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
     started = time.perf_counter()
     world = mx.distributed.init()  # size 1 unless started by `mlx.launch`
     lead = world.rank() == 0
+    for weights_file in sorted(paths.model.glob("*.safetensors")):
+        check_safetensors(weights_file)  # mlx would stop with a RuntimeError traceback
     model, tokenizer = load(str(paths.model))
     model.set_dtype(getattr(mx, accel.compute_dtype()))
     train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)

@@ -138,9 +138,8 @@ def test_kill_between_the_two_renames_never_loses_the_only_good_copy(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "w.bin").write_text("v1")
     out.rename(tmp_path / ".model.old")  # what a kill after the first rename of a swap leaves
-    with pytest.raises(RuntimeError):
-        with atomic_dir(out) as tmp:
-            raise RuntimeError("the next run fails too")
+    with pytest.raises(RuntimeError), atomic_dir(out):
+        raise RuntimeError("the next run fails too")
     assert (out / "w.bin").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import great_expectations as gx
 
+from pipeline.formats import EXPECTED, LAYOUTS
 from validation import expectations as custom  # registers the custom expectations first
 from validation import patterns
-from pipeline.formats import EXPECTED, LAYOUTS
 from validation.frames import TRAINING_FORMATS
 
 GX_SEVERITY = {"error": "critical", "warning": "warning"}
