@@ -390,10 +390,16 @@ def test_resumes_after_kill_9_without_requerying(tmp_path):
         asked_first = settled_count(log)  # the server logs in-flight requests as they finish
         assert not (tmp_path / "answers.jsonl").exists() and len(kept) == 8
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+        second = [served_key(e) for e in served(log)[asked_first:]]
+        twin = tmp_path / "uninterrupted"  # the same run, never killed
+        twin.mkdir()
+        for name in ("questions.jsonl", "params.yaml"):
+            shutil.copy(tmp_path / name, twin / name)
+        subprocess.run(cmd, cwd=twin, env=env, check=True, capture_output=True)
     finally:
         server.kill()
         server.wait()
-    second = [served_key(e) for e in served(log)[asked_first:]]
+    assert (tmp_path / "answers.jsonl").read_bytes() == (twin / "answers.jsonl").read_bytes()
     assert not set(second) & kept  # nothing answered before the kill is asked again
     assert len(second) == len(set(second)) == 32 - len(kept)
     assert len(second) + asked_first - 32 <= 2  # repeats: at most the requests in flight

@@ -267,3 +267,45 @@ def test_a_sheet_saved_as_windows_1252_is_refused_with_the_line(repo):
     with pytest.raises(review.ReviewError, match=rf"review.csv:{line}: not UTF-8 .*CSV UTF-8"):
         apply(repo, sheet)
     assert not repo.paths.corrections.exists()
+
+
+KILLED_APPLY = """
+import os, sys, time
+from pathlib import Path
+from pipeline import review
+def replace_then_hang(src, dst):
+    print("about to rename", flush=True)
+    time.sleep(600)
+os.replace = replace_then_hang
+root = Path(sys.argv[1])
+review.apply(root / "review.csv", root / "corrections.jsonl", root / "dataset")
+"""
+
+
+def test_sigkill_during_apply_keeps_corrections_and_rerun_matches_an_uninterrupted_apply(
+        repo, tmp_path):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    repo.paths.corrections.write_text('{"id": "q-0002", "action": "drop"}\n')
+    sheet = export(repo)
+    edit(sheet, "q-0100", answer="Expert answer.")
+    before = repo.paths.corrections.read_bytes()
+    twin = tmp_path.parent / (tmp_path.name + "-twin")
+    shutil.copytree(repo.root, twin)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_APPLY, str(repo.root)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline() == "about to rename\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert repo.paths.corrections.read_bytes() == before
+    assert apply(repo, sheet).changed == ["q-0100 replace_answer (set)"]
+    review.apply(twin / "review.csv", twin / "corrections.jsonl", twin / "dataset")
+    assert repo.paths.corrections.read_bytes() == (twin / "corrections.jsonl").read_bytes()
+    assert not [p for p in repo.root.iterdir() if p.name.endswith(".tmp")]  # cleaned up
