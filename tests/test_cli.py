@@ -70,3 +70,12 @@ def test_pytest_has_a_per_test_timeout():
 
     options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert 0 < options["timeout"] <= 600 and options["timeout_method"] in ("signal", "thread")
+
+
+def test_readme_warns_before_every_dvc_exp_apply():
+    readme = (ROOT / "README.md").read_text()
+    blocks = readme.split("```")
+    for i, block in enumerate(blocks):
+        if "dvc exp apply" in block and i % 2 == 1:  # a code block that runs it
+            near = blocks[i - 1][-600:] + blocks[i + 1][:600]
+            assert "overwrites" in near and "commit" in near, block
