@@ -164,3 +164,12 @@ def test_directory_swap_never_leaves_the_output_missing(tmp_path, monkeypatch):
         (tmp / "w.bin").write_text("v2")
     seen.append(out.exists())
     assert all(seen) and (out / "w.bin").read_text() == "v2"
+
+
+def test_line_separator_characters_are_written_escaped(tmp_path):
+    row = {"answer": "one\u2028two\u2029three\x85four"}
+    path = tmp_path / "out.jsonl"
+    write_jsonl(path, [row])
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 1 and "\\u2028" in text  # safe for splitlines() readers
+    assert read_jsonl(path) == [row]
