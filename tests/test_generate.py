@@ -99,7 +99,8 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
 
 def test_writes_one_row_per_question_with_the_contract_fields(paths):
     write_questions(paths.questions, 3)
-    result = go(base_cfg(), paths, FakeClient())
+    cfg = base_cfg(temperature=0.7, seed=None, max_tokens=200, followup_max_tokens=64)
+    result = go(cfg, paths, FakeClient())  # sampling set here: params.yaml is the user's to tune
     rows = rows_of(paths.out)
     assert [r["id"] for r in rows] == ["q-0001", "q-0002", "q-0003"]
     row = rows[0]
