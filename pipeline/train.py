@@ -309,9 +309,10 @@ def save_checkpoint(model: Any, optimizer: Any, ckpt_dir: Path, step: int) -> No
     complete, and then its optimizer state is too."""
     import mlx.core as mx
 
-    for kind, tree in (("optimizer", optimizer.state), ("adapters", model.trainable_parameters())):
+    for kind, flat in (("optimizer", dict(_flat(optimizer.state))),
+                       ("adapters", dict(_flat(model.trainable_parameters())))):
         with atomic_path(ckpt_dir / f"{step:07d}_{kind}.safetensors", suffix=".safetensors") as tmp:
-            mx.save_safetensors(str(tmp), dict(_flat(tree)))  # mlx appends a missing suffix
+            mx.save_safetensors(str(tmp), flat)  # mlx appends a missing suffix
 
 
 def load_checkpoint(model: Any, optimizer: Any, path: Path) -> None:
@@ -319,8 +320,8 @@ def load_checkpoint(model: Any, optimizer: Any, path: Path) -> None:
     from mlx.utils import tree_unflatten
 
     model.load_weights(str(path), strict=False)
-    state = path.with_name(path.name.replace("_adapters.", "_optimizer."))
-    optimizer.state = tree_unflatten(list(mx.load(str(state)).items()))
+    state = mx.load(str(path.with_name(path.name.replace("_adapters.", "_optimizer."))))
+    optimizer.state = tree_unflatten(list(state.items()))
 
 
 def _log_row(line: str) -> dict[str, Any] | None:
@@ -413,8 +414,13 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
             adapter_file=str(ckpt_dir / "adapters.safetensors"),
             grad_checkpoint=cfg.grad_checkpoint,
             grad_accumulation_steps=cfg.grad_accumulation_steps)
-        save = ((lambda step: save_checkpoint(model, optimizer, ckpt_dir, step)) if lead
-                else (lambda step: None))
+        def save(step: int) -> None:
+            if lead:
+                save_checkpoint(model, optimizer, ckpt_dir, step)
+            mx.random.seed(seed + step)  # dropout draws from here on: the same after a resume
+
+        if done:
+            mx.random.seed(seed + done)
         train(model=model, optimizer=optimizer, train_dataset=train_set,
               val_dataset=valid_set, args=args, loss=masked_loss,
               iterate_batches=checkpointing(batch_iterator(seed), cfg.save_every, save, done),

@@ -247,19 +247,24 @@ def save_then_die(model, optimizer, ckpt_dir, step):
         print("saved", step, flush=True)
         import time; time.sleep(600)
 train.save_checkpoint = save_then_die
+import dataclasses
 paths = test_train.make_paths(Path(sys.argv[1]), Path(sys.argv[2]))
-train.run(test_train.params_train(), seed=0, paths=paths, checkpoint_root=Path(sys.argv[1]) / "ckpt")
+cfg = dataclasses.replace(test_train.params_train(), dropout=float(sys.argv[3]))
+train.run(cfg, seed=0, paths=paths, checkpoint_root=Path(sys.argv[1]) / "ckpt")
 """
 
 
 @pytest.mark.slow
-def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_adapter(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.2])  # with dropout the random stream resumes too
+def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_adapter(tiny_model_dir, tmp_path,
+                                                                         dropout):
     import mlx.core as mx
 
     tests = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_TRAIN, str(tmp_path / "killed"),
-                             str(tiny_model_dir)], stdout=subprocess.PIPE, text=True, env=env)
+                             str(tiny_model_dir), str(dropout)], stdout=subprocess.PIPE,
+                            text=True, env=env)
     try:
         lines = iter(proc.stdout.readline, "")
         assert any(line.startswith("saved 8") for line in lines)
@@ -272,10 +277,11 @@ def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_adapter(tiny_mo
     # A write that the kill cut short, as mlx-lm's own saves left them: must be skipped.
     [run_dir] = ckpts.iterdir()
     (run_dir / "0000012_adapters.safetensors").write_bytes(b"\x10\x00\x00")
-    result = train.run(params_train(), seed=0, paths=killed, checkpoint_root=ckpts)
+    cfg = dataclasses.replace(params_train(), dropout=dropout)
+    result = train.run(cfg, seed=0, paths=killed, checkpoint_root=ckpts)
     assert result.resumed_from == 8
     clean = make_paths(tmp_path / "clean", tiny_model_dir)
-    expected = train.run(params_train(), seed=0, paths=clean, checkpoint_root=tmp_path / "c2")
+    expected = train.run(cfg, seed=0, paths=clean, checkpoint_root=tmp_path / "c2")
     assert result.adapter_sha256 == expected.adapter_sha256
     a = mx.load(str(killed.adapters / "adapters.safetensors"))
     b = mx.load(str(clean.adapters / "adapters.safetensors"))
