@@ -410,10 +410,10 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
             batch_size=cfg.batch_size, iters=iters - done, val_batches=cfg.val_batches,
             steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval,
             steps_per_save=iters + 1, max_seq_length=cfg.max_seq_length,  # we save: checkpointing
-
             adapter_file=str(ckpt_dir / "adapters.safetensors"),
             grad_checkpoint=cfg.grad_checkpoint,
             grad_accumulation_steps=cfg.grad_accumulation_steps)
+
         def save(step: int) -> None:
             if lead:
                 save_checkpoint(model, optimizer, ckpt_dir, step)
