@@ -9,7 +9,10 @@ chat-template markers, duplicate questions within and across files, token length
 `train.max_seq_length` with the base model's tokenizer, answer length bounds, splits present and
 non-empty). Each check's severity comes from params.yaml `validate.severity`: `error` makes the
 command exit 1 (and stops `dvc repro`), `warning` is reported, `off` skips it.
-A directory argument means a dataset folder: its `validate.splits` files must all be there.
+A directory argument means a dataset folder: its `validate.splits` files must all be there, in
+chat, completions or text layout, with `validate.required_fields` on every row. A file argument is
+any JSONL a user has: every layout mlx-lm trains on or curate imports (chat with tools,
+completions, text, ShareGPT, alpaca) passes, no field is required, and the layout is reported.
 Inputs are only read, never changed.
 """
 
