@@ -145,7 +145,9 @@ def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: 
                     [f"token_length: no tokenizer.json at {tokenizer}; run `dvc repro base_model`"],
                     layouts={k: v for part in parts for k, v in part[2].items()})
     if report_path is not None:
-        write_json(report_path, report.metrics())
+        # Findings too (sorted, so still unchanged for unchanged data): `review serve` shows
+        # them on their rows; `dvc metrics show` lists only the numbers.
+        write_json(report_path, report.to_json())
     return report
 
 
