@@ -3,8 +3,9 @@
 Asks an LLM (the `questions` section of params.yaml: backend, model, prompt templates, topic,
 starter phrases, audience categories) for a list of questions, parses what models really return
 (a JSON array or object, a fenced JSON block, a numbered or bulleted list, category headings with
-questions under them), drops near-duplicates of existing and of each other (normalised text, then
-a character-bigram similarity threshold: works for Chinese as for English), and appends the rest
+questions under them), drops near-duplicates of existing and of each other (pipeline/neardup.py,
+with curate's `curate.near_dup_threshold`: the same measure curate and validate use, for Chinese as
+for English), and appends the rest
 to data/questions.jsonl with provenance (model, prompt id, time). People curate the file afterwards.
 """
 
@@ -21,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline import llm
+from pipeline import llm, neardup
 from pipeline.config import ConfigError
 from pipeline.errors import UserError
 from pipeline.jsonl import dumps, read_jsonl, write_text
@@ -39,7 +40,6 @@ class DraftConfig(llm.LLMSettings):
     prompt: str  # which entry of `prompts` to send
     prompts: dict[str, str]  # templates: {topic} {count} {starters} {categories}
     system: str
-    similarity: float  # drop a draft at least this similar (0..1) to a kept question
 
 
 @dataclass(frozen=True)
@@ -193,32 +193,28 @@ def normalise(text: str) -> str:
     return "".join(ch for ch in text if unicodedata.category(ch)[0] in "LN")
 
 
-def bigrams(text: str) -> set[str]:
-    return {text[i:i + 2] for i in range(len(text) - 1)} or {text}
-
-
 def similarity(a: str, b: str) -> float:
-    """Jaccard similarity of character bigrams of normalised text."""
-    x, y = bigrams(normalise(a)), bigrams(normalise(b))
-    return len(x & y) / len(x | y) if x | y else 1.0
+    return neardup.similarity(a, b)
 
 
 def drop_near_duplicates(drafts: list[Draft], existing: list[str],
                          threshold: float) -> tuple[list[Draft], list[str]]:
+    """A draft is dropped when it is empty or near-duplicates an existing question or a kept
+    earlier draft (pipeline/neardup.py, the measure curate applies later)."""
+    n = len(existing)
+    texts = [neardup.content_text(q) for q in (*existing, *(d.question for d in drafts))]
+    near: dict[int, set[int]] = {}
+    for p in neardup.near_pairs(texts, threshold).expanded():
+        near.setdefault(p.j, set()).add(p.i)
     kept: list[Draft] = []
     dropped: list[str] = []
-    seen = {normalise(q) for q in existing}
-    pool = [bigrams(normalise(q)) for q in existing]
-    for draft in drafts:
-        norm = normalise(draft.question)
-        grams = bigrams(norm)
-        if not norm or norm in seen or any(len(grams & p) / len(grams | p) >= threshold
-                                           for p in pool):
+    kept_at: set[int] = set(range(n))
+    for k, draft in enumerate(drafts, n):
+        if not normalise(draft.question) or near.get(k, set()) & kept_at:
             dropped.append(draft.question)
             continue
         kept.append(draft)
-        seen.add(norm)
-        pool.append(grams)
+        kept_at.add(k)
     return kept, dropped
 
 
@@ -248,6 +244,8 @@ def run(
     client: llm.Client | None = None,
     base: llm.BaseModel | None = None,
     dry_run: bool = False,
+    *,
+    near_dup_threshold: float,
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     sleep: Callable[[float], None] = time.sleep,
     corrections_path: Path | None = None,
@@ -264,7 +262,7 @@ def run(
     reply = llm.ask(client, messages, sampling, cfg, sleep=sleep)
     drafts = parse_drafts(reply.text, cfg.categories)
     kept, dropped = drop_near_duplicates(
-        drafts, [str(r.get("question", "")) for r in existing], cfg.similarity)
+        drafts, [str(r.get("question", "")) for r in existing], near_dup_threshold)
     created = now().isoformat(timespec="seconds")
     rows = [draft_row(qid, d, client.model, prompt_id, created)
             for qid, d in zip(next_ids(taken), kept)]

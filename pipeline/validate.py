@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import UserError
-from pipeline.jsonl import write_json
+from pipeline.jsonl import paused_gc, write_json
 
 Level = Literal["error", "warning", "off"]
 
@@ -57,6 +57,7 @@ class Severity:
     template_markers: Level
     answer_length: Level
     duplicate_question: Level
+    leakage: Level
     token_length: Level
 
 
@@ -128,15 +129,18 @@ def inputs(paths: list[Path], splits: tuple[str, ...]) -> list[tuple[Path, bool,
 
 
 def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: Path | None,
-        report_path: Path | None = None, docs: Path | None = None) -> Report:
+        report_path: Path | None = None, docs: Path | None = None,
+        leak: Any = None) -> Report:
     """Dataset folders get the dataset's rules (chat/completions/text, `required_fields`); other
-    files any layout mlx-lm trains on or curate imports, and no required fields."""
+    files any layout mlx-lm trains on or curate imports, and no required fields.
+    `leak`: validation.leakage.Leakage (curate.near_dup_threshold, evaluate.prompts); None
+    checks nothing for leakage."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     files = inputs(paths, cfg.splits)
     tokenizer_file = _tokenizer_file(tokenizer)
     severity = asdict(cfg.severity)
     parts = [_validate([(f, present) for f, present, c in files if c == curated], curated, cfg,
-                       severity, max_seq_length, tokenizer_file, docs)
+                       severity, max_seq_length, tokenizer_file, docs, leak)
              for curated in (True, False) if any(c == curated for *_, c in files)]
     findings = sorted((f for part in parts for f in part[1]), key=_order)
     report = Report(rows=sum(part[0] for part in parts),
@@ -153,12 +157,15 @@ def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: 
 
 def _validate(files: list[tuple[Path, bool]], curated: bool, cfg: ValidateConfig,
               severity: dict[str, str], max_seq_length: int, tokenizer_file: str | None,
-              docs: Path | None) -> tuple[int, list[Finding], dict[str, str]]:
-    from validation import frames, suites  # GX import costs seconds: only when validating
+              docs: Path | None, leak: Any) -> tuple[int, list[Finding], dict[str, str]]:
+    from validation import frames, leakage, suites  # GX import costs seconds: only when validating
 
     settings = suites.Settings(cfg.required_fields if curated else (), cfg.answer_min_chars,
                                cfg.answer_max_chars, max_seq_length, tokenizer_file, curated)
-    data = frames.build(files, tools=not curated)
+    with paused_gc():
+        data = frames.build(files, tools=not curated)
+        if severity["leakage"] != "off":
+            data.lines = leakage.add_columns(data.lines, leak)
     results = _run_gx(suites.build(severity, settings), data, docs)
     return int(data.files["rows"].sum()), _findings(results, data, settings), _layouts(data)
 
