@@ -193,7 +193,8 @@ def test_a_deleted_questions_id_is_never_given_to_a_new_one(tmp_path):
     (tmp_path / "corrections.jsonl").write_text(
         '{"id": "q-0002", "action": "replace_answer", "answer": "Use DROP TABLE."}\n')
     path.write_text(path.read_text().splitlines()[0] + "\n")
-    result = run(cfg(), 0, path, client=Canned('["Can I rename a database?"]'))
+    result = run(cfg(), 0, path, client=Canned('["Can I rename a database?"]'),
+                 near_dup_threshold=THRESHOLD)
     assert [r["id"] for r in result.added] == ["q-0003"]
 
 
