@@ -421,10 +421,17 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
 
         if done:
             mx.random.seed(seed + done)
-        train(model=model, optimizer=optimizer, train_dataset=train_set,
-              val_dataset=valid_set, args=args, loss=masked_loss,
-              iterate_batches=checkpointing(batch_iterator(seed), cfg.save_every, save, done),
-              training_callback=log)
+        # mlx-lm's grad_checkpoint patches the layer class for the whole process: undo it, or
+        # every later model in this process (tests, a notebook) checkpoints and draws dropout anew.
+        layer_type = type(model.layers[0])
+        layer_call = layer_type.__call__
+        try:
+            train(model=model, optimizer=optimizer, train_dataset=train_set,
+                  val_dataset=valid_set, args=args, loss=masked_loss,
+                  iterate_batches=checkpointing(batch_iterator(seed), cfg.save_every, save, done),
+                  training_callback=log)
+        finally:
+            layer_type.__call__ = layer_call
 
     val_loss = evaluate(model, valid_set, cfg.batch_size, cfg.val_batches, cfg.max_seq_length,
                         loss=masked_loss, iterate_batches=batch_iterator(seed))

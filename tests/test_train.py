@@ -214,6 +214,19 @@ def test_every_documented_setting_trains_a_few_steps(tiny_model_dir, tmp_path, c
         assert all(k.endswith(("lora_a", "lora_b")) for k in weights)
 
 
+def test_gradient_checkpointing_does_not_leak_into_later_runs(tiny_model_dir, tmp_path):
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_model_dir))
+    layer_type = type(model.layers[0])
+    before = layer_type.__call__
+    cfg = dataclasses.replace(params_train(), iters=3, warmup=1, grad_checkpoint=True,
+                              steps_per_eval=3)
+    train.run(cfg, seed=0, paths=make_paths(tmp_path, tiny_model_dir),
+              checkpoint_root=tmp_path / "ckpt")
+    assert layer_type.__call__ is before  # mlx-lm patches the class for the whole process
+
+
 def test_constant_schedule_returns_mlx_arrays():
     import mlx.core as mx
 

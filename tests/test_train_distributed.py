@@ -61,7 +61,7 @@ def test_two_ranks_train_the_same_adapter(tiny_model_dir, tmp_path):
     launcher = Path(sys.executable).parent / "mlx.launch"
     out = subprocess.run([str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
                           "--starting-port", str(free_ports(4)), "--", sys.executable, str(script)],
-                         capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
+                         capture_output=True, text=True, timeout=600, cwd=TESTS.parent, check=False)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines()
                if "RESULT " in line]
