@@ -260,23 +260,25 @@ def save_then_die(model, optimizer, ckpt_dir, step):
         print("saved", step, flush=True)
         import time; time.sleep(600)
 train.save_checkpoint = save_then_die
-import dataclasses
+import dataclasses, json
 paths = test_train.make_paths(Path(sys.argv[1]), Path(sys.argv[2]))
-cfg = dataclasses.replace(test_train.params_train(), dropout=float(sys.argv[3]))
+cfg = dataclasses.replace(test_train.params_train(), **json.loads(sys.argv[3]))
 train.run(cfg, seed=0, paths=paths, checkpoint_root=Path(sys.argv[1]) / "ckpt")
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dropout", [0.0, 0.2])  # with dropout the random stream resumes too
+@pytest.mark.parametrize("extra", [{}, {"dropout": 0.2}, {  # dropout: the random stream too
+    "pack": True, "pack_width": 128, "max_seq_length": 128, "tokens_per_step": 512}],
+    ids=["plain", "dropout", "packed"])
 def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_adapter(tiny_model_dir, tmp_path,
-                                                                         dropout):
+                                                                         extra):
     import mlx.core as mx
 
     tests = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_TRAIN, str(tmp_path / "killed"),
-                             str(tiny_model_dir), str(dropout)], stdout=subprocess.PIPE,
+                             str(tiny_model_dir), json.dumps(extra)], stdout=subprocess.PIPE,
                             text=True, env=env)
     try:
         lines = iter(proc.stdout.readline, "")
@@ -290,7 +292,7 @@ def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_adapter(tiny_mo
     # A write that the kill cut short, as mlx-lm's own saves left them: must be skipped.
     [run_dir] = ckpts.iterdir()
     (run_dir / "0000012_adapters.safetensors").write_bytes(b"\x10\x00\x00")
-    cfg = dataclasses.replace(params_train(), dropout=dropout)
+    cfg = dataclasses.replace(params_train(), **extra)
     result = train.run(cfg, seed=0, paths=killed, checkpoint_root=ckpts)
     assert result.resumed_from == 8
     clean = make_paths(tmp_path / "clean", tiny_model_dir)
