@@ -32,6 +32,7 @@ from pipeline.jsonl import (
     write_json,
     write_text,
 )
+from pipeline.mlx_model import encode_chat, masked_loss
 
 CHECKPOINT_ROOT = Path(".tuneline/checkpoints")
 CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.safetensors$")
@@ -78,6 +79,7 @@ class TrainPaths:
     adapters: Path
     metrics: Path
     curve: Path
+    checkpoints: Path = CHECKPOINT_ROOT  # resumable state of unfinished runs, outside DVC outputs
 
 
 @dataclass(frozen=True)
@@ -96,23 +98,6 @@ class TrainResult:
 
 
 # --- data ------------------------------------------------------------------------------------
-
-
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]], mask_prompt: bool):
-    """Token ids of a conversation and a 0/1 mask marking the assistant tokens to learn."""
-    tokens = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-    if not mask_prompt:
-        return tokens, [1] * len(tokens)
-    mask = [0] * len(tokens)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(
-            messages[:i], tokenize=True, add_generation_prompt=True, return_dict=False))
-        end = len(tokenizer.apply_chat_template(
-            messages[: i + 1], tokenize=True, return_dict=False))
-        mask[start:end] = [1] * (end - start)
-    return tokens, mask
 
 
 def load_split(path: Path, tokenizer: Any, mask_prompt: bool) -> list[tuple[list[int], list[int]]]:
@@ -152,20 +137,6 @@ def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
                 return
 
     return iterate
-
-
-def masked_loss(model: Any, tokens: Any, mask: Any):
-    """Mean cross-entropy over the target tokens the mask selects; returns (loss, n_tokens)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    logits = model(tokens[:, :-1])
-    weights = mask[:, 1:]
-    # Cross-entropy on the model's own dtype, then float32: a float32 copy of bf16 logits
-    # (batch x length x vocab) cost 0.7-1.7 GB more peak memory on GPU (bench/README.md).
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]).astype(mx.float32) * weights
-    ntoks = weights.sum()
-    return ce.sum() / mx.maximum(ntoks, 1), ntoks.astype(mx.int32)
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -381,21 +352,18 @@ class MetricsLog:
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
-        checkpoint_root: Path = CHECKPOINT_ROOT) -> TrainResult:
+def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     import mlx.core as mx
-    from mlx_lm import load
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
-    from pipeline import accel
+    from pipeline import mlx_model
 
     started = time.perf_counter()
     world = mx.distributed.init()  # size 1 unless started by `mlx.launch`
     lead = world.rank() == 0
     for weights_file in sorted(paths.model.glob("*.safetensors")):
         check_safetensors(weights_file)  # mlx would stop with a RuntimeError traceback
-    model, tokenizer = load(str(paths.model))
-    model.set_dtype(getattr(mx, accel.compute_dtype()))
+    model, tokenizer = mlx_model.load(paths.model)
     train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
     valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
     if cfg.pack == "auto":  # recorded resolved: the adapter config says what was done
@@ -406,7 +374,7 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
 
     mx.random.seed(seed)
     apply_adapters(model, cfg)
-    ckpt_dir = checkpoint_root / run_key(cfg, seed, paths)
+    ckpt_dir = paths.checkpoints / run_key(cfg, seed, paths)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     done, ckpt = latest_checkpoint(ckpt_dir)
     optimizer = build_optimizer(cfg, iters, 0)  # the restored state carries the step count

@@ -37,6 +37,15 @@ class ValidationCrash(RuntimeError):
 class UsageError(UserError):
     """A path that cannot be validated at all (missing, unreadable): exit code 2."""
 
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class TrainLimits:
+    """The one `train` key validate checks rows against (read with `config.load_keys`)."""
+
+    max_seq_length: int
+
 
 @dataclass(frozen=True)
 class Severity:
@@ -128,15 +137,23 @@ def inputs(paths: list[Path], splits: tuple[str, ...]) -> list[tuple[Path, bool,
     return out
 
 
-def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: Path | None,
-        report_path: Path | None = None, docs: Path | None = None,
+@dataclass(frozen=True)
+class ValidatePaths:
+    inputs: list[Path]  # JSONL files, or dataset folders holding the `splits` files
+    tokenizer: Path | None  # tokenizer.json or a model folder (None: token_length is skipped)
+    report: Path | None = None  # metrics JSON to write
+    docs: Path | None = None  # GX Data Docs HTML folder to write
+
+
+def run(cfg: ValidateConfig, paths: ValidatePaths, *, max_seq_length: int,
         leak: Any = None) -> Report:
     """Dataset folders get the dataset's rules (chat/completions/text, `required_fields`); other
     files any layout mlx-lm trains on or curate imports, and no required fields.
     `leak`: validation.leakage.Leakage (curate.near_dup_threshold, evaluate.prompts); None
     checks nothing for leakage."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    files = inputs(paths, cfg.splits)
+    files = inputs(paths.inputs, cfg.splits)
+    tokenizer, docs = paths.tokenizer, paths.docs
     tokenizer_file = _tokenizer_file(tokenizer)
     severity = asdict(cfg.severity)
     parts = [_validate([(f, present) for f, present, c in files if c == curated], curated, cfg,
@@ -148,10 +165,10 @@ def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: 
                     skipped=[] if tokenizer_file or severity["token_length"] == "off" else
                     [f"token_length: no tokenizer.json at {tokenizer}; run `dvc repro base_model`"],
                     layouts={k: v for part in parts for k, v in part[2].items()})
-    if report_path is not None:
+    if paths.report is not None:
         # Findings too (sorted, so still unchanged for unchanged data): `review serve` shows
         # them on their rows; `dvc metrics show` lists only the numbers.
-        write_json(report_path, report.to_json())
+        write_json(paths.report, report.to_json())
     return report
 
 
