@@ -103,15 +103,14 @@ def test_writes_one_row_per_question_with_the_contract_fields(paths):
     result = go(cfg, paths, FakeClient())  # sampling set here: params.yaml is the user's to tune
     rows = rows_of(paths.out)
     assert [r["id"] for r in rows] == ["q-0001", "q-0002", "q-0003"]
-    row, cfg = rows[0], base_cfg()
+    row = rows[0]
     sent = cfg.answer_template.format(question="How do I do thing 1?")  # the user turn as sent
     assert row["answer"] == f"fake-1 answers: {sent}"
     assert row["followup"] == "And how do I undo that?"  # label, quotes and chatter removed
     assert row["followup_answer"] is None and row["followup_finish_reason"] is None
     assert (row["model"], row["backend"], row["finish_reason"]) == ("fake-1", "fake", "stop")
-    assert row["sampling"] == {"temperature": cfg.temperature, "seed": BASE_SEED,
-                               "max_tokens": cfg.max_tokens,
-                               "followup_max_tokens": cfg.followup_max_tokens}
+    assert row["sampling"] == {"temperature": 0.7, "seed": BASE_SEED, "max_tokens": 200,
+                               "followup_max_tokens": 64}
     assert row["tokens"]["prompt"] > 0 and row["tokens"]["completion"] > 0
     assert [c["role"] for c in row["calls"]] == ["answer", "followup"]
     report = json.loads(paths.metrics.read_text())
