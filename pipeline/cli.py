@@ -88,6 +88,8 @@ def questions_draft(
     base_cfg = config.load(base.BaseConfig, "base", params)
     r = stage.run(cfg, base_cfg.seed, out, base=llm.BaseModel(base_cfg.model, base_model),
                   dry_run=dry_run)
+    if r.note:
+        typer.echo(f"note: {r.note}")
     for row in r.added:
         typer.echo(f"{'(dry run) ' if dry_run else ''}{row['id']} [{row.get('category', '-')}] "
                    f"{row['question']}")

@@ -47,15 +47,17 @@ class FakeClient:
     def __init__(self, model: str = "fake-1", empty_for: tuple[str, ...] = (), delay: float = 0):
         self.model, self.empty_for, self.delay = model, empty_for, delay
         self.calls: list[list[dict[str, str]]] = []
+        self.schemas: list[dict[str, Any] | None] = []
         self.active = self.max_active = 0
         self.lock = threading.Lock()
 
     def identity(self) -> str:
         return f"fake:{self.model}"
 
-    def chat(self, messages, sampling):
+    def chat(self, messages, sampling, schema=None):
         with self.lock:
             self.calls.append(list(messages))
+            self.schemas.append(schema)
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         time.sleep(self.delay)

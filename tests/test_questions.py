@@ -35,15 +35,16 @@ class Canned:
 
     backend, server, model = "fake", "fake://local", "drafter-1"
 
-    def __init__(self, text: str):
-        self.text, self.prompts = text, []
+    def __init__(self, text: str, structured: bool = False):
+        self.text, self.structured, self.prompts, self.schemas = text, structured, [], []
 
     def identity(self) -> str:
         return "fake"
 
-    def chat(self, messages, sampling):
+    def chat(self, messages, sampling, schema=None):
         self.prompts.append(messages[-1]["content"])
-        return llm.Reply(self.text, "stop", 10, 10)
+        self.schemas.append(schema)
+        return llm.Reply(self.text, "stop", 10, 10, structured=self.structured)
 
 
 def cfg(**changes) -> DraftConfig:
