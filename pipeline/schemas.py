@@ -21,9 +21,13 @@ from typing import Any
 
 Schema = dict[str, Any]
 
-# Inside a question: no quote or backslash (nothing to escape), no question mark (the first one
-# ends it: no second question glued on) and no line break (no list debris).
-BODY = r'[^"\\?？\n]'
+# One unit of a question: no quote or backslash (nothing to escape), no question mark (the first
+# one ends it: no second question glued on), no line break (no list debris), no comma and a full
+# stop only before a lowercase letter or digit (pg_hba.conf, 16.1): the 135M embedded model
+# otherwise echoes the prompt's comma-separated starters, runs on in sentences, or (given commas
+# in numbers) drifts into lists of version numbers. A plain group: llama-cpp-python's converter
+# has no (?:...).
+BODY = r'([^"\\?？\n,.]|[.][a-z0-9_])'
 END = "[?？]"
 
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from ollama_standin import DIGEST
 
-from pipeline import config, llm
+from pipeline import config, llm, schemas
 from pipeline.generate import (
     CACHE_FILE,
     GenerateConfig,
@@ -30,6 +30,7 @@ from pipeline.generate import (
     GeneratePaths,
     clean_followup,
     run,
+    usable_followup,
 )
 from pipeline.progress import Progress
 
@@ -96,6 +97,38 @@ def go(cfg: GenerateConfig, paths: GeneratePaths, client: Any, seed: int = BASE_
 
 def rows_of(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+class StructuredFake(FakeClient):
+    """A backend that honours the schema: JSON when one is sent."""
+
+    def chat(self, messages, sampling, schema=None):
+        reply = super().chat(messages, sampling, schema)
+        if schema is None:
+            return reply
+        return replace(reply, text='{"followup": "Can I undo that later?"}', structured=True)
+
+
+def test_followup_is_asked_under_its_schema_and_read_from_the_json(paths):
+    write_questions(paths.questions, 2)
+    fake = StructuredFake()
+    go(base_cfg(structured_followup=True), paths, fake)
+    assert fake.schemas == [None, schemas.FOLLOWUP] * 2
+    assert [r["followup"] for r in rows_of(paths.out)] == ["Can I undo that later?"] * 2
+    plain = StructuredFake()
+    go(base_cfg(structured_followup=False), paths, plain)  # another request: asked again
+    assert plain.schemas == [None, None] and len(plain.calls) == 2  # answers came from the cache
+    assert [r["followup"] for r in rows_of(paths.out)] == ["And how do I undo that?"] * 2
+
+
+def test_usable_followup_is_one_clean_line_that_is_not_the_question():
+    q = "How do I list tables?"
+    assert usable_followup("And how do I list views?", q)
+    assert usable_followup("Show me how to list views as well.", q)
+    for bad in ("", "Follow-up question: what next?", "Sure! Here is a follow-up question.",
+                '{"followup": "x?"}', "How do I list tables?", "What about views",
+                "One?\nTwo?", "<|im_start|>assistant What next?"):
+        assert not usable_followup(bad, q), bad
 
 
 def test_writes_one_row_per_question_with_the_contract_fields(paths):
