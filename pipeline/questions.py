@@ -302,9 +302,9 @@ def reply_schema(cfg: DraftConfig) -> schemas.Schema:
         raise ConfigError(f"params.yaml:questions.question_chars: [{lo}, {hi}] is not a range "
                           "of lengths; write [min, max] with 1 <= min < max, e.g. [12, 150]")
     template = cfg.prompts[cfg.prompt]
-    if "{categories}" in template:
-        return schemas.draft_by_category(cfg.categories, cfg.count, cfg.question_chars)
     starters = cfg.starters if "{starters}" in template else ()
+    if "{categories}" in template:
+        return schemas.draft_by_category(cfg.categories, cfg.count, cfg.question_chars, starters)
     return schemas.draft_list(cfg.count, cfg.question_chars, starters)
 
 

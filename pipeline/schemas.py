@@ -22,29 +22,27 @@ from typing import Any
 Schema = dict[str, Any]
 
 # One unit of a question: no quote or backslash (nothing to escape), no question mark (the first
-# one ends it: no second question glued on), no line break (no list debris), no comma and a full
-# stop only before a lowercase letter or digit (pg_hba.conf, 16.1): the 135M embedded model
-# otherwise echoes the prompt's comma-separated starters, runs on in sentences, or (given commas
-# in numbers) drifts into lists of version numbers. A plain group: llama-cpp-python's converter
+# one ends it: no second question glued on), no line break or brackets (no list or JSON debris),
+# no comma, a full stop only before a lowercase letter (pg_hba.conf), digits in runs of at most
+# 4 (16.1, 2024).
+# The 135M embedded model otherwise echoes the prompt's comma-separated starters, runs on in
+# sentences, or loops on digits (bench/README.md). Plain groups: llama-cpp-python's converter
 # has no (?:...).
-BODY = r'([^"\\?？\n,.]|[.][a-z0-9_])'
+CHAR = r'[^"\\?？\n,.。{}\[\]0-9]'
+BODY = rf"({CHAR}|[.][a-z_]|[0-9]{{1,4}}({CHAR}|[.][0-9a-z_]))"
+FIRST = r'[^"\\?？\n,.。{}\[\]()0-9 :：*#>-]'  # no numbering, bullet, label or space in front
 END = "[?？]"
 
 
-def question(chars: tuple[int, int], starter: str | None = None,
-             topic: str | None = None) -> Schema:
-    """One question string of `chars` (min, max) characters, optionally opening with `starter`
-    and naming `topic` somewhere (keeps a small model on the subject)."""
+def question(chars: tuple[int, int], starter: str | None = None) -> Schema:
+    """One question string of about `chars` (min, max) characters (a unit of BODY may be a few),
+    opening with `starter`, or else with a character that cannot start numbering or a bullet."""
     lo, hi = chars
-    head = f"{literal(starter.strip())} " if starter else ""
-    room_lo = max(1, lo - (len(starter.strip()) + 1 if starter else 0) - 1)
-    room_hi = max(room_lo + 1, hi - (len(starter.strip()) + 1 if starter else 0) - 1)
-    if topic:
-        room_hi = max(2, room_hi - len(topic))
-        body = f"{BODY}{{0,{room_hi}}}{literal(topic)}{BODY}{{0,{room_hi}}}"
-    else:
-        body = f"{BODY}{{{room_lo},{room_hi}}}"
-    return {"type": "string", "pattern": f"^{head}{body}{END}$"}
+    head = f"{literal(starter.strip())} " if starter else FIRST
+    fixed = len(starter.strip()) + 1 if starter else 1
+    room_lo = max(1, lo - fixed - 1)
+    room_hi = max(room_lo + 1, hi - fixed - 1)
+    return {"type": "string", "pattern": f"^{head}{BODY}{{{room_lo},{room_hi}}}{END}$"}
 
 
 def literal(text: str) -> str:
@@ -52,24 +50,23 @@ def literal(text: str) -> str:
     return re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", text)
 
 
-def questions_array(count: int, chars: tuple[int, int], starters: tuple[str, ...] = (),
-                    topic: str | None = None) -> Schema:
+def questions_array(count: int, chars: tuple[int, int],
+                    starters: tuple[str, ...] = ()) -> Schema:
     if starters:
-        items = [question(chars, starters[i % len(starters)], topic) for i in range(count)]
+        items = [question(chars, starters[i % len(starters)]) for i in range(count)]
         return {"type": "array", "prefixItems": items, "items": False,
                 "minItems": count, "maxItems": count}
-    return {"type": "array", "items": question(chars, None, topic),
+    return {"type": "array", "items": question(chars),
             "minItems": count, "maxItems": count}
 
 
-def draft_list(count: int, chars: tuple[int, int], starters: tuple[str, ...] = (),
-               topic: str | None = None) -> Schema:
-    return strict_object({"questions": questions_array(count, chars, starters, topic)})
+def draft_list(count: int, chars: tuple[int, int], starters: tuple[str, ...] = ()) -> Schema:
+    return strict_object({"questions": questions_array(count, chars, starters)})
 
 
 def draft_by_category(categories: tuple[str, ...], count: int, chars: tuple[int, int],
-                      starters: tuple[str, ...] = (), topic: str | None = None) -> Schema:
-    return strict_object({c: questions_array(count, chars, starters, topic) for c in categories})
+                      starters: tuple[str, ...] = ()) -> Schema:
+    return strict_object({c: questions_array(count, chars, starters) for c in categories})
 
 
 def strict_object(properties: dict[str, Schema]) -> Schema:

@@ -210,10 +210,18 @@ def test_schema_follows_the_template_shape():
     assert [i["pattern"].startswith(f"^{s} ") for i, s in zip(items, starters)] == [True] * 3
     by_cat = reply_schema(cfg(prompt="by_category_en", count=2, categories=("dba", "beginner")))
     assert by_cat["required"] == ["dba", "beginner"]
-    assert by_cat["properties"]["dba"]["items"]["pattern"].endswith("[?？]$")
+    first = by_cat["properties"]["dba"]["prefixItems"][0]["pattern"]
+    assert first.startswith(f"^{starters[0]} ") and first.endswith("[?？]$")
+    zh = reply_schema(cfg(prompt="by_category_zh", count=2, categories=("学生", "DBA")))
+    assert zh["required"] == ["学生", "DBA"] and "prefixItems" not in zh["properties"]["DBA"]
     plain = reply_schema(cfg(prompts={"x": "Ask about {topic}."}, prompt="x", count=4))
     assert plain["properties"]["questions"]["minItems"] == 4
     assert "prefixItems" not in plain["properties"]["questions"]
+    import jsonschema
+
+    jsonschema.validate({"questions": ["What is WAL?"] * 4}, plain)
+    with pytest.raises(jsonschema.ValidationError):  # numbering cannot even start
+        jsonschema.validate({"questions": ["1. What is WAL?"] * 4}, plain)
 
 
 def test_schema_rejects_debris_and_accepts_questions():
@@ -284,9 +292,9 @@ def test_embedded_model_drafts_at_least_8_distinct_well_formed_questions(tmp_pat
 def test_embedded_model_drafts_by_category_in_the_schema_shape(tmp_path):
     path = tmp_path / "questions.jsonl"
     result = CliRunner().invoke(app, [
-        "questions", "draft", "--prompt", "by_category_zh", "--count", "3", "--category", "学生",
-        "--category", "DBA", "--out", str(path), "--params", str(PARAMS)])
+        "questions", "draft", "--prompt", "by_category_en", "--count", "3", "--category",
+        "beginner", "--category", "dba", "--out", str(path), "--params", str(PARAMS)])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    assert {r["category"] for r in rows} <= {"学生", "DBA"} and len(rows) >= 4, result.output
+    assert {r["category"] for r in rows} <= {"beginner", "dba"} and len(rows) >= 3, result.output
     assert all(well_formed(r["question"]) for r in rows), [r["question"] for r in rows]
