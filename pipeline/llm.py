@@ -328,14 +328,16 @@ def normalise_finish(reason: Any) -> str:
 SCHEMA_FIELDS = ("format", "schema", "grammar")  # "format" also matches response_format
 
 
-def rejects_schema(exc: Fatal) -> bool:
-    """A 4xx that names the structured-output field: the server cannot do it, plain text can."""
-    return (exc.status is not None and 400 <= exc.status < 500
-            and exc.status not in (401, 403, 404)
-            and any(f in exc.reason.lower() for f in SCHEMA_FIELDS))
+def rejects_schema(exc: Fatal | Transient) -> bool:
+    """A 4xx that names the structured-output field: the server cannot do it, plain text can.
+    llama-cpp-python's server answers a request it cannot validate with a 500 naming it."""
+    status, reason = exc.status, exc.reason.lower()
+    if status is not None and 400 <= status < 500 and status not in (401, 403, 404):
+        return any(f in reason for f in SCHEMA_FIELDS)
+    return status == 500 and ("response_format" in reason or "json_schema" in reason)
 
 
-def rejected(what: str, exc: Fatal) -> str:
+def rejected(what: str, exc: Fatal | Transient) -> str:
     return f"{what} was rejected ({exc.reason[:200]}); asking for plain text and parsing it"
 
 
@@ -370,7 +372,7 @@ class OllamaClient:
         if schema is not None and self.schema_fallback is None:
             try:
                 return replace(self.send(messages, sampling, schema), structured=True)
-            except Fatal as exc:
+            except (Fatal, Transient) as exc:
                 if not rejects_schema(exc):
                     raise
                 # Ollama before 0.5 takes only "json" here: say so once, then stay plain.
@@ -452,7 +454,7 @@ class OpenAIClient:
             try:
                 reply = self.send(messages, sampling, RESPONSE_FORMATS[dialect](schema))
                 return replace(reply, structured=True)
-            except Fatal as exc:
+            except (Fatal, Transient) as exc:
                 if not rejects_schema(exc):
                     raise
                 self.dialects.pop(0)

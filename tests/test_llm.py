@@ -294,7 +294,7 @@ def test_openai_path_against_real_llama_cpp_server(llama_server):
 
 @pytest.mark.slow
 def test_openai_schema_against_real_llama_cpp_server_uses_the_dialect_it_accepts(llama_server):
-    # llama-cpp-python's server knows only json_object (+ schema): json_schema gets a 422 that
+    # llama-cpp-python's server knows only json_object (+ schema): json_schema gets a 500 that
     # names response_format, and the client moves on to the dialect the server takes.
     s = settings("openai", url=llama_server, model="smollm2", timeout=120.0)
     client = llm.connect(s)
