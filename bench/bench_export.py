@@ -65,7 +65,8 @@ def run(model: Path, types: list[str], n_tokens: int, work: Path) -> dict[str, A
                               min_agreement={t: 0.0 for t in ["f16", *types]})
     files, seconds, notes = {}, {}, {"f16": None}
     t0 = time.perf_counter()
-    export.write_gguf(model, model, work / "model-f16.gguf", cfg)
+    paths = export.ExportPaths(model, model, work / "no-dataset", work, work / "gguf.json")
+    export.write_gguf(paths, work / "model-f16.gguf", cfg)
     files["f16"], seconds["f16"] = work / "model-f16.gguf", time.perf_counter() - t0
     for qtype in types:
         t0 = time.perf_counter()

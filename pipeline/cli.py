@@ -148,8 +148,8 @@ def validate(
         raise typer.Exit(1)
 
 
-review_app = typer.Typer(no_args_is_help=True, help="Review the dataset in a sheet; edits become "
-                         "data/corrections.jsonl lines.")
+review_app = typer.Typer(no_args_is_help=True, help="Review the dataset in a sheet or the browser; "
+                         "edits become data/corrections.jsonl lines.")
 app.add_typer(review_app, name="review")
 SheetOpt = Annotated[Path, typer.Option(help="the review sheet (CSV)")]
 
@@ -189,6 +189,28 @@ def review_apply(
                + ("; run `dvc repro` to rebuild the dataset" if r.changed else ""))
 
 
+@review_app.command("serve")
+def review_serve(
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8765,
+    open_browser: Annotated[bool, typer.Option("--open", help="open the page in a browser")] = False,
+    host: Annotated[str, typer.Option(help="address to listen on; others on the network can "
+                                      "edit your data if you widen it")] = "127.0.0.1",
+    dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
+    corrections: Annotated[Path, typer.Option(help="corrections file (inside data/)")] = Path(
+        "data/corrections.jsonl"),
+    questions: Annotated[Path, typer.Option(help="questions file")] = Path(
+        "data/questions.jsonl"),
+    validation: Annotated[Path, typer.Option(help="validate's report")] = Path(
+        "reports/validation.json"),
+    evaluation: Annotated[Path, typer.Option(help="evaluate's report")] = Path("reports/eval.json"),
+) -> None:
+    """Review and correct the dataset in the browser; saves become data/corrections.jsonl lines."""
+    from pipeline import review_server as stage
+
+    paths = stage.ServePaths(Path.cwd(), dataset, corrections, questions, validation, evaluation)
+    stage.serve(paths, host, port, open_browser)
+
+
 @app.command()
 def train(
     model: Annotated[Path, typer.Option(help="base model directory")],
@@ -224,6 +246,7 @@ def fuse(
 def export(
     model: Annotated[Path, typer.Option(help="fused model directory (mlx-lm layout)")],
     base: Annotated[Path, typer.Option(help="base model directory (for tokenizer provenance)")],
+    dataset: Annotated[Path, typer.Option(help="dataset folder (hashed into the provenance)")],
     out: Annotated[Path, typer.Option(help="GGUF output directory")],
     report: Annotated[Path, typer.Option(help="reports/gguf.json")],
     params: ParamsOpt = config.PARAMS_FILE,
@@ -233,7 +256,7 @@ def export(
 
     cfg = config.load(stage.ExportConfig, "export", params)
     seed = config.load(base_model.BaseConfig, "base", params).seed
-    result = stage.run(cfg, stage.ExportPaths(model, base, out, report), seed)
+    result = stage.run(cfg, stage.ExportPaths(model, base, dataset, out, report), seed=seed)
     for qtype, path in result.files.items():
         info = result.report["files"][qtype]
         typer.echo(f"{path}: agreement with MLX {info['agreement']:.3f}, "
@@ -310,12 +333,19 @@ def compare(
 def publish(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="check the gate and build the release, upload nothing")] = False,
+    stage: Annotated[bool, typer.Option(
+        "--stage", help="the dvc stage: judge what can be judged inside dvc repro, list what "
+        "waits for git commit and dvc push, upload nothing, exit 0")] = False,
     exit_zero: Annotated[bool, typer.Option(
-        "--exit-zero", help="exit 0 even if the gate fails (the dvc stage records the verdict)")
-    ] = False,
+        "--exit-zero", help="exit 0 even if the gate fails")] = False,
     card: Annotated[Path, typer.Option(help="model card preview (git-ignored folder)")] = Path(
         ".tuneline/model_card.md"),
-    report: Annotated[Path, typer.Option(help="gate verdict")] = Path("reports/publish.json"),
+    report: Annotated[Path, typer.Option(
+        help="this run's verdict (the dvc stage writes reports/publish.json)")] = Path(
+        ".tuneline/publish.json"),
+    releases: Annotated[Path, typer.Option(
+        help="folder keeping one record per upload attempt (commit it)")] = Path(
+        "reports/releases"),
     validation: Annotated[Path, typer.Option()] = Path("reports/validation.json"),
     eval_report: Annotated[Path, typer.Option("--eval")] = Path("reports/eval.json"),
     gguf_report: Annotated[Path, typer.Option()] = Path("reports/gguf.json"),
@@ -332,14 +362,15 @@ def publish(
 
     Uploads only if publish.enabled, publish.repo_id and HF_TOKEN are all set; else a dry run.
     """
-    from pipeline import publish as stage
+    from pipeline import publish as stage_module
 
-    cfg = config.load(stage.PublishConfig, "publish", params)
-    paths = stage.PublishPaths(params, validation, eval_report, gguf_report, train_report,
-                               dataset, dvc_lock, base, adapters, fused, gguf, report, card)
-    result = stage.run(cfg, paths, dry_run=dry_run)
-    typer.echo(stage.render(result))
-    if not result.passed and not exit_zero:
+    cfg = config.load(stage_module.PublishConfig, "publish", params)
+    paths = stage_module.PublishPaths(params, validation, eval_report, gguf_report, train_report,
+                                      dataset, dvc_lock, base, adapters, fused, gguf, report, card,
+                                      None if stage else releases)
+    result = stage_module.run(cfg, paths, dry_run=dry_run, stage=stage)
+    typer.echo(stage_module.render(result))
+    if not result.passed and not (exit_zero or stage):
         raise typer.Exit(1)
 
 

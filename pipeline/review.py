@@ -1,5 +1,6 @@
 """Review: `tuneline review export --sheet review.csv`, edit the sheet, then
 `tuneline review apply --sheet review.csv` turns what you changed into data/corrections.jsonl lines.
+`tuneline review serve` (review_server.py) saves through the same function, `save_edits`.
 
 The sheet (CSV, UTF-8, opens in any spreadsheet app) has one row per dataset row plus the questions
 dropped by corrections. Columns you edit:
@@ -150,19 +151,72 @@ class ApplyResult:
 
 def apply(sheet: Path, corrections: Path, dataset: Path) -> ApplyResult:
     """Sheet edits -> corrections; idempotent."""
+    edits = [Edit(f"sheet row {n}", cells, _base(n, cells)) for n, cells in _read_sheet(sheet)]
+    return save_edits(edits, corrections, dataset)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One conversation as an editor left it: a sheet row or a save from `review serve`."""
+
+    where: str                # "sheet row 7", "edit 2 (q-0003)": named in errors
+    cells: dict[str, str]     # id, action and EDITABLE, normalised by _norm
+    base: dict[str, Any]      # digests of what the editor was shown (the sheet's _base)
+    reviewed: bool | None = None  # True: mark reviewed; False: clear the mark; None: leave it
+
+
+class StaleError(ReviewError):
+    """The corrections file changed since the editor loaded it."""
+
+
+def version(corrections: Path) -> str:
+    """sha256 of data/corrections.jsonl as it is now (an absent file counts as empty)."""
+    data = corrections.read_bytes() if corrections.exists() else b""
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_edits(edits: list[Edit], corrections: Path, dataset: Path,
+               expect_version: str | None = None,
+               current: dict[str, dict[str, str]] | None = None) -> ApplyResult:
+    """The one path from edits to correction lines (CSV apply and `review serve`): only lines
+    that change are rewritten, the file is replaced atomically, nothing is written on error.
+    `current`: the dataset's cells by id, where the caller has them parsed already."""
+    if expect_version is not None and version(corrections) != expect_version:
+        raise StaleError(f"{corrections} changed since this page was loaded (another tab, a "
+                         "teammate's git pull?); reload to see the current state, then redo the "
+                         "edits that are not there yet")
     lines, result = Lines.read(corrections), ApplyResult()
-    current = _current_answers(dataset)
-    for n, cells in _read_sheet(sheet):
-        base = _base(n, cells)
+    current = _current_answers(dataset) if current is None else current
+    for edit in edits:
+        cells, base, where = edit.cells, edit.base, edit.where
         if not cells["id"]:
-            _new_conversation(n, cells, lines, result)
+            _new_conversation(where, cells, lines, result)
         elif cells["action"] == "drop" or base.get("drop"):
             _drop(cells, base, lines, result)
         else:
-            _edit(n, cells, base, lines, result, current.get(cells["id"]))
+            _edit(where, cells, base, lines, result, current.get(cells["id"]))
+        if edit.reviewed is not None and cells["id"]:
+            _reviewed(cells, edit.reviewed, lines, result)
     if result.changed:
         lines.write(corrections)
     return result
+
+
+def conversation_digest(cells: dict[str, str]) -> str:
+    """What a `reviewed` line vouches for: the conversation's turns as the reviewer saw them."""
+    return digest("\x1e".join(_norm(cells.get(k)) for k in EDITABLE))
+
+
+def _reviewed(cells: dict[str, str], on: bool, lines: Lines, result: ApplyResult) -> None:
+    rid = cells["id"]
+    if not on:
+        if lines.remove(rid, "reviewed"):
+            result.changed.append(f"{rid} reviewed (removed)")
+        return
+    row = {"id": rid, "action": "reviewed", "digest": conversation_digest(cells),
+           "question": cells["question"]}
+    if lines.set(row):
+        result.changed.append(f"{rid} reviewed (set)")
 
 
 def _read_sheet(sheet: Path) -> list[tuple[int, dict[str, str]]]:
@@ -202,22 +256,22 @@ def _drop(cells: dict[str, str], base: dict[str, Any], lines: Lines, result: App
         result.changed.append(f"{rid} drop (removed)")
 
 
-def _edit(n: int, cells: dict[str, str], base: dict[str, Any], lines: Lines,
+def _edit(where: str, cells: dict[str, str], base: dict[str, Any], lines: Lines,
           result: ApplyResult, current: dict[str, str] | None) -> None:
     rid = cells["id"]
     if cells["action"] not in ("", "keep"):
-        raise ReviewError(f"sheet row {n} ({rid}): action {cells['action']!r}: use drop or "
+        raise ReviewError(f"{where} ({rid}): action {cells['action']!r}: use drop or "
                           "leave it empty")
     if _changed(cells, base, "question") or lines.find(rid, "add_conversation"):
         if any(_changed(cells, base, k) for k in EDITABLE):
-            _set_conversation(n, cells, lines, result)
+            _set_conversation(where, cells, lines, result)
         return
     if current and any(_changed(cells, base, k) and digest(current.get(k, "")) != base.get(k)
                        for k in EDITABLE):
         result.notes.append(f"{rid}: the dataset changed since this sheet was exported (answers "
                             "regenerated?); your edit replaces the current text")
     _answer(cells, base, lines, result)
-    _followup(n, cells, base, lines, result)
+    _followup(where, cells, base, lines, result)
 
 
 def _answer(cells: dict[str, str], base: dict[str, Any], lines: Lines,
@@ -240,14 +294,14 @@ def _answer(cells: dict[str, str], base: dict[str, Any], lines: Lines,
         result.changed.append(f"{rid} replace_answer (removed)")
 
 
-def _followup(n: int, cells: dict[str, str], base: dict[str, Any], lines: Lines,
+def _followup(where: str, cells: dict[str, str], base: dict[str, Any], lines: Lines,
               result: ApplyResult) -> None:
     rid = cells["id"]
     edited = _changed(cells, base, "followup") or _changed(cells, base, "followup_answer")
     marker = f"{base.get('followup')}:{base.get('followup_answer')}"
     if edited:
         if bool(cells["followup"]) != bool(cells["followup_answer"]):
-            raise ReviewError(f"sheet row {n} ({rid}): fill both followup and followup_answer, "
+            raise ReviewError(f"{where} ({rid}): fill both followup and followup_answer, "
                               "or clear both to remove the follow-up")
         row: dict[str, Any] = {"id": rid, "action": "replace_followup",
                                "followup": cells["followup"] or None}
@@ -272,10 +326,10 @@ def _messages(cells: dict[str, str]) -> list[dict[str, str]]:
     return msgs
 
 
-def _set_conversation(n: int, cells: dict[str, str], lines: Lines, result: ApplyResult) -> None:
+def _set_conversation(where: str, cells: dict[str, str], lines: Lines, result: ApplyResult) -> None:
     rid = cells["id"]
     if not cells["question"] or not cells["answer"]:
-        raise ReviewError(f"sheet row {n} ({rid}): a conversation needs a question and an answer")
+        raise ReviewError(f"{where} ({rid}): a conversation needs a question and an answer")
     row = {"id": rid, "action": "add_conversation", "messages": _messages(cells)}
     # The whole conversation is the expert's now: older per-turn edits would override it.
     for action in ("replace_answer", "replace_followup"):
@@ -285,11 +339,11 @@ def _set_conversation(n: int, cells: dict[str, str], lines: Lines, result: Apply
         result.changed.append(f"{rid} add_conversation (set)")
 
 
-def _new_conversation(n: int, cells: dict[str, str], lines: Lines, result: ApplyResult) -> None:
+def _new_conversation(where: str, cells: dict[str, str], lines: Lines, result: ApplyResult) -> None:
     if not any(cells[k] for k in EDITABLE):
         return  # an empty line
     cells = {**cells, "id": f"expert-{digest(cells['question'])[:10]}"}
-    _set_conversation(n, cells, lines, result)
+    _set_conversation(where, cells, lines, result)
 
 
 def _current_answers(dataset: Path) -> dict[str, dict[str, str]]:

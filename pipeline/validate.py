@@ -139,7 +139,9 @@ def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: 
                     skipped=[] if tokenizer_file or severity["token_length"] == "off" else
                     [f"token_length: no tokenizer.json at {tokenizer}; run `dvc repro base_model`"])
     if report_path is not None:
-        write_json(report_path, report.metrics())
+        # Findings too (sorted, so still unchanged for unchanged data): `review serve` shows
+        # them on their rows; `dvc metrics show` lists only the numbers.
+        write_json(report_path, report.to_json())
     return report
 
 

@@ -6,14 +6,16 @@ huggingface_hub 2.4): `GET /api/whoami-v2`; `POST /api/repos/create`;
 `POST /api/validate-yaml` (the card's metadata); `POST /api/models/{repo}/preupload/{rev}`;
 `POST /{repo}.git/info/lfs/objects/batch`; `PUT` upload and `POST` verify per LFS object;
 `POST /api/models/{repo}/commit/{rev}` with an NDJSON body;
-`HEAD`/`GET /{repo}/resolve/{rev}/{path}`.
+`HEAD`/`GET /{repo}/resolve/{rev}/{path}`; `DELETE /api/repos/delete` (delete_repo, JSON body
+with name and organization).
 
 Files are stored as bytes per commit, so a test can check that what arrived is byte-identical.
 Tokens map to accounts (write or read role, namespaces); errors follow the Hub: 401 with
 "Invalid credentials in Authorization header" for a bad token, 404 + X-Error-Code RepoNotFound,
 403 without write rights, 409 on an existing repo, 412 when parentCommit is stale. `fail()`
-injects faults: a status code, a dropped connection, or a message that echoes the caller's
-Authorization header (to prove the caller scrubs its token).
+injects faults: a status code, a dropped connection, a message that echoes the caller's
+Authorization header (to prove the caller scrubs its token), or a raw reply body (an HTML error
+page from a proxy, JSON of the wrong shape) with any status.
 
     with HubStandin() as hub:
         hub.add_account("hf_write", "alice")
@@ -110,6 +112,8 @@ class Fault:
     drop: bool
     message: str
     echo_auth: bool
+    body: bytes | None = None  # reply with exactly these bytes instead of a JSON error
+    content_type: str = "application/json"
 
 
 class HubStandin:
@@ -166,11 +170,12 @@ class HubStandin:
 
     def fail(self, method: str, path: str, status: int = 500, times: int = 1,
              drop: bool = False, message: str = "injected failure",
-             echo_auth: bool = False) -> None:
+             echo_auth: bool = False, body: bytes | None = None,
+             content_type: str = "application/json") -> None:
         """The next `times` requests matching `method` and regex `path` fail this way."""
         with self.lock:
             self.faults.append(Fault(method.upper(), re.compile(path), status, times, drop,
-                                     message, echo_auth))
+                                     message, echo_auth, body, content_type))
 
     def file_bytes(self, repo_id: str, path: str, revision: str = "main") -> bytes:
         commit = self.repos[repo_id].at(revision)
@@ -240,6 +245,9 @@ class _HubHandler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._dispatch("PUT")
 
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
     # --- plumbing
 
     def _dispatch(self, method: str) -> None:
@@ -252,6 +260,9 @@ class _HubHandler(BaseHTTPRequestHandler):
         if fault is not None and fault.drop:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if fault is not None and fault.body is not None:
+            self._send_raw(fault.status, fault.body, fault.content_type)
             return
         try:
             if fault is not None:
@@ -267,6 +278,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         routes = [
             ("GET", r"/api/whoami-v2", self.whoami),
             ("POST", r"/api/repos/create", self.create),
+            ("DELETE", r"/api/repos/delete", self.delete),
             ("POST", r"/api/validate-yaml", self.validate_yaml),
             ("GET", rf"/api/models/{REPO}(?:/revision/(?P<rev>[^/]+))?", self.model_info),
             ("POST", rf"/api/models/{REPO}/preupload/(?P<rev>[^/]+)", self.preupload),
@@ -303,6 +315,14 @@ class _HubHandler(BaseHTTPRequestHandler):
             return json.loads(self.body or b"{}")
         except json.JSONDecodeError as exc:
             raise _Reply(400, f"body is not JSON: {exc}") from exc
+
+    def _send_raw(self, status: int, payload: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
 
     def _send_json(self, status: int, data: Any, *, error: str | None = None,
                    code: str | None = None, headers: dict[str, str] | None = None) -> None:
@@ -382,6 +402,19 @@ class _HubHandler(BaseHTTPRequestHandler):
         private = body.get("visibility") == "private" or body.get("private") is True
         self.hub.create_repo(repo_id, private=private)
         self._send_json(200, {"url": url, "name": repo_id, "id": repo_id})
+
+    def delete(self) -> None:
+        """delete_repo: 404 RepoNotFound if absent, 403 without write rights; 200 empty body."""
+        account = self._account()
+        body = self._json()
+        namespace = body.get("organization") or (account.name if account else None)
+        repo_id = f"{namespace}/{body.get('name')}"
+        if body.get("type", "model") not in (None, "model"):
+            raise _Reply(400, "the stand-in only hosts model repos")
+        self._writable(repo_id)
+        with self.hub.lock:
+            del self.hub.repos[repo_id]
+        self._send_raw(200, b"", "text/plain")
 
     def validate_yaml(self) -> None:
         self._account()

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import base_model
-from pipeline.base_model import BaseConfig, ModelError, permute_qk, unpermute_qk
+from pipeline import base_model, gguf_file, gguf_tokenizer
+from pipeline.base_model import BaseConfig, ModelError
+from pipeline.gguf_file import permute_qk
 
 SAMPLE = "PostgreSQL 16 的 VACUUM 很重要 🐘! Don't   panic:\n\tSELECT 12345 + 0.5;"
 
@@ -41,15 +42,15 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32") -> dict[str, np.n
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_chat_template(base_model.CHATML_TEMPLATE)
-    names = {v: k for k, v in base_model.GLOBAL_TENSORS.items()}
+    w.add_chat_template(gguf_tokenizer.CHATML_TEMPLATE)
+    names = {v: k for k, v in gguf_file.GLOBAL_TENSORS.items()}
     for name, arr in weights.items():
         stem = name.rsplit(".", 1)[0]
         if stem in names:
             gname = names[stem] + ".weight"
         else:
             i, rest = name.split(".")[2], ".".join(name.split(".")[3:-1])
-            block = {v: k for k, v in base_model.BLOCK_TENSORS.items()}[rest]
+            block = {v: k for k, v in gguf_file.BLOCK_TENSORS.items()}[rest]
             gname = f"blk.{i}.{block}.weight"
         if "q_proj" in name:
             arr = permute_qk(arr, cfg["num_attention_heads"])
@@ -65,13 +66,6 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32") -> dict[str, np.n
     w.write_tensors_to_file()
     w.close()
     return weights
-
-
-def test_unpermute_inverts_llama_cpp_rotary_row_order():
-    w = np.arange(12 * 5, dtype=np.float32).reshape(12, 5)
-    permuted = permute_qk(w, n_head=2)
-    assert not np.array_equal(permuted, w)
-    assert np.array_equal(unpermute_qk(permuted, n_head=2), w)
 
 
 def test_f32_gguf_round_trips_weights_and_config(tiny_model_dir, tmp_path):

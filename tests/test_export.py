@@ -11,7 +11,7 @@ import pytest
 import yaml
 from tiny import CHATML_TEMPLATE, make_tiny_llama
 
-from pipeline import base_model, config, export
+from pipeline import base_model, config, export, gguf_file, gguf_proof
 from pipeline.errors import UserError
 
 ANSWER = "Use CREATE INDEX."
@@ -36,7 +36,8 @@ def make_cfg(**overrides: object) -> export.ExportConfig:
 
 
 def paths(tmp: Path, model: Path, base: Path | None = None) -> export.ExportPaths:
-    return export.ExportPaths(model, base or model, tmp / "gguf", tmp / "reports" / "gguf.json")
+    return export.ExportPaths(model, base or model, tmp / "dataset", tmp / "gguf",
+                              tmp / "reports" / "gguf.json")
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +53,7 @@ def exported(answering_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def gguf_meta(path: Path) -> dict:
-    return base_model.gguf_metadata(base_model.read_gguf(path))
+    return gguf_file.metadata(gguf_file.read(path))
 
 
 # --- the file itself -------------------------------------------------------------------------
@@ -60,9 +61,11 @@ def gguf_meta(path: Path) -> dict:
 
 def test_f16_file_carries_tokenizer_chat_template_and_provenance(tiny_model_dir, tmp_path):
     out = tmp_path / "m.gguf"
-    export.write_gguf(tiny_model_dir, tiny_model_dir, out, make_cfg())
-    reader = base_model.read_gguf(out)
-    meta = base_model.gguf_metadata(reader)
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "train.jsonl").write_text('{"messages": []}\n')
+    export.write_gguf(paths(tmp_path, tiny_model_dir), out, make_cfg())
+    reader = gguf_file.read(out)
+    meta = gguf_file.metadata(reader)
     assert meta["general.architecture"] == "llama"
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
     # mlx-lm's exporter wrote token types llama.cpp rejects; they must be an INT32 array.
@@ -72,43 +75,12 @@ def test_f16_file_carries_tokenizer_chat_template_and_provenance(tiny_model_dir,
     assert meta["tokenizer.ggml.tokens"][meta["tokenizer.ggml.eos_token_id"]] == "<|im_end|>"
     assert meta["tokenizer.chat_template"] == CHATML_TEMPLATE
     assert meta["general.name"] == "tiny-test" and meta["general.license"] == "mit"
-    assert len(meta["general.tuneline.git_commit"]) >= 40
-    assert "general.tuneline.dataset_hash" in meta
+    # Content provenance only: the same model under two git commits is the same file.
+    assert not any("git" in key for key in meta)
+    assert len(meta["general.tuneline.dataset_hash"]) == 32
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.attn_q.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
     assert "output.weight" not in kinds  # tied embeddings: llama.cpp reuses token_embd
-
-
-def test_llama_cpp_logits_match_mlx_on_random_weights(tiny_model_dir, tmp_path):
-    out = tmp_path / "m.gguf"
-    export.write_gguf(tiny_model_dir, tiny_model_dir, out, make_cfg())
-    llama, mlx = logits_pair(tiny_model_dir, out)
-    assert np.abs(llama - mlx).max() < 0.05 * np.abs(mlx).max()
-    assert (llama.argmax(-1) == mlx.argmax(-1)).mean() == 1.0
-
-
-def test_logit_check_catches_a_wrong_qk_row_order(tiny_model_dir, tmp_path, monkeypatch):
-    # Without llama.cpp's rotary row order the model loads fine but computes something else.
-    monkeypatch.setattr(base_model, "permute_qk", lambda w, n_head: w)
-    out = tmp_path / "m.gguf"
-    export.write_gguf(tiny_model_dir, tiny_model_dir, out, make_cfg())
-    llama, mlx = logits_pair(tiny_model_dir, out)
-    assert np.abs(llama - mlx).max() > 0.05 * np.abs(mlx).max()
-
-
-def logits_pair(model_dir: Path, gguf_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import mlx.core as mx
-    import mlx_lm
-
-    model, tok = mlx_lm.load(str(model_dir))
-    ids = tok.encode("<|im_start|>user\nHow do I create an index? 42<|im_end|>\n",
-                     add_special_tokens=False)
-    mlx_logits = np.array(model(mx.array([ids]))[0].astype(mx.float32))
-    llm = export.load_llama(gguf_path, n_ctx=64, seed=0)
-    llm.eval(ids)
-    llama_logits = np.asarray(llm.scores[: len(ids)]).copy()
-    llm.close()
-    return llama_logits, mlx_logits
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -151,7 +123,7 @@ def test_stage_fails_when_agreement_is_below_threshold(answering_model, tmp_path
     # Pretend MLX answered differently: the check must compare, not rubber-stamp.
     real = export.mlx_reference
 
-    def shifted(*args: object) -> list[export.Reference]:
+    def shifted(*args: object) -> list[gguf_proof.Reference]:
         return [dataclasses.replace(r, tokens=[r.tokens[1], *r.tokens[1:]]) for r in real(*args)]
 
     monkeypatch.setattr(export, "mlx_reference", shifted)
@@ -162,7 +134,7 @@ def test_stage_fails_when_agreement_is_below_threshold(answering_model, tmp_path
 
 def test_unsupported_architecture_names_what_is_supported(tmp_path):
     model = make_tiny_llama(tmp_path / "gemma", model_type="gemma")
-    with pytest.raises(export.ExportError, match=r"'gemma' cannot be exported; supported: \['llama'"):
+    with pytest.raises(gguf_file.GGUFError, match=r"'gemma' cannot be exported; supported: \['llama'"):
         export.run(make_cfg(), paths(tmp_path, model), seed=0)
 
 
@@ -184,7 +156,7 @@ def test_damaged_gguf_gives_a_clear_error(exported, tmp_path, damage):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"GGUF" + b"\x07" * 4000)
     with pytest.raises(UserError, match=r"bad.gguf: not a readable GGUF file.*truncated or corrupt"):
-        export.load_llama(bad, n_ctx=64, seed=0)
+        gguf_proof.load_llama(bad, n_ctx=64, seed=0)
     with pytest.raises(UserError, match="truncated or corrupt"):
         base_model.run(base_model.BaseConfig(seed=0, model=str(bad)), tmp_path / "base")
 
@@ -242,20 +214,15 @@ def test_dvc_stage_and_params_match_the_code():
     root = Path(__file__).resolve().parent.parent
     stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["export"]
     assert "pipeline/export.py" in stage["deps"] and "models/fused" in stage["deps"]
+    # The dataset hash in the GGUF comes from the files themselves, not from dvc.lock.
+    assert {"data/dataset/train.jsonl", "data/dataset/valid.jsonl"} <= set(stage["deps"])
+    assert "dvc.lock" not in stage["cmd"]
     assert stage["outs"] == ["models/gguf"]
     for option in ("--model models/fused", "--base models/base", "--out models/gguf",
-                   "--report reports/gguf.json"):
+                   "--dataset data/dataset", "--report reports/gguf.json"):
         assert option in stage["cmd"]
     cfg = config.load(export.ExportConfig, "export", root / "params.yaml")
     export.check_config(cfg)
-
-
-def test_llama_cpp_load_failure_says_why(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "pre_tokenizer_name", lambda data, path: "nonsense")
-    out = tmp_path / "m.gguf"
-    export.write_gguf(tiny_model_dir, tiny_model_dir, out, make_cfg())
-    with pytest.raises(export.ExportError, match="unknown pre-tokenizer type: 'nonsense'"):
-        export.load_llama(out, n_ctx=64, seed=0)
 
 
 # --- the real embedded model -----------------------------------------------------------------

@@ -7,6 +7,7 @@ reports committed); each test works on a copy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,13 +24,15 @@ import yaml
 from hub_standin import GITATTRIBUTES, HubStandin
 
 from pipeline import config, publish
-from pipeline.modelcard import clean_remote
+from pipeline import hub as hub_client
+from pipeline.repo_facts import clean_remote
 
 TOKEN = "hf_" + "FAKEtokenForTests0123456789abcdefXYZ"  # split: no token-shaped literal in git
 READ_TOKEN = "hf_" + "READonlyTokenForTests0123456789abcd"
 REPO = "alice/pg-helper"
 TUNED_ANSWER = "Use CREATE INDEX:\n```sql\nCREATE INDEX ON t (c);\n```"
 SAFE = b"\x00" * 64 + os.urandom(2048)  # bytes that stand in for safetensors / GGUF content
+F16, Q8 = b"GGUF" + SAFE, b"GGUF" + SAFE[:1000]
 
 
 # --- the project ---------------------------------------------------------------------------
@@ -75,6 +78,10 @@ def _write(path: Path, data: Any) -> None:
                         yaml.safe_dump(data, sort_keys=False))
 
 
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _sh(cwd: Path, *cmd: str) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
@@ -111,8 +118,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write(src / "fused/config.json", {"model_type": "llama"})
     _write(src / "fused/model.safetensors", SAFE[::-1])
     _write(src / "fused/tokenizer.json", {"model": {"type": "BPE"}})
-    _write(src / "gguf/model-f16.gguf", b"GGUF" + SAFE)
-    _write(src / "gguf/model-q8_0.gguf", b"GGUF" + SAFE[:1000])
+    _write(src / "gguf/model-f16.gguf", F16)
+    _write(src / "gguf/model-q8_0.gguf", Q8)
     _write(src / "gguf/Modelfile", "FROM ./model-q8_0.gguf\nPARAMETER stop <|im_end|>\n")
     _write(repo / ".gitignore", "/.tuneline/\n")  # as in the real repository
     _write(repo / "params.yaml", _params())
@@ -120,8 +127,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write(repo / "reports/eval.json", _eval())
     _write(repo / "reports/train.json", {"val_loss": 1.8, "iters": 40})
     _write(repo / "reports/gguf.json", {"files": {
-        "f16": {"file": "model-f16.gguf", "failures": []},
-        "q8_0": {"file": "model-q8_0.gguf", "failures": []}}})
+        "f16": {"file": "model-f16.gguf", "failures": [], "sha256": _sha(F16)},
+        "q8_0": {"file": "model-q8_0.gguf", "failures": [], "sha256": _sha(Q8)}}})
     _write(repo / "dvc.yaml", {"stages": {"build": {
         "cmd": "mkdir -p data models && cp -r src/dataset data/dataset && "
                "cp -r src/base src/adapters src/fused src/gguf models/",
@@ -214,7 +221,7 @@ def test_dry_run_checks_every_gate_and_says_why_it_did_not_upload(project: Path)
     report = _report()
     assert [c["name"] for c in report["checks"]] == [
         "validation", "improvement", "gguf", "judge", "license", "artifacts", "git_clean",
-        "dvc_pushed"]
+        "up_to_date", "dvc_pushed"]
     assert all(c["passed"] and c["detail"] for c in report["checks"])
     assert report["dry_run"] is True and report["commit_url"] is None
     files = {f["path"]: f["size"] for f in report["files"]}
@@ -238,8 +245,9 @@ def _break_improvement(repo: Path) -> None:
 
 def _break_gguf(repo: Path) -> None:
     _write(repo / "reports/gguf.json", {"files": {
-        "f16": {"file": "model-f16.gguf", "failures": []},
-        "q8_0": {"file": "model-q8_0.gguf", "failures": ["did not stop within max_tokens"]}}})
+        "f16": {"file": "model-f16.gguf", "failures": [], "sha256": _sha(F16)},
+        "q8_0": {"file": "model-q8_0.gguf", "failures": ["did not stop within max_tokens"],
+                 "sha256": _sha(Q8)}}})
 
 
 def _break_judge(repo: Path) -> None:
@@ -300,12 +308,61 @@ def test_unpushed_outputs_fail_only_dvc_pushed(project: Path) -> None:
     assert "data/dataset/train.jsonl" not in failed[0].detail
 
 
-def test_output_changed_since_dvc_lock_fails_dvc_pushed(project: Path) -> None:
+def test_output_changed_since_dvc_lock_fails_up_to_date(project: Path) -> None:
     (project / "models/fused/config.json").write_text('{"edited": true}')
     result = publish.run(_cfg(), _paths(), dry_run=True, env={})
     failed = [c for c in result.checks if not c.passed]
-    assert [c.name for c in failed] == ["dvc_pushed"]
+    assert [c.name for c in failed] == ["up_to_date", "dvc_pushed"]
     assert "build" in failed[0].detail and "dvc repro" in failed[0].detail
+
+
+def test_reports_must_be_up_to_date_even_when_pushing_is_not_required(project: Path) -> None:
+    _edit_params(project, require_pushed=False)
+    _commit(project)
+    (project / "models/fused/config.json").write_text('{"edited": true}')
+    result = publish.run(_cfg(), _paths(), dry_run=True, env={})
+    failed = {c.name: c.detail for c in result.checks if not c.passed}
+    assert list(failed) == ["up_to_date"] and "dvc repro" in failed["up_to_date"]
+    assert "not required" in next(c.detail for c in result.checks if c.name == "dvc_pushed")
+
+
+def test_gguf_files_are_matched_to_the_report_by_content(project: Path) -> None:
+    # Same name as a proven file, other bytes: llama.cpp never saw this file.
+    (project / "models/gguf/model-q8_0.gguf").write_bytes(b"GGUF" + b"\x01" * 500)
+    result = publish.run(_cfg(), _paths(), dry_run=True, env={})
+    gguf = next(c for c in result.checks if c.name == "gguf")
+    assert not gguf.passed and "never checked" in gguf.detail and "model-q8_0.gguf" in gguf.detail
+
+
+@pytest.mark.parametrize("option", ["eval", "validation", "gguf_report", "fused", "gguf",
+                                    "adapters", "params", "dvc_lock"])
+def test_inputs_outside_the_repository_are_refused(project: Path, option: str) -> None:
+    inside = getattr(_paths(), option)
+    outside = project.parent / "elsewhere" / inside.name
+    shutil.copytree(inside, outside) if inside.is_dir() else _write(outside, inside.read_bytes())
+    with pytest.raises(publish.PublishError, match=r"is outside the repository") as info:
+        publish.run(_cfg(), _paths(**{option: outside}), dry_run=True, env={})
+    flag = "--eval" if option == "eval" else f"--{option.replace('_', '-')}"
+    assert str(info.value).startswith(f"{flag} {outside}")
+    assert "\n" not in str(info.value)
+    with pytest.raises(publish.PublishError, match="outside the repository"):
+        publish.run(_cfg(), _paths(**{option: Path("..") / "elsewhere" / inside.name}),
+                    dry_run=True, env={})
+
+
+def test_stage_verdict_judges_what_it_can_and_lists_what_waits(project: Path) -> None:
+    # As inside `dvc repro`: uncommitted changes and nothing pushed yet.
+    (project / "notes.txt").write_text("scratch")
+    shutil.rmtree(project.parent / "store")
+    (project.parent / "store").mkdir()
+    result = publish.run(_cfg(), _paths(), dry_run=True, stage=True, env={"HF_TOKEN": TOKEN})
+    report = _report()
+    assert report["passed"] is True and report["status"] == "stage"
+    assert report["pending"] == ["git_clean", "dvc_pushed"]
+    assert {c["name"]: c["passed"] for c in report["checks"]}["up_to_date"] is True
+    assert result.dry_run and report["commit_url"] is None
+    _break_validation(project)
+    assert not publish.run(_cfg(), _paths(), dry_run=True, stage=True, env={}).passed
 
 
 def test_failed_gate_blocks_upload_and_contacts_no_hub(project: Path, hub: HubStandin) -> None:
@@ -467,6 +524,17 @@ ERRORS: dict[str, tuple[dict[str, Any], str]] = {
     "connection_dropped_at_commit": (
         {"fault": {"method": "POST", "path": "/commit/", "drop": True}}, "network error"),
     "hub_unreachable": ({"endpoint": "closed-port"}, "network error"),
+    # Hostile or broken replies: a proxy's HTML page, a body that is not JSON, the wrong shape.
+    "proxy_html_error_page": ({"fault": {
+        "method": "GET", "path": "/api/models/", "status": 502, "content_type": "text/html",
+        "times": hub_client.READ_ATTEMPTS,
+        "body": b"<html><body><h1>502 Bad Gateway</h1></body></html>"}}, "answered 502"),
+    "reply_not_json": ({"fault": {"method": "GET", "path": "/api/models/", "status": 200,
+                                  "content_type": "text/html", "body": b"<html>login</html>"}},
+                       "not what the Hub sends"),
+    "reply_wrong_shape": ({"fault": {"method": "GET", "path": "/api/models/", "status": 200,
+                                     "body": b'{"id": 5, "siblings": 7, "private": "yes"}'}},
+                          "not what the Hub sends"),
 }
 
 
@@ -495,7 +563,8 @@ def test_hub_errors_are_clear_token_free_and_publish_nothing(
         publish.run(_cfg(), _paths(), dry_run=False, env=env)
 
     message = str(info.value)
-    assert expected in message and publish.NOTHING_PUBLISHED in message
+    assert expected in message and hub_client.NOTHING_PUBLISHED in message
+    assert "\n" not in message and (endpoint in message or "HF_TOKEN" in message)
     assert info.value.__cause__ is None  # no chained client exception carrying headers
     report = _report()
     assert report["status"] == "failed" and report["error"] == message
@@ -504,9 +573,29 @@ def test_hub_errors_are_clear_token_free_and_publish_nothing(
                  "".join(traceback.format_exception(info.value)), caplog.text):
         _assert_no_token(text)
         assert secret not in text
-    # Nothing a user could mistake for a release: no commit beyond the Hub's own first one.
+    # Nothing a user could mistake for a release: no commit beyond the Hub's own first one,
+    # and no empty repository this run created.
     for repo in hub.repos.values():
         assert [c.title for c in repo.commits] == ["initial commit"]
+    assert list(hub.repos) == ([REPO] if setup.get("seed_repo") else [])
+
+
+def test_a_passing_server_error_on_a_read_is_retried(project: Path, hub: HubStandin) -> None:
+    hub.fail("GET", "/api/whoami-v2", status=503)
+    hub.fail("GET", "/api/models/", status=502, body=b"<html>Bad Gateway</html>",
+             content_type="text/html")
+    result = _run(hub)
+    assert result.status == "published"
+    assert hub.calls("GET", "/api/whoami-v2") == 2 and hub.calls("POST", "/commit/") == 1
+
+
+def test_a_repo_that_cannot_be_cleaned_up_is_named(project: Path, hub: HubStandin) -> None:
+    hub.fail("POST", "/commit/", status=500)
+    hub.fail("DELETE", "/api/repos/delete", status=500, times=hub_client.READ_ATTEMPTS)
+    with pytest.raises(publish.PublishError, match="could not be deleted") as info:
+        _run(hub)
+    assert f"{hub.url}/{REPO}/settings" in str(info.value)
+    assert [c.title for c in hub.repos[REPO].commits] == ["initial commit"]
 
 
 # --- the CLI and the pipeline wiring -------------------------------------------------------
@@ -520,11 +609,12 @@ def test_stage_command_records_a_failed_gate_but_exits_zero(project: Path) -> No
     _break_validation(project)
     _commit(project)
     runner = CliRunner()
-    stage = runner.invoke(app, ["publish", "--dry-run", "--exit-zero"], env={"HF_TOKEN": TOKEN})
+    stage = runner.invoke(app, ["publish", "--stage", "--report", "reports/publish.json"],
+                          env={"HF_TOKEN": TOKEN})
     assert stage.exit_code == 0, stage.output
-    assert "FAIL validation" in stage.output and "would not upload" in stage.output
+    assert "FAIL validation" in stage.output and "stage verdict: gate failed" in stage.output
     strict = runner.invoke(app, ["publish", "--dry-run"], env={"HF_TOKEN": TOKEN})
-    assert strict.exit_code == 1
+    assert strict.exit_code == 1 and "would not upload" in strict.output
     _assert_no_token(stage.output, strict.output, Path("reports/publish.json").read_text())
 
 
@@ -542,20 +632,23 @@ def test_cli_publishes_and_never_prints_the_token(project: Path, hub: HubStandin
     assert card == hub.file_bytes(REPO, "README.md")
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert "already published" in again.stdout
-    hub.fail("GET", "/api/models/", status=500, echo_auth=True)
+    hub.fail("GET", "/api/models/", status=500, echo_auth=True, times=hub_client.READ_ATTEMPTS)
     failing = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert failing.returncode == 1 and "error:" in failing.stderr
     assert "Traceback" not in failing.stderr
     for proc in (published, again, failing):
         _assert_no_token(proc.stdout, proc.stderr)
-    _assert_no_token(Path("reports/publish.json").read_text())
+    records = sorted(Path("reports/releases").glob("*.json"))
+    assert [json.loads(r.read_text())["status"] for r in records] == [
+        "published", "unchanged", "failed"]  # one record per attempt, in time order
+    _assert_no_token(Path(".tuneline/publish.json").read_text(), *(r.read_text() for r in records))
 
 
 @pytest.mark.slow
 def test_publish_stage_runs_inside_dvc_repro_and_leaves_the_tree_clean(project: Path) -> None:
     stages = yaml.safe_load((project / "dvc.yaml").read_text())
     stages["stages"]["publish"] = {
-        "cmd": f"{sys.executable} -m pipeline publish --dry-run --exit-zero",
+        "cmd": f"{sys.executable} -m pipeline publish --stage --report reports/publish.json",
         "deps": ["models/gguf", "reports/eval.json"], "params": ["publish"],
         "always_changed": True, "metrics": [{"reports/publish.json": {"cache": False}}]}
     _write(project / "dvc.yaml", stages)
@@ -572,6 +665,40 @@ def test_publish_stage_runs_inside_dvc_repro_and_leaves_the_tree_clean(project: 
     assert _sh(project, "git", "status", "--porcelain") == ""
 
 
+@pytest.mark.slow
+def test_stage_verdict_inside_dvc_repro_and_records_of_real_publishes_survive(
+        project: Path, hub: HubStandin) -> None:
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())
+    stages["stages"]["publish"] = {
+        "cmd": f"{sys.executable} -m pipeline publish --stage --report reports/publish.json",
+        "deps": ["models/gguf", "reports/eval.json"], "params": ["publish"],
+        "metrics": [{"reports/publish.json": {"cache": False}}]}
+    _write(project / "dvc.yaml", stages)
+    _write(project / "src/gguf/Modelfile", "FROM ./model-f16.gguf\n")  # new, unpushed outputs
+    _dvc(project, "repro", "-q")  # as a first repro: dvc.lock rewritten, nothing pushed
+
+    verdict = _report()
+    assert verdict["passed"] is True and verdict["status"] == "stage", verdict["checks"]
+    assert verdict["pending"] == ["git_clean", "dvc_pushed"]
+
+    _commit(project, "repro")
+    _dvc(project, "push", "-q")
+    env = {**os.environ, "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(project.parent / "hf-home")}
+    real = subprocess.run([sys.executable, "-m", "pipeline", "publish"], capture_output=True,
+                          text=True, env=env, check=False)
+    assert real.returncode == 0, real.stdout + real.stderr
+    [record] = Path("reports/releases").glob("*.json")
+    kept = record.read_bytes()
+    assert json.loads(kept)["status"] == "published"
+    assert json.loads(kept)["revision"] == hub.repos[REPO].head.oid
+    _commit(project, "record the release")
+
+    _dvc(project, "repro", "-q", "-f", "publish")  # DVC deletes and rewrites the stage's report
+    assert _report()["status"] == "stage"
+    assert record.read_bytes() == kept and list(Path("reports/releases").iterdir()) == [record]
+
+
 def test_dvc_yaml_publish_stage_matches_the_code() -> None:
     root = Path(__file__).resolve().parents[1]
     stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["publish"]
@@ -583,11 +710,14 @@ def test_dvc_yaml_publish_stage_matches_the_code() -> None:
     # `tuneline publish` re-checks git and remote state itself when it really uploads.
     assert not stage.get("always_changed", False)
     assert stage["metrics"] == [{"reports/publish.json": {"cache": False}}]
-    assert "--dry-run --exit-zero" in stage["cmd"]
+    assert "--stage --report reports/publish.json" in stage["cmd"]
     cfg = config.load(publish.PublishConfig, "publish", root / "params.yaml")
     assert cfg.enabled is False and cfg.private is True and cfg.repo_id is None
 
 
 def test_remote_credentials_never_reach_the_card() -> None:
     assert clean_remote("https://bob:ghp_x@github.com/a/b.git") == "https://github.com/a/b.git"
+    # git takes a password with "/" unencoded; the first "/" does not end the credentials.
+    assert clean_remote("https://bob:pa/ss@git.example.com/a.git") == "https://git.example.com/a.git"
+    assert clean_remote("https://x-token:a/b/c@h.example/r") == "https://h.example/r"
     assert clean_remote("git@github.com:a/b.git") == "git@github.com:a/b.git"
