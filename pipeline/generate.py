@@ -241,15 +241,22 @@ def followup_of(reply: llm.Reply) -> str:
     return clean_followup(text if text is not None else reply.text)
 
 
-PREAMBLE = re.compile(r"^(sure|certainly|of course|okay|ok|here('s| is| are))\b", re.IGNORECASE)
+PREAMBLE = re.compile(r"^(sure|certainly|of course|okay|ok|here('s| is| are)|a user asked|"
+                      r"they got|the user)\b", re.IGNORECASE)
 TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "[INST]", "</s>", "<|endoftext|>")
 
 
+REQUEST = re.compile(r"^(please|show|explain|tell|give|help|list|write|describe|compare|"
+                     r"i need|i want|i'd like)\b", re.IGNORECASE)
+
+
 def usable_followup(text: str, question: str) -> bool:
-    """A follow-up a user could send next: one line of 8..300 characters ending like a question
-    or a request, no label, JSON or template debris, and not the original question again."""
+    """A follow-up a user could send next: one line of 8..300 characters that is a question
+    (ends in ?) or a request (opens like one: "Show me...", "I need..."), with no label,
+    preamble, JSON or template debris, and not the original question again."""
     line = text.strip()
-    return (8 <= len(line) <= 300 and "\n" not in line and line.endswith(tuple("?？.。!！"))
+    asks = line.endswith(("?", "？")) or (line.endswith(tuple(".。!！")) and bool(REQUEST.match(line)))
+    return (8 <= len(line) <= 300 and "\n" not in line and asks
             and not LABEL.match(line) and not PREAMBLE.match(line) and line[0] not in "{[\"'"
             and not any(m in line for m in TEMPLATE_MARKERS)
             and not re.search(r'"\w+"\s*:', line)

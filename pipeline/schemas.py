@@ -42,7 +42,9 @@ def question(chars: tuple[int, int], starter: str | None = None) -> Schema:
     fixed = len(starter.strip()) + 1 if starter else 1
     room_lo = max(1, lo - fixed - 1)
     room_hi = max(room_lo + 1, hi - fixed - 1)
-    return {"type": "string", "pattern": f"^{head}{BODY}{{{room_lo},{room_hi}}}{END}$"}
+    # A number may close the question ("... in PostgreSQL 16?"): BODY keeps digits off its end.
+    return {"type": "string",
+            "pattern": f"^{head}{BODY}{{{room_lo},{room_hi}}}[0-9]{{0,4}}{END}$"}
 
 
 def literal(text: str) -> str:
@@ -74,18 +76,19 @@ def strict_object(properties: dict[str, Schema]) -> Schema:
             "additionalProperties": False}
 
 
-# One line with no colon (no "Follow-up question: ..." preamble), not opening with a space, and
-# ending at its first question mark: one follow-up, not two.
-FOLLOWUP = strict_object({"followup": {
-    "type": "string", "pattern": r'^[^"\\\n:： ][^"\\\n:：?？]{6,240}[?？.。!！]$'}})
+# The follow-up is held to the same shape as a drafted question: one question, no label or
+# preamble in front (FIRST), no run-on sentences; short enough to fit followup_max_tokens.
+FOLLOWUP = strict_object({"followup": question((8, 160))})
 
 
 def followup_text(text: str) -> str | None:
-    """The follow-up inside a structured reply; None when the reply is not that shape."""
+    """The follow-up inside a structured reply (also one cut short by max_tokens: the text so
+    far); None when the reply is not that shape."""
     value = loads(text)
     if isinstance(value, dict) and isinstance(value.get("followup"), str):
         return value["followup"].strip()
-    return None
+    cut = re.match(r'\s*\{\s*"followup"\s*:\s*"((?:[^"\\]|\\.)*)', text)
+    return cut.group(1).strip() if cut else None
 
 
 # --- reading replies -----------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 import threading
 import time
@@ -70,7 +71,17 @@ def instance(schema: dict[str, Any], text: str) -> Any:
     if kind == "array":
         items = schema.get("prefixItems") or [schema.get("items", {})] * schema.get("minItems", 1)
         return [instance(item, text) for item in items]
+    if kind == "string" and "pattern" in schema:
+        return fill(schema["pattern"], text)
     return {"integer": 0, "number": 0, "boolean": True, "null": None}.get(str(kind), text)
+
+
+def fill(pattern: str, text: str) -> str:
+    """`text` reduced to lowercase words, after the pattern's literal opening words (a starter)
+    and before a question mark: fits tuneline's question patterns; format_problem checks."""
+    head = re.match(r"\^((?:[A-Za-z']+ )*)", pattern)
+    words = " ".join(re.sub(r"[^A-Za-z ]", " ", text).lower().split())[:60].strip()
+    return f"{head.group(1) if head else ''}{words or 'stand in'}?"
 
 
 def format_problem(text: str, fmt: Any) -> str | None:
@@ -243,6 +254,8 @@ def make_handler(server: StandIn) -> type[BaseHTTPRequestHandler]:
                 text = ""
             broken = format_problem(text, fmt) if fmt and reason == "stop" else None
             if broken:
+                server.record({"path": self.path, "messages": messages, "fault": "format",
+                               "start": started, "end": time.time()})
                 self.send_json(500, {"error": f"stand-in: the test's reply {broken}"})
                 return
             final = {"model": body["model"], "created_at": now(), "done": True,

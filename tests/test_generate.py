@@ -127,7 +127,8 @@ def test_usable_followup_is_one_clean_line_that_is_not_the_question():
     assert usable_followup("Show me how to list views as well.", q)
     for bad in ("", "Follow-up question: what next?", "Sure! Here is a follow-up question.",
                 '{"followup": "x?"}', "How do I list tables?", "What about views",
-                "One?\nTwo?", "<|im_start|>assistant What next?"):
+                "One?\nTwo?", "<|im_start|>assistant What next?",
+                "To list tables, use the \\dt command.", "A user asked how to list tables?"):
         assert not usable_followup(bad, q), bad
 
 
