@@ -7,7 +7,9 @@
   time, like a CPU llama.cpp server), (b) a stand-in with fixed latency and 4 parallel slots (like
   a batching server), tuneline at concurrency 1 and 4. `--url/--model` measure an external Ollama.
 - incremental: requests `dvc repro` sends after editing 1 question out of 200 (and after the same
-  on a "fresh clone" that only has the pulled output, no local cache).
+  on a "fresh clone" that only has the pulled output, no local cache); `--incremental-questions
+  10000` measures the same at 10,000 questions, with each step's wall seconds (the stand-in
+  answers instantly, so the time is tuneline's and DVC's own).
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def throughput(n_real: int, n_synth: int, max_tokens: int) -> dict[str, Any]:
 # --- incremental ---------------------------------------------------------------------------
 
 
-def incremental(n: int) -> dict[str, int]:
+def incremental(n: int) -> dict[str, dict[str, float]]:
     work = Path(tempfile.mkdtemp(prefix="bench-inc-"))
     repo = work / "repo"
     for sub in ("pipeline", "data", "models/base"):
@@ -194,7 +196,7 @@ def incremental(n: int) -> dict[str, int]:
         shutil.copy(REPO / "pipeline" / name, repo / "pipeline" / name)
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["generate"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"generate": stage}}))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(REPO),
            "PATH": f"{Path(PY).parent}:{os.environ['PATH']}"}
 
     def sh(*cmd: str) -> None:
@@ -217,10 +219,11 @@ def incremental(n: int) -> dict[str, int]:
                 write_questions(repo / "data" / "questions.jsonl", n, edit)
             if name.startswith("same on a fresh clone"):
                 shutil.rmtree(repo / ".tuneline")
-            mark = len(server.requests)
+            mark, start = len(server.requests), time.perf_counter()
             sh("dvc", "repro", "generate")
-            counts[name] = len(server.requests) - mark
-            print(f"  {name}: {counts[name]} requests", flush=True)
+            counts[name] = {"requests": len(server.requests) - mark,
+                            "seconds": round(time.perf_counter() - start, 2)}
+            print(f"  {name}: {counts[name]}", flush=True)
     shutil.rmtree(work)
     return counts
 
@@ -235,6 +238,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--questions-real", type=int, default=8)
     ap.add_argument("--questions-synthetic", type=int, default=100)
+    ap.add_argument("--incremental-questions", type=int, default=200)
     args = ap.parse_args()
     results: dict[str, Any] = {"machine": machine()}
     print(f"machine: {results['machine']}", flush=True)
@@ -244,7 +248,7 @@ def main() -> None:
         results["throughput"] = throughput(args.questions_real, args.questions_synthetic,
                                            args.max_tokens)
     if "incremental" in args.what:
-        results["incremental"] = incremental(200)
+        results["incremental"] = incremental(args.incremental_questions)
     print(json.dumps(results, indent=2, ensure_ascii=False))
 
 

@@ -88,6 +88,7 @@ def drafts(seeds: int) -> list[dict[str, Any]]:
     cfg = replace(config.load(questions.DraftConfig, "questions", PARAMS), topic="PostgreSQL",
                   count=10, prompt="faq_en", retries=0)
     client = llm.LlamaCppClient(embedded_gguf())
+    threshold = config.read_params(PARAMS)["curate"]["near_dup_threshold"]
     rows = []
     for name, variant in draft_variants(cfg).items():
         added = good = topical = failed = 0
@@ -95,7 +96,8 @@ def drafts(seeds: int) -> list[dict[str, Any]]:
         for seed in range(seeds):
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    result = questions.run(variant, seed, Path(tmp) / "q.jsonl", client=client)
+                    result = questions.run(variant, seed, Path(tmp) / "q.jsonl", client=client,
+                                           near_dup_threshold=threshold)
                 except (questions.DraftFormatError, llm.LLMError):
                     failed += 1
                     continue

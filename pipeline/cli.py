@@ -87,7 +87,7 @@ def questions_draft(
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     base_cfg = config.load(base.BaseConfig, "base", params)
     r = stage.run(cfg, base_cfg.seed, out, base=llm.BaseModel(base_cfg.model, base_model),
-                  dry_run=dry_run)
+                  dry_run=dry_run, near_dup_threshold=_near_dup_threshold(params))
     if r.note:
         typer.echo(f"note: {r.note}")
     for row in r.added:
@@ -96,6 +96,23 @@ def questions_draft(
     typer.echo(f"parsed {r.parsed}, dropped {len(r.duplicates)} near-duplicates, "
                f"{'would append' if dry_run else 'appended'} {len(r.added)} to {out} "
                f"(prompt {r.prompt_id})")
+
+
+def _evaluate_prompts(params: Path) -> tuple[str, ...]:
+    """evaluate.prompts: curate keeps their near copies out of train, validate checks it."""
+    prompts = config.read_params(params).get("evaluate", {}).get("prompts")
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise config.ConfigError(f"{params}: evaluate.prompts missing or not a list of strings")
+    return tuple(prompts)
+
+
+def _near_dup_threshold(params: Path) -> float:
+    """curate.near_dup_threshold: the one near-duplicate threshold (questions draft, validate)."""
+    value = config.read_params(params).get("curate", {}).get("near_dup_threshold")
+    if not isinstance(value, float) or not 0 < value <= 1:
+        raise config.ConfigError(f"{params}: curate.near_dup_threshold missing or not a number "
+                                 "in (0, 1]")
+    return value
 
 
 @app.command()
@@ -112,7 +129,9 @@ def curate(
     from pipeline import curate as stage
 
     cfg = config.load(stage.CurateConfig, "curate", params)
-    r = stage.run(cfg, stage.CuratePaths(generated, questions, corrections, imports, out, report))
+    held_out = _evaluate_prompts(params)
+    r = stage.run(cfg, stage.CuratePaths(generated, questions, corrections, imports, out, report),
+                  held_out)
     counts = ", ".join(f"{k} {v}" for k, v in r.counts.items())
     typer.echo(f"dataset -> {out}: {counts}; removed {r.duplicates} duplicates, "
                f"{r.dropped} dropped (details in {report})")
@@ -138,7 +157,10 @@ def validate(
         max_seq = config.read_params(params).get("train", {}).get("max_seq_length")
         if not isinstance(max_seq, int):
             raise config.ConfigError(f"{params}: train.max_seq_length missing or not an integer")
-        result = stage.run(cfg, paths, max_seq, tokenizer, report, docs)
+        from validation.leakage import Leakage
+
+        leak = Leakage(_near_dup_threshold(params), _evaluate_prompts(params))
+        result = stage.run(cfg, paths, max_seq, tokenizer, report, docs, leak)
     except (stage.UsageError, config.ConfigError) as exc:
         fail(str(exc), 2)
     typer.echo(stage.render(result), err=True)

@@ -10,12 +10,17 @@ input).
 - Generated turns that are empty, cut off (finish_reason "length"), refusals or template leaks are
   dropped when `curate.drop_bad_generated` (they can be regenerated; expert and imported rows are
   never dropped silently: validate reports them with the line to fix).
-- Exact duplicate questions (case, punctuation, spacing) and near duplicates (character 3-gram
-  Jaccard of the question's content words >= `curate.near_dup_threshold`) are removed, keeping
-  expert over imported over generated rows; reports/curate.json lists every removal.
-- Split: a hash of `curate.seed` and the row id places each row, so adding questions never moves
-  existing rows. valid and test get at least `curate.min_split_rows` rows, taken from train in
-  hash order (stable too once the splits have grown past the minimum by hash alone).
+- Exact duplicate questions (case, punctuation, spacing) and near duplicates (pipeline/neardup.py:
+  shingle Jaccard of the question's content >= `curate.near_dup_threshold`, found with MinHash
+  + LSH and verified exactly) are removed, keeping expert over imported over generated rows;
+  reports/curate.json lists every removal.
+- Split: a hash of `curate.seed` and the row's family id places each row, so adding questions
+  never moves existing rows. A family is a chain of near duplicates (its first row's id; a row
+  on its own is its own family), so near copies never straddle train/valid/test, and rows that
+  near-duplicate an `evaluate.prompts` entry go to test with their family (the comparison must
+  not be one the model trained on). valid and test get at least `curate.min_split_rows` rows,
+  whole families taken from train in hash order (stable too once the splits have grown past
+  the minimum by hash alone).
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import corrections as corr_mod
-from pipeline import formats
+from pipeline import formats, neardup
 from pipeline.errors import UserError
 from pipeline.formats import Conversation
-from pipeline.jsonl import read_jsonl, write_json, write_jsonl
+from pipeline.jsonl import iter_jsonl_numbered, paused_gc, write_json, write_jsonl
 from validation import patterns
 
 SPLITS = ("train", "valid", "test")
@@ -70,7 +75,13 @@ class CurateResult:
     report: dict[str, Any]
 
 
-def run(cfg: CurateConfig, paths: CuratePaths) -> CurateResult:
+def run(cfg: CurateConfig, paths: CuratePaths, held_out: tuple[str, ...] = ()) -> CurateResult:
+    """`held_out`: evaluate.prompts; rows that near-duplicate one are kept out of train."""
+    with paused_gc():
+        return _run(cfg, paths, held_out)
+
+
+def _run(cfg: CurateConfig, paths: CuratePaths, held_out: tuple[str, ...]) -> CurateResult:
     _check_config(cfg)
     questions = load_questions(paths.questions)
     generated = load_generated(paths.generated)
@@ -81,13 +92,15 @@ def run(cfg: CurateConfig, paths: CuratePaths) -> CurateResult:
     bad: list[dict[str, Any]] = []
     if cfg.drop_bad_generated:
         rows = _drop_bad_generated(rows, bad)
-    kept, duplicates = dedupe(list(rows.values()), cfg.near_dup_threshold)
+    kept, duplicates, family, held = dedupe(list(rows.values()), cfg.near_dup_threshold,
+                                            held_out)
     if cfg.system_prompt is not None:
         kept = [_with_system(c, cfg.system_prompt) for c in kept]
-    splits, moved = split(kept, cfg)
+    splits, moved = split(kept, cfg, family, {h["id"] for h in held})
     for name in SPLITS:
         write_jsonl(paths.out / f"{name}.jsonl", [dataset_row(c) for c in splits[name]])
     report = _report(splits, generated, imported, applied, duplicates, bad, moved)
+    report["details"]["near_evaluate_prompts"] = held
     write_json(paths.report, report)
     counts = {name: len(splits[name]) for name in SPLITS}
     return CurateResult(counts, len(duplicates), len(bad) + len(applied.dropped), report)
@@ -107,7 +120,7 @@ def _check_config(cfg: CurateConfig) -> None:
 def load_questions(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
-    return {str(r["id"]): r["question"] for r in read_jsonl(path)
+    return {str(r["id"]): r["question"] for _, r in iter_jsonl_numbered(path)
             if "id" in r and isinstance(r.get("question"), str)}
 
 
@@ -115,8 +128,7 @@ def load_generated(path: Path) -> list[Conversation]:
     """data/generated/answers.jsonl rows -> conversations; absent or empty means none yet."""
     if not path.exists():
         return []
-    numbered = [n for n, raw in enumerate(path.read_bytes().split(b"\n"), 1) if raw.strip()]
-    return [_generated(path, line, row) for line, row in zip(numbered, read_jsonl(path))]
+    return [_generated(path, line, row) for line, row in iter_jsonl_numbered(path)]
 
 
 def _generated(path: Path, line: int, row: dict[str, Any]) -> Conversation:
@@ -206,55 +218,26 @@ def first_question(conv: Conversation) -> str:
     return next(m["content"] for m in conv.messages if m["role"] == "user")
 
 
-def dedupe(convs: list[Conversation],
-           threshold: float) -> tuple[list[Conversation], list[dict[str, Any]]]:
-    """Keep one row per question: expert over imported over generated, then by id."""
+def dedupe(convs: list[Conversation], threshold: float, held_out: tuple[str, ...] = ()
+           ) -> tuple[list[Conversation], list[dict[str, Any]], dict[str, str],
+                      list[dict[str, Any]]]:
+    """Keep one row per question: expert over imported over generated, then by id. Also returns
+    each kept row's family id (pipeline/neardup.py: chains of near duplicates) and the kept rows
+    whose question near-duplicates a `held_out` prompt (they must not be trained on)."""
     ordered = sorted(convs, key=lambda c: (SOURCE_RANK.get(c.source, 3), c.id))
-    kept: list[Conversation] = []
-    exact: dict[str, str] = {}
-    grams: list[frozenset[str]] = []
-    postings: dict[str, list[int]] = defaultdict(list)
+    questions = [first_question(c) for c in ordered]
+    found = neardup.dedupe(questions, threshold, held_out)
     removed = []
-    for conv in ordered:
-        question = first_question(conv)
-        key = patterns.question_key(question)
-        if key in exact:
-            removed.append({"id": conv.id, "duplicate_of": exact[key], "kind": "exact",
-                            "similarity": 1.0, "question": question})
-            continue
-        mine = trigrams(question)
-        match = _nearest(mine, grams, postings)
-        if match is not None and match[1] >= threshold:
-            removed.append({"id": conv.id, "duplicate_of": kept[match[0]].id, "kind": "near",
-                            "similarity": round(match[1], 3), "question": question})
-            continue
-        exact[key] = conv.id
-        for gram in mine:
-            postings[gram].append(len(kept))
-        grams.append(mine)
-        kept.append(conv)
-    return kept, removed
-
-
-def trigrams(question: str) -> frozenset[str]:
-    text = patterns.content_words(question) or patterns.question_key(question)
-    text = f" {text} "
-    return frozenset(text[i:i + 3] for i in range(len(text) - 2))
-
-
-def _nearest(mine: frozenset[str], grams: list[frozenset[str]],
-             postings: dict[str, list[int]]) -> tuple[int, float] | None:
-    """Most similar kept question by Jaccard, touching only questions that share a 3-gram."""
-    shared: dict[int, int] = defaultdict(int)
-    for gram in mine:
-        for idx in postings.get(gram, ()):
-            shared[idx] += 1
-    best = None
-    for idx, n in shared.items():
-        sim = n / (len(mine) + len(grams[idx]) - n)
-        if best is None or sim > best[1]:
-            best = (idx, sim)
-    return best
+    for j, (i, sim) in sorted(found.duplicate_of.items()):
+        exact = patterns.question_key(questions[j]) == patterns.question_key(questions[i])
+        removed.append({"id": ordered[j].id, "duplicate_of": ordered[i].id,
+                        "kind": "exact" if exact else "near",
+                        "similarity": 1.0 if exact else round(sim, 3), "question": questions[j]})
+    family = {ordered[i].id: ordered[found.family[i]].id for i in found.kept}
+    held = [{"id": ordered[k].id, "prompt": held_out[q], "similarity": round(sim, 3)}
+            for q, k, sim in sorted(found.probe_hits, key=lambda h: (ordered[h[1]].id, h[0]))
+            if k not in found.duplicate_of]
+    return [ordered[i] for i in found.kept], removed, family, held
 
 
 def position(seed: int, row_id: str) -> float:
@@ -263,28 +246,43 @@ def position(seed: int, row_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split(convs: list[Conversation],
-          cfg: CurateConfig) -> tuple[dict[str, list[Conversation]], list[dict[str, str]]]:
+def split(convs: list[Conversation], cfg: CurateConfig, family: dict[str, str] | None = None,
+          held: set[str] | frozenset[str] = frozenset(),
+          ) -> tuple[dict[str, list[Conversation]], list[dict[str, str]]]:
+    """Place each family by the hash of its id; families with a `held` row go to test."""
     need = 2 * cfg.min_split_rows + 1
     if len(convs) < need:
         raise CurateError(f"only {len(convs)} rows after curation; valid and test need "
                           f"{cfg.min_split_rows} each and train at least 1 ({need} in all): add "
                           "questions or imports, or lower curate.min_split_rows in params.yaml")
+    fam = family or {}
+    fam_of = {c.id: fam.get(c.id, c.id) for c in convs}
+    held_families = {fam_of[rid] for rid in held}
     train_end = 1 - cfg.valid_fraction - cfg.test_fraction
-    pos = {c.id: position(cfg.seed, c.id) for c in convs}
+    pos = {f: position(cfg.seed, f) for f in set(fam_of.values())}
+    members: dict[str, list[Conversation]] = defaultdict(list)
     splits: dict[str, list[Conversation]] = {name: [] for name in SPLITS}
     for conv in convs:
-        p = pos[conv.id]
-        name = "train" if p < train_end else "valid" if p < 1 - cfg.test_fraction else "test"
+        f = fam_of[conv.id]
+        p = pos[f]
+        name = ("test" if f in held_families else "train" if p < train_end
+                else "valid" if p < 1 - cfg.test_fraction else "test")
         splits[name].append(conv)
+        members[f].append(conv)
     moved = []
     for name in ("valid", "test"):
-        # Top up from train's rows nearest the valid/test range, so the choice is stable.
-        donors = sorted(splits["train"], key=lambda c: pos[c.id], reverse=True)
-        for conv in donors[: max(0, cfg.min_split_rows - len(splits[name]))]:
-            splits["train"].remove(conv)
-            splits[name].append(conv)
-            moved.append({"id": conv.id, "to": name})
+        # Top up with whole families from train's end nearest the valid/test range, so the
+        # choice is stable and no family straddles two splits.
+        in_train = sorted({fam_of[c.id] for c in splits["train"]}, key=pos.__getitem__,
+                          reverse=True)
+        for f in in_train:
+            if len(splits[name]) >= cfg.min_split_rows:
+                break
+            for conv in members[f]:
+                splits[name].append(conv)
+                moved.append({"id": conv.id, "to": name})
+        moved_ids = {m["id"] for m in moved}
+        splits["train"] = [c for c in splits["train"] if c.id not in moved_ids]
     return {name: sorted(rows, key=lambda c: c.id) for name, rows in splits.items()}, moved
 
 

@@ -24,9 +24,10 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from pipeline import llm
 from pipeline.errors import UserError
@@ -61,6 +62,7 @@ class LossSpec:
 
     max_seq_length: int
     mask_prompt: bool
+    pack_width: int | None = None  # train.pack: score rows packed (same loss, fewer shapes)
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,17 @@ def loss_spec(params: dict[str, Any], where: str) -> LossSpec:
         raise EvalError(f"{where}: train.max_seq_length must be an integer >= 2, got {length!r}")
     if not isinstance(mask, bool):
         raise EvalError(f"{where}: train.mask_prompt must be true or false, got {mask!r}")
-    return LossSpec(length, mask)
+    pack, width = train.get("pack", False), train.get("pack_width")
+    if pack not in (True, False, "auto"):
+        raise EvalError(f"{where}: train.pack must be true, false or auto, got {pack!r}")
+    if pack == "auto":
+        from pipeline import packing
+
+        pack = packing.wanted(pack)
+    if pack and (isinstance(width, bool) or not isinstance(width, int) or width < length):
+        raise EvalError(f"{where}: train.pack_width must be an integer >= max_seq_length, "
+                        f"got {width!r}")
+    return LossSpec(length, mask, width if pack else None)
 
 
 # ---------------------------------------------------------------- inputs
@@ -149,16 +161,42 @@ def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]],
 
 def test_loss(model: Any, encoded: Sequence[tuple[list[int], list[int]]], batch_size: int,
               max_seq_length: int, loss: Callable[..., tuple[Any, Any]] | None = None,
-              ) -> tuple[float, int]:
-    """Mean loss per scored token over every row (none dropped, unlike training batches)."""
+              pack_width: int | None = None) -> tuple[float, int]:
+    """Mean loss per scored token over every row (none dropped, unlike training batches).
+
+    With `pack_width`, rows are scored packed, `batch_size` sequences of that width at a time.
+    """
     import mlx.core as mx
-    import numpy as np
 
     from pipeline.train import masked_loss
 
-    loss = loss or masked_loss
-    order = sorted(encoded, key=lambda e: len(e[0]))  # similar lengths share a batch: less padding
+    if pack_width:
+        from pipeline import packing
+
+        packing.check_model(model)
+        batches = packing.batch_iterator(0, pack_width, pack_width * batch_size)(
+            list(encoded), batch_size, max_seq_length)
+        loss = loss or packing.packed_loss
+    else:
+        batches = padded_batches(encoded, batch_size, max_seq_length)
+        loss = loss or masked_loss
     total, count = 0.0, 0
+    for batch in batches:
+        mean, n_tok = loss(model, *batch)
+        mx.eval(mean, n_tok)
+        total, count = total + mean.item() * int(n_tok.item()), count + int(n_tok.item())
+    if count == 0:
+        raise EvalError(f"no answer tokens left to score: every test row's prompt is longer than "
+                        f"train.max_seq_length={max_seq_length}; raise it in params.yaml")
+    return total / count, count
+
+
+def padded_batches(encoded: Sequence[tuple[list[int], list[int]]], batch_size: int,
+                   max_seq_length: int) -> Iterator[tuple[Any, Any]]:
+    import mlx.core as mx
+    import numpy as np
+
+    order = sorted(encoded, key=lambda e: len(e[0]))  # similar lengths share a batch: less padding
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = min(max(len(t) for t, _ in chunk), max_seq_length)
@@ -167,13 +205,7 @@ def test_loss(model: Any, encoded: Sequence[tuple[list[int], list[int]]], batch_
         for j, (t, m) in enumerate(chunk):
             n = min(len(t), width)
             tokens[j, :n], mask[j, :n] = t[:n], m[:n]
-        mean, n_tok = loss(model, mx.array(tokens), mx.array(mask))
-        mx.eval(mean, n_tok)
-        total, count = total + mean.item() * int(n_tok.item()), count + int(n_tok.item())
-    if count == 0:
-        raise EvalError(f"no answer tokens left to score: every test row's prompt is longer than "
-                        f"train.max_seq_length={max_seq_length}; raise it in params.yaml")
-    return total / count, count
+        yield mx.array(tokens), mx.array(mask)
 
 
 # ---------------------------------------------------------------- answers
@@ -213,7 +245,8 @@ def batch_answers(model: Any, tokenizer: Any, prompts: Sequence[Prompt],
 def side(model: Any, tokenizer: Any, encoded: Sequence[tuple[list[int], list[int]]],
          prompts: Sequence[Prompt], cfg: EvalConfig, spec: LossSpec) -> dict[str, Any]:
     """Everything measured for one model: loss, perplexity, answers."""
-    loss, tokens = test_loss(model, encoded, cfg.batch_size, spec.max_seq_length)
+    loss, tokens = test_loss(model, encoded, cfg.batch_size, spec.max_seq_length,
+                             pack_width=spec.pack_width)
     return {"test_loss": round(loss, 6), "test_ppl": round(math.exp(min(loss, 700.0)), 4),
             "test_tokens": tokens,
             "answers": batch_answers(model, tokenizer, prompts, cfg.max_tokens)}

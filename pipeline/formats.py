@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.jsonl import read_jsonl
+from pipeline.jsonl import iter_jsonl_numbered
 
 LAYOUTS = ("chat", "sharegpt", "alpaca", "completions", "text")
 ROLES = ("system", "user", "assistant")
@@ -252,11 +253,9 @@ def read_import(path: Path | str) -> list[Conversation]:
     return out
 
 
-def _numbered_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def _numbered_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """read_jsonl drops blank lines; keep the real line numbers for messages."""
-    rows = read_jsonl(path)
-    lines = [n for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1) if raw.strip()]
-    return list(zip(lines, rows))
+    return iter_jsonl_numbered(path)
 
 
 def _conversation(path: Path, lineno: int, row: dict[str, Any], layout: str) -> Conversation:

@@ -8,8 +8,9 @@ when it uses {starters}: pipeline/schemas.py), which every backend enforces whil
 a server rejects it, the reply is parsed as text and the output says so. The parser reads what
 models really return
 (a JSON array or object, a fenced JSON block, a numbered or bulleted list, category headings with
-questions under them), drops near-duplicates of existing and of each other (normalised text, then
-a character-bigram similarity threshold: works for Chinese as for English), and appends the rest
+questions under them), drops near-duplicates of existing and of each other (pipeline/neardup.py,
+with curate's `curate.near_dup_threshold`: the same measure curate and validate use, for Chinese as
+for English), and appends the rest
 to data/questions.jsonl with provenance (model, prompt id, time). People curate the file afterwards.
 """
 
@@ -26,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline import llm, schemas
+from pipeline import llm, neardup, schemas
 from pipeline.config import ConfigError
 from pipeline.errors import UserError
 from pipeline.jsonl import dumps, read_jsonl, write_text
@@ -44,7 +45,6 @@ class DraftConfig(llm.LLMSettings):
     prompt: str  # which entry of `prompts` to send
     prompts: dict[str, str]  # templates: {topic} {count} {starters} {categories}
     system: str
-    similarity: float  # drop a draft at least this similar (0..1) to a kept question
     structured: bool  # send a JSON schema the backend enforces (false: parse free text only)
     question_chars: tuple[int, int]  # length bounds of one question in the schema
 
@@ -216,32 +216,28 @@ def normalise(text: str) -> str:
     return "".join(ch for ch in text if unicodedata.category(ch)[0] in "LN")
 
 
-def bigrams(text: str) -> set[str]:
-    return {text[i:i + 2] for i in range(len(text) - 1)} or {text}
-
-
 def similarity(a: str, b: str) -> float:
-    """Jaccard similarity of character bigrams of normalised text."""
-    x, y = bigrams(normalise(a)), bigrams(normalise(b))
-    return len(x & y) / len(x | y) if x | y else 1.0
+    return neardup.similarity(a, b)
 
 
 def drop_near_duplicates(drafts: list[Draft], existing: list[str],
                          threshold: float) -> tuple[list[Draft], list[str]]:
+    """A draft is dropped when it is empty or near-duplicates an existing question or a kept
+    earlier draft (pipeline/neardup.py, the measure curate applies later)."""
+    n = len(existing)
+    texts = [neardup.content_text(q) for q in (*existing, *(d.question for d in drafts))]
+    near: dict[int, set[int]] = {}
+    for p in neardup.near_pairs(texts, threshold).expanded():
+        near.setdefault(p.j, set()).add(p.i)
     kept: list[Draft] = []
     dropped: list[str] = []
-    seen = {normalise(q) for q in existing}
-    pool = [bigrams(normalise(q)) for q in existing]
-    for draft in drafts:
-        norm = normalise(draft.question)
-        grams = bigrams(norm)
-        if not norm or norm in seen or any(len(grams & p) / len(grams | p) >= threshold
-                                           for p in pool):
+    kept_at: set[int] = set(range(n))
+    for k, draft in enumerate(drafts, n):
+        if not normalise(draft.question) or near.get(k, set()) & kept_at:
             dropped.append(draft.question)
             continue
         kept.append(draft)
-        seen.add(norm)
-        pool.append(grams)
+        kept_at.add(k)
     return kept, dropped
 
 
@@ -271,6 +267,8 @@ def run(
     client: llm.Client | None = None,
     base: llm.BaseModel | None = None,
     dry_run: bool = False,
+    *,
+    near_dup_threshold: float,
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     sleep: Callable[[float], None] = time.sleep,
 ) -> DraftResult:
@@ -285,7 +283,7 @@ def run(
     reply = llm.ask(client, messages, sampling, cfg, sleep=sleep, schema=schema)
     drafts = read_drafts(reply, cfg.categories)
     kept, dropped = drop_near_duplicates(
-        drafts, [str(r.get("question", "")) for r in existing], cfg.similarity)
+        drafts, [str(r.get("question", "")) for r in existing], near_dup_threshold)
     created = now().isoformat(timespec="seconds")
     rows = [draft_row(qid, d, client.model, prompt_id, created)
             for qid, d in zip(next_ids(existing), kept)]

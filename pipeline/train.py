@@ -16,7 +16,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
@@ -58,6 +58,9 @@ class TrainConfig:
     steps_per_eval: int
     val_batches: int
     save_every: int
+    pack: bool | Literal["auto"]  # rows end to end in fixed-width sequences (pipeline/packing.py)
+    pack_width: int  # inputs per packed sequence
+    tokens_per_step: int  # packed positions per optimizer step (all processes together)
 
 
 @dataclass(frozen=True)
@@ -160,28 +163,31 @@ def masked_loss(model: Any, tokens: Any, mask: Any):
 # --- settings --------------------------------------------------------------------------------
 
 
-def total_iters(cfg: TrainConfig, n_train: int) -> int:
+def total_iters(cfg: TrainConfig, n_train: int, steps_per_epoch: float | None = None) -> int:
     if cfg.epochs is not None:
-        return max(1, math.ceil(cfg.epochs * n_train / cfg.batch_size))
+        per_epoch = steps_per_epoch or n_train / cfg.batch_size  # packed: from the layout
+        return max(1, math.ceil(cfg.epochs * per_epoch))
     return cfg.iters
 
 
-def check_settings(cfg: TrainConfig, n_layers: int, n_train: int, n_valid: int) -> None:
+def check_settings(cfg: TrainConfig, n_layers: int, n_train: int, n_valid: int,
+                   iters: int | None = None) -> None:
     where = "params.yaml:train"
+    iters = total_iters(cfg, n_train) if iters is None else iters
     if cfg.num_layers > n_layers or cfg.num_layers == 0 or cfg.num_layers < -1:
         raise TrainError(f"{where}.num_layers: asked for {cfg.num_layers} layers, the model has "
                          f"{n_layers}; use 1..{n_layers} or -1 for all")
     if cfg.fine_tune_type != "full" and cfg.rank < 1:
         raise TrainError(f"{where}.rank: must be >= 1 for {cfg.fine_tune_type}, got {cfg.rank}")
-    if cfg.batch_size < 1 or n_train < cfg.batch_size:
+    # Packed steps are tokens_per_step positions: batch_size is unused (packing.check_settings).
+    if not cfg.pack and (cfg.batch_size < 1 or n_train < cfg.batch_size):
         raise TrainError(f"{where}.batch_size: {cfg.batch_size} needs at least that many training "
                          f"rows; train.jsonl has {n_train}")
-    if n_valid < cfg.batch_size:
+    if not cfg.pack and n_valid < cfg.batch_size:
         raise TrainError(f"{where}.batch_size: {cfg.batch_size} is more than the {n_valid} rows in "
                          "valid.jsonl; lower batch_size or give curate a larger valid split")
-    if cfg.warmup < 0 or cfg.warmup >= total_iters(cfg, n_train):
-        raise TrainError(f"{where}.warmup: {cfg.warmup} must be in 0..iters-1 "
-                         f"(iters is {total_iters(cfg, n_train)})")
+    if cfg.warmup < 0 or cfg.warmup >= iters:
+        raise TrainError(f"{where}.warmup: {cfg.warmup} must be in 0..iters-1 (iters is {iters})")
     if min(cfg.grad_accumulation_steps, cfg.steps_per_report, cfg.steps_per_eval,
            cfg.save_every) < 1:
         raise TrainError(f"{where}: grad_accumulation_steps, steps_per_report, steps_per_eval "
@@ -224,11 +230,12 @@ def apply_adapters(model: Any, cfg: TrainConfig) -> None:
 
 
 def build_optimizer(cfg: TrainConfig, iters: int, start: int) -> Any:
+    import mlx.core as mx
     import mlx.optimizers as optim
 
     peak = cfg.learning_rate
     decay = (optim.cosine_decay(peak, max(1, iters - cfg.warmup), peak * COSINE_FLOOR)
-             if cfg.lr_schedule == "cosine" else (lambda step: peak))
+             if cfg.lr_schedule == "cosine" else (lambda step: mx.array(peak)))  # an array, as AdamW's update needs
     if cfg.warmup:
         warm = optim.linear_schedule(0.0, peak, cfg.warmup)
         schedule = optim.join_schedules([warm, decay], [cfg.warmup])
@@ -323,8 +330,11 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
     model.set_dtype(getattr(mx, accel.compute_dtype()))
     train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
     valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
-    check_settings(cfg, len(model.layers), len(train_set), len(valid_set))
-    iters = total_iters(cfg, len(train_set))
+    if cfg.pack == "auto":  # recorded resolved: the adapter config says what was done
+        cfg = replace(cfg, pack=packing_wanted(cfg.pack))
+    batches, loss, per_epoch = _batching(cfg, model, train_set, world.size())
+    iters = total_iters(cfg, len(train_set), per_epoch)
+    check_settings(cfg, len(model.layers), len(train_set), len(valid_set), iters)
 
     mx.random.seed(seed)
     apply_adapters(model, cfg)
@@ -344,18 +354,40 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
             grad_checkpoint=cfg.grad_checkpoint,
             grad_accumulation_steps=cfg.grad_accumulation_steps)
         train(model=model, optimizer=build_optimizer(cfg, iters, done), train_dataset=train_set,
-              val_dataset=valid_set, args=args, loss=masked_loss,
-              iterate_batches=batch_iterator(seed + done), training_callback=log)
+              val_dataset=valid_set, args=args, loss=loss,
+              iterate_batches=batches(seed + done), training_callback=log)
         _renumber_checkpoints(ckpt_dir, done)
 
     val_loss = evaluate(model, valid_set, cfg.batch_size, cfg.val_batches, cfg.max_seq_length,
-                        loss=masked_loss, iterate_batches=batch_iterator(seed))
+                        loss=loss, iterate_batches=batches(seed))
     weights = dict(_flat(model.trainable_parameters()))
     result = _result(log, iters, val_loss, started, done, world.size(), _digest(weights))
     if lead:
         _write_outputs(weights, cfg, len(model.layers), paths, log, result)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
+
+
+def packing_wanted(pack: bool | str) -> bool:
+    from pipeline import packing
+
+    return packing.wanted(pack)
+
+
+def _batching(cfg: TrainConfig, model: Any, train_set: list, world_size: int
+              ) -> tuple[Callable[[int], Any], Callable[..., Any], float | None]:
+    """(seed -> iterate_batches, loss, steps per epoch or None): packed or padded batches."""
+    if not cfg.pack:
+        return batch_iterator, masked_loss, None
+    from pipeline import packing
+
+    packing.check_model(model)
+    per_rank = packing.check_settings(cfg.pack_width, cfg.tokens_per_step, cfg.max_seq_length,
+                                      world_size)
+    per_epoch = packing.steps_per_epoch(train_set, cfg.pack_width, per_rank * world_size,
+                                        cfg.max_seq_length)
+    return (lambda seed: packing.batch_iterator(seed, cfg.pack_width, cfg.tokens_per_step),
+            packing.packed_loss, per_epoch)
 
 
 def _digest(weights: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import UserError
-from pipeline.jsonl import write_json
+from pipeline.jsonl import paused_gc, write_json
 
 Level = Literal["error", "warning", "off"]
 
@@ -54,6 +54,7 @@ class Severity:
     template_markers: Level
     answer_length: Level
     duplicate_question: Level
+    leakage: Level
     token_length: Level
 
 
@@ -122,16 +123,22 @@ def inputs(paths: list[Path], splits: tuple[str, ...]) -> list[tuple[Path, bool]
 
 
 def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: Path | None,
-        report_path: Path | None = None, docs: Path | None = None) -> Report:
+        report_path: Path | None = None, docs: Path | None = None,
+        leak: Any = None) -> Report:
+    """`leak`: validation.leakage.Leakage (curate.near_dup_threshold, evaluate.prompts); None
+    checks nothing for leakage."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    from validation import frames, suites  # GX import costs seconds: only when validating
+    from validation import frames, leakage, suites  # GX import costs seconds: only when validating
 
     files = inputs(paths, cfg.splits)
     tokenizer_file = _tokenizer_file(tokenizer)
     settings = suites.Settings(cfg.required_fields, cfg.answer_min_chars, cfg.answer_max_chars,
                                max_seq_length, tokenizer_file)
     severity = asdict(cfg.severity)
-    data = frames.build(files)
+    with paused_gc():
+        data = frames.build(files)
+        if severity["leakage"] != "off":
+            data.lines = leakage.add_columns(data.lines, leak)
     results = _run_gx(suites.build(severity, settings), data, docs)
     findings = _findings(results, data, settings)
     report = Report(rows=int(data.files["rows"].sum()),

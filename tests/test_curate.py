@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -282,3 +283,53 @@ def test_technical_answers_are_not_refusals(text):
     from validation.patterns import is_refusal
 
     assert not is_refusal(text)
+
+
+def chain(n: int) -> tuple[str, str, str]:
+    """Three questions, each a near duplicate of the next, the two ends not of each other."""
+    tag = hashlib.sha256(str(n).encode()).hexdigest()  # chains are not near each other
+    head = f"Configure {tag[:6]} {tag[6:12]} thresholds partitioned tables nightly batch"
+    return (f"{head} loads warehouse replicas", f"{head} loads warehouse standbys",
+            f"{head} imports warehouse standbys")
+
+
+def test_near_duplicate_chains_stay_in_one_split(repo):
+    # Both ends of each chain are kept (they are not near duplicates of each other), but the
+    # middle links them: on a split by row id they would land in different splits.
+    rows = many(8)
+    for n in range(30):
+        rows += [answer(f"c{n:02d}-{k}", q) for k, q in enumerate(chain(n))]
+    repo.write(repo.paths.generated, rows)
+    r = repo.run(params(valid_fraction=0.3, test_fraction=0.3))
+    where = repo.split_of()
+    assert r.duplicates == 30 and all(f"c{n:02d}-1" not in where for n in range(30))
+    assert all(where[f"c{n:02d}-0"] == where[f"c{n:02d}-2"] for n in range(30))
+
+
+def test_rows_near_an_evaluate_prompt_never_land_in_train(repo):
+    prompts = ("How do I see which queries are running right now in PostgreSQL?",
+               "如何查看正在运行的查询？")
+    near = [answer(f"n-{i:02d}", q) for i, q in enumerate([
+        "How can I see which queries are running right now in PostgreSQL",
+        "怎样查看正在运行的查询"])]
+    repo.write(repo.paths.generated, many(40) + near)
+    r = curate.run(params(), repo.paths, prompts)
+    where = repo.split_of()
+    assert where["n-00"] == "test" and where["n-01"] == "test"
+    assert {h["id"] for h in r.report["details"]["near_evaluate_prompts"]} == {"n-00", "n-01"}
+
+
+def test_curated_splits_pass_the_leakage_check(repo):
+    from pipeline import validate
+    from validation.leakage import Leakage
+
+    rows = many(20)
+    for n in range(10):
+        rows += [answer(f"c{n:02d}-{k}", q) for k, q in enumerate(chain(n))]
+    rows += [answer("zh-1", "如何创建索引？"), answer("zh-2", "怎样创建索引")]
+    repo.write(repo.paths.generated, rows)
+    repo.run(params(valid_fraction=0.3, test_fraction=0.3))
+    cfg = config.load(validate.ValidateConfig, "validate", REPO / "params.yaml")
+    report = validate.run(cfg, [repo.paths.out], 512, None, leak=Leakage(0.8, ()))
+    assert [f for f in report.findings if f.check == "leakage"] == []
+    assert "leakage" in report.checks

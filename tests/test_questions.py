@@ -49,6 +49,9 @@ class Canned:
         return llm.Reply(self.text, "stop", 10, 10, structured=self.structured)
 
 
+THRESHOLD = config.read_params(PARAMS)["curate"]["near_dup_threshold"]  # the shared one
+
+
 def cfg(**changes) -> DraftConfig:
     return replace(config.load(DraftConfig, "questions", PARAMS), **{"retries": 0, **changes})
 
@@ -122,7 +125,8 @@ def test_draft_appends_new_questions_with_provenance(tmp_path):
     before = path.read_text()
     client = Canned('["How do I reset my password", "Can I rename a database?"]')
     fixed = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    result = run(cfg(topic="PostgreSQL", count=2), 0, path, client=client, now=lambda: fixed)
+    result = run(cfg(topic="PostgreSQL", count=2), 0, path, client=client, now=lambda: fixed,
+                 near_dup_threshold=THRESHOLD)
     assert "Write 2 different questions a new user asks about PostgreSQL" in client.prompts[0]
     assert result.duplicates == ["How do I reset my password"] and result.parsed == 2
     lines = path.read_text().splitlines()
@@ -139,7 +143,8 @@ def test_unknown_format_appends_nothing(tmp_path):
     existing(path, "How do I reset my password?")
     before = path.read_bytes()
     with pytest.raises(DraftFormatError, match="Nothing was appended"):
-        run(cfg(), 0, path, client=Canned("Sorry, I cannot do that."))
+        run(cfg(), 0, path, client=Canned("Sorry, I cannot do that."),
+            near_dup_threshold=THRESHOLD)
     assert path.read_bytes() == before
 
 
@@ -147,13 +152,15 @@ def test_dry_run_appends_nothing(tmp_path):
     path = tmp_path / "questions.jsonl"
     existing(path, "A?")
     before = path.read_bytes()
-    result = run(cfg(), 0, path, client=Canned('["Can I b?"]'), dry_run=True)
+    result = run(cfg(), 0, path, client=Canned('["Can I b?"]'), dry_run=True,
+            near_dup_threshold=THRESHOLD)
     assert [r["question"] for r in result.added] == ["Can I b?"] and path.read_bytes() == before
 
 
 def test_unknown_prompt_name_says_which_exist(tmp_path):
     with pytest.raises(config.ConfigError, match=r"'nope' is not one of \['by_category_en'"):
-        run(cfg(prompt="nope"), 0, tmp_path / "q.jsonl", client=Canned("[]"))
+        run(cfg(prompt="nope"), 0, tmp_path / "q.jsonl", client=Canned("[]"),
+            near_dup_threshold=THRESHOLD)
 
 
 def chinese_reply(messages, options):
@@ -242,13 +249,15 @@ def test_schema_rejects_debris_and_accepts_questions():
 
 def test_bad_question_length_bounds_are_a_config_error(tmp_path):
     with pytest.raises(config.ConfigError, match="question_chars: \\[50, 10\\]"):
-        run(cfg(question_chars=(50, 10)), 0, tmp_path / "q.jsonl", client=Canned("[]"))
+        run(cfg(question_chars=(50, 10)), 0, tmp_path / "q.jsonl", client=Canned("[]"),
+            near_dup_threshold=THRESHOLD)
 
 
 def test_structured_reply_cut_short_keeps_its_complete_questions(tmp_path):
     path = tmp_path / "questions.jsonl"
     cut = '{"questions": ["How do I list tables?", "Can I rename a role?", "What is a tu'
-    result = run(cfg(), 0, path, client=Canned(cut, structured=True))
+    result = run(cfg(), 0, path, client=Canned(cut, structured=True),
+                 near_dup_threshold=THRESHOLD)
     assert [r["question"] for r in result.added] == ["How do I list tables?",
                                                     "Can I rename a role?"]
     assert result.structured and result.note is None

@@ -22,7 +22,8 @@ WORKER = textwrap.dedent("""
 
     world = mx.distributed.init()
     root = Path({tmp!r}) / f"rank{{world.rank()}}"
-    cfg = dataclasses.replace(params_train(), iters=4, batch_size=4, steps_per_eval=4)
+    cfg = dataclasses.replace(params_train(), iters=4, batch_size=4, steps_per_eval=4,
+                              **json.loads({extra!r}))
     result = train.run(cfg, seed=3, paths=make_paths(root, Path({model!r})),
                        checkpoint_root=root / "ckpt")
     print("RESULT " + json.dumps({{"rank": world.rank(), "size": result.world_size,
@@ -30,14 +31,21 @@ WORKER = textwrap.dedent("""
 """)
 
 
+PACKED = {"pack": True, "pack_width": 128, "max_seq_length": 128, "tokens_per_step": 512}
+
+
 @pytest.mark.slow
-def test_two_ranks_train_the_same_adapter(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("extra, port", [({}, 45731), (PACKED, 45741)], ids=["padded", "packed"])
+def test_two_ranks_train_the_same_adapter(tiny_model_dir, tmp_path, extra, port):
+    """Rank-sharded batches (padded rows, or each rank's share of a packed step)."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(TESTS), tmp=str(tmp_path), model=str(tiny_model_dir)))
+    script.write_text(WORKER.format(tests=str(TESTS), tmp=str(tmp_path), model=str(tiny_model_dir),
+                                    extra=json.dumps(extra)))
     launcher = Path(sys.executable).parent / "mlx.launch"
     out = subprocess.run([str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
-                          "--starting-port", "45731", "--", sys.executable, str(script)],
-                         capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
+                          "--starting-port", str(port), "--", sys.executable, str(script)],
+                         capture_output=True, text=True, timeout=600, cwd=TESTS.parent,
+                         check=False)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines()
                if "RESULT " in line]

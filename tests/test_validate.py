@@ -191,6 +191,44 @@ def test_duplicates_across_files_are_leakage(tmp_path, params_file, tokenizer):
         ("train.jsonl", 4), ("test.jsonl", 1)}
 
 
+def test_near_duplicates_across_splits_are_leaks_naming_both_rows(tmp_path, params_file,
+                                                                  tokenizer):
+    from validation.leakage import Leakage
+
+    data = dataset(tmp_path / "dataset")
+    write_lines(data / "train.jsonl", [chat("tr-1", "How do I rename a column in PostgreSQL?", OK),
+                                       chat("tr-2", "如何修改用户的密码？", OK),
+                                       chat("tr-3", "How do I list tables?", OK)])
+    write_lines(data / "test.jsonl", [chat("te-1", "How can I rename columns in PostgreSQL?", OK),
+                                      chat("te-2", "What is a tablespace?", OK)])
+    write_lines(data / "valid.jsonl", [chat("va-1", "怎样修改用户密码", OK)])
+    leak = Leakage(0.8, ())
+    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer, leak=leak)
+    found = {(f.id, f.check) for f in report.findings}
+    assert found == {("tr-1", "leakage"), ("te-1", "leakage"), ("tr-2", "leakage"),
+                     ("va-1", "leakage")}
+    by_id = {f.id: f for f in report.findings}
+    assert "test.jsonl:1 [te-1]" in by_id["tr-1"].message
+    assert "train.jsonl:1 [tr-1]" in by_id["te-1"].message
+    assert "valid.jsonl:1 [va-1]" in by_id["tr-2"].message
+    assert not report.ok and by_id["tr-1"].severity == "error"
+
+
+def test_a_train_row_near_an_evaluate_prompt_is_a_leak(tmp_path, params_file, tokenizer):
+    from validation.leakage import Leakage
+
+    data = dataset(tmp_path / "dataset")
+    write_lines(data / "train.jsonl", [chat("tr-1", "What's the difference between VACUUM and "
+                                                    "VACUUM FULL?", OK)])
+    write_lines(data / "test.jsonl", [chat("te-1", "How do I see running queries?", OK)])
+    prompts = ("What is the difference between VACUUM and VACUUM FULL?",
+               "How do I see which queries are running right now?")
+    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer,
+                       leak=Leakage(0.8, prompts))
+    assert [(f.id, f.check) for f in report.findings] == [("tr-1", "leakage")]
+    assert "evaluate.prompts[0]" in report.findings[0].message
+
+
 def test_warning_severity_passes_and_off_skips(tmp_path, params_file, tokenizer):
     refusal = chat("a", "Refusal?", "As an AI language model, no.")
     path = write_lines(tmp_path / "x.jsonl", [refusal])
@@ -281,9 +319,12 @@ def test_dvc_yaml_declares_curate_and_validate_with_their_code_and_params():
     assert names.index("curate") < names.index("validate") < names.index("train")
     assert {"pipeline/curate.py", "pipeline/corrections.py", "pipeline/formats.py",
             "data/corrections.jsonl", "data/imports"} <= set(stages["curate"]["deps"])
-    assert stages["curate"]["params"] == ["curate"]
-    assert {"pipeline/validate.py", "validation"} <= set(stages["validate"]["deps"])
-    assert stages["validate"]["params"] == ["validate", "train.max_seq_length"]
+    assert stages["curate"]["params"] == ["curate", "evaluate.prompts"]
+    assert {"pipeline/validate.py", "pipeline/neardup.py", "validation"} <= set(
+        stages["validate"]["deps"])
+    assert "pipeline/neardup.py" in stages["curate"]["deps"]
+    assert stages["validate"]["params"] == ["validate", "train.max_seq_length",
+                                            "curate.near_dup_threshold", "evaluate.prompts"]
     assert "reports/validation.json" in stages["train"]["deps"]
 
 

@@ -192,6 +192,13 @@ CHECKS: tuple[Check, ...] = (
     Check("duplicate_question", "lines", "each question once across all files (no leakage)",
           lambda s: [gx.expectations.ExpectColumnValuesToBeUnique(column="question_key")],
           lambda r, s: "duplicate question"),  # validate.py names the other copies
+    Check("leakage", "lines", "no near-duplicate questions across files, nor between the train "
+          "file and evaluate.prompts (curate.near_dup_threshold)",
+          lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(column="leak_free",
+                                                                  value_set=[True])],
+          lambda r, s: f"near duplicate of {r['leak_with']}: leakage between splits inflates "
+                       "the evaluation; rerun `dvc repro curate` (it keeps near copies in one "
+                       "split) or drop one (data/corrections.jsonl)"),
     Check("token_length", "lines", "rows fit train.max_seq_length tokens (base tokenizer)",
           _token_expectations, _describe_tokens),
 )
