@@ -434,7 +434,7 @@ def test_dvc_repro_after_editing_one_question_sends_two_requests(tmp_path):
     (repo / "data").mkdir()
     (repo / "models" / "base").mkdir(parents=True)
     (repo / "models" / "base" / "stand-in").write_text("the base_model stage's output\n")
-    for name in ("generate.py", "llm.py"):
+    for name in ("generate.py", "llm.py", "schemas.py"):
         shutil.copy(REPO / "pipeline" / name, repo / "pipeline" / name)
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["generate"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"generate": stage}}))
