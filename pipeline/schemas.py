@@ -28,26 +28,23 @@ Schema = dict[str, Any]
 # The 135M embedded model otherwise echoes the prompt's comma-separated starters, runs on in
 # sentences, or loops on digits (bench/README.md). Plain groups: llama-cpp-python's converter
 # has no (?:...).
-BANNED = r'"\\?？\n,.。{}\[\]0-9'
-CHAR = rf"[^{BANNED}]"
+CHAR = r'[^"\\?？\n,.。{}\[\]0-9]'
 BODY = rf"({CHAR}|[.][a-z_]|[0-9]{{1,4}}({CHAR}|[.][0-9a-z_]))"
 FIRST = r'[^"\\?？\n,.。{}\[\]()0-9 :：*#>-]'  # no numbering, bullet, label or space in front
 END = "[?？]"
 
 
-def question(chars: tuple[int, int], starter: str | None = None, ban: str = "") -> Schema:
+def question(chars: tuple[int, int], starter: str | None = None) -> Schema:
     """One question string of about `chars` (min, max) characters (a unit of BODY may be a few),
-    opening with `starter`, or else with a character that cannot start numbering or a bullet;
-    `ban`: characters kept out besides BANNED (regex class syntax)."""
+    opening with `starter`, or else with a character that cannot start numbering or a bullet."""
     lo, hi = chars
     head = f"{literal(starter.strip())} " if starter else FIRST
     fixed = len(starter.strip()) + 1 if starter else 1
     room_lo = max(1, lo - fixed - 1)
     room_hi = max(room_lo + 1, hi - fixed - 1)
     # A number may close the question ("... in PostgreSQL 16?"): BODY keeps digits off its end.
-    body = BODY.replace(CHAR, f"[^{BANNED}{ban}]") if ban else BODY
     return {"type": "string",
-            "pattern": f"^{head}{body}{{{room_lo},{room_hi}}}[0-9]{{0,4}}{END}$"}
+            "pattern": f"^{head}{BODY}{{{room_lo},{room_hi}}}[0-9]{{0,4}}{END}$"}
 
 
 def literal(text: str) -> str:
@@ -79,10 +76,9 @@ def strict_object(properties: dict[str, Schema]) -> Schema:
             "additionalProperties": False}
 
 
-# The follow-up is held to the same shape as a drafted question: one question, nothing that can
-# start a list in front (FIRST), no run-on sentences, and no colon: the 135M model otherwise opens
-# with "A user asked: ..." or "To answer your question: ..."; short enough for followup_max_tokens.
-FOLLOWUP = strict_object({"followup": question((8, 160), ban=":：")})
+# The follow-up is held to the same shape as a drafted question: one question, no label or
+# preamble in front (FIRST), no run-on sentences; short enough to fit followup_max_tokens.
+FOLLOWUP = strict_object({"followup": question((8, 160))})
 
 
 def followup_text(text: str) -> str | None:
