@@ -67,7 +67,7 @@ LINES = [
     "{not json",
     "[1, 2]",
     {"id": "fmt-1", "source": "expert", "prompt": "Completions here?", "completion": OK},
-    {"id": "sch-1", "messages": chat("x", "Where is the source field?", OK)["messages"]},
+    {"id": "sch-1", "messages": "Where is the list of messages?"},
     msgs("sch-2", ("user", "Is 5 a string?"), ("assistant", 5)),
     msgs("rol-1", ("user", "Who is the bot?"), ("bot", OK)),
     msgs("ord-1", ("assistant", OK), ("user", "Answer first?")),
@@ -121,7 +121,7 @@ def cfg(params_file: Path, **severity) -> stage.ValidateConfig:
 def defects(tmp_path_factory, params_file, tokenizer):
     path = write_lines(tmp_path_factory.mktemp("defects") / "train.jsonl", LINES)
     before = hashlib.sha256(path.read_bytes()).hexdigest()
-    report = stage.run(cfg(params_file), [path], MAX_SEQ, tokenizer)
+    report = stage.run(cfg(params_file), stage.ValidatePaths([path], tokenizer), max_seq_length=MAX_SEQ)
     return path, before, report
 
 
@@ -150,6 +150,68 @@ def test_validation_never_modifies_its_input(defects):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+USER_LAYOUTS = {
+    "chat": [{"messages": [{"role": "system", "content": "You are terse."},
+                           {"role": "user", "content": f"How do I list tables number {i}?"},
+                           {"role": "assistant", "content": OK}]} for i in range(3)],
+    "chat_tools": [{"tools": TOOLS, "messages": [
+        {"role": "user", "content": f"Weather in city {i}?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": f"c{i}"}}}]},
+        {"role": "tool", "content": "Sunny, 21 C."},
+        {"role": "assistant", "content": "It is sunny and 21 degrees."}]} for i in range(3)],
+    "completions": [{"prompt": f"List tables {i}?", "completion": OK} for i in range(3)],
+    "text": [{"text": f"Tables are listed with \\dt, case {i}."} for i in range(3)],
+    "inst_text": [{"text": f"<s>[INST] How do I list tables {i}?[/INST] {OK}</s>"}
+                  for i in range(3)],
+    "sharegpt": [{"conversations": [{"from": "human", "value": f"List tables {i}?"},
+                                    {"from": "gpt", "value": OK}]} for i in range(3)],
+    "alpaca": [{"instruction": f"List tables {i}.", "input": "", "output": OK} for i in range(3)],
+}
+LAYOUT_SHOWN = {"chat": "chat (messages)", "chat_tools": "chat (messages)",
+                "completions": "completions (prompt/completion)", "text": "text",
+                "inst_text": "text", "sharegpt": "ShareGPT (conversations)",
+                "alpaca": "alpaca (instruction/output)"}
+
+
+@pytest.mark.parametrize("layout", sorted(USER_LAYOUTS))
+def test_plain_files_in_every_layout_pass_and_the_layout_is_named(tmp_path, params_file,
+                                                                  tokenizer, layout):
+    path = write_lines(tmp_path / f"{layout}.jsonl", USER_LAYOUTS[layout])
+    out = CliRunner().invoke(app, ["validate", str(path), "--tokenizer", str(tokenizer),
+                                   "--params", str(params_file)])
+    assert out.exit_code == 0, out.output
+    assert f"{path}: {LAYOUT_SHOWN[layout]} layout" in out.output
+
+
+def test_a_plain_file_still_names_the_line_of_each_defect(tmp_path, params_file, tokenizer):
+    rows = USER_LAYOUTS["chat_tools"] + [
+        {"messages": [{"role": "user", "content": "Q?"}, {"role": "tool", "content": "x"}]},
+        {"prompt": "mixed layout?", "completion": OK},
+        {"conversations": [{"from": "human", "value": 5}]}]
+    report = stage.run(cfg(params_file),
+                       stage.ValidatePaths([write_lines(tmp_path / "t.jsonl", rows)], tokenizer),
+                       max_seq_length=MAX_SEQ)
+    assert {(f.line, f.check) for f in report.findings if f.severity == "error"} == {
+        (4, "turn_order"), (5, "format"), (6, "format"), (6, "schema")}
+
+
+def test_the_curated_dataset_demands_id_and_source_and_chat_roles(tmp_path, params_file,
+                                                                  tokenizer):
+    root = dataset(tmp_path / "dataset")
+    write_lines(root / "valid.jsonl", [chat(f"v-{i}", f"Question valid {i}?", OK)
+                                       for i in range(5)]
+                + [{"id": "v-5", "messages": chat("x", "Where is the source field?", OK)[
+                    "messages"]}])
+    report = stage.run(cfg(params_file), stage.ValidatePaths([root], tokenizer),
+                       max_seq_length=MAX_SEQ)
+    [finding] = [f for f in report.findings if f.severity == "error"]
+    assert (Path(finding.file).name, finding.line, finding.check) == ("valid.jsonl", 6, "schema")
+    assert "required fields: ['id', 'source']" in finding.message
+
+
 def dataset(root: Path, rows: int = 6, splits=("train", "valid", "test")) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for s in splits:
@@ -161,8 +223,9 @@ def dataset(root: Path, rows: int = 6, splits=("train", "valid", "test")) -> Pat
 def test_a_clean_dataset_passes_and_writes_metrics_and_data_docs(tmp_path, params_file,
                                                                   tokenizer):
     data = dataset(tmp_path / "dataset")
-    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer.parent,
-                       tmp_path / "validation.json", tmp_path / "docs")
+    paths = stage.ValidatePaths([data], tokenizer.parent, tmp_path / "validation.json",
+                                tmp_path / "docs")
+    report = stage.run(cfg(params_file), paths, max_seq_length=MAX_SEQ)
     assert report.ok and report.findings == []
     metrics = json.loads((tmp_path / "validation.json").read_text())
     assert metrics["rows"] == 18 and metrics["errors"] == 0
@@ -176,7 +239,7 @@ def test_missing_and_empty_splits_and_leakage_across_splits(tmp_path, params_fil
     write_lines(data / "valid.jsonl", [])
     with (data / "train.jsonl").open("a") as fh:
         fh.write(json.dumps(chat("t-9", "Question train number 0?", OK)) + "\n")
-    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer)
+    report = stage.run(cfg(params_file), stage.ValidatePaths([data], tokenizer), max_seq_length=MAX_SEQ)
     found = {(Path(f.file).name, f.line, f.check) for f in report.findings}
     assert found == {("valid.jsonl", None, "splits"), ("test.jsonl", None, "splits"),
                      ("train.jsonl", 1, "duplicate_question"),
@@ -186,7 +249,7 @@ def test_missing_and_empty_splits_and_leakage_across_splits(tmp_path, params_fil
 def test_duplicates_across_files_are_leakage(tmp_path, params_file, tokenizer):
     data = dataset(tmp_path / "dataset")
     write_lines(data / "test.jsonl", [chat("leak", "Question train number 3?", OK)])
-    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer)
+    report = stage.run(cfg(params_file), stage.ValidatePaths([data], tokenizer), max_seq_length=MAX_SEQ)
     assert {(Path(f.file).name, f.line) for f in report.findings} == {
         ("train.jsonl", 4), ("test.jsonl", 1)}
 
@@ -203,7 +266,8 @@ def test_near_duplicates_across_splits_are_leaks_naming_both_rows(tmp_path, para
                                       chat("te-2", "What is a tablespace?", OK)])
     write_lines(data / "valid.jsonl", [chat("va-1", "怎样修改用户密码", OK)])
     leak = Leakage(0.8, ())
-    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer, leak=leak)
+    report = stage.run(cfg(params_file), stage.ValidatePaths([data], tokenizer),
+                       max_seq_length=MAX_SEQ, leak=leak)
     found = {(f.id, f.check) for f in report.findings}
     assert found == {("tr-1", "leakage"), ("te-1", "leakage"), ("tr-2", "leakage"),
                      ("va-1", "leakage")}
@@ -223,8 +287,8 @@ def test_a_train_row_near_an_evaluate_prompt_is_a_leak(tmp_path, params_file, to
     write_lines(data / "test.jsonl", [chat("te-1", "How do I see running queries?", OK)])
     prompts = ("What is the difference between VACUUM and VACUUM FULL?",
                "How do I see which queries are running right now?")
-    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer,
-                       leak=Leakage(0.8, prompts))
+    report = stage.run(cfg(params_file), stage.ValidatePaths([data], tokenizer),
+                       max_seq_length=MAX_SEQ, leak=Leakage(0.8, prompts))
     assert [(f.id, f.check) for f in report.findings] == [("tr-1", "leakage")]
     assert "evaluate.prompts[0]" in report.findings[0].message
 
@@ -232,15 +296,18 @@ def test_a_train_row_near_an_evaluate_prompt_is_a_leak(tmp_path, params_file, to
 def test_warning_severity_passes_and_off_skips(tmp_path, params_file, tokenizer):
     refusal = chat("a", "Refusal?", "As an AI language model, no.")
     path = write_lines(tmp_path / "x.jsonl", [refusal])
-    warned = stage.run(cfg(params_file, refusal="warning"), [path], MAX_SEQ, tokenizer)
+    warned = stage.run(cfg(params_file, refusal="warning"), stage.ValidatePaths([path], tokenizer),
+                       max_seq_length=MAX_SEQ)
     assert warned.ok and [f.severity for f in warned.findings] == ["warning"]
-    skipped = stage.run(cfg(params_file, refusal="off"), [path], MAX_SEQ, tokenizer)
+    skipped = stage.run(cfg(params_file, refusal="off"), stage.ValidatePaths([path], tokenizer),
+                         max_seq_length=MAX_SEQ)
     assert skipped.findings == [] and "refusal" not in skipped.checks
 
 
 def test_without_a_tokenizer_token_length_is_skipped_and_said_so(tmp_path, params_file):
     path = write_lines(tmp_path / "x.jsonl", [chat("a", "Long?", LONG)])
-    report = stage.run(cfg(params_file), [path], MAX_SEQ, tmp_path / "no-model")
+    report = stage.run(cfg(params_file), stage.ValidatePaths([path], tmp_path / "no-model"),
+                       max_seq_length=MAX_SEQ)
     assert report.ok and "token_length" not in report.checks
     assert report.skipped and "dvc repro base_model" in report.skipped[0]
 
@@ -254,7 +321,7 @@ def test_a_check_that_crashes_inside_gx_fails_loudly(tmp_path, params_file, monk
     monkeypatch.setattr(patterns, "is_refusal", boom)
     path = write_lines(tmp_path / "x.jsonl", [chat("a", "Fine?", OK)])
     with pytest.raises(stage.ValidationCrash, match="check refusal could not run.*kaboom"):
-        stage.run(cfg(params_file), [path], MAX_SEQ, None)
+        stage.run(cfg(params_file), stage.ValidatePaths([path], None), max_seq_length=MAX_SEQ)
 
 
 def test_severity_keys_are_exactly_the_checks_of_the_suites():
