@@ -476,7 +476,8 @@ def test_embedded_default_answers_with_llama_cpp(paths):
     result = run(cfg, paths, seed=BASE_SEED, base=llm.BaseModel(EMBEDDED, Path("unused")),
                  progress=io.StringIO())
     rows = rows_of(paths.out)
-    assert result.requests == 4 and all(r["answer"].strip() for r in rows)
+    cut = sum(r["finish_reason"] == "length" for r in rows)  # a cut answer gets no follow-up
+    assert result.requests == 4 - cut and all(r["answer"].strip() for r in rows)
     assert all(r["backend"] == "embedded" and r["finish_reason"] in ("stop", "length")
                for r in rows)
     assert all(0 < r["tokens"]["completion"] <= 40 for r in rows)

@@ -285,7 +285,8 @@ def llama_server(tmp_path_factory):
 
 @pytest.mark.slow
 def test_openai_path_against_real_llama_cpp_server(llama_server):
-    s = settings("openai", url=llama_server, model="smollm2", timeout=120.0)
+    s = settings("openai", url=llama_server, model="smollm2", timeout=120.0,
+                 deadline=300.0)
     reply = llm.ask(llm.connect(s), HELLO, replace(SAMPLING, max_tokens=24), s)
     assert reply.text.strip()
     assert reply.finish_reason in ("stop", "length")
@@ -296,7 +297,8 @@ def test_openai_path_against_real_llama_cpp_server(llama_server):
 def test_openai_schema_against_real_llama_cpp_server_uses_the_dialect_it_accepts(llama_server):
     # llama-cpp-python's server knows only json_object (+ schema): json_schema gets a 500 that
     # names response_format, and the client moves on to the dialect the server takes.
-    s = settings("openai", url=llama_server, model="smollm2", timeout=120.0)
+    s = settings("openai", url=llama_server, model="smollm2", timeout=120.0,
+                 deadline=300.0)
     client = llm.connect(s)
     reply = llm.ask(client, HELLO, replace(SAMPLING, max_tokens=60), s, schema=POINT)
     assert reply.structured and client.dialects == ["json_object"]
