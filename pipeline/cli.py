@@ -241,11 +241,14 @@ def train(
     params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset."""
-    from pipeline import base_model, train as stage
+    from pipeline import base_model, launch, train as stage
 
     cfg = config.load(stage.TrainConfig, "train", params)
     seed = config.load(base_model.BaseConfig, "base", params).seed
+    if launch.relaunch(config.load(launch.LaunchConfig, "launch", params)):
+        return  # the ranks ran this command under mlx.launch; rank 0 wrote the outputs
     result = stage.run(cfg, seed, stage.TrainPaths(model, data, adapters, metrics, curve))
+    launch.mark_done()
     typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f} -> {adapters}")
 
 

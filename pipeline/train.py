@@ -321,10 +321,10 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
     from mlx_lm import load
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
-    from pipeline import accel
+    from pipeline import accel, launch
 
     started = time.perf_counter()
-    world = mx.distributed.init()  # size 1 unless started by `mlx.launch`
+    world = launch.init_world()  # size 1 unless started by `mlx.launch` (pipeline/launch.py)
     lead = world.rank() == 0
     model, tokenizer = load(str(paths.model))
     model.set_dtype(getattr(mx, accel.compute_dtype()))

@@ -55,3 +55,60 @@ def test_two_ranks_train_the_same_adapter(tiny_model_dir, tmp_path, extra, port)
     # Only rank 0 writes the DVC outputs.
     assert (tmp_path / "rank0/adapters/adapters.safetensors").exists()
     assert not (tmp_path / "rank1/adapters").exists()
+
+
+def _params(tmp_path: Path, port: int, **train_keys) -> Path:
+    """The repository's params.yaml with a tiny train section and launch.processes: 2 (ring)."""
+    import yaml
+
+    params = yaml.safe_load((TESTS.parent / "params.yaml").read_text())
+    params["train"] |= {"num_layers": 2, "iters": 4, "batch_size": 4, "steps_per_eval": 4,
+                        "steps_per_report": 2, "save_every": 4, "val_batches": 1,
+                        "warmup": 1, **train_keys}
+    params["launch"] |= {"processes": 2, "backend": "ring", "hosts": ["127.0.0.1"], "port": port}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _train_cli(tmp_path: Path, model: Path, params: Path, data: Path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline", "train", "--model", str(model), "--data", str(data),
+           "--adapters", str(out / "adapters"), "--metrics", str(out / "train.json"),
+           "--curve", str(out / "train_loss.tsv"), "--params", str(params)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         check=False, env={**__import__("os").environ,
+                                           "PYTHONPATH": str(TESTS.parent)})
+    return run, out
+
+
+@pytest.mark.slow
+def test_launch_processes_runs_the_stage_command_on_two_ranks(tiny_model_dir, tmp_path):
+    """params.yaml:launch.processes: 2 -> `tuneline train` re-runs itself under mlx.launch;
+    rank 0 writes the one-process layout and the stage exits 0."""
+    sys.path.insert(0, str(TESTS))
+    from test_train import make_paths
+
+    data = make_paths(tmp_path, tiny_model_dir).data
+    run, out = _train_cli(tmp_path, tiny_model_dir, _params(tmp_path, 45751), data)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "launching: " in run.stdout and "--backend ring" in run.stdout
+    assert json.loads((out / "train.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == [
+        "adapter_config.json", "adapters.safetensors"]
+    assert (out / "train_loss.tsv").read_text().startswith("step\ttrain_loss\tval_loss\n")
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_stage_although_mlx_launch_exits_0(tiny_model_dir, tmp_path):
+    """mlx.launch reports success whatever its ranks did; the stage must not."""
+    sys.path.insert(0, str(TESTS))
+    from test_train import make_paths
+
+    data = make_paths(tmp_path, tiny_model_dir).data
+    # 3 rows per step cannot be split over 2 ranks: every rank raises TrainError
+    run, out = _train_cli(tmp_path, tiny_model_dir, _params(tmp_path, 45761, batch_size=3), data)
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "distributed training did not finish" in run.stderr
+    assert "must be divisible by the 2 distributed processes" in run.stdout + run.stderr
+    assert not (out / "adapters").exists()
