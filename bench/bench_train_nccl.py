@@ -11,9 +11,9 @@ AdamW 2e-4), packed, trained by `pipeline.train.run`:
   the single GPU's global batch (the per-GPU batch halves). Rates over the windows after the first
   (traces and kernel compiles), trained tokens/s summed over ranks as mlx-lm reports them.
   Scaling efficiency = 2-GPU tokens/s / (2 x 1-GPU tokens/s).
-- correctness: 1 GPU and 2 GPUs with the same global batch for `--check-steps` steps from the
-  same seed; the largest difference between the two adapters, in units of one Adam step
-  (learning rate), and the two final train losses.
+- correctness: the 1-GPU run and the 2-GPU run with the same global batch train the same
+  steps from the same seed; the largest difference between their adapters, in units of one Adam
+  step (the learning rate), and their final train losses.
 
 Each training is its own process (the 2-GPU ones one process per GPU, started by mlx.launch with
 NCCL_NVLS_ENABLE=0). `--quick` runs a tiny shape for a few steps (a smoke test; on a CPU the
@@ -35,9 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import bench_pack_gpu as pack  # noqa: E402  the model, rows and settings of issue 13
+import bench_pack_gpu as pack
 
 PORT = 12345
+# `mlx.launch` of this interpreter's mlx (a pip install may put the script off PATH)
+LAUNCHER = [sys.executable, "-c", ("import sys; from mlx._distributed_utils.launch import main; "
+            "sys.argv[0] = 'mlx.launch'; main()")]
 
 
 def child(spec_file: str) -> None:
@@ -87,11 +90,9 @@ def launch(spec: dict, gpus: int, work: Path, timeout: float, quick: bool) -> li
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
         cmd = me
     else:
-        launcher = Path(sys.executable).parent / "mlx.launch"
         backend = ["--backend", "ring", "--starting-port", "45800"] if quick else [
             "--backend", "nccl", "--nccl-port", str(PORT)]
-        cmd = [str(launcher) if launcher.exists() else "mlx.launch", *backend,
-               "--hosts", "127.0.0.1", "-n", str(gpus), "--", *me]
+        cmd = [*LAUNCHER, *backend, "--hosts", "127.0.0.1", "-n", str(gpus), "--", *me]
     started = time.perf_counter()
     try:
         run = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True,
@@ -135,9 +136,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--per-gpu", type=int, default=8192, help="packed positions per GPU per step")
     ap.add_argument("--width", type=int, default=1024)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--check-steps", type=int, default=4)
-    ap.add_argument("--budget", type=float, default=560.0, help="seconds for the whole run")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run")
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
@@ -158,24 +158,18 @@ def main() -> None:
     epochs = 1 if a.quick else a.epochs
     common = {"base": str(base), "data": str(data), "work": str(a.work)}
 
-    def job(name: str, tps: int, steps: int | None = None) -> dict:
-        if steps is None:
-            j = pack.plan(name, None, width, tps, epochs, counts, layers)
-        else:
-            j = {"name": name, "settings": pack.train_settings(None, width, tps, steps, 1, layers)}
-        return {**common, **j}
+    def job(name: str, tps: int) -> dict:
+        return {**common, **pack.plan(name, None, width, tps, epochs, counts, layers)}
 
     runs = [("1 GPU", 1, job(f"1 GPU {per_gpu // width}x{width}", per_gpu)),
             ("2 GPUs, same per-GPU batch", 2, job(f"2 GPUs {per_gpu // width}x{width} each", 2 * per_gpu)),
             ("2 GPUs, same global batch", 2, job(f"2 GPUs {per_gpu // width // 2}x{width} each", per_gpu))]
-    checks = [(1, job("check 1 GPU", per_gpu, a.check_steps)),
-              (2, job("check 2 GPUs", per_gpu, a.check_steps))]
     results: dict = {}
-    for gpus, spec in [(g, s) for _, g, s in runs] + checks:
+    for _, gpus, spec in runs:
         left = a.budget - (time.perf_counter() - started)
         results[spec["name"]] = launch(spec, gpus, a.work, left, a.quick)
-    lines = [f"date {time.strftime('%Y-%m-%d')}, gpus: {pack.gpu_name()}, "
-             f"{pack.n_params(c) / 1e9:.2f}B params", "",
+    lines = [(f"date {time.strftime('%Y-%m-%d')}, gpus: {pack.gpu_name()}, "
+             f"{pack.n_params(c) / 1e9:.2f}B params"), "",
              "| run | global positions/step | trained tok/s | peak GiB (rank 0) | scaling efficiency |",
              "|---|---|---|---|---|"]
     single = None
@@ -189,16 +183,18 @@ def main() -> None:
         eff = f"{100 * s['tok_s'] / (2 * single):.1f}%" if gpus == 2 and single else ""
         lines.append(f"| {spec['name']} ({label}) | {spec['settings']['tokens_per_step']:,} | "
                      f"{s['tok_s']:,.0f} | {s['peak_gb'] / 1.073741824:.1f} | {eff} |")
-    one = next((r for r in results["check 1 GPU"] if "adapter" in r), None)
-    two = next((r for r in results["check 2 GPUs"] if r["rank"] == 0 and "adapter" in r), None)
+    same = results[runs[2][2]["name"]]
+    one = next((r for r in results[runs[0][2]["name"]] if "adapter" in r), None)
+    two = next((r for r in same if r["rank"] == 0 and "adapter" in r), None)
     if one and two:
-        lr = checks[0][1]["settings"]["learning_rate"]
+        lr = runs[0][2]["settings"]["learning_rate"]
         diff = adapter_diff(one["adapter"], two["adapter"])
-        ranks = {r["sha"] for r in results["check 2 GPUs"] if "sha" in r}
-        lines += ["", f"correctness, {a.check_steps} steps, global batch {per_gpu:,} positions: "
+        ranks = {r["sha"] for r in same if "sha" in r}
+        steps = runs[0][2]["settings"]["iters"]
+        lines += ["", (f"correctness, {steps} steps, global batch {per_gpu:,} positions: "
                   f"max |adapter 1 GPU - adapter 2 GPUs| = {diff:.3g} ({diff / lr:.3f} Adam steps "
                   f"of lr {lr:g}); train loss {one['train_loss']:.5f} vs {two['train_loss']:.5f}; "
-                  f"ranks agree: {len(ranks) == 1}; mlx {two.get('mlx')}, {two.get('device')}"]
+                  f"ranks agree: {len(ranks) == 1}; mlx {two.get('mlx')}, {two.get('device')}")]
     else:
         lines += ["", "correctness: failed (see the logs)"]
     text = "\n".join(lines) + "\n"
