@@ -122,6 +122,8 @@ def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
     """mlx-lm's `iterate_batches` signature, yielding (tokens, target mask) with our own RNG."""
     import mlx.core as mx
 
+    from pipeline import packing
+
     def iterate(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
         rank, size = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
         if batch_size % size:
@@ -133,21 +135,26 @@ def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
         while True:
             for b in rng.permutation(len(batches)):
                 rows = [dataset[j] for j in batches[b][rank::size]]
+                # every rank divides by its share of the batch's targets: the ranks' averaged
+                # gradient is then the one-process gradient (pipeline/packing.rank_denominator)
+                step = sum(sum(m[1:max_seq_length]) for _, m in (dataset[j] for j in batches[b]))
+                extra = (mx.array(packing.rank_denominator(step, size)),) if loop and size > 1 else ()
                 width = min(max(len(t) for t, _ in rows), max_seq_length)
                 tokens = np.zeros((len(rows), width), np.int32)
                 mask = np.zeros((len(rows), width), np.float32)
                 for r, (t, m) in enumerate(rows):
                     n = min(len(t), width)
                     tokens[r, :n], mask[r, :n] = t[:n], m[:n]
-                yield mx.array(tokens), mx.array(mask)
+                yield mx.array(tokens), mx.array(mask), *extra
             if not loop:
                 return
 
     return iterate
 
 
-def masked_loss(model: Any, tokens: Any, mask: Any):
-    """Mean cross-entropy over the target tokens the mask selects; returns (loss, n_tokens)."""
+def masked_loss(model: Any, tokens: Any, mask: Any, denominator: Any = None):
+    """Mean cross-entropy over the target tokens the mask selects; returns (loss, n_tokens).
+    `denominator`: a data-parallel rank's share of the batch's targets (see batch_iterator)."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -157,7 +164,8 @@ def masked_loss(model: Any, tokens: Any, mask: Any):
     # (batch x length x vocab) cost 0.7-1.7 GB more peak memory on GPU (bench/README.md).
     ce = nn.losses.cross_entropy(logits, tokens[:, 1:]).astype(mx.float32) * weights
     ntoks = weights.sum()
-    return ce.sum() / mx.maximum(ntoks, 1), ntoks.astype(mx.int32)
+    denom = mx.maximum(ntoks, 1) if denominator is None else denominator
+    return ce.sum() / denom, ntoks.astype(mx.int32)
 
 
 # --- settings --------------------------------------------------------------------------------
