@@ -145,7 +145,12 @@ def main() -> None:
     started = time.perf_counter()
     a.work.mkdir(parents=True, exist_ok=True)
     base = a.work / "base"
-    shape = pack.SHAPE_QUICK if a.quick else pack.SHAPE_7B
+    shape = pack.SHAPE_7B
+    if a.quick:  # the tokenizer's own vocabulary: a 49k-wide head is minutes per step on a CPU
+        from transformers import AutoTokenizer
+
+        vocab = -(-len(AutoTokenizer.from_pretrained(str(a.tokenizer))) // 64) * 64
+        shape = {**pack.SHAPE_QUICK, "vocab_size": vocab}
     if not (base / "model.safetensors").exists():
         c = pack.make_base(base, a.tokenizer, shape)
         print(f"random weights: {pack.n_params(c) / 1e9:.2f}B params, "
