@@ -117,7 +117,8 @@ def main() -> None:
         model = args.model
         if model is None:
             model = Path(tmp) / "base"
-            base_model.run(base_model.BaseConfig(seed=0, model=base_model.EMBEDDED), model)
+            base_model.run(base_model.BaseConfig(seed=0, model=base_model.EMBEDDED),
+                           base_model.BasePaths(model))
         work = Path(tmp) / "gguf"
         work.mkdir()
         result = run(model, args.types, args.tokens, work)

@@ -195,11 +195,11 @@ def child_tuneline(spec: dict) -> None:
             cfg = cfgmod.from_mapping(train.TrainConfig, job["settings"], "bench")
             work = Path(spec["work"]) / job["name"].replace(" ", "_")
             paths = train.TrainPaths(Path(spec["base"]), Path(spec["data"]), work / "ad",
-                                     work / "train.json", work / "curve.tsv")
+                                     work / "train.json", work / "curve.tsv", work / "ckpt")
             started = time.perf_counter()
             if "without mx.compile" in job["name"]:
                 mx.disable_compile()
-            result = train.run(cfg, 0, paths, checkpoint_root=work / "ckpt")
+            result = train.run(cfg, paths, seed=0)
             out |= {"windows": windows, "wall_s": time.perf_counter() - started,
                     "val_loss": result.val_loss, "peak_gb_process": mx.get_peak_memory() / 1e9}
         except Exception as exc:  # noqa: BLE001  one failing configuration hides no other

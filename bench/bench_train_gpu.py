@@ -21,6 +21,7 @@ so its own tokens/s is higher on multi-turn rows for the same work: see "equal-w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -135,7 +136,8 @@ def child_tuneline(spec: dict) -> dict:
     out = Path(spec["work"])
     paths = train.TrainPaths(Path(spec["base"]), Path(spec["data"]), out / "adapters",
                              out / "train.json", out / "train_loss.tsv")
-    result = train.run(cfg, spec["seed"], paths, checkpoint_root=out / "ckpt")
+    paths = dataclasses.replace(paths, checkpoints=out / "ckpt")
+    result = train.run(cfg, paths, seed=spec["seed"])
     return {"windows": capture.windows, "result": result.__dict__, **backend_facts()}
 
 

@@ -66,9 +66,9 @@ def child(spec_file: str) -> None:
     try:
         cfg = cfgmod.from_mapping(train.TrainConfig, spec["settings"], "bench")
         paths = train.TrainPaths(Path(spec["base"]), Path(spec["data"]), work / "ad",
-                                 work / "train.json", work / "curve.tsv")
+                                 work / "train.json", work / "curve.tsv", work / f"ckpt{rank}")
         started = time.perf_counter()
-        result = train.run(cfg, 0, paths, checkpoint_root=work / f"ckpt{rank}")
+        result = train.run(cfg, paths, seed=0)
         out |= {"windows": windows, "wall_s": time.perf_counter() - started,
                 "world_size": result.world_size, "train_loss": result.train_loss,
                 "adapter": str(paths.adapters / "adapters.safetensors"),

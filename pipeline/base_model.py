@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import gguf_file, gguf_tokenizer, repo_facts
+from pipeline.config import BaseConfig
 from pipeline.jsonl import atomic_dir
 from pipeline.model_source import (  # noqa: F401 - re-exported: doctor, llm and tests use them
     EMBEDDED,
@@ -37,19 +38,19 @@ HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_t
 
 
 @dataclass(frozen=True)
-class BaseConfig:
-    seed: int  # the one seed every stage derives its randomness from
-    model: str  # "embedded", a .gguf path, a local HF-layout directory, or a Hugging Face id
-
-
-@dataclass(frozen=True)
 class BaseResult:
     source: str
     kind: str
     out: Path
 
 
-def run(cfg: BaseConfig, out: Path) -> BaseResult:
+@dataclass(frozen=True)
+class BasePaths:
+    out: Path  # the mlx-lm model directory to write
+
+
+def run(cfg: BaseConfig, paths: BasePaths) -> BaseResult:
+    out = paths.out
     source, kind = resolve_source(cfg.model)
     with atomic_dir(out) as tmp:
         if kind == "gguf":

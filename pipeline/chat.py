@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
@@ -28,6 +29,13 @@ Reply = Callable[[Messages], Iterator[str]]  # a conversation in, reply text pie
 
 class ChatError(UserError):
     """A model or adapter that cannot be loaded, with the command that makes it."""
+
+
+@dataclass(frozen=True)
+class AnswerBudget:
+    """`compare` answers as the evaluate stage does: `evaluate.max_tokens` unless told."""
+
+    max_tokens: int
 
 
 def resolve(model: Optional[Path], adapters: Optional[Path]) -> tuple[Path, Optional[Path]]:
@@ -49,28 +57,18 @@ def check_paths(model: Path, adapters: Optional[Path]) -> None:
 
 def load_model(model: Path, adapters: Optional[Path]) -> tuple[Any, Any]:
     """mlx-lm model and tokenizer, with the adapter applied, in the dtype training used."""
-    import mlx.core as mx
-    from mlx_lm import load
-
-    from pipeline import accel
+    from pipeline import mlx_model
 
     check_paths(model, adapters)
-    m, tokenizer = load(str(model), adapter_path=str(adapters) if adapters else None)
-    m.set_dtype(getattr(mx, accel.compute_dtype()))
-    return m, tokenizer
+    return mlx_model.load(model, adapters)
 
 
 def stream_reply(model: Any, tokenizer: Any, max_tokens: int, temp: float) -> Reply:
     """A `Reply` that streams text pieces from mlx-lm's `stream_generate`."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    sampler = make_sampler(temp=temp)
+    from pipeline import mlx_model
 
     def reply(messages: Messages) -> Iterator[str]:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        for piece in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
-                                     sampler=sampler):
+        for piece in mlx_model.stream(model, tokenizer, messages, max_tokens, temp):
             yield piece.text
 
     return reply
@@ -121,17 +119,14 @@ def speak(reply: Reply, history: Messages, out: TextIO) -> str:
 def compare(model: Path, adapters: Path, prompt: str, max_tokens: int) -> tuple[dict[str, Any],
                                                                               dict[str, Any]]:
     """Greedy answers of the base and the tuned model; the model is loaded once."""
-    from mlx_lm.tuner.utils import load_adapters
-
-    from pipeline.evaluate import greedy_answer
+    from pipeline import mlx_model
 
     check_paths(model, adapters)
     m, tokenizer = load_model(model, None)
     messages = [{"role": "user", "content": prompt}]
-    base = greedy_answer(m, tokenizer, messages, max_tokens)
-    load_adapters(m, str(adapters))
-    m.eval()  # adapter layers are created in training mode (dropout on)
-    return base, greedy_answer(m, tokenizer, messages, max_tokens)
+    base = mlx_model.greedy_answer(m, tokenizer, messages, max_tokens)
+    mlx_model.attach_adapters(m, adapters)
+    return base, mlx_model.greedy_answer(m, tokenizer, messages, max_tokens)
 
 
 def side_by_side(columns: Sequence[tuple[str, str]], width: Optional[int] = None) -> str:

@@ -1,59 +1,121 @@
 """The `tuneline` command: registers commands, loads params, calls the stage modules.
 
 No logic lives here; each command imports its module lazily so `tuneline --help` stays fast and
-one stage's heavy dependencies never slow another.
+one stage's heavy dependencies never slow another. `--params` belongs to the app (`tuneline
+--params p.yaml train ...`; written after the command it is read the same), and a `UserError`
+becomes one red line and the exit code its class carries.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from pipeline import config
 from pipeline.errors import UserError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
+T = TypeVar("T")
 
 
-def fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+def hoist_params(args: Sequence[str]) -> list[str]:
+    """Move `--params X` (or `--params=X`) written after a command to the front, where the app's
+    option is parsed: dvc.yaml, scripts and habit put it after the command."""
+    rest, front, i = list(args), [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--":
+            break
+        if arg == "--params" and i + 1 < len(rest):
+            front += rest[i:i + 2]
+            del rest[i:i + 2]
+        elif arg.startswith("--params="):
+            front.append(rest.pop(i))
+        else:
+            i += 1
+    return front + rest
+
+
+class TunelineGroup(TyperGroup):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_params(args))
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            # Known, user-fixable problems: one clear line, no traceback.
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+
+app = typer.Typer(cls=TunelineGroup, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+
+
+@dataclass(frozen=True)
+class Params:
+    """The params.yaml a command reads (the app's `--params`) and its `base` section."""
+
+    path: Path
+
+    def load(self, cls: type[T], section: str) -> T:
+        return config.load(cls, section, self.path)
+
+    @functools.cached_property
+    def base(self) -> config.BaseConfig:
+        return self.load(config.BaseConfig, "base")
+
+
+@app.callback()
+def options(
+    ctx: typer.Context,
+    params: Annotated[Path, typer.Option("--params", help="params.yaml to read")] = (
+        config.PARAMS_FILE),
+) -> None:
+    """Turn a list of questions into a fine-tuned, versioned, shareable LLM (DVC + mlx-lm)."""
+    ctx.obj = Params(params)
+
+
+def params_of(ctx: typer.Context) -> Params:
+    return ctx.find_root().obj  # type: ignore[no-any-return]
 
 
 @app.command("base-model")
 def base_model(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="directory to write the mlx-lm model to")],
-    params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Convert `base.model` (embedded GGUF, .gguf, directory or HF id) into an mlx-lm model."""
     from pipeline import base_model as stage
 
-    cfg = config.load(stage.BaseConfig, "base", params)
-    result = stage.run(cfg, out)
+    result = stage.run(params_of(ctx).base, stage.BasePaths(out))
     typer.echo(f"base model ({result.kind}) {result.source} -> {result.out}")
 
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     questions: Annotated[Path, typer.Option(help="data/questions.jsonl")],
     out: Annotated[Path, typer.Option(help="data/generated/answers.jsonl")],
     metrics: Annotated[Path, typer.Option(help="reports/generate.json")],
     cache: Annotated[Path, typer.Option(help="reply cache directory (kept outside DVC outputs)")],
     base_model: Annotated[Path, typer.Option(help="base model directory (embedded backend)")],
-    params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Answer every question and draft its follow-up with the configured LLM (cached, resumable)."""
-    from pipeline import base_model as base, generate as stage, llm
+    from pipeline import generate as stage, llm
 
-    cfg = config.load(stage.GenerateConfig, "generate", params)
-    base_cfg = config.load(base.BaseConfig, "base", params)
+    params = params_of(ctx)
+    cfg, base_cfg = params.load(stage.GenerateConfig, "generate"), params.base
     paths = stage.GeneratePaths(questions, out, metrics, cache)
-    r = stage.run(cfg, base_cfg.seed, paths, base=llm.BaseModel(base_cfg.model, base_model))
+    r = stage.run(cfg, paths, seed=base_cfg.seed, base=llm.BaseModel(base_cfg.model, base_model))
     typer.echo(f"{r.questions} questions: {r.generated} generated, {r.reused} reused, "
                f"{len(r.failed)} failed; {r.requests} requests in {r.wall_s:.1f} s -> {out}")
 
@@ -64,6 +126,7 @@ app.add_typer(questions_app, name="questions")
 
 @questions_app.command("draft")
 def questions_draft(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="question list to append to")] = Path(
         "data/questions.jsonl"),
     topic: Annotated[Optional[str], typer.Option(help="default: questions.topic")] = None,
@@ -74,18 +137,18 @@ def questions_draft(
     base_model: Annotated[Path, typer.Option(help="base model directory (embedded backend)")] = Path(
         "models/base"),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print, append nothing")] = False,
-    params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Ask the LLM for questions; append new, deduplicated ones with provenance."""
     import dataclasses
 
-    from pipeline import base_model as base, llm, questions as stage
+    from pipeline import llm, questions as stage
 
-    cfg = config.load(stage.DraftConfig, "questions", params)
+    params = params_of(ctx)
+    cfg = params.load(stage.DraftConfig, "questions")
     given = {"topic": topic, "count": count, "prompt": prompt,
              "categories": tuple(category) if category else None}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    base_cfg = config.load(base.BaseConfig, "base", params)
+    base_cfg = params.base
     r = stage.run(cfg, base_cfg.seed, out, base=llm.BaseModel(base_cfg.model, base_model),
                   dry_run=dry_run, near_dup_threshold=_near_dup_threshold(params))
     for row in r.added:
@@ -96,40 +159,49 @@ def questions_draft(
                f"(prompt {r.prompt_id})")
 
 
-def _evaluate_prompts(params: Path) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class HeldOutPrompts:
     """evaluate.prompts: curate keeps their near copies out of train, validate checks it."""
-    prompts = config.read_params(params).get("evaluate", {}).get("prompts")
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise config.ConfigError(f"{params}: evaluate.prompts missing or not a list of strings")
-    return tuple(prompts)
+
+    prompts: tuple[str, ...]
 
 
-def _near_dup_threshold(params: Path) -> float:
+@dataclass(frozen=True)
+class NearDup:
     """curate.near_dup_threshold: the one near-duplicate threshold (questions draft, validate)."""
-    value = config.read_params(params).get("curate", {}).get("near_dup_threshold")
-    if not isinstance(value, float) or not 0 < value <= 1:
-        raise config.ConfigError(f"{params}: curate.near_dup_threshold missing or not a number "
-                                 "in (0, 1]")
+
+    near_dup_threshold: float
+
+
+def _evaluate_prompts(params: Params) -> tuple[str, ...]:
+    return config.load_keys(HeldOutPrompts, "evaluate", params.path).prompts
+
+
+def _near_dup_threshold(params: Params) -> float:
+    value = config.load_keys(NearDup, "curate", params.path).near_dup_threshold
+    if not 0 < value <= 1:
+        raise config.ConfigError(f"{params.path}:curate.near_dup_threshold: {value} must be in "
+                                 "(0, 1]")
     return value
 
 
 @app.command()
 def curate(
+    ctx: typer.Context,
     generated: Annotated[Path, typer.Option(help="generated answers (absent: none yet)")],
     questions: Annotated[Path, typer.Option(help="data/questions.jsonl")],
     corrections: Annotated[Path, typer.Option(help="expert corrections (absent: none)")],
     imports: Annotated[Path, typer.Option(help="folder of *.jsonl in any supported layout")],
     out: Annotated[Path, typer.Option(help="dataset folder: train/valid/test.jsonl")],
     report: Annotated[Path, typer.Option(help="reports/curate.json")],
-    params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Merge generated answers, imports and expert corrections; dedupe; split train/valid/test."""
     from pipeline import curate as stage
 
-    cfg = config.load(stage.CurateConfig, "curate", params)
-    held_out = _evaluate_prompts(params)
+    params = params_of(ctx)
+    cfg = params.load(stage.CurateConfig, "curate")
     r = stage.run(cfg, stage.CuratePaths(generated, questions, corrections, imports, out, report),
-                  held_out)
+                  held_out=_evaluate_prompts(params))
     counts = ", ".join(f"{k} {v}" for k, v in r.counts.items())
     typer.echo(f"dataset -> {out}: {counts}; removed {r.duplicates} duplicates, "
                f"{r.dropped} dropped (details in {report})")
@@ -137,30 +209,26 @@ def curate(
 
 @app.command()
 def validate(
+    ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="JSONL files, or dataset folders")],
     json_out: Annotated[bool, typer.Option("--json", help="full report on stdout")] = False,
     tokenizer: Annotated[Path, typer.Option(help="tokenizer.json or a model folder")] = Path(
         "models/base"),
     report: Annotated[Optional[Path], typer.Option(help="metrics file to write")] = None,
     docs: Annotated[Optional[Path], typer.Option(help="write GX Data Docs HTML here")] = None,
-    params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Check JSONL training data with Great Expectations. Exit 0 clean, 1 data errors, 2 usage."""
     import json
 
     from pipeline import validate as stage
+    from validation.leakage import Leakage
 
-    try:
-        cfg = config.load(stage.ValidateConfig, "validate", params)
-        max_seq = config.read_params(params).get("train", {}).get("max_seq_length")
-        if not isinstance(max_seq, int):
-            raise config.ConfigError(f"{params}: train.max_seq_length missing or not an integer")
-        from validation.leakage import Leakage
-
-        leak = Leakage(_near_dup_threshold(params), _evaluate_prompts(params))
-        result = stage.run(cfg, paths, max_seq, tokenizer, report, docs, leak)
-    except (stage.UsageError, config.ConfigError) as exc:
-        fail(str(exc), 2)
+    params = params_of(ctx)
+    cfg = params.load(stage.ValidateConfig, "validate")
+    limits = config.load_keys(stage.TrainLimits, "train", params.path)
+    leak = Leakage(_near_dup_threshold(params), _evaluate_prompts(params))
+    result = stage.run(cfg, stage.ValidatePaths(paths, tokenizer, report, docs),
+                       max_seq_length=limits.max_seq_length, leak=leak)
     typer.echo(stage.render(result), err=True)
     if json_out:
         typer.echo(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
@@ -233,21 +301,21 @@ def review_serve(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Option(help="base model directory")],
     data: Annotated[Path, typer.Option(help="folder with train.jsonl and valid.jsonl")],
     adapters: Annotated[Path, typer.Option(help="adapter output directory")],
     metrics: Annotated[Path, typer.Option(help="reports/train.json")],
     curve: Annotated[Path, typer.Option(help="reports/train_loss.tsv")],
-    params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset."""
-    from pipeline import base_model, launch, train as stage
+    from pipeline import launch, train as stage
 
-    cfg = config.load(stage.TrainConfig, "train", params)
-    seed = config.load(base_model.BaseConfig, "base", params).seed
-    if launch.relaunch(config.load(launch.LaunchConfig, "launch", params)):
+    params = params_of(ctx)
+    cfg, seed = params.load(stage.TrainConfig, "train"), params.base.seed
+    if launch.relaunch(params.load(launch.LaunchConfig, "launch")):
         return  # the ranks ran this command under mlx.launch; rank 0 wrote the outputs
-    result = stage.run(cfg, seed, stage.TrainPaths(model, data, adapters, metrics, curve))
+    result = stage.run(cfg, stage.TrainPaths(model, data, adapters, metrics, curve), seed=seed)
     launch.mark_done()
     typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f} -> {adapters}")
 
@@ -261,24 +329,24 @@ def fuse(
     """Merge the adapter into the base weights: a standalone mlx-lm model."""
     from pipeline import fuse as stage
 
-    stage.run(model, adapters, out)
+    stage.run(stage.FusePaths(model, adapters, out))
     typer.echo(f"fused model -> {out}")
 
 
 @app.command()
 def export(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Option(help="fused model directory (mlx-lm layout)")],
     base: Annotated[Path, typer.Option(help="base model directory (for tokenizer provenance)")],
     dataset: Annotated[Path, typer.Option(help="dataset folder (hashed into the provenance)")],
     out: Annotated[Path, typer.Option(help="GGUF output directory")],
     report: Annotated[Path, typer.Option(help="reports/gguf.json")],
-    params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Write F16 + quantized GGUFs and an Ollama Modelfile; prove each runs in llama.cpp."""
-    from pipeline import base_model, export as stage
+    from pipeline import export as stage
 
-    cfg = config.load(stage.ExportConfig, "export", params)
-    seed = config.load(base_model.BaseConfig, "base", params).seed
+    params = params_of(ctx)
+    cfg, seed = params.load(stage.ExportConfig, "export"), params.base.seed
     result = stage.run(cfg, stage.ExportPaths(model, base, dataset, out, report), seed=seed)
     for qtype, path in result.files.items():
         info = result.report["files"][qtype]
@@ -288,6 +356,7 @@ def export(
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Option(help="base model directory")],
     adapters: Annotated[Path, typer.Option(help="adapter directory")],
     test: Annotated[Path, typer.Option(help="held-out split, data/dataset/test.jsonl")],
@@ -295,16 +364,15 @@ def evaluate(
     html: Annotated[Path, typer.Option(help="reports/compare.html")],
     cache: Annotated[Optional[Path], typer.Option(
         help="folder keeping the base model's results between runs (not a DVC output)")] = None,
-    params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Test loss, perplexity and greedy answers of the base and the tuned model, side by side."""
-    from pipeline import base_model, evaluate as stage
+    from pipeline import evaluate as stage
 
-    cfg = config.load(stage.EvalConfig, "evaluate", params)
-    spec = stage.loss_spec(config.read_params(params), str(params))
-    seed = config.load(base_model.BaseConfig, "base", params).seed
-    paths = stage.EvalPaths(model, adapters, test, metrics, html)
-    result = stage.run(cfg, spec, paths, seed, cache=cache)
+    params = params_of(ctx)
+    cfg, seed = params.load(stage.EvalConfig, "evaluate"), params.base.seed
+    spec = stage.loss_spec(params.path)
+    paths = stage.EvalPaths(model, adapters, test, metrics, html, cache)
+    result = stage.run(cfg, paths, spec=spec, seed=seed)
     typer.echo(f"test loss base {result.base_loss:.4f} -> tuned {result.tuned_loss:.4f} "
                f"({result.improvement:+.4f}); {result.answers} answers each -> {html}")
 
@@ -336,24 +404,25 @@ def chat(
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="the question to ask both models")],
     model: Annotated[Path, typer.Option(help="base model directory")] = Path("models/base"),
     adapters: Annotated[Path, typer.Option(help="adapter directory")] = Path("models/adapters"),
     max_tokens: Annotated[Optional[int], typer.Option(
         help="answer budget (default: evaluate.max_tokens)")] = None,
-    params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Answer one prompt with the base and the tuned model (greedy) and show both side by side."""
-    from pipeline import chat as stage, evaluate
+    from pipeline import chat as stage
 
     if max_tokens is None:
-        max_tokens = config.load(evaluate.EvalConfig, "evaluate", params).max_tokens
+        max_tokens = config.load_keys(stage.AnswerBudget, "evaluate", params_of(ctx).path).max_tokens
     base, tuned = stage.compare(model, adapters, prompt, max_tokens)
     typer.echo(stage.side_by_side([("base", base["answer"]), ("tuned", tuned["answer"])]))
 
 
 @app.command()
 def publish(
+    ctx: typer.Context,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="check the gate and build the release, upload nothing")] = False,
     stage: Annotated[bool, typer.Option(
@@ -379,7 +448,6 @@ def publish(
     adapters: Annotated[Path, typer.Option()] = Path("models/adapters"),
     fused: Annotated[Path, typer.Option()] = Path("models/fused"),
     gguf: Annotated[Path, typer.Option()] = Path("models/gguf"),
-    params: ParamsOpt = config.PARAMS_FILE,
 ) -> None:
     """Publish to the Hugging Face Hub behind the gate in params.yaml `publish:`.
 
@@ -387,10 +455,11 @@ def publish(
     """
     from pipeline import publish as stage_module
 
-    cfg = config.load(stage_module.PublishConfig, "publish", params)
-    paths = stage_module.PublishPaths(params, validation, eval_report, gguf_report, train_report,
-                                      dataset, dvc_lock, base, adapters, fused, gguf, report, card,
-                                      None if stage else releases)
+    params = params_of(ctx)
+    cfg = params.load(stage_module.PublishConfig, "publish")
+    paths = stage_module.PublishPaths(params.path, validation, eval_report, gguf_report,
+                                      train_report, dataset, dvc_lock, base, adapters, fused,
+                                      gguf, report, card, None if stage else releases)
     result = stage_module.run(cfg, paths, dry_run=dry_run, stage=stage)
     typer.echo(stage_module.render(result))
     if not result.passed and not (exit_zero or stage):
@@ -398,13 +467,11 @@ def publish(
 
 
 @app.command()
-def doctor(
-    params: ParamsOpt = config.PARAMS_FILE,
-) -> None:
+def doctor(ctx: typer.Context) -> None:
     """Say what this machine runs on (MLX device, BLAS, dtype), what is missing, how to fix it."""
     from pipeline import doctor as stage
 
-    report = stage.run(params)
+    report = stage.run(params_of(ctx).path)
     typer.echo(stage.render(report))
     if not report.ok:
         raise typer.Exit(1)
@@ -414,12 +481,7 @@ def main() -> None:
     from pipeline import accel
 
     accel.prefer_fast_blas()
-    try:
-        app()
-    except UserError as exc:
-        # Known, user-fixable problems: one clear line, no traceback.
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2 if isinstance(exc, config.ConfigError) else 1)
+    app()
 
 
 if __name__ == "__main__":

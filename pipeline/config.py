@@ -1,7 +1,11 @@
-"""params.yaml -> frozen dataclasses, one per section.
+"""params.yaml -> frozen dataclasses, one per section: the only reader of params.yaml.
 
 Defaults live in params.yaml only: a config class declares fields without defaults, and loading
 fails loudly on a missing or unknown key, or a value of the wrong type, naming file, section, key.
+
+    config.load(TrainConfig, "train", path)        # a whole section, strict both ways
+    config.load_keys(LossSpec, "train", path)      # the few keys of another stage's section
+    config.section("train", path)                  # the checked mapping, for records (model card)
 """
 
 from __future__ import annotations
@@ -9,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -20,8 +26,18 @@ PARAMS_FILE = Path("params.yaml")
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class BaseConfig:
+    """The `base` section every stage shares (so it lives here, not in the base_model stage)."""
+
+    seed: int  # the one seed every stage derives its randomness from
+    model: str  # "embedded", a .gguf path, a local HF-layout directory, or a Hugging Face id
+
+
 class ConfigError(UserError):
     """A params.yaml problem, with the place and what to do in the message."""
+
+    exit_code = 2  # a usage error: the data was never looked at
 
 
 def read_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
@@ -42,14 +58,31 @@ def load(cls: type[T], section: str, path: Path | str = PARAMS_FILE) -> T:
     return from_mapping(cls, read_params(path).get(section), f"{path}:{section}")
 
 
-def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
+def load_keys(cls: type[T], section: str, path: Path | str = PARAMS_FILE) -> T:
+    """Read the keys `cls` declares from a section another stage owns (e.g. evaluate scores tokens
+    with train.max_seq_length): each must be there with the right type; the rest is not ours."""
+    return from_mapping(cls, read_params(path).get(section), f"{path}:{section}", subset=True)
+
+
+def section(name: str, path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    """One section as a plain mapping, for records that copy it whole (the model card)."""
+    data = read_params(path).get(name)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}:{name}: section missing or not a mapping")
+    return dict(data)
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str,
+                 subset: bool = False) -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: section missing or not a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
-    if unknown:
+    if unknown and not subset:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
     missing = sorted(set(fields) - set(data))
+    if missing and subset:
+        raise ConfigError(f"{where}.{missing[0]} missing; add it to params.yaml")
     if missing:
         raise ConfigError(f"{where}: missing key(s) {missing}; add them to params.yaml")
     hints = typing.get_type_hints(cls)

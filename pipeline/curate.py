@@ -75,7 +75,8 @@ class CurateResult:
     report: dict[str, Any]
 
 
-def run(cfg: CurateConfig, paths: CuratePaths, held_out: tuple[str, ...] = ()) -> CurateResult:
+def run(cfg: CurateConfig, paths: CuratePaths, *,
+        held_out: tuple[str, ...] = ()) -> CurateResult:
     """`held_out`: evaluate.prompts; rows that near-duplicate one are kept out of train."""
     with paused_gc():
         return _run(cfg, paths, held_out)

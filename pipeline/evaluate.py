@@ -27,9 +27,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pipeline import llm
+from pipeline import config, llm, mlx_model
 from pipeline.errors import UserError
 from pipeline.jsonl import read_jsonl, write_json, write_text
 
@@ -57,6 +57,16 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TrainKeys:
+    """The `train` keys the test loss shares with training (read with `config.load_keys`)."""
+
+    max_seq_length: int
+    mask_prompt: bool
+    pack: bool | Literal["auto"]
+    pack_width: int
+
+
+@dataclass(frozen=True)
 class LossSpec:
     """How training scores tokens; read from the `train` section so both agree."""
 
@@ -72,6 +82,7 @@ class EvalPaths:
     test: Path
     metrics: Path
     html: Path
+    cache: Path | None = None  # keeps the base model's results between runs (not a DVC output)
 
 
 @dataclass(frozen=True)
@@ -94,30 +105,21 @@ class Result:
     seconds: float
 
 
-def loss_spec(params: dict[str, Any], where: str) -> LossSpec:
+def loss_spec(params: Path | str) -> LossSpec:
     """The two `train` keys the test loss must share with training."""
-    train = params.get("train")
-    if not isinstance(train, dict):
-        raise EvalError(f"{where}: section `train` missing; evaluate scores tokens as train does")
-    try:
-        length, mask = train["max_seq_length"], train["mask_prompt"]
-    except KeyError as exc:
-        raise EvalError(f"{where}: train.{exc.args[0]} missing; add it to params.yaml") from exc
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise EvalError(f"{where}: train.max_seq_length must be an integer >= 2, got {length!r}")
-    if not isinstance(mask, bool):
-        raise EvalError(f"{where}: train.mask_prompt must be true or false, got {mask!r}")
-    pack, width = train.get("pack", False), train.get("pack_width")
-    if pack not in (True, False, "auto"):
-        raise EvalError(f"{where}: train.pack must be true, false or auto, got {pack!r}")
+    t = config.load_keys(TrainKeys, "train", params)
+    where = f"{params}:train"
+    if t.max_seq_length < 2:
+        raise config.ConfigError(f"{where}.max_seq_length must be >= 2, got {t.max_seq_length}")
+    pack = t.pack
     if pack == "auto":
         from pipeline import packing
 
         pack = packing.wanted(pack)
-    if pack and (isinstance(width, bool) or not isinstance(width, int) or width < length):
-        raise EvalError(f"{where}: train.pack_width must be an integer >= max_seq_length, "
-                        f"got {width!r}")
-    return LossSpec(length, mask, width if pack else None)
+    if pack and t.pack_width < t.max_seq_length:
+        raise config.ConfigError(f"{where}.pack_width must be an integer >= max_seq_length, "
+                                 f"got {t.pack_width!r}")
+    return LossSpec(t.max_seq_length, t.mask_prompt, t.pack_width if pack else None)
 
 
 # ---------------------------------------------------------------- inputs
@@ -154,9 +156,7 @@ def prompts_for(rows: Sequence[dict[str, Any]], cfg: EvalConfig) -> list[Prompt]
 def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]],
                 mask_prompt: bool) -> list[tuple[list[int], list[int]]]:
     """(tokens, 0/1 mask of the tokens training learns) per row, encoded exactly as train does."""
-    from pipeline.train import encode_chat
-
-    return [encode_chat(tokenizer, r["messages"], mask_prompt) for r in rows]
+    return [mlx_model.encode_chat(tokenizer, r["messages"], mask_prompt) for r in rows]
 
 
 def test_loss(model: Any, encoded: Sequence[tuple[list[int], list[int]]], batch_size: int,
@@ -168,8 +168,6 @@ def test_loss(model: Any, encoded: Sequence[tuple[list[int], list[int]]], batch_
     """
     import mlx.core as mx
 
-    from pipeline.train import masked_loss
-
     if pack_width:
         from pipeline import packing
 
@@ -179,7 +177,7 @@ def test_loss(model: Any, encoded: Sequence[tuple[list[int], list[int]]], batch_
         loss = loss or packing.packed_loss
     else:
         batches = padded_batches(encoded, batch_size, max_seq_length)
-        loss = loss or masked_loss
+        loss = loss or mlx_model.masked_loss
     total, count = 0.0, 0
     for batch in batches:
         mean, n_tok = loss(model, *batch)
@@ -211,35 +209,11 @@ def padded_batches(encoded: Sequence[tuple[list[int], list[int]]], batch_size: i
 # ---------------------------------------------------------------- answers
 
 
-def greedy_answer(model: Any, tokenizer: Any, messages: Sequence[dict[str, str]],
-                  max_tokens: int) -> dict[str, Any]:
-    """The model's greedy reply to `messages` rendered with its chat template."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    prompt = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
-    text, last = "", None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
-                                sampler=make_sampler(temp=0.0)):
-        text += last.text
-    return {"answer": text.strip(), "finish_reason": last.finish_reason if last else "length",
-            "tokens": last.generation_tokens if last else 0}
-
-
 def batch_answers(model: Any, tokenizer: Any, prompts: Sequence[Prompt],
                   max_tokens: int) -> list[dict[str, Any]]:
-    """Greedy answers to all prompts in one batch: ~2.8x faster than one by one on CPU (measured
-    on the embedded model, 6 prompts) and the same text as `greedy_answer`."""
-    from mlx_lm import batch_generate
-
-    if not prompts:
-        return []
-    tokens = [tokenizer.apply_chat_template(list(p.messages), add_generation_prompt=True)
-              for p in prompts]
-    out = batch_generate(model, tokenizer, tokens, max_tokens=max_tokens, return_token_ids=True)
-    return [{"id": p.id, "answer": text.strip(), "tokens": len(ids),
-             "finish_reason": "length" if len(ids) >= max_tokens else "stop"}
-            for p, text, ids in zip(prompts, out.texts, out.token_ids)]
+    """Greedy answers to all prompts in one batch (`mlx_model.batch_greedy`)."""
+    answers = mlx_model.batch_greedy(model, tokenizer, [p.messages for p in prompts], max_tokens)
+    return [{"id": p.id, **a} for p, a in zip(prompts, answers)]
 
 
 def side(model: Any, tokenizer: Any, encoded: Sequence[tuple[list[int], list[int]]],
@@ -340,21 +314,14 @@ def parse_verdict(reply: str) -> tuple[str, str]:
     return "unparsed", reply.strip()
 
 
-def make_judge_client(cfg: JudgeConfig) -> llm.Client:
-    """The backend named in `evaluate.judge`: a server, or a .gguf / mlx dir in-process."""
-    return llm.connect(cfg)
-
-
 # ---------------------------------------------------------------- report
 
 
-def run(cfg: EvalConfig, spec: LossSpec, paths: EvalPaths, seed: int | None = None,
-        client: llm.Client | None = None, cache: Path | None = None) -> Result:
-    """Score base then tuned; `cache` (outside DVC outputs) keeps base results between runs."""
-    import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.tuner.utils import load_adapters
-
+def run(cfg: EvalConfig, paths: EvalPaths, *, spec: LossSpec, seed: int | None = None,
+        client: llm.Client | None = None) -> Result:
+    """Score base then tuned; `paths.cache` (outside DVC outputs) keeps base results between
+    runs."""
+    cache = paths.cache
     from pipeline import accel
 
     start = time.perf_counter()
@@ -362,18 +329,17 @@ def run(cfg: EvalConfig, spec: LossSpec, paths: EvalPaths, seed: int | None = No
     prompts = prompts_for(rows, cfg)
     if not (paths.adapters / "adapter_config.json").exists():
         raise EvalError(f"{paths.adapters}: no adapter_config.json; run `dvc repro train` first")
-    model, tokenizer = load(str(paths.model))
+    model, tokenizer = mlx_model.load(paths.model)  # in the dtype train ran it
     dtype = accel.compute_dtype()
-    model.set_dtype(getattr(mx, dtype))  # as train ran it
     encoded = encode_rows(tokenizer, rows, spec.mask_prompt)
     key = base_key(paths.model, rows, prompts, cfg, spec, dtype) if cache is not None else ""
     base = cached_side(cache, key, lambda: side(model, tokenizer, encoded, prompts, cfg, spec))
-    load_adapters(model, str(paths.adapters))
-    model.eval()  # adapter layers are created in training mode (dropout on)
+    mlx_model.attach_adapters(model, paths.adapters)
     tuned = side(model, tokenizer, encoded, prompts, cfg, spec)
     report = build_report(rows, prompts, base, tuned)
     if cfg.judge.enabled:
-        client = client if client is not None else make_judge_client(cfg.judge)
+        # The backend named in `evaluate.judge`: a server, or a .gguf / mlx dir in-process.
+        client = client if client is not None else llm.connect(cfg.judge)
         report["judge"] = judge(client, cfg.judge, prompts, base["answers"], tuned["answers"],
                                 seed)
     write_json(paths.metrics, report)

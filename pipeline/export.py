@@ -328,24 +328,19 @@ def render_ollama_chatml(default_system: str, messages: Any) -> str:
 def mlx_reference(model_dir: Path, cfg: ExportConfig, seed: int) -> list[Reference]:
     """What the MLX fused model answers (greedy) to each proof prompt."""
     import mlx.core as mx
-    import mlx_lm
-    from mlx_lm.generate import generate_step
+
+    from pipeline import mlx_model
 
     mx.random.seed(seed)
-    model, tokenizer = mlx_lm.load(str(model_dir))
+    # The checkpoint's own dtype: the reference must not depend on the machine exporting.
+    model, tokenizer = mlx_model.load(model_dir, backend_dtype=False)
     eos = set(tokenizer.eos_token_ids)
     refs = []
     for prompt in cfg.prompts:
         messages = gguf_proof.messages_for(cfg.system_prompt, prompt)
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer.encode(text, add_special_tokens=False)
-        tokens: list[int] = []
-        steps = generate_step(mx.array(ids), model, max_tokens=cfg.max_tokens,
-                              sampler=lambda logits: mx.argmax(logits, axis=-1))
-        for token, _ in steps:
-            tokens.append(int(token))
-            if int(token) in eos:
-                break
+        tokens = mlx_model.greedy_tokens(model, ids, cfg.max_tokens, eos)
         refs.append(Reference(prompt, text, list(ids), tokens, bool(tokens) and tokens[-1] in eos))
     return refs
 

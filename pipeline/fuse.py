@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -17,14 +18,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "tuneline.json")
 
 
-def run(model: Path, adapters: Path, out: Path) -> Path:
+@dataclass(frozen=True)
+class FusePaths:
+    model: Path  # base model directory
+    adapters: Path  # trained adapter directory
+    out: Path  # fused model directory to write
+
+
+def run(paths: FusePaths) -> Path:
+    """No params section: fusing has no knobs."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm import load
 
+    from pipeline import mlx_model
+
+    model, adapters, out = paths.model, paths.adapters, paths.out
     if not (adapters / "adapter_config.json").exists():
         raise UserError(f"{adapters}: no adapter_config.json; run `dvc repro train` first")
-    fused, _ = load(str(model), adapter_path=str(adapters))
+    # The checkpoint's own dtype: fused weights must not depend on the machine that fused them.
+    fused, _ = mlx_model.load(model, adapters, backend_dtype=False)
     merged = [(name, module.fuse()) for name, module in fused.named_modules()
               if hasattr(module, "fuse")]
     if merged:

@@ -256,8 +256,9 @@ def clean_followup(text: str) -> str:
 
 def run(
     cfg: GenerateConfig,
-    seed: int,
     paths: GeneratePaths,
+    *,
+    seed: int,
     client: llm.Client | None = None,
     base: llm.BaseModel | None = None,
     progress: TextIO | None = None,

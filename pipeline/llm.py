@@ -9,19 +9,23 @@
 - `MlxClient`: mlx-lm in-process on a model directory, for base models that are not GGUF.
 
 `ask` wraps any of them: exponential backoff on timeouts, connection errors, 429 (honouring
-Retry-After), 5xx, replies that are not JSON and empty answers; then one `LLMError` that names the
-server, the model and what to check. `connect` builds a client from a params section.
+Retry-After), 5xx, replies that are not JSON or of the wrong shape, and empty answers; then one
+`LLMError` that names the server, the model and what to check. `connect` builds a client from a
+params section.
+
+Server replies are untrusted input: redirects are refused (an API key must never travel to another
+host, and a POST turned into a GET is not an answer), bodies and stream lines are read up to a
+bound, a whole request has a deadline besides the silence timeout, and error bodies are redacted
+before they reach a message.
 """
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import http.client
 import json
 import os
 import random
-import socket
 import threading
 import time
 import urllib.error
@@ -32,7 +36,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+from pipeline.config import ConfigError
 from pipeline.errors import UserError
+from pipeline.llm_http import (
+    Fatal,
+    Transient,
+    count,
+    deadline,
+    get_json,
+    network_failure,
+    parse_json,
+    post,
+    read_body,
+    read_lines,
+    redact,
+    redact_url,
+    shape_error,
+    typed,
+)
 
 Message = dict[str, str]
 T = TypeVar("T")
@@ -50,6 +71,7 @@ class LLMSettings:
     api_key_env: str  # environment variable holding the API key (openai backend)
     stream: bool  # ollama: stream tokens, so `timeout` bounds silence rather than a whole answer
     timeout: float  # seconds of silence before a request counts as timed out
+    deadline: float  # seconds a whole request may take, however steadily the bytes trickle in
     retries: int  # extra attempts after the first, with exponential backoff
     backoff: float  # first retry delay in seconds; doubles each attempt
 
@@ -86,24 +108,8 @@ class Client(Protocol):
     def chat(self, messages: Sequence[Message], sampling: Sampling) -> Reply: ...
 
 
-class Transient(Exception):
-    """A failure worth retrying; `retry_after` is the server's Retry-After in seconds."""
-
-    def __init__(self, reason: str, retry_after: float | None = None, status: int | None = None):
-        super().__init__(reason)
-        self.reason, self.retry_after, self.status = reason, retry_after, status
-
-
 class Empty(Transient):
     """An empty answer: retried (a sampled model may answer next time), then the question fails."""
-
-
-class Fatal(Exception):
-    """A failure retrying cannot fix (404, 401, bad request)."""
-
-    def __init__(self, reason: str, status: int | None = None):
-        super().__init__(reason)
-        self.reason, self.status = reason, status
 
 
 class LLMError(UserError):
@@ -207,9 +213,17 @@ def hint(client: Client, reason: str, status: int | None, s: LLMSettings) -> str
     if "refused" in reason or "unreachable" in reason or "resolve" in reason:
         return ("is the server running and listening there? Start it (e.g. `ollama serve`) "
                 "or fix `url` in params.yaml")
+    if "deadline" in reason:
+        return (f"the reply took longer than {s.deadline:g} s in all: is the server overloaded? "
+                "Raise `deadline`, lower `concurrency` or `max_tokens`")
     if "timed out" in reason:
         return (f"the server sent nothing for {s.timeout:g} s: is it overloaded? Raise `timeout`,"
                 " lower `concurrency` or `max_tokens`")
+    if "redirect" in reason:
+        return "set `url` to the server's final address (redirects are not followed)"
+    if "larger than" in reason or "reply shape" in reason:
+        return ("that `url` and `backend` match the server's API (ollama: /api/chat, "
+                "openai: /v1/chat/completions)")
     if status == 404 and "model" in reason.lower():
         return f"the model is not on the server: {pull}, or set `model` to one it lists"
     if status == 404:
@@ -221,91 +235,6 @@ def hint(client: Client, reason: str, status: int | None, s: LLMSettings) -> str
     if status is not None and status >= 500 or status == 429:
         return "the server's log: it kept failing; retry later or lower `concurrency`"
     return "the server's log and the request settings in params.yaml"
-
-
-# --- HTTP ----------------------------------------------------------------------------------
-
-
-def post(url: str, body: dict[str, Any], headers: dict[str, str], timeout: float) -> Any:
-    """POST JSON; returns the open response, or raises Transient/Fatal classified by cause."""
-    data = json.dumps(body).encode("utf-8")
-    req = urllib.request.Request(url, data=data, method="POST",
-                                 headers={"Content-Type": "application/json", **headers})
-    try:
-        return urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        raise http_failure(exc.code, exc.read(), exc.headers.get("Retry-After")) from exc
-    except urllib.error.URLError as exc:
-        raise network_failure(exc.reason, timeout) from exc
-    except (OSError, http.client.HTTPException) as exc:
-        raise network_failure(exc, timeout) from exc
-
-
-def get_json(url: str, headers: dict[str, str], timeout: float) -> Any:
-    req = urllib.request.Request(url, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return parse_json(read_body(resp, timeout))
-    except urllib.error.HTTPError as exc:
-        raise http_failure(exc.code, exc.read(), exc.headers.get("Retry-After")) from exc
-    except urllib.error.URLError as exc:
-        raise network_failure(exc.reason, timeout) from exc
-
-
-def read_body(resp: Any, timeout: float) -> bytes:
-    try:
-        return resp.read()
-    except (OSError, http.client.HTTPException) as exc:
-        raise network_failure(exc, timeout) from exc
-
-
-def http_failure(status: int, body: bytes, retry_after: str | None) -> Exception:
-    message = f"HTTP {status}: {error_message(body)}"
-    if status in (408, 429) or status >= 500:
-        return Transient(message, parse_retry_after(retry_after), status)
-    return Fatal(message, status)
-
-
-def network_failure(reason: Any, timeout: float) -> Transient:
-    if isinstance(reason, (socket.timeout, TimeoutError)):
-        return Transient(f"timed out after {timeout:g} s")
-    if isinstance(reason, ConnectionRefusedError):
-        return Transient("connection refused")
-    if isinstance(reason, socket.gaierror):
-        return Transient(f"cannot resolve the host ({reason})")
-    return Transient(f"connection dropped ({type(reason).__name__}: {reason})")
-
-
-def error_message(body: bytes) -> str:
-    """Ollama sends {"error": "..."}, OpenAI-style servers {"error": {"message": ...}}."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return text[:200] or "(empty body)"
-    err = data.get("error", data.get("detail", data)) if isinstance(data, dict) else data
-    if isinstance(err, dict):
-        err = err.get("message", err)
-    return str(err)[:300]
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After is either seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
-
-
-def parse_json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        snippet = raw[:80].decode("utf-8", "replace")
-        raise Transient(f"the reply was not JSON: {snippet!r}") from None
 
 
 def normalise_finish(reason: Any) -> str:
@@ -320,19 +249,23 @@ class OllamaClient:
 
     backend = "ollama"
 
-    def __init__(self, url: str, model: str, timeout: float, stream: bool):
-        self.server, self.model, self.timeout, self.stream = url.rstrip("/"), model, timeout, stream
+    def __init__(self, url: str, model: str, timeout: float, stream: bool,
+                 deadline: float = float("inf")):
+        self.url, self.model, self.timeout, self.stream = url.rstrip("/"), model, timeout, stream
+        self.server = redact_url(self.url)  # for messages: no credentials, no query
+        self.deadline = deadline
         self._identity: str | None = None
 
     def identity(self) -> str:
         # The digest changes when the model is re-pulled, so old answers are not reused.
         if self._identity is None:
-            tags = get_json(f"{self.server}/api/tags", {}, self.timeout)
-            models = tags.get("models", []) if isinstance(tags, dict) else []
-            digest = next((m.get("digest", "") for m in models
+            with deadline(self.deadline):
+                tags = get_json(f"{self.url}/api/tags", {}, self.timeout)
+            models = [m for m in typed(tags, "models", list, []) if isinstance(m, dict)]
+            digest = next((str(m.get("digest", "")) for m in models
                            if m.get("name") in (self.model, f"{self.model}:latest")), None)
             if digest is None:
-                names = ", ".join(m.get("name", "?") for m in models) or "none"
+                names = ", ".join(str(m.get("name", "?")) for m in models) or "none"
                 raise Fatal(f"model {self.model!r} not found on the server (it has: {names})", 404)
             self._identity = f"ollama:{self.model}@{digest}"
         return self._identity
@@ -344,7 +277,7 @@ class OllamaClient:
             options["seed"] = sampling.seed
         body = {"model": self.model, "messages": list(messages), "stream": self.stream,
                 "options": options}
-        with post(f"{self.server}/api/chat", body, {}, self.timeout) as resp:
+        with deadline(self.deadline), post(f"{self.url}/api/chat", body, {}, self.timeout) as resp:
             if not self.stream:
                 return ollama_reply(parse_json(read_body(resp, self.timeout)), "")
             return ollama_stream(resp, self.timeout)
@@ -353,14 +286,14 @@ class OllamaClient:
 def ollama_stream(resp: Any, timeout: float) -> Reply:
     parts: list[str] = []
     try:
-        for raw in resp:
+        for raw in read_lines(resp):
             if not raw.strip():
                 continue
             chunk = parse_json(raw)
             if isinstance(chunk, dict) and "error" in chunk:
-                raise Transient(f"error mid-stream: {chunk['error']}")
-            parts.append(chunk.get("message", {}).get("content", ""))
-            if chunk.get("done"):
+                raise Transient(f"error mid-stream: {redact(str(chunk['error'])[:300])}")
+            parts.append(typed(typed(chunk, "message", dict, {}), "content", str, ""))
+            if typed(chunk, "done", bool, False):
                 return ollama_reply(chunk, "".join(parts))
     except (OSError, http.client.HTTPException) as exc:
         raise network_failure(exc, timeout) from exc
@@ -368,11 +301,12 @@ def ollama_stream(resp: Any, timeout: float) -> Reply:
 
 
 def ollama_reply(data: Any, streamed: str) -> Reply:
-    if not isinstance(data, dict) or ("message" not in data and not streamed):
-        raise Transient(f"unexpected reply shape: {str(data)[:120]}")
-    text = streamed or data["message"].get("content", "")
-    return Reply(text, normalise_finish(data.get("done_reason")),
-                 int(data.get("prompt_eval_count", 0)), int(data.get("eval_count", 0)))
+    message = typed(data, "message", dict)
+    if message is None and not streamed:
+        raise shape_error(data)
+    text = streamed or typed(message, "content", str, "")
+    return Reply(text, normalise_finish(typed(data, "done_reason", str)),
+                 count(data, "prompt_eval_count"), count(data, "eval_count"))
 
 
 # --- OpenAI-compatible ---------------------------------------------------------------------
@@ -383,11 +317,14 @@ class OpenAIClient:
 
     backend = "openai"
 
-    def __init__(self, url: str, model: str, timeout: float, api_key: str | None):
+    def __init__(self, url: str, model: str, timeout: float, api_key: str | None,
+                 deadline: float = float("inf")):
         parsed = urllib.parse.urlsplit(url.rstrip("/"))
-        self.server = url.rstrip("/") + ("" if parsed.path else "/v1")
-        self.model, self.timeout = model, timeout
+        self.url = url.rstrip("/") + ("" if parsed.path else "/v1")
+        self.server = redact_url(self.url)  # for messages: no credentials, no query
+        self.model, self.timeout, self.deadline = model, timeout, deadline
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.secrets = (api_key,) if api_key else ()
 
     def identity(self) -> str:
         return f"openai:{self.model}"
@@ -398,16 +335,17 @@ class OpenAIClient:
                                 "max_tokens": sampling.max_tokens, "stream": False}
         if sampling.seed is not None:
             body["seed"] = sampling.seed
-        with post(f"{self.server}/chat/completions", body, self.headers, self.timeout) as resp:
+        with deadline(self.deadline), post(f"{self.url}/chat/completions", body, self.headers,
+                                           self.timeout, self.secrets) as resp:
             data = parse_json(read_body(resp, self.timeout))
-        try:
-            choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise Transient(f"unexpected reply shape: {str(data)[:120]}") from None
-        usage = data.get("usage") or {}
-        return Reply(text, normalise_finish(choice.get("finish_reason")),
-                     int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+        choices = typed(data, "choices", list, [])
+        if not choices:
+            raise shape_error(data)
+        choice = choices[0]
+        text = typed(typed(choice, "message", dict, {}), "content", str, "")
+        usage = typed(data, "usage", dict, {})
+        return Reply(text, normalise_finish(typed(choice, "finish_reason", str)),
+                     count(usage, "prompt_tokens"), count(usage, "completion_tokens"))
 
 
 # --- in-process ----------------------------------------------------------------------------
@@ -455,10 +393,11 @@ class MlxClient:
     backend = "embedded"
 
     def __init__(self, model_dir: Path):
-        from mlx_lm import load
+        from pipeline import mlx_model
 
         self.model, self.server, self.path = model_dir.name, "in-process mlx-lm", model_dir
-        self.mlx_model, self.tokenizer = load(str(model_dir))
+        # The checkpoint's own dtype: cached replies are keyed on the files, not on the backend.
+        self.mlx_model, self.tokenizer = mlx_model.load(model_dir, backend_dtype=False)
         self.lock = threading.Lock()
 
     def identity(self) -> str:
@@ -466,20 +405,18 @@ class MlxClient:
 
     def chat(self, messages: Sequence[Message], sampling: Sampling) -> Reply:
         import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
 
-        prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        from pipeline import mlx_model
+
         parts, last = [], None
         with self.lock:
             if sampling.seed is not None:
                 mx.random.seed(sampling.seed)
-            for last in stream_generate(self.mlx_model, self.tokenizer, prompt,
-                                        max_tokens=sampling.max_tokens,
-                                        sampler=make_sampler(temp=sampling.temperature)):
+            for last in mlx_model.stream(self.mlx_model, self.tokenizer, messages,
+                                         sampling.max_tokens, sampling.temperature):
                 parts.append(last.text)
         if last is None:
-            return Reply("", "stop", len(prompt), 0)
+            return Reply("", "stop", len(mlx_model.prompt_ids(self.tokenizer, messages)), 0)
         return Reply("".join(parts), normalise_finish(last.finish_reason), last.prompt_tokens,
                      last.generation_tokens)
 
@@ -518,16 +455,20 @@ class BaseModel:
 
 
 def connect(s: LLMSettings, base: BaseModel | None = None) -> Client:
+    if s.backend != "embedded" and not (s.timeout > 0 and s.deadline >= s.timeout):
+        raise ConfigError(f"params.yaml: timeout ({s.timeout:g} s) must be > 0 and deadline "
+                          f"({s.deadline:g} s) at least as long; raise deadline")
     if s.backend == "ollama":
-        return OllamaClient(s.url, s.model, s.timeout, s.stream)
+        return OllamaClient(s.url, s.model, s.timeout, s.stream, s.deadline)
     if s.backend == "openai":
-        return OpenAIClient(s.url, s.model, s.timeout, os.environ.get(s.api_key_env) or None)
+        return OpenAIClient(s.url, s.model, s.timeout, os.environ.get(s.api_key_env) or None,
+                            s.deadline)
     return embedded(s.model, base)
 
 
 def embedded(model: str, base: BaseModel | None) -> Client:
     """`base`: the GGUF itself when base.model is one (llama.cpp is faster), else the mlx dir."""
-    from pipeline.base_model import resolve_source
+    from pipeline.model_source import resolve_source
 
     if model == "base":
         if base is None:

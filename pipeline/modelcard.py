@@ -61,8 +61,7 @@ def collect_facts(
     samples: int,
 ) -> dict[str, Any]:
     """Everything the card says except the git commit, as a deterministic JSON-safe dict."""
-    params = config.read_params(inputs.params)
-    base = params.get("base") or {}
+    base = config.section("base", inputs.params)
     evaluation = _tolerant_json(inputs.eval_report)
     upload = list(upload)
     return {
@@ -77,7 +76,7 @@ def collect_facts(
         "dataset": dataset_summary(inputs.dataset, inputs.dvc_lock),
         "training": {
             "seed": base.get("seed"),
-            "params": params.get("train") or {},
+            "params": config.section("train", inputs.params),
             "report": _scalars(_tolerant_json(inputs.train_report)),
         },
         "eval": {

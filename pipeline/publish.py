@@ -245,7 +245,7 @@ def gate(cfg: PublishConfig, paths: PublishPaths, *, stage: bool = False) -> lis
 
 
 def _base_license(cfg: PublishConfig, paths: PublishPaths) -> tuple[str | None, str]:
-    model = config.read_params(paths.params).get("base", {}).get("model")
+    model = config.load(config.BaseConfig, "base", paths.params).model
     found, where = modelcard.base_license(model, paths.base)
     if found or cfg.license == "auto":
         return found, where

@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.jsonl import atomic_dir, read_jsonl, write_json, write_text
+from pipeline.mlx_model import encode_chat, masked_loss
 
 CHECKPOINT_ROOT = Path(".tuneline/checkpoints")
 CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.safetensors$")
@@ -70,6 +71,7 @@ class TrainPaths:
     adapters: Path
     metrics: Path
     curve: Path
+    checkpoints: Path = CHECKPOINT_ROOT  # resumable state of unfinished runs, outside DVC outputs
 
 
 @dataclass(frozen=True)
@@ -88,23 +90,6 @@ class TrainResult:
 
 
 # --- data ------------------------------------------------------------------------------------
-
-
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]], mask_prompt: bool):
-    """Token ids of a conversation and a 0/1 mask marking the assistant tokens to learn."""
-    tokens = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-    if not mask_prompt:
-        return tokens, [1] * len(tokens)
-    mask = [0] * len(tokens)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(
-            messages[:i], tokenize=True, add_generation_prompt=True, return_dict=False))
-        end = len(tokenizer.apply_chat_template(
-            messages[: i + 1], tokenize=True, return_dict=False))
-        mask[start:end] = [1] * (end - start)
-    return tokens, mask
 
 
 def load_split(path: Path, tokenizer: Any, mask_prompt: bool) -> list[tuple[list[int], list[int]]]:
@@ -150,22 +135,6 @@ def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
                 return
 
     return iterate
-
-
-def masked_loss(model: Any, tokens: Any, mask: Any, denominator: Any = None):
-    """Mean cross-entropy over the target tokens the mask selects; returns (loss, n_tokens).
-    `denominator`: a data-parallel rank's share of the batch's targets (see batch_iterator)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    logits = model(tokens[:, :-1])
-    weights = mask[:, 1:]
-    # Cross-entropy on the model's own dtype, then float32: a float32 copy of bf16 logits
-    # (batch x length x vocab) cost 0.7-1.7 GB more peak memory on GPU (bench/README.md).
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]).astype(mx.float32) * weights
-    ntoks = weights.sum()
-    denom = mx.maximum(ntoks, 1) if denominator is None else denominator
-    return ce.sum() / denom, ntoks.astype(mx.int32)
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -323,19 +292,16 @@ class MetricsLog:
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
-        checkpoint_root: Path = CHECKPOINT_ROOT) -> TrainResult:
+def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     import mlx.core as mx
-    from mlx_lm import load
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
-    from pipeline import accel, launch
+    from pipeline import launch, mlx_model
 
     started = time.perf_counter()
     world = launch.init_world()  # size 1 unless started by `mlx.launch` (pipeline/launch.py)
     lead = world.rank() == 0
-    model, tokenizer = load(str(paths.model))
-    model.set_dtype(getattr(mx, accel.compute_dtype()))
+    model, tokenizer = mlx_model.load(paths.model)
     train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
     valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
     if cfg.pack == "auto":  # recorded resolved: the adapter config says what was done
@@ -346,7 +312,7 @@ def run(cfg: TrainConfig, seed: int, paths: TrainPaths,
 
     mx.random.seed(seed)
     apply_adapters(model, cfg)
-    ckpt_dir = checkpoint_root / run_key(cfg, seed, paths)
+    ckpt_dir = paths.checkpoints / run_key(cfg, seed, paths)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     done, ckpt = latest_checkpoint(ckpt_dir)
     if ckpt is not None:

@@ -34,6 +34,15 @@ class ValidationCrash(RuntimeError):
 class UsageError(UserError):
     """A path that cannot be validated at all (missing, unreadable): exit code 2."""
 
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class TrainLimits:
+    """The one `train` key validate checks rows against (read with `config.load_keys`)."""
+
+    max_seq_length: int
+
 
 @dataclass(frozen=True)
 class Severity:
@@ -122,15 +131,23 @@ def inputs(paths: list[Path], splits: tuple[str, ...]) -> list[tuple[Path, bool]
     return out
 
 
-def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: Path | None,
-        report_path: Path | None = None, docs: Path | None = None,
+@dataclass(frozen=True)
+class ValidatePaths:
+    inputs: list[Path]  # JSONL files, or dataset folders holding the `splits` files
+    tokenizer: Path | None  # tokenizer.json or a model folder (None: token_length is skipped)
+    report: Path | None = None  # metrics JSON to write
+    docs: Path | None = None  # GX Data Docs HTML folder to write
+
+
+def run(cfg: ValidateConfig, paths: ValidatePaths, *, max_seq_length: int,
         leak: Any = None) -> Report:
     """`leak`: validation.leakage.Leakage (curate.near_dup_threshold, evaluate.prompts); None
     checks nothing for leakage."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     from validation import frames, leakage, suites  # GX import costs seconds: only when validating
 
-    files = inputs(paths, cfg.splits)
+    files = inputs(paths.inputs, cfg.splits)
+    tokenizer, docs = paths.tokenizer, paths.docs
     tokenizer_file = _tokenizer_file(tokenizer)
     settings = suites.Settings(cfg.required_fields, cfg.answer_min_chars, cfg.answer_max_chars,
                                max_seq_length, tokenizer_file)
@@ -145,10 +162,10 @@ def run(cfg: ValidateConfig, paths: list[Path], max_seq_length: int, tokenizer: 
                     findings=findings, checks=_summary(severity, findings, tokenizer_file),
                     skipped=[] if tokenizer_file or severity["token_length"] == "off" else
                     [f"token_length: no tokenizer.json at {tokenizer}; run `dvc repro base_model`"])
-    if report_path is not None:
+    if paths.report is not None:
         # Findings too (sorted, so still unchanged for unchanged data): `review serve` shows
         # them on their rows; `dvc metrics show` lists only the numbers.
-        write_json(report_path, report.to_json())
+        write_json(paths.report, report.to_json())
     return report
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pipeline import chat
 from pipeline.cli import app
-from pipeline.evaluate import greedy_answer
+from pipeline.mlx_model import greedy_answer
 from test_evaluate import ROWS, make_trained_adapter
 
 

@@ -313,7 +313,7 @@ def test_rows_near_an_evaluate_prompt_never_land_in_train(repo):
         "How can I see which queries are running right now in PostgreSQL",
         "怎样查看正在运行的查询"])]
     repo.write(repo.paths.generated, many(40) + near)
-    r = curate.run(params(), repo.paths, prompts)
+    r = curate.run(params(), repo.paths, held_out=prompts)
     where = repo.split_of()
     assert where["n-00"] == "test" and where["n-01"] == "test"
     assert {h["id"] for h in r.report["details"]["near_evaluate_prompts"]} == {"n-00", "n-01"}
@@ -330,6 +330,7 @@ def test_curated_splits_pass_the_leakage_check(repo):
     repo.write(repo.paths.generated, rows)
     repo.run(params(valid_fraction=0.3, test_fraction=0.3))
     cfg = config.load(validate.ValidateConfig, "validate", REPO / "params.yaml")
-    report = validate.run(cfg, [repo.paths.out], 512, None, leak=Leakage(0.8, ()))
+    report = validate.run(cfg, validate.ValidatePaths([repo.paths.out], None), max_seq_length=512,
+                          leak=Leakage(0.8, ()))
     assert [f for f in report.findings if f.check == "leakage"] == []
     assert "leakage" in report.checks

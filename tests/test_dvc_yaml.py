@@ -1,11 +1,15 @@
 """dvc.yaml agrees with the code: each stage lists its own module and real params keys, and every
-params.yaml section loads into its stage's config class (no key the code does not read)."""
+params.yaml section loads into its stage's config class (no key the code does not read). Deps are
+checked against the import graph (ast, transitively, lazy imports included) and the command line:
+an undeclared module or input fails here, before a stale `dvc repro` can."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import inspect
+import shlex
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 STAGES = DVC["stages"]
-MODULE_OF_SECTION = {"base": "base_model"}  # sections named otherwise than their module
+MODULE_OF_SECTION = {"base": "config"}  # sections named otherwise than their module
 
 
 def test_pipeline_has_every_stage_of_the_design_in_order():
@@ -55,3 +59,130 @@ def test_params_section_loads_into_its_config_class(section):
                if {f.name for f in dataclasses.fields(c)} == keys]
     assert matches, f"no *Config class in pipeline/{module}.py has exactly the keys {sorted(keys)}"
     config.load(matches[0], section, ROOT / "params.yaml")  # types check out too
+
+
+# --- deps computed from the code ------------------------------------------------------------
+
+LOCAL_PACKAGES = ("pipeline", "validation")
+CLI = ROOT / "pipeline" / "cli.py"
+# Not required in deps, with the reason. cli.py only dispatches (declaring it everywhere would
+# rerun every stage when a command is added); what each command imports is checked below.
+NOT_DEPS = {"pipeline/cli.py", "pipeline/__init__.py", "pipeline/__main__.py"}
+# Paths in a stage's command that are neither deps nor outputs, with the reason.
+UNDECLARED_PATHS = {
+    ".tuneline/cache/generate": "reply cache, kept outside DVC on purpose",
+    ".tuneline/cache/evaluate": "base-model results cache, kept outside DVC on purpose",
+    "dvc.lock": "DVC's own record; a stage cannot depend on it",
+}
+
+
+def module_file(name: str) -> str | None:
+    """`pipeline.llm` -> `pipeline/llm.py` when it is a module of this repository."""
+    parts = name.split(".")
+    if parts[0] not in LOCAL_PACKAGES or len(parts) < 2:
+        return None
+    rel = Path(*parts).with_suffix(".py")
+    return rel.as_posix() if (ROOT / rel).is_file() else None
+
+
+def imports_in(tree: ast.AST) -> set[str]:
+    """Repository modules imported anywhere in `tree`, lazy imports inside functions included."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {f for f in map(module_file, names) if f is not None}
+    return found
+
+
+def closure(start: set[str]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(start)
+    while todo:
+        rel = todo.pop()
+        if rel not in seen:
+            seen.add(rel)
+            todo += imports_in(ast.parse((ROOT / rel).read_text()))
+    return seen
+
+
+def command_functions() -> dict[str, ast.FunctionDef]:
+    """cli.py's top-level commands by the name `tuneline NAME` uses."""
+    out = {}
+    for node in ast.parse(CLI.read_text()).body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for dec in node.decorator_list:
+            call = dec if isinstance(dec, ast.Call) else None
+            target = call.func if call else dec
+            if isinstance(target, ast.Attribute) and target.attr == "command" and \
+                    isinstance(target.value, ast.Name) and target.value.id == "app":
+                named = call.args[0].value if call and call.args else None  # type: ignore[attr-defined]
+                out[named or node.name.replace("_", "-")] = node
+    return out
+
+
+def cli_module_imports() -> set[str]:
+    tree = ast.parse(CLI.read_text())
+    top = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))],
+                     type_ignores=[])
+    return imports_in(top)
+
+
+def stage_code(stage: str) -> set[str]:
+    """Every repository module the stage's command runs: its cli function's imports, what cli.py
+    itself imports (params loading), and everything those import, transitively."""
+    words = shlex.split(STAGES[stage]["cmd"])
+    function = command_functions()[words[1]]
+    return closure(imports_in(function) | cli_module_imports()) - NOT_DEPS
+
+
+def covered(path: str, declared: list[str]) -> bool:
+    """Declared itself, inside a declared folder, or a folder whose read files are declared
+    one by one (train reads train.jsonl and valid.jsonl of --data, not test.jsonl)."""
+    path = path.rstrip("/")
+    return any(path == d or path.startswith(d.rstrip("/") + "/") or d.startswith(path + "/")
+               for d in declared)
+
+
+def declared_paths(spec: dict) -> list[str]:
+    paths = [str(d) for d in spec.get("deps", [])]
+    for kind in ("outs", "metrics", "plots"):
+        for entry in spec.get(kind, []):
+            paths += list(entry) if isinstance(entry, dict) else [str(entry)]
+    return paths
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_deps_include_every_module_its_command_imports(stage):
+    deps = [str(d) for d in STAGES[stage].get("deps", [])]
+    missing = sorted(m for m in stage_code(stage) if not covered(m, deps))
+    assert missing == [], f"dvc.yaml stage {stage}: add to deps: {missing}"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_path_in_a_stage_command_is_declared(stage):
+    words = shlex.split(STAGES[stage]["cmd"])
+    paths = [w for w in words[2:] if not w.startswith("-")]
+    declared = declared_paths(STAGES[stage])
+    undeclared = [p for p in paths if not covered(p, declared) and p not in UNDECLARED_PATHS]
+    assert undeclared == [], f"dvc.yaml stage {stage}: declare as deps or outs: {undeclared}"
+
+
+def test_no_stage_module_imports_another_stage_module():
+    stages = {f"pipeline/{s}.py" for s in STAGES}
+    for stage in STAGES:
+        own = f"pipeline/{stage}.py"
+        others = closure({own}) & stages - {own}
+        assert others == set(), f"{own} imports the stage module(s) {sorted(others)}"
+
+
+def test_the_import_walk_sees_lazy_imports_and_aliases():
+    tree = ast.parse("def f():\n    from pipeline import llm as l, jsonl\n    import pipeline.errors\n"
+                     "from pipeline.config import load\nimport numpy\n")
+    assert imports_in(tree) == {"pipeline/llm.py", "pipeline/jsonl.py", "pipeline/errors.py",
+                                "pipeline/config.py"}

@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from ollama_standin import Fault, StandIn
-from pipeline import config, llm
+from pipeline import config, llm, mlx_model
 from pipeline import evaluate as ev
 from pipeline.cli import app
 from pipeline.jsonl import write_jsonl
@@ -48,7 +48,7 @@ def make_trained_adapter(model_dir: Path, out: Path, rows: list[dict[str, Any]],
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from pipeline.train import masked_loss
+    from pipeline.mlx_model import masked_loss
 
     mx.random.seed(seed)
     model, tokenizer = load(str(model_dir))
@@ -81,7 +81,7 @@ def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def judge_cfg(enabled: bool, url: str = "http://127.0.0.1:9") -> ev.JudgeConfig:
     prompt = 'Reply {"winner": "A"|"B"|"tie"}.\nQ: {question}\nA: {answer_a}\nB: {answer_b}'
     return ev.JudgeConfig(backend="ollama", url=url, model="judge", api_key_env="NO_KEY",
-                          stream=True, timeout=10.0, retries=2, backoff=0.01, enabled=enabled,
+                          stream=True, timeout=10.0, deadline=60.0, retries=2, backoff=0.01, enabled=enabled,
                           max_tokens=64, prompt=prompt)
 
 
@@ -91,12 +91,12 @@ def eval_cfg(judge: bool = False, prompts: tuple[str, ...] = ("Where do I find t
                          judge=judge_cfg(judge, url))
 
 
-def paths(tmp: Path, model: Path, adapters: Path) -> ev.EvalPaths:
+def paths(tmp: Path, model: Path, adapters: Path, cache: Path | None = None) -> ev.EvalPaths:
     test = tmp / "data" / "test.jsonl"
     if not test.exists():
         write_jsonl(test, ROWS)
     return ev.EvalPaths(model, adapters, test, tmp / "reports" / "eval.json",
-                        tmp / "reports" / "compare.html")
+                        tmp / "reports" / "compare.html", cache)
 
 
 def prefer_tuned(tuned_answers: set[str], seen: list[str]) -> Any:
@@ -131,8 +131,8 @@ def test_tuned_adapter_lowers_test_loss_and_reports_both_models(
         tiny_model_dir: Path, adapter_dir: Path, tmp_path: Path) -> None:
     xss = "<script>alert('x')</script> & more?"
     p = paths(tmp_path, tiny_model_dir, adapter_dir)
-    result = ev.run(eval_cfg(prompts=("Where do I find the logs?", xss)),
-                    ev.LossSpec(max_seq_length=512, mask_prompt=True), p, seed=0)
+    result = ev.run(eval_cfg(prompts=("Where do I find the logs?", xss)), p,
+                    spec=ev.LossSpec(max_seq_length=512, mask_prompt=True), seed=0)
 
     report = json.loads(p.metrics.read_text())
     base, tuned = report["base"], report["tuned"]
@@ -160,7 +160,7 @@ def test_batched_answers_match_one_prompt_at_a_time(tiny_model_dir: Path) -> Non
     model, tokenizer = load(str(tiny_model_dir))
     prompts = ev.prompts_for(ROWS, eval_cfg(n_samples=3, prompts=("Where is the config?",)))
     batched = ev.batch_answers(model, tokenizer, prompts, 16)
-    single = [ev.greedy_answer(model, tokenizer, p.messages, 16) for p in prompts]
+    single = [mlx_model.greedy_answer(model, tokenizer, p.messages, 16) for p in prompts]
     assert [b["answer"] for b in batched] == [s["answer"] for s in single]
     assert [b["finish_reason"] for b in batched] == [s["finish_reason"] for s in single]
     assert ev.batch_answers(model, tokenizer, [], 16) == []
@@ -175,15 +175,15 @@ def test_base_results_are_reused_when_only_the_adapter_changes(
     other = make_trained_adapter(tiny_model_dir, tmp_path / "other", ROWS[:1], steps=5, seed=1)
     cache, spec = tmp_path / "cache", ev.LossSpec(512, True)
 
-    ev.run(eval_cfg(), spec, paths(tmp_path / "a", tiny_model_dir, adapter_dir), cache=cache)
+    ev.run(eval_cfg(), paths(tmp_path / "a", tiny_model_dir, adapter_dir, cache), spec=spec)
     first = json.loads((tmp_path / "a" / "reports" / "eval.json").read_text())
-    ev.run(eval_cfg(), spec, paths(tmp_path / "b", tiny_model_dir, other), cache=cache)
+    ev.run(eval_cfg(), paths(tmp_path / "b", tiny_model_dir, other, cache), spec=spec)
     second = json.loads((tmp_path / "b" / "reports" / "eval.json").read_text())
     assert len(calls) == 3  # base + tuned, then the new tuned only
     assert second["base"] == first["base"] and second["tuned"] != first["tuned"]
 
-    ev.run(eval_cfg(), ev.LossSpec(64, True), paths(tmp_path / "c", tiny_model_dir, other),
-           cache=cache)
+    ev.run(eval_cfg(), paths(tmp_path / "c", tiny_model_dir, other, cache),
+           spec=ev.LossSpec(64, True))
     assert len(calls) == 5  # a train knob the loss depends on: the base is scored again
 
 
@@ -247,8 +247,8 @@ def test_judge_runs_in_the_stage_against_an_ollama_server(tiny_model_dir: Path, 
     tie = lambda messages, options: '{"winner": "tie", "reason": "both <b>fine</b>"}'  # noqa: E731
     with StandIn(models=("judge",), reply=tie) as server:
         server.fail(Fault("status", status=500))  # retried, as generation requests are
-        ev.run(eval_cfg(judge=True, n_samples=1, prompts=(), url=server.url),
-               ev.LossSpec(512, True), p, seed=0)
+        ev.run(eval_cfg(judge=True, n_samples=1, prompts=(), url=server.url), p,
+               spec=ev.LossSpec(512, True), seed=0)
         sent = [r for r in server.requests if r.get("path") == "/api/chat"]
     report = json.loads(p.metrics.read_text())
     assert report["judge"]["ties"] == 1 and report["judge"]["model"] == "judge"
@@ -273,7 +273,7 @@ def test_parse_verdict_reads_json_and_plain_replies(reply: str, pick: str) -> No
 def test_missing_adapter_names_the_stage_to_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     p = paths(tmp_path, tiny_model_dir, tmp_path / "models" / "adapters")
     with pytest.raises(ev.EvalError, match="dvc repro train"):
-        ev.run(eval_cfg(), ev.LossSpec(512, True), p)
+        ev.run(eval_cfg(), p, spec=ev.LossSpec(512, True))
 
 
 def test_empty_test_split_is_a_user_error(tmp_path: Path) -> None:
@@ -282,11 +282,16 @@ def test_empty_test_split_is_a_user_error(tmp_path: Path) -> None:
         ev.read_test(tmp_path / "test.jsonl")
 
 
-def test_loss_spec_names_the_train_key_that_is_wrong() -> None:
-    with pytest.raises(ev.EvalError, match=r"train\.mask_prompt"):
-        ev.loss_spec({"train": {"max_seq_length": 512, "mask_prompt": "yes"}}, "params.yaml")
-    with pytest.raises(ev.EvalError, match=r"train\.max_seq_length missing"):
-        ev.loss_spec({"train": {"mask_prompt": True}}, "params.yaml")
+def test_loss_spec_names_the_train_key_that_is_wrong(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    packing = {"pack": False, "pack_width": 1024}
+    path.write_text(yaml.safe_dump({"train": {"max_seq_length": 512, "mask_prompt": "yes",
+                                              **packing}}))
+    with pytest.raises(config.ConfigError, match=r"train\.mask_prompt"):
+        ev.loss_spec(path)
+    path.write_text(yaml.safe_dump({"train": {"mask_prompt": True, **packing}}))
+    with pytest.raises(config.ConfigError, match=r"train\.max_seq_length missing"):
+        ev.loss_spec(path)
 
 
 def test_cli_runs_the_stage_from_params_yaml(tiny_model_dir: Path, adapter_dir: Path,
@@ -308,7 +313,7 @@ def test_cli_runs_the_stage_from_params_yaml(tiny_model_dir: Path, adapter_dir: 
 
 def test_dvc_stage_declares_the_module_inputs_and_params() -> None:
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]
-    assert {"pipeline/evaluate.py", "pipeline/train.py", "models/base", "models/adapters",
+    assert {"pipeline/evaluate.py", "pipeline/mlx_model.py", "models/base", "models/adapters",
             "data/dataset/test.jsonl"} <= set(stage["deps"])
     assert set(stage["params"]) == {"base.seed", "train.max_seq_length", "train.mask_prompt",
                                     "evaluate"}
@@ -318,7 +323,7 @@ def test_dvc_stage_declares_the_module_inputs_and_params() -> None:
         assert flag in stage["cmd"]
     cfg = config.load(ev.EvalConfig, "evaluate", REPO / "params.yaml")
     assert cfg.judge.enabled is False  # no server needed by default
-    ev.loss_spec(config.read_params(REPO / "params.yaml"), "params.yaml")
+    ev.loss_spec(REPO / "params.yaml")
 
 
 def test_shipped_judge_prompt_fills_without_touching_its_json_example() -> None:

@@ -89,7 +89,7 @@ def paths(tmp_path: Path) -> GeneratePaths:
 
 
 def go(cfg: GenerateConfig, paths: GeneratePaths, client: Any, seed: int = BASE_SEED):
-    return run(cfg, seed, paths, client=client, progress=io.StringIO(), sleep=lambda s: None)
+    return run(cfg, paths, seed=seed, client=client, progress=io.StringIO(), sleep=lambda s: None)
 
 
 def rows_of(path: Path) -> list[dict[str, Any]]:
@@ -313,7 +313,7 @@ def test_server_killed_mid_run_keeps_finished_answers_and_rerun_asks_only_the_re
                    backoff=0.05)
     try:
         with pytest.raises(llm.LLMError, match=rf"{url}.*'tiny'.*connection refused"):
-            run(cfg, BASE_SEED, paths, progress=io.StringIO())
+            run(cfg, paths, seed=BASE_SEED, progress=io.StringIO())
     finally:
         killer.join()
         proc.wait()
@@ -322,7 +322,7 @@ def test_server_killed_mid_run_keeps_finished_answers_and_rerun_asks_only_the_re
     log2 = tmp_path / "served2.jsonl"
     proc2, url2 = start_standin(log2)
     try:
-        result = run(replace(cfg, url=url2), BASE_SEED, paths, progress=io.StringIO())
+        result = run(replace(cfg, url=url2), paths, seed=BASE_SEED, progress=io.StringIO())
     finally:
         proc2.kill()
         proc2.wait()
@@ -382,7 +382,7 @@ def test_embedded_default_answers_with_llama_cpp(paths):
     write_questions(paths.questions, 2)
     cfg = base_cfg(max_tokens=24, followup_max_tokens=16)
     assert cfg.backend == "embedded" and cfg.model == "base"
-    result = run(cfg, BASE_SEED, paths, base=llm.BaseModel(EMBEDDED, Path("unused")),
+    result = run(cfg, paths, seed=BASE_SEED, base=llm.BaseModel(EMBEDDED, Path("unused")),
                  progress=io.StringIO())
     rows = rows_of(paths.out)
     assert result.requests == 4 and all(r["answer"].strip() for r in rows)
@@ -398,9 +398,10 @@ def test_dvc_repro_after_editing_one_question_sends_two_requests(tmp_path):
     (repo / "data").mkdir()
     (repo / "models" / "base").mkdir(parents=True)
     (repo / "models" / "base" / "stand-in").write_text("the base_model stage's output\n")
-    for name in ("generate.py", "llm.py"):
-        shutil.copy(REPO / "pipeline" / name, repo / "pipeline" / name)
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["generate"]
+    for dep in stage["deps"]:  # the stage's code, as declared
+        if dep.startswith("pipeline/"):
+            shutil.copy(REPO / dep, repo / dep)
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"generate": stage}}))
     log = tmp_path / "served.jsonl"
     server, url = start_standin(log)

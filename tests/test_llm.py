@@ -24,7 +24,7 @@ HELLO = [{"role": "user", "content": "How do I list tables in psql?"}]
 
 def settings(backend: str = "ollama", url: str = "", **kw: object) -> llm.LLMSettings:
     base = {"backend": backend, "url": url, "model": "tiny", "api_key_env": "TUNELINE_TEST_KEY",
-            "stream": True, "timeout": 5.0, "retries": 3, "backoff": 0.01}
+            "stream": True, "timeout": 5.0, "deadline": 60.0, "retries": 3, "backoff": 0.01}
     return llm.LLMSettings(**{**base, **kw})  # type: ignore[arg-type]
 
 

@@ -10,7 +10,7 @@ import pytest
 from test_train import make_paths, params_train
 
 from pipeline import evaluate as ev
-from pipeline import packing, train
+from pipeline import mlx_model, packing, train
 
 QUESTIONS = ["How do I vacuum table t?", "Where are the logs",
              "Which index fits a LIKE 'x%' query on a text column in PostgreSQL?", "Why?",
@@ -26,7 +26,7 @@ def rows(tok, mask_prompt=True):
         if i == 2:
             msgs += [{"role": "user", "content": "And then?"},
                      {"role": "assistant", "content": "Check pg_stat_user_tables."}]
-        out.append(train.encode_chat(tok, msgs, mask_prompt))
+        out.append(mlx_model.encode_chat(tok, msgs, mask_prompt))
     return out
 
 
@@ -61,7 +61,7 @@ def loaded(tiny_model_dir):
 def test_packed_loss_equals_padded_loss_on_the_same_rows(loaded, mask_prompt):
     model, tok = loaded
     encoded = rows(tok, mask_prompt)
-    loss, n = train.masked_loss(model, *padded(encoded))
+    loss, n = mlx_model.masked_loss(model, *padded(encoded))
     width = sum(len(t) for t, _ in encoded) // 2 + 8  # two or three rows share a sequence
     p_loss, p_n = packing.packed_loss(model, *packed(encoded, width, 4))
     assert int(p_n.item()) == int(n.item()) > 0
@@ -107,7 +107,7 @@ def test_packed_training_steps_give_the_padded_adapter(tiny_model_dir):
         opt = train.build_optimizer(cfg, 3, 0)
         encoded = rows(tok)
         step_rows = [encoded[:3], encoded[3:], encoded]
-        loss_fn = packing.packed_loss if pack else train.masked_loss
+        loss_fn = packing.packed_loss if pack else mlx_model.masked_loss
         grad = nn.value_and_grad(model, loss_fn)
         for group in step_rows:
             batch = packed(group, 256, 3) if pack else padded(group)
@@ -144,7 +144,7 @@ def test_train_stage_packed_lowers_validation_loss_with_epochs_from_the_layout(
     cfg = dataclasses.replace(params_train(), pack=True, pack_width=128, tokens_per_step=256,
                               max_seq_length=128, epochs=3.0, warmup=1)
     paths = make_paths(tmp_path, tiny_model_dir)
-    result = train.run(cfg, seed=0, paths=paths, checkpoint_root=tmp_path / "ckpt")
+    result = train.run(cfg, dataclasses.replace(paths, checkpoints=tmp_path / "ckpt"), seed=0)
     curve = paths.curve.read_text().splitlines()
     first_val = float(curve[1].split("\t")[2])
     assert result.val_loss < first_val
@@ -164,8 +164,8 @@ def test_packing_settings_that_cannot_work_fail_with_the_key(tiny_model_dir, tmp
                                                  "tokens_per_step": 256, "max_seq_length": 128,
                                                  **change})
     with pytest.raises(packing.PackingError, match=message):
-        train.run(cfg, seed=0, paths=make_paths(tmp_path, tiny_model_dir),
-                  checkpoint_root=tmp_path / "ckpt")
+        paths = make_paths(tmp_path, tiny_model_dir)
+        train.run(cfg, dataclasses.replace(paths, checkpoints=tmp_path / "ckpt"), seed=0)
 
 
 def test_evaluate_scores_the_same_loss_packed(loaded):

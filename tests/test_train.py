@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,23 +37,10 @@ def make_paths(root: Path, model: Path) -> TrainPaths:
                       root / "reports/train_loss.tsv")
 
 
-def test_loss_mask_covers_every_assistant_turn_and_nothing_else(tiny_model_dir):
-    from mlx_lm import load
-
-    _, tok = load(str(tiny_model_dir))
-    messages = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A one"},
-                {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A two"}]
-    tokens, mask = train.encode_chat(tok, messages, mask_prompt=True)
-    learned = tok.decode([t for t, m in zip(tokens, mask) if m])
-    assert learned == "A one<|im_end|>\nA two<|im_end|>\n"
-    _, full = train.encode_chat(tok, messages, mask_prompt=False)
-    assert all(full)
-
-
 def test_training_lowers_validation_loss_and_leaves_only_the_final_adapter(tiny_model_dir, tmp_path):
     paths = make_paths(tmp_path, tiny_model_dir)
     ckpts = tmp_path / "ckpt"
-    result = train.run(params_train(), seed=0, paths=paths, checkpoint_root=ckpts)
+    result = train.run(params_train(), replace(paths, checkpoints=ckpts), seed=0)
     assert sorted(p.name for p in paths.adapters.iterdir()) == [
         "adapter_config.json", "adapters.safetensors"]
     curve = paths.curve.read_text().splitlines()
@@ -72,7 +60,7 @@ def test_same_seed_gives_identical_adapters(tiny_model_dir, tmp_path):
     outs = []
     for run_id in ("a", "b"):
         paths = make_paths(tmp_path / run_id, tiny_model_dir)
-        train.run(cfg, seed=7, paths=paths, checkpoint_root=tmp_path / run_id / "ckpt")
+        train.run(cfg, replace(paths, checkpoints=tmp_path / run_id / "ckpt"), seed=7)
         outs.append(mx.load(str(paths.adapters / "adapters.safetensors")))
     for name in outs[0]:
         np.testing.assert_array_equal(np.array(outs[0][name]), np.array(outs[1][name]))
@@ -91,10 +79,10 @@ def test_interrupted_training_resumes_from_last_checkpoint(tiny_model_dir, tmp_p
 
     monkeypatch.setattr(train.MetricsLog, "on_train_loss_report", crash_after_step_6)
     with pytest.raises(KeyboardInterrupt):
-        train.run(params_train(), seed=0, paths=paths, checkpoint_root=ckpts)
+        train.run(params_train(), replace(paths, checkpoints=ckpts), seed=0)
     assert not paths.adapters.exists()  # no half-written DVC output
     monkeypatch.setattr(train.MetricsLog, "on_train_loss_report", original)
-    result = train.run(params_train(), seed=0, paths=paths, checkpoint_root=ckpts)
+    result = train.run(params_train(), replace(paths, checkpoints=ckpts), seed=0)
     assert result.resumed_from == 4  # save_every=4: the last checkpoint before the crash
     assert "resuming from checkpoint" in capsys.readouterr().out
     steps = [int(line.split("\t")[0]) for line in paths.curve.read_text().splitlines()[1:]]
@@ -110,8 +98,8 @@ def test_interrupted_training_resumes_from_last_checkpoint(tiny_model_dir, tmp_p
 def test_inconsistent_settings_fail_with_the_numbers(tiny_model_dir, tmp_path, change, message):
     paths = make_paths(tmp_path, tiny_model_dir)
     with pytest.raises(TrainError, match=message):
-        train.run(dataclasses.replace(params_train(), **change), seed=0, paths=paths,
-                  checkpoint_root=tmp_path / "ckpt")
+        train.run(dataclasses.replace(params_train(), **change),
+                  replace(paths, checkpoints=tmp_path / "ckpt"), seed=0)
 
 
 def test_fused_model_matches_base_plus_adapter(tiny_model_dir, tmp_path):
@@ -119,9 +107,9 @@ def test_fused_model_matches_base_plus_adapter(tiny_model_dir, tmp_path):
     from mlx_lm import load
 
     paths = make_paths(tmp_path, tiny_model_dir)
-    train.run(dataclasses.replace(params_train(), iters=4), seed=0, paths=paths,
-              checkpoint_root=tmp_path / "ckpt")
-    fuse.run(tiny_model_dir, paths.adapters, tmp_path / "fused")
+    train.run(dataclasses.replace(params_train(), iters=4),
+              replace(paths, checkpoints=tmp_path / "ckpt"), seed=0)
+    fuse.run(fuse.FusePaths(tiny_model_dir, paths.adapters, tmp_path / "fused"))
     with_adapter, tok = load(str(tiny_model_dir), adapter_path=str(paths.adapters))
     fused, _ = load(str(tmp_path / "fused"))
     plain, _ = load(str(tiny_model_dir))
@@ -150,8 +138,8 @@ def test_quantized_base_trains_as_qlora(tiny_model_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(tiny_model_dir / name, qdir / name)
     paths = make_paths(tmp_path, qdir)
-    result = train.run(dataclasses.replace(params_train(), iters=4), seed=0, paths=paths,
-                       checkpoint_root=tmp_path / "ckpt")
+    result = train.run(dataclasses.replace(params_train(), iters=4),
+                       replace(paths, checkpoints=tmp_path / "ckpt"), seed=0)
     adapter = mx.load(str(paths.adapters / "adapters.safetensors"))
     assert adapter and all(k.endswith(("lora_a", "lora_b")) for k in adapter)
     assert result.val_loss == result.val_loss  # finite, not NaN

@@ -24,8 +24,8 @@ WORKER = textwrap.dedent("""
     root = Path({tmp!r}) / f"rank{{world.rank()}}"
     cfg = dataclasses.replace(params_train(), iters=4, batch_size=4, steps_per_eval=4,
                               **json.loads({extra!r}))
-    result = train.run(cfg, seed=3, paths=make_paths(root, Path({model!r})),
-                       checkpoint_root=root / "ckpt")
+    paths = dataclasses.replace(make_paths(root, Path({model!r})), checkpoints=root / "ckpt")
+    result = train.run(cfg, paths, seed=3)
     print("RESULT " + json.dumps({{"rank": world.rank(), "size": result.world_size,
                                    "sha": result.adapter_sha256}}), flush=True)
 """)

@@ -121,7 +121,7 @@ def cfg(params_file: Path, **severity) -> stage.ValidateConfig:
 def defects(tmp_path_factory, params_file, tokenizer):
     path = write_lines(tmp_path_factory.mktemp("defects") / "train.jsonl", LINES)
     before = hashlib.sha256(path.read_bytes()).hexdigest()
-    report = stage.run(cfg(params_file), [path], MAX_SEQ, tokenizer)
+    report = stage.run(cfg(params_file), stage.ValidatePaths([path], tokenizer), max_seq_length=MAX_SEQ)
     return path, before, report
 
 
@@ -161,8 +161,9 @@ def dataset(root: Path, rows: int = 6, splits=("train", "valid", "test")) -> Pat
 def test_a_clean_dataset_passes_and_writes_metrics_and_data_docs(tmp_path, params_file,
                                                                   tokenizer):
     data = dataset(tmp_path / "dataset")
-    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer.parent,
-                       tmp_path / "validation.json", tmp_path / "docs")
+    paths = stage.ValidatePaths([data], tokenizer.parent, tmp_path / "validation.json",
+                                tmp_path / "docs")
+    report = stage.run(cfg(params_file), paths, max_seq_length=MAX_SEQ)
     assert report.ok and report.findings == []
     metrics = json.loads((tmp_path / "validation.json").read_text())
     assert metrics["rows"] == 18 and metrics["errors"] == 0
@@ -176,7 +177,7 @@ def test_missing_and_empty_splits_and_leakage_across_splits(tmp_path, params_fil
     write_lines(data / "valid.jsonl", [])
     with (data / "train.jsonl").open("a") as fh:
         fh.write(json.dumps(chat("t-9", "Question train number 0?", OK)) + "\n")
-    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer)
+    report = stage.run(cfg(params_file), stage.ValidatePaths([data], tokenizer), max_seq_length=MAX_SEQ)
     found = {(Path(f.file).name, f.line, f.check) for f in report.findings}
     assert found == {("valid.jsonl", None, "splits"), ("test.jsonl", None, "splits"),
                      ("train.jsonl", 1, "duplicate_question"),
@@ -186,7 +187,7 @@ def test_missing_and_empty_splits_and_leakage_across_splits(tmp_path, params_fil
 def test_duplicates_across_files_are_leakage(tmp_path, params_file, tokenizer):
     data = dataset(tmp_path / "dataset")
     write_lines(data / "test.jsonl", [chat("leak", "Question train number 3?", OK)])
-    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer)
+    report = stage.run(cfg(params_file), stage.ValidatePaths([data], tokenizer), max_seq_length=MAX_SEQ)
     assert {(Path(f.file).name, f.line) for f in report.findings} == {
         ("train.jsonl", 4), ("test.jsonl", 1)}
 
@@ -203,7 +204,8 @@ def test_near_duplicates_across_splits_are_leaks_naming_both_rows(tmp_path, para
                                       chat("te-2", "What is a tablespace?", OK)])
     write_lines(data / "valid.jsonl", [chat("va-1", "怎样修改用户密码", OK)])
     leak = Leakage(0.8, ())
-    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer, leak=leak)
+    report = stage.run(cfg(params_file), stage.ValidatePaths([data], tokenizer),
+                       max_seq_length=MAX_SEQ, leak=leak)
     found = {(f.id, f.check) for f in report.findings}
     assert found == {("tr-1", "leakage"), ("te-1", "leakage"), ("tr-2", "leakage"),
                      ("va-1", "leakage")}
@@ -223,8 +225,8 @@ def test_a_train_row_near_an_evaluate_prompt_is_a_leak(tmp_path, params_file, to
     write_lines(data / "test.jsonl", [chat("te-1", "How do I see running queries?", OK)])
     prompts = ("What is the difference between VACUUM and VACUUM FULL?",
                "How do I see which queries are running right now?")
-    report = stage.run(cfg(params_file), [data], MAX_SEQ, tokenizer,
-                       leak=Leakage(0.8, prompts))
+    report = stage.run(cfg(params_file), stage.ValidatePaths([data], tokenizer),
+                       max_seq_length=MAX_SEQ, leak=Leakage(0.8, prompts))
     assert [(f.id, f.check) for f in report.findings] == [("tr-1", "leakage")]
     assert "evaluate.prompts[0]" in report.findings[0].message
 
@@ -232,15 +234,18 @@ def test_a_train_row_near_an_evaluate_prompt_is_a_leak(tmp_path, params_file, to
 def test_warning_severity_passes_and_off_skips(tmp_path, params_file, tokenizer):
     refusal = chat("a", "Refusal?", "As an AI language model, no.")
     path = write_lines(tmp_path / "x.jsonl", [refusal])
-    warned = stage.run(cfg(params_file, refusal="warning"), [path], MAX_SEQ, tokenizer)
+    warned = stage.run(cfg(params_file, refusal="warning"), stage.ValidatePaths([path], tokenizer),
+                       max_seq_length=MAX_SEQ)
     assert warned.ok and [f.severity for f in warned.findings] == ["warning"]
-    skipped = stage.run(cfg(params_file, refusal="off"), [path], MAX_SEQ, tokenizer)
+    skipped = stage.run(cfg(params_file, refusal="off"), stage.ValidatePaths([path], tokenizer),
+                         max_seq_length=MAX_SEQ)
     assert skipped.findings == [] and "refusal" not in skipped.checks
 
 
 def test_without_a_tokenizer_token_length_is_skipped_and_said_so(tmp_path, params_file):
     path = write_lines(tmp_path / "x.jsonl", [chat("a", "Long?", LONG)])
-    report = stage.run(cfg(params_file), [path], MAX_SEQ, tmp_path / "no-model")
+    report = stage.run(cfg(params_file), stage.ValidatePaths([path], tmp_path / "no-model"),
+                       max_seq_length=MAX_SEQ)
     assert report.ok and "token_length" not in report.checks
     assert report.skipped and "dvc repro base_model" in report.skipped[0]
 
@@ -254,7 +259,7 @@ def test_a_check_that_crashes_inside_gx_fails_loudly(tmp_path, params_file, monk
     monkeypatch.setattr(patterns, "is_refusal", boom)
     path = write_lines(tmp_path / "x.jsonl", [chat("a", "Fine?", OK)])
     with pytest.raises(stage.ValidationCrash, match="check refusal could not run.*kaboom"):
-        stage.run(cfg(params_file), [path], MAX_SEQ, None)
+        stage.run(cfg(params_file), stage.ValidatePaths([path], None), max_seq_length=MAX_SEQ)
 
 
 def test_severity_keys_are_exactly_the_checks_of_the_suites():
