@@ -309,7 +309,8 @@ def train(
     curve: Annotated[Path, typer.Option(help="reports/train_loss.tsv")],
 ) -> None:
     """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset."""
-    from pipeline import launch, train as stage
+    from pipeline import launch
+    from pipeline import train as stage
 
     params = params_of(ctx)
     cfg, seed = params.load(stage.TrainConfig, "train"), params.base.seed
