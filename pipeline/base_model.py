@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline import gguf_file, gguf_tokenizer, repo_facts
 from pipeline.config import BaseConfig
-from pipeline.jsonl import atomic_dir
+from pipeline.jsonl import atomic_dir, check_safetensors
 from pipeline.model_source import (  # noqa: F401 - re-exported: doctor, llm and tests use them
     EMBEDDED,
     EMBEDDED_FILE,
@@ -85,6 +85,8 @@ def _package_version() -> str:
 
 def _copy_hf_dir(src: Path, dst: Path) -> None:
     for item in src.iterdir():
+        if item.suffix == ".safetensors":
+            check_safetensors(item)  # a teammate's copy cut short must not become the base
         if item.name in HF_FILES or item.suffix == ".safetensors" or item.name.endswith(".json"):
             shutil.copy2(item, dst / item.name)
 

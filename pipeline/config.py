@@ -46,11 +46,23 @@ def read_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
         raise ConfigError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x}); re-save the "
+                          "file as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(_yaml_error(path, exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return data
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """PyYAML's messages span lines: one line with the place, as every other error here."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return (f"{where}: not valid YAML ({problem}); indent with spaces and keep the layout of "
+            "the shipped params.yaml")
 
 
 def load(cls: type[T], section: str, path: Path | str = PARAMS_FILE) -> T:

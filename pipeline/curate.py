@@ -35,7 +35,7 @@ from pipeline import corrections as corr_mod
 from pipeline import formats, neardup
 from pipeline.errors import UserError
 from pipeline.formats import Conversation
-from pipeline.jsonl import iter_jsonl_numbered, paused_gc, write_json, write_jsonl
+from pipeline.jsonl import atomic_dir, iter_jsonl_numbered, paused_gc, write_json, write_jsonl
 from validation import patterns
 
 SPLITS = ("train", "valid", "test")
@@ -98,8 +98,9 @@ def _run(cfg: CurateConfig, paths: CuratePaths, held_out: tuple[str, ...]) -> Cu
     if cfg.system_prompt is not None:
         kept = [_with_system(c, cfg.system_prompt) for c in kept]
     splits, moved = split(kept, cfg, family, {h["id"] for h in held})
-    for name in SPLITS:
-        write_jsonl(paths.out / f"{name}.jsonl", [dataset_row(c) for c in splits[name]])
+    with atomic_dir(paths.out) as tmp:  # the three splits as one unit: a kill never mixes runs
+        for name in SPLITS:
+            write_jsonl(tmp / f"{name}.jsonl", [dataset_row(c) for c in splits[name]])
     report = _report(splits, generated, imported, applied, duplicates, bad, moved)
     report["details"]["near_evaluate_prompts"] = held
     write_json(paths.report, report)

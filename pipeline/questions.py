@@ -248,8 +248,11 @@ def run(
     near_dup_threshold: float,
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     sleep: Callable[[float], None] = time.sleep,
+    corrections_path: Path | None = None,
 ) -> DraftResult:
     existing = read_jsonl(questions_path) if questions_path.exists() else []
+    corrections_path = corrections_path or questions_path.with_name("corrections.jsonl")
+    taken = existing + (read_jsonl(corrections_path) if corrections_path.exists() else [])
     prompt, prompt_id = render_prompt(cfg)
     client = client or llm.connect(cfg, base)
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
@@ -262,7 +265,7 @@ def run(
         drafts, [str(r.get("question", "")) for r in existing], near_dup_threshold)
     created = now().isoformat(timespec="seconds")
     rows = [draft_row(qid, d, client.model, prompt_id, created)
-            for qid, d in zip(next_ids(existing), kept)]
+            for qid, d in zip(next_ids(taken), kept)]
     if rows and not dry_run:
         append_rows(questions_path, rows)
     return DraftResult(rows, dropped, len(drafts), prompt_id)
@@ -276,6 +279,8 @@ def draft_row(qid: str, d: Draft, model: str, prompt_id: str, created: str) -> d
 
 
 def next_ids(existing: list[dict[str, Any]]) -> Iterator[str]:
+    """Ids above every id in use, corrections included: a correction for a deleted question
+    must never apply to a new, unrelated one that inherited its id."""
     numbers = [int(m.group(1)) for r in existing
                if (m := re.fullmatch(r"q-(\d+)", str(r.get("id", ""))))]
     n = max(numbers, default=0)

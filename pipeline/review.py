@@ -23,6 +23,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,23 @@ class ReviewError(UserError):
 
 def digest(text: str) -> str:
     return hashlib.sha256(_norm(text).encode()).hexdigest()[:16]
+
+
+# A cell starting with one of these runs as a formula in spreadsheet apps (CSV injection), and
+# "- item" comes back as #NAME?. Export prefixes such cells (and ones starting with the quote
+# itself) with a quote, which apps show as text; apply removes exactly that quote again.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+SPREADSHEET_ERRORS = re.compile(
+    r"#(NAME\?|VALUE!|REF!|DIV/0!|N/A|NUM!|NULL!|ERROR!|SPILL!|CALC!)|Err:\d{3}")
+
+
+def escape_cell(text: str) -> str:
+    stripped = text.lstrip()
+    return "'" + stripped if stripped.startswith(FORMULA_START) else text
+
+
+def unescape_cell(text: str) -> str:
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_START) else text
 
 
 def _norm(text: str | None) -> str:
@@ -80,7 +98,7 @@ def _sheet_row(row: dict[str, Any], split: str) -> dict[str, str]:
     cells = dict(zip(EDITABLE, turns[:4]))
     base = {k: digest(v) for k, v in cells.items()}
     return {"id": row["id"], "action": "", "split": split, "source": row.get("source", ""),
-            **cells, "_base": json.dumps(base, sort_keys=True)}
+            **{k: escape_cell(v) for k, v in cells.items()}, "_base": json.dumps(base, sort_keys=True)}
 
 
 def _dropped_rows(corrections: Path, questions: Path) -> list[dict[str, str]]:
@@ -95,52 +113,66 @@ def _dropped_rows(corrections: Path, questions: Path) -> list[dict[str, str]]:
             seen.add(corr.id)
             question = known.get(corr.id) or corr.row.get("question") or ""
             out.append({"id": corr.id, "action": "drop", "split": "", "source": "",
-                        "question": question, "answer": "", "followup": "",
+                        "question": escape_cell(question), "answer": "", "followup": "",
                         "followup_answer": "", "_base": json.dumps({"drop": True})})
     return out
 
 
 @dataclass
 class Lines:
-    """data/corrections.jsonl as editable lines: untouched lines are written back unchanged."""
+    """data/corrections.jsonl as editable lines: untouched lines are written back byte for byte.
 
-    rows: list[dict[str, Any]]
+    Lines end at "\n" only, as JSONL defines them: str.splitlines() would also break at U+2028,
+    U+2029 and U+0085 inside an expert's text and put the rows and lines out of step. Each text keeps
+    its own line ending (CRLF stays CRLF); blank lines stay where they are (row None).
+    """
+
+    rows: list[dict[str, Any] | None]
     texts: list[str]
 
     @classmethod
     def read(cls, path: Path) -> Lines:
         if not path.exists():
             return cls([], [])
-        rows = read_jsonl(path)
-        texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
-        return cls(rows, texts)
+        read_jsonl(path)  # the line-numbered errors for bad lines
+        texts = re.findall(r"[^\n]*\n|[^\n]+$", path.read_bytes().decode("utf-8"))
+        return cls([json.loads(t) if t.strip() else None for t in texts], texts)
+
+    def _newline(self) -> str:
+        return "\r\n" if self.texts and self.texts[0].endswith("\r\n") else "\n"
+
+    def _hits(self, rid: str, action: str) -> list[int]:
+        return [i for i, r in enumerate(self.rows)
+                if r is not None and r.get("id") == rid and r.get("action") == action]
 
     def find(self, rid: str, action: str) -> dict[str, Any] | None:
-        hits = [r for r in self.rows if r.get("id") == rid and r.get("action") == action]
-        return hits[-1] if hits else None
+        hits = self._hits(rid, action)
+        return self.rows[hits[-1]] if hits else None
 
     def set(self, row: dict[str, Any]) -> bool:
         """Replace the last line with this id and action, or append; True if anything changed."""
-        idx = [i for i, r in enumerate(self.rows)
-               if r.get("id") == row["id"] and r.get("action") == row["action"]]
+        idx = self._hits(row["id"], row["action"])
         if idx and self.rows[idx[-1]] == row:
             return False
         if idx:
-            self.rows[idx[-1]], self.texts[idx[-1]] = row, dumps(row)
+            old = self.texts[idx[-1]]
+            ending = old[len(old.rstrip("\r\n")):] or self._newline()
+            self.rows[idx[-1]], self.texts[idx[-1]] = row, dumps(row) + ending
         else:
+            if self.texts and not self.texts[-1].endswith("\n"):
+                self.texts[-1] += self._newline()
             self.rows.append(row)
-            self.texts.append(dumps(row))
+            self.texts.append(dumps(row) + self._newline())
         return True
 
     def remove(self, rid: str, action: str) -> bool:
-        keep = [i for i, r in enumerate(self.rows)
-                if not (r.get("id") == rid and r.get("action") == action)]
-        changed = len(keep) != len(self.rows)
-        self.rows, self.texts = [self.rows[i] for i in keep], [self.texts[i] for i in keep]
-        return changed
+        gone = set(self._hits(rid, action))
+        self.rows = [r for i, r in enumerate(self.rows) if i not in gone]
+        self.texts = [t for i, t in enumerate(self.texts) if i not in gone]
+        return bool(gone)
 
     def write(self, path: Path) -> None:
-        write_text(path, "".join(t + "\n" for t in self.texts))
+        write_text(path, "".join(self.texts))
 
 
 @dataclass
@@ -151,7 +183,11 @@ class ApplyResult:
 
 def apply(sheet: Path, corrections: Path, dataset: Path) -> ApplyResult:
     """Sheet edits -> corrections; idempotent."""
-    edits = [Edit(f"sheet row {n}", cells, _base(n, cells)) for n, cells in _read_sheet(sheet)]
+    edits = []
+    for n, cells in _read_sheet(sheet):
+        base = _base(n, cells)
+        _check_no_spreadsheet_error(sheet, n, cells, base)
+        edits.append(Edit(f"sheet row {n}", cells, base))
     return save_edits(edits, corrections, dataset)
 
 
@@ -222,14 +258,47 @@ def _reviewed(cells: dict[str, str], on: bool, lines: Lines, result: ApplyResult
 def _read_sheet(sheet: Path) -> list[tuple[int, dict[str, str]]]:
     if not sheet.exists():
         raise ReviewError(f"{sheet}: not found; run `tuneline review export --sheet {sheet}` first")
-    with sheet.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
+    text = _decode(sheet)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ReviewError(f"{sheet}: columns {missing} are missing; keep the exported header "
                               "row (you may reorder columns, not rename them)")
         # Row 1 is the header, as a spreadsheet app numbers it.
-        return [(n, {c: _norm(r.get(c)) for c in COLUMNS}) for n, r in enumerate(reader, start=2)]
+        rows = [(n, {c: _cell(r.get(c)) for c in COLUMNS}) for n, r in enumerate(reader, start=2)]
+    except csv.Error as exc:
+        raise ReviewError(f"{sheet}:{reader.line_num}: not a readable CSV sheet ({exc}); save it "
+                          "from the spreadsheet app as CSV UTF-8") from None
+    return rows
+
+
+def _decode(sheet: Path) -> str:
+    data = sheet.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ReviewError(
+            f"{sheet}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); the sheet was saved in a "
+            "legacy encoding (Windows 'CSV'): save it as 'CSV UTF-8' and apply again") from None
+
+
+def _cell(value: str | None) -> str:
+    return unescape_cell(_norm(value))
+
+
+def _check_no_spreadsheet_error(sheet: Path, n: int, cells: dict[str, str],
+                                base: dict[str, Any]) -> None:
+    for key in EDITABLE:
+        if "\x00" in cells[key] and _changed(cells, base, key):
+            raise ReviewError(f"{sheet}: row {n} ({cells['id'] or 'new'}): the {key} cell holds a "
+                              "NUL byte (a damaged sheet); export a fresh sheet and edit again")
+        if SPREADSHEET_ERRORS.fullmatch(cells[key]) and _changed(cells, base, key):
+            raise ReviewError(
+                f"{sheet}: row {n} ({cells['id'] or 'new'}): the {key} cell holds the spreadsheet "
+                f"error {cells[key]} (the app ran the text as a formula); type the text again "
+                "starting with a quote (') and apply again")
 
 
 def _base(n: int, cells: dict[str, str]) -> dict[str, Any]:

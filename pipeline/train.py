@@ -23,7 +23,15 @@ from typing import Any, Callable, Iterator, Literal, Optional
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.jsonl import atomic_dir, read_jsonl, write_json, write_text
+from pipeline.jsonl import (
+    atomic_dir,
+    atomic_path,
+    check_safetensors,
+    read_jsonl,
+    safetensors_problem,
+    write_json,
+    write_text,
+)
 from pipeline.mlx_model import encode_chat, masked_loss
 
 CHECKPOINT_ROOT = Path(".tuneline/checkpoints")
@@ -211,8 +219,9 @@ def build_optimizer(cfg: TrainConfig, iters: int, start: int) -> Any:
     import mlx.optimizers as optim
 
     peak = cfg.learning_rate
+    # mlx optimizers need schedules that return mx.array: a Python float crashes at the first step.
     decay = (optim.cosine_decay(peak, max(1, iters - cfg.warmup), peak * COSINE_FLOOR)
-             if cfg.lr_schedule == "cosine" else (lambda step: mx.array(peak)))  # an array, as AdamW's update needs
+             if cfg.lr_schedule == "cosine" else (lambda step: mx.array(peak, dtype=mx.float32)))
     if cfg.warmup:
         warm = optim.linear_schedule(0.0, peak, cfg.warmup)
         schedule = optim.join_schedules([warm, decay], [cfg.warmup])
@@ -243,9 +252,66 @@ def run_key(cfg: TrainConfig, seed: int, paths: TrainPaths) -> str:
 
 
 def latest_checkpoint(folder: Path) -> tuple[int, Path | None]:
-    found = [(int(m.group(1)), p) for p in folder.glob("*_adapters.safetensors")
-             if (m := CHECKPOINT_RE.match(p.name))]
-    return max(found) if found else (0, None)
+    """The newest complete checkpoint; a torn one (a kill mid-write, a full disk) is skipped."""
+    found = sorted(((int(m.group(1)), p) for p in folder.glob("*_adapters.safetensors")
+                    if (m := CHECKPOINT_RE.match(p.name))), reverse=True)
+    for step, path in found:
+        state = path.with_name(path.name.replace("_adapters.", "_optimizer."))
+        if safetensors_problem(path) is None and safetensors_problem(state) is None:
+            return step, path
+        print(f"skipping torn checkpoint {path}")
+    return 0, None
+
+
+def checkpointing(iterate: Callable[..., Iterator[Any]], every: int, save: Callable[[int], None],
+                  skip: int = 0) -> Callable[..., Iterator[Any]]:
+    """Wrap mlx-lm's batch iterator: when it asks for the batch after step n, step n is done and
+    evaluated; save then (mlx-lm's own checkpoint writes are not atomic: a kill tears them).
+
+    A resumed run skips the `skip` batches already trained on, so it sees the batches an
+    uninterrupted run would have seen.
+    """
+
+    def wrapped(*args: Any, loop: bool = False, **kw: Any) -> Iterator[Any]:
+        batches = iterate(*args, loop=loop, **kw)
+        if not loop:  # validation
+            yield from batches
+            return
+        for _ in range(skip):
+            next(batches)
+        for n, batch in enumerate(batches):
+            if n and (skip + n) % every == 0:
+                save(skip + n)
+            yield batch
+
+    return wrapped
+
+
+def save_checkpoint(model: Any, optimizer: Any, ckpt_dir: Path, step: int) -> None:
+    """Optimizer state first, then the weights: a checkpoint counts once its weights file is
+    complete, and then its optimizer state is too."""
+    import mlx.core as mx
+
+    for kind, flat in (("optimizer", dict(_flat(optimizer.state))),
+                       ("adapters", dict(_flat(model.trainable_parameters())))):
+        with atomic_path(ckpt_dir / f"{step:07d}_{kind}.safetensors", suffix=".safetensors") as tmp:
+            mx.save_safetensors(str(tmp), flat)  # mlx appends a missing suffix
+
+
+def load_checkpoint(model: Any, optimizer: Any, path: Path) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    model.load_weights(str(path), strict=False)
+    state = mx.load(str(path.with_name(path.name.replace("_adapters.", "_optimizer."))))
+    optimizer.state = tree_unflatten(list(state.items()))
+
+
+def _log_row(line: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(line) if line else None
+    except ValueError:
+        return None  # the line a kill cut short
 
 
 class MetricsLog:
@@ -255,8 +321,8 @@ class MetricsLog:
         self.log_file, self.offset, self.write = log_file, offset, write
         self.rows: list[dict[str, Any]] = []
         if log_file.exists():
-            self.rows = [json.loads(line) for line in log_file.read_text().splitlines() if line]
-            self.rows = [r for r in self.rows if r["step"] <= offset]
+            self.rows = [r for r in map(_log_row, log_file.read_text().splitlines())
+                         if r is not None and r["step"] <= offset]
         trains = [r for r in self.rows if r["kind"] == "train"]
         self.token_base = trains[-1]["trained_tokens"] if trains else 0  # tokens before resume
 
@@ -301,6 +367,8 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     started = time.perf_counter()
     world = launch.init_world()  # size 1 unless started by `mlx.launch` (pipeline/launch.py)
     lead = world.rank() == 0
+    for weights_file in sorted(paths.model.glob("*.safetensors")):
+        check_safetensors(weights_file)  # mlx would stop with a RuntimeError traceback
     model, tokenizer = mlx_model.load(paths.model)
     train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
     valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
@@ -315,22 +383,38 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     ckpt_dir = paths.checkpoints / run_key(cfg, seed, paths)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     done, ckpt = latest_checkpoint(ckpt_dir)
+    optimizer = build_optimizer(cfg, iters, 0)  # the restored state carries the step count
     if ckpt is not None:
         print(f"resuming from checkpoint {ckpt} (step {done} of {iters})")
-        model.load_weights(str(ckpt), strict=False)
+        load_checkpoint(model, optimizer, ckpt)
     log = MetricsLog(ckpt_dir / "metrics.jsonl", offset=done, write=lead)
     if done < iters:
         args = TrainingArgs(
             batch_size=cfg.batch_size, iters=iters - done, val_batches=cfg.val_batches,
             steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval,
-            steps_per_save=cfg.save_every, max_seq_length=cfg.max_seq_length,
+            steps_per_save=iters + 1, max_seq_length=cfg.max_seq_length,  # we save: checkpointing
             adapter_file=str(ckpt_dir / "adapters.safetensors"),
             grad_checkpoint=cfg.grad_checkpoint,
             grad_accumulation_steps=cfg.grad_accumulation_steps)
-        train(model=model, optimizer=build_optimizer(cfg, iters, done), train_dataset=train_set,
-              val_dataset=valid_set, args=args, loss=loss,
-              iterate_batches=batches(seed + done), training_callback=log)
-        _renumber_checkpoints(ckpt_dir, done)
+
+        def save(step: int) -> None:
+            if lead:
+                save_checkpoint(model, optimizer, ckpt_dir, step)
+            mx.random.seed(seed + step)  # dropout draws from here on: the same after a resume
+
+        if done:
+            mx.random.seed(seed + done)
+        # mlx-lm's grad_checkpoint patches the layer class for the whole process: undo it, or
+        # every later model in this process (tests, a notebook) checkpoints and draws dropout anew.
+        layer_type = type(model.layers[0])
+        layer_call = layer_type.__call__
+        try:
+            train(model=model, optimizer=optimizer, train_dataset=train_set,
+                  val_dataset=valid_set, args=args, loss=loss,
+                  iterate_batches=checkpointing(batches(seed), cfg.save_every, save, done),
+                  training_callback=log)
+        finally:
+            layer_type.__call__ = layer_call
 
     val_loss = evaluate(model, valid_set, cfg.batch_size, cfg.val_batches, cfg.max_seq_length,
                         loss=loss, iterate_batches=batches(seed))
@@ -372,20 +456,6 @@ def _digest(weights: dict[str, Any]) -> str:
         digest.update(name.encode())
         digest.update(np.array(weights[name].astype(mx.float32)).tobytes())
     return digest.hexdigest()
-
-
-def _renumber_checkpoints(ckpt_dir: Path, offset: int) -> None:
-    """mlx-lm numbers checkpoints from 1 on each call; make them absolute steps."""
-    if not offset:
-        return
-    for path in sorted(ckpt_dir.glob("*_adapters.safetensors"), reverse=True):
-        m = CHECKPOINT_RE.match(path.name)
-        if m and int(m.group(1)) <= offset:
-            continue
-        if m:
-            path.rename(ckpt_dir / f"{int(m.group(1)) + offset:07d}_adapters.safetensors.new")
-    for path in ckpt_dir.glob("*.new"):
-        path.rename(path.with_suffix(""))
 
 
 def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: int,

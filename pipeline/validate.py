@@ -9,7 +9,10 @@ chat-template markers, duplicate questions within and across files, token length
 `train.max_seq_length` with the base model's tokenizer, answer length bounds, splits present and
 non-empty). Each check's severity comes from params.yaml `validate.severity`: `error` makes the
 command exit 1 (and stops `dvc repro`), `warning` is reported, `off` skips it.
-A directory argument means a dataset folder: its `validate.splits` files must all be there.
+A directory argument means a dataset folder: its `validate.splits` files must all be there, in
+chat, completions or text layout, with `validate.required_fields` on every row. A file argument is
+any JSONL a user has: every layout mlx-lm trains on or curate imports (chat with tools,
+completions, text, ShareGPT, alpaca) passes, no field is required, and the layout is reported.
 Inputs are only read, never changed.
 """
 
@@ -92,6 +95,7 @@ class Report:
     findings: list[Finding]
     checks: dict[str, dict[str, Any]]
     skipped: list[str] = field(default_factory=list)
+    layouts: dict[str, str] = field(default_factory=dict)  # file -> layout it was read as
 
     @property
     def errors(self) -> int:
@@ -112,20 +116,22 @@ class Report:
                 "warnings": self.warnings, "checks": self.checks, "skipped": self.skipped}
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.metrics(), "findings": [asdict(f) for f in self.findings]}
+        return {**self.metrics(), "layouts": self.layouts,
+                "findings": [asdict(f) for f in self.findings]}
 
 
-def inputs(paths: list[Path], splits: tuple[str, ...]) -> list[tuple[Path, bool]]:
-    """(file, present) pairs: a directory stands for its split files, which must exist."""
+def inputs(paths: list[Path], splits: tuple[str, ...]) -> list[tuple[Path, bool, bool]]:
+    """(file, present, curated) triples: a directory is a curated dataset folder and stands for
+    its split files, which must exist; a file argument is any JSONL the user has."""
     out = []
     for path in paths:
         if path.is_dir():
-            out += [(path / f"{name}.jsonl", (path / f"{name}.jsonl").is_file())
+            out += [(path / f"{name}.jsonl", (path / f"{name}.jsonl").is_file(), True)
                     for name in splits]
         elif path.is_file():
             if not os.access(path, os.R_OK):
                 raise UsageError(f"{path}: not readable; check its permissions")
-            out.append((path, True))
+            out.append((path, True, False))
         else:
             raise UsageError(f"{path}: no such file or directory")
     return out
@@ -141,32 +147,56 @@ class ValidatePaths:
 
 def run(cfg: ValidateConfig, paths: ValidatePaths, *, max_seq_length: int,
         leak: Any = None) -> Report:
-    """`leak`: validation.leakage.Leakage (curate.near_dup_threshold, evaluate.prompts); None
+    """Dataset folders get the dataset's rules (chat/completions/text, `required_fields`); other
+    files any layout mlx-lm trains on or curate imports, and no required fields.
+    `leak`: validation.leakage.Leakage (curate.near_dup_threshold, evaluate.prompts); None
     checks nothing for leakage."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    from validation import frames, leakage, suites  # GX import costs seconds: only when validating
-
     files = inputs(paths.inputs, cfg.splits)
     tokenizer, docs = paths.tokenizer, paths.docs
     tokenizer_file = _tokenizer_file(tokenizer)
-    settings = suites.Settings(cfg.required_fields, cfg.answer_min_chars, cfg.answer_max_chars,
-                               max_seq_length, tokenizer_file)
     severity = asdict(cfg.severity)
-    with paused_gc():
-        data = frames.build(files)
-        if severity["leakage"] != "off":
-            data.lines = leakage.add_columns(data.lines, leak)
-    results = _run_gx(suites.build(severity, settings), data, docs)
-    findings = _findings(results, data, settings)
-    report = Report(rows=int(data.files["rows"].sum()),
+    parts = [_validate([(f, present) for f, present, c in files if c == curated], curated, cfg,
+                       severity, max_seq_length, tokenizer_file, docs, leak)
+             for curated in (True, False) if any(c == curated for *_, c in files)]
+    findings = sorted((f for part in parts for f in part[1]), key=_order)
+    report = Report(rows=sum(part[0] for part in parts),
                     findings=findings, checks=_summary(severity, findings, tokenizer_file),
                     skipped=[] if tokenizer_file or severity["token_length"] == "off" else
-                    [f"token_length: no tokenizer.json at {tokenizer}; run `dvc repro base_model`"])
+                    [f"token_length: no tokenizer.json at {tokenizer}; run `dvc repro base_model`"],
+                    layouts={k: v for part in parts for k, v in part[2].items()})
     if paths.report is not None:
         # Findings too (sorted, so still unchanged for unchanged data): `review serve` shows
         # them on their rows; `dvc metrics show` lists only the numbers.
         write_json(paths.report, report.to_json())
     return report
+
+
+def _validate(files: list[tuple[Path, bool]], curated: bool, cfg: ValidateConfig,
+              severity: dict[str, str], max_seq_length: int, tokenizer_file: str | None,
+              docs: Path | None, leak: Any) -> tuple[int, list[Finding], dict[str, str]]:
+    from validation import frames, leakage, suites  # GX import costs seconds: only when validating
+
+    settings = suites.Settings(cfg.required_fields if curated else (), cfg.answer_min_chars,
+                               cfg.answer_max_chars, max_seq_length, tokenizer_file, curated)
+    with paused_gc():
+        data = frames.build(files, tools=not curated)
+        if severity["leakage"] != "off":
+            data.lines = leakage.add_columns(data.lines, leak)
+    results = _run_gx(suites.build(severity, settings), data, docs)
+    return int(data.files["rows"].sum()), _findings(results, data, settings), _layouts(data)
+
+
+def _layouts(data: Any) -> dict[str, str]:
+    """The layout each file was read as (its first row's), e.g. for `render`."""
+    lines = data.lines.dropna(subset=["file_format"])
+    return {str(k): str(v) for k, v in lines.groupby("file")["file_format"].first().items()}
+
+
+def _order(f: Finding) -> tuple[str, int, int]:
+    from validation.suites import CHECK_NAMES
+
+    return (f.file, f.line or 0, CHECK_NAMES.index(f.check))
 
 
 def _tokenizer_file(tokenizer: Path | None) -> str | None:
@@ -295,9 +325,16 @@ def _summary(severity: dict[str, str], findings: list[Finding],
             if level != "off" and (name != "token_length" or tokenizer_file)}
 
 
+_LAYOUT_NAMES = {"chat": "chat (messages)", "completions": "completions (prompt/completion)",
+                 "sharegpt": "ShareGPT (conversations)", "alpaca": "alpaca (instruction/output)",
+                 "unknown": "no known"}
+
+
 def render(report: Report, limit: int = 50) -> str:
     """The human summary (stderr): counts, then the first `limit` findings with their place."""
     lines = [f"validated {report.rows} rows: {report.errors} errors, {report.warnings} warnings"]
+    lines += [f"{file}: {_LAYOUT_NAMES.get(layout, layout)} layout"
+              for file, layout in report.layouts.items()]
     for f in report.findings[:limit]:
         where = f"{f.file}:{f.line}" if f.line is not None else f.file
         rid = f" [{f.id}]" if f.id else ""

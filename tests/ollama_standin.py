@@ -52,8 +52,12 @@ def echo_reply(messages: list[dict[str, str]], options: dict[str, Any]) -> str:
 class StandIn:
     def __init__(self, models: tuple[str, ...] = ("tiny",), reply: ReplyFn = echo_reply,
                  delay: float = 0.0, parallel: int = 4, port: int = 0,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, hold_after: int | None = None,
+                 hold_file: Path | None = None):
         self.models, self.reply, self.delay = models, reply, delay
+        # Generations after the first `hold_after` wait while `hold_file` exists: a test can kill
+        # a client (or this server) mid-run however fast or slow the machine is.
+        self.hold_after, self.hold_file, self.generated = hold_after, hold_file, 0
         self.slots = threading.Semaphore(parallel)
         self.faults: collections.deque[Fault] = collections.deque()
         self.requests: list[dict[str, Any]] = []
@@ -95,7 +99,15 @@ class StandIn:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _hold(self) -> None:
+        with self.lock:
+            self.generated += 1
+            held = self.hold_after is not None and self.generated > self.hold_after
+        while held and self.hold_file is not None and self.hold_file.exists():
+            time.sleep(0.02)
+
     def generate(self, messages: list[dict[str, str]], options: dict[str, Any]) -> Generated:
+        self._hold()
         with self.slots:
             if self.delay:
                 time.sleep(self.delay)
@@ -270,9 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--model", action="append", default=None)
     ap.add_argument("--log", type=Path, default=None, help="append each served request here")
+    ap.add_argument("--hold-after", type=int, default=None,
+                    help="generations after this many wait while --hold-file exists")
+    ap.add_argument("--hold-file", type=Path, default=None)
     args = ap.parse_args(argv)
     server = StandIn(tuple(args.model or ["tiny"]), delay=args.delay, parallel=args.parallel,
-                     port=args.port, log_path=args.log)
+                     port=args.port, log_path=args.log, hold_after=args.hold_after,
+                     hold_file=args.hold_file)
     print(f"listening {server.url}", flush=True)
     try:
         server.httpd.serve_forever()

@@ -81,16 +81,61 @@ def test_shipped_data_without_generated_answers_gives_trainable_splits(tmp_path)
     assert {"messages", "id", "source", "turn_sources", "origin"} <= set(row)
 
 
-def test_shipped_data_with_sixty_generated_answers_keeps_every_split_nonempty(tmp_path):
-    questions = read_jsonl(REPO / "data/questions.jsonl")
-    gen = tmp_path / "answers.jsonl"
-    gen.write_text("".join(json.dumps(answer(q["id"], q["question"])) + "\n" for q in questions))
-    r = curate.run(params(), curate.CuratePaths(
-        generated=gen, questions=REPO / "data/questions.jsonl",
-        corrections=REPO / "data/corrections.jsonl", imports=REPO / "data/imports",
-        out=tmp_path / "dataset", report=tmp_path / "curate.json"))
-    assert r.counts["valid"] >= 4 and r.counts["test"] >= 4 and r.counts["train"] >= 80
-    assert r.report["removed"]["duplicates"] == 0  # the shipped questions are all distinct
+def test_sixty_generated_answers_keep_every_split_nonempty(repo):
+    repo.write(repo.paths.generated, many(60))
+    r = repo.run()
+    assert r.counts["valid"] >= 4 and r.counts["test"] >= 4
+    assert sum(r.counts.values()) + r.duplicates == 60
+
+
+KILLED_CURATE = """
+import sys, time
+from pathlib import Path
+import test_curate
+from pipeline import curate, jsonl
+real = jsonl.write_jsonl
+def slow(path, rows):
+    real(path, rows)
+    if Path(path).name.startswith("train"):
+        print("wrote train", flush=True)
+        time.sleep(600)
+curate.write_jsonl = slow
+repo = object.__new__(test_curate.Repo)
+repo.root = Path(sys.argv[1])
+repo.paths = curate.CuratePaths(
+    generated=repo.root / "generated/answers.jsonl", questions=repo.root / "questions.jsonl",
+    corrections=repo.root / "corrections.jsonl", imports=repo.root / "imports",
+    out=repo.root / "dataset", report=repo.root / "curate.json")
+repo.run()
+"""
+
+
+def test_sigkill_between_split_files_never_mixes_two_runs(repo):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    repo.write(repo.paths.generated, many(30))
+    repo.run()
+    before = {p.name: p.read_bytes() for p in repo.paths.out.iterdir()}
+    repo.write(repo.paths.generated, many(40))  # new answers: every split file would change
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CURATE, str(repo.root)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline() == "wrote train\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert {p.name: p.read_bytes() for p in repo.paths.out.iterdir()} == before
+    repo.run()
+    after = {p.name: p.read_bytes() for p in repo.paths.out.iterdir()}
+    shutil.rmtree(repo.paths.out)
+    repo.run()  # an uninterrupted run
+    assert {p.name: p.read_bytes() for p in repo.paths.out.iterdir()} == after
+    assert sorted(p.name for p in repo.root.iterdir() if p.name.endswith(".tmp")) == []
 
 
 def test_adding_questions_never_moves_existing_rows(repo):

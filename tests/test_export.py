@@ -258,3 +258,46 @@ def test_embedded_model_exports_with_default_params_and_runs(embedded_base_dir, 
     modelfile = (result.files["f16"].parent / "Modelfile").read_text()
     assert "{{ else }}<|im_start|>system\nYou are a helpful AI assistant named SmolLM" in modelfile
     assert f"FROM ./model-{cfg.modelfile_quantization}.gguf" in modelfile
+
+
+KILLED_EXPORT = """
+import sys, time
+from pathlib import Path
+import test_export
+from pipeline import export
+real = export.prove
+def prove_then_hang(*args, **kw):
+    print("files written", flush=True)
+    time.sleep(600)
+export.prove = prove_then_hang
+export.run(test_export.make_cfg(), test_export.paths(Path(sys.argv[1]), Path(sys.argv[2])), seed=0)
+"""
+
+
+def test_sigkill_mid_export_keeps_the_previous_files_and_rerun_matches(answering_model, tmp_path,
+                                                                       exported):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    out = paths(work, answering_model).out
+    out.mkdir(parents=True)
+    (out / "model-f16.gguf").write_bytes(b"the previous export")
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(work), str(answering_model)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline() == "files written\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert [p.name for p in out.iterdir()] == ["model-f16.gguf"]
+    assert (out / "model-f16.gguf").read_bytes() == b"the previous export"
+    result = export.run(make_cfg(), paths(work, answering_model), seed=0)
+    uninterrupted = {p.name: p.read_bytes() for p in exported.files[export.F16].parent.iterdir()}
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == uninterrupted
+    assert result.files.keys() == exported.files.keys()
+    assert sorted(p.name for p in work.iterdir()) == ["gguf", "reports"]  # no temporaries left

@@ -23,6 +23,7 @@ import yaml
 from ollama_standin import DIGEST
 
 from pipeline import config, llm
+from pipeline.errors import UserError
 from pipeline.generate import (
     CACHE_FILE,
     GenerateConfig,
@@ -98,7 +99,8 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
 
 def test_writes_one_row_per_question_with_the_contract_fields(paths):
     write_questions(paths.questions, 3)
-    result = go(base_cfg(), paths, FakeClient())
+    cfg = base_cfg(temperature=0.7, seed=None, max_tokens=200, followup_max_tokens=64)
+    result = go(cfg, paths, FakeClient())  # sampling set here: params.yaml is the user's to tune
     rows = rows_of(paths.out)
     assert [r["id"] for r in rows] == ["q-0001", "q-0002", "q-0003"]
     row = rows[0]
@@ -113,7 +115,8 @@ def test_writes_one_row_per_question_with_the_contract_fields(paths):
     report = json.loads(paths.metrics.read_text())
     assert {k: report[k] for k in ("questions", "generated", "reused", "failed", "requests")} == {
         "questions": 3, "generated": 3, "reused": 0, "failed": 0, "requests": 6}
-    assert report["tokens"]["completion"] > 0 and report["wall_s"] >= 0
+    assert report["tokens"]["completion"] > 0
+    assert isinstance(report["wall_s"], float) and report["wall_s"] > 0
     assert result.requests == 6
 
 
@@ -216,11 +219,30 @@ def test_empty_answers_fail_the_stage_naming_the_questions(paths):
     assert result.failed == ["q-0002"]
 
 
+class GatedClient(FakeClient):
+    """Each call waits until `gate` calls are in flight together (or 30 s pass): reaching the
+    bound never depends on how fast threads start on a loaded machine."""
+
+    def __init__(self, gate: int):
+        super().__init__()
+        self.gate, self.cond, self.reached = gate, threading.Condition(), False
+
+    def chat(self, messages, sampling):
+        with self.cond:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.reached = self.reached or self.active >= self.gate
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.reached, timeout=30)
+            self.active -= 1
+        return FakeClient.chat(self, messages, sampling)
+
+
 def test_concurrency_is_bounded_by_the_setting(paths):
     write_questions(paths.questions, 12)
-    client = FakeClient(delay=0.05)
+    client = GatedClient(gate=3)
     go(base_cfg(concurrency=3), paths, client)
-    assert client.max_active == 3
+    assert client.reached and client.max_active == 3
 
 
 def test_bad_question_rows_are_reported_with_row_and_id(paths):
@@ -263,9 +285,13 @@ def test_clean_followup_is_idempotent():
 # --- real processes: the stand-in server and the generate command ------------------------
 
 
-def start_standin(log: Path, delay: float = 0.0, parallel: int = 4) -> tuple[subprocess.Popen, str]:
+def start_standin(log: Path, delay: float = 0.0, parallel: int = 4, hold_after: int | None = None,
+                  hold_file: Path | None = None) -> tuple[subprocess.Popen, str]:
+    hold = [] if hold_after is None else ["--hold-after", str(hold_after), "--hold-file",
+                                          str(hold_file)]
     proc = subprocess.Popen([sys.executable, str(STANDIN), "--delay", str(delay), "--parallel",
-                             str(parallel), "--log", str(log)], stdout=subprocess.PIPE, text=True)
+                             str(parallel), "--log", str(log), *hold], stdout=subprocess.PIPE,
+                            text=True)
     line = proc.stdout.readline()  # "listening http://127.0.0.1:PORT"
     assert line.startswith("listening "), line
     return proc, line.split()[1]
@@ -304,10 +330,12 @@ def wait_until(condition, seconds: float) -> None:
 def test_server_killed_mid_run_keeps_finished_answers_and_rerun_asks_only_the_rest(tmp_path,
                                                                                    paths):
     write_questions(paths.questions, 10)
-    log1 = tmp_path / "served1.jsonl"
-    proc, url = start_standin(log1, delay=0.05, parallel=2)
-    killer = threading.Thread(target=lambda: (wait_until(lambda: len(served(log1)) >= 6, 30),
-                                              proc.send_signal(signal.SIGKILL)))
+    log1, hold = tmp_path / "served1.jsonl", tmp_path / "hold"
+    hold.touch()  # the server answers 6 requests, then holds the rest until it is killed
+    proc, url = start_standin(log1, parallel=2, hold_after=6, hold_file=hold)
+    killer = threading.Thread(target=lambda: (
+        wait_until(lambda: len(cached_keys(paths.cache)) >= 6, 60),
+        proc.send_signal(signal.SIGKILL)))
     killer.start()
     cfg = base_cfg(backend="ollama", url=url, model="tiny", concurrency=2, retries=2,
                    backoff=0.05)
@@ -318,7 +346,7 @@ def test_server_killed_mid_run_keeps_finished_answers_and_rerun_asks_only_the_re
         killer.join()
         proc.wait()
     kept = set(cached_keys(paths.cache))
-    assert len(kept) >= 6 and not paths.out.exists()
+    assert len(kept) == 6 and not paths.out.exists()
     log2 = tmp_path / "served2.jsonl"
     proc2, url2 = start_standin(log2)
     try:
@@ -342,8 +370,9 @@ def settled_count(log: Path) -> int:
 
 def test_resumes_after_kill_9_without_requerying(tmp_path):
     write_questions(tmp_path / "questions.jsonl", 16)
-    log = tmp_path / "served.jsonl"
-    server, url = start_standin(log, delay=0.1, parallel=2)
+    log, hold = tmp_path / "served.jsonl", tmp_path / "hold"
+    hold.touch()  # after 8 answers the server holds requests: the kill lands mid-run
+    server, url = start_standin(log, parallel=2, hold_after=8, hold_file=hold)
     params = yaml.safe_load(PARAMS.read_text())
     params["generate"].update(backend="ollama", url=url, model="tiny", concurrency=2,
                               backoff=0.05)
@@ -358,13 +387,20 @@ def test_resumes_after_kill_9_without_requerying(tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait()
         kept = set(cached_keys(tmp_path / "cache"))
+        hold.unlink()  # held requests of the killed run finish (nobody reads the replies)
         asked_first = settled_count(log)  # the server logs in-flight requests as they finish
-        assert not (tmp_path / "answers.jsonl").exists() and 8 <= len(kept) < 32
+        assert not (tmp_path / "answers.jsonl").exists() and len(kept) == 8
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+        second = [served_key(e) for e in served(log)[asked_first:]]
+        twin = tmp_path / "uninterrupted"  # the same run, never killed
+        twin.mkdir()
+        for name in ("questions.jsonl", "params.yaml"):
+            shutil.copy(tmp_path / name, twin / name)
+        subprocess.run(cmd, cwd=twin, env=env, check=True, capture_output=True)
     finally:
         server.kill()
         server.wait()
-    second = [served_key(e) for e in served(log)[asked_first:]]
+    assert (tmp_path / "answers.jsonl").read_bytes() == (twin / "answers.jsonl").read_bytes()
     assert not set(second) & kept  # nothing answered before the kill is asked again
     assert len(second) == len(set(second)) == 32 - len(kept)
     assert len(second) + asked_first - 32 <= 2  # repeats: at most the requests in flight
@@ -426,3 +462,12 @@ def test_dvc_repro_after_editing_one_question_sends_two_requests(tmp_path):
     report = json.loads((repo / "reports" / "generate.json").read_text())
     assert (report["requests"], report["generated"], report["reused"]) == (2, 1, 19)
     assert len(rows_of(repo / "data" / "generated" / "answers.jsonl")) == 20
+
+
+def test_a_lone_surrogate_in_questions_is_a_clear_error_before_any_request(paths):
+    paths.questions.write_text('{"id": "q-0001", "question": "Fine?"}\n'
+                               '{"id": "q-0002", "question": "Emoji \\ud83d cut?"}\n')
+    client = FakeClient()
+    with pytest.raises(UserError, match=r"questions.jsonl:2: a lone surrogate"):
+        go(base_cfg(), paths, client)
+    assert client.calls == [] and not paths.out.exists()

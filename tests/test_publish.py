@@ -711,8 +711,8 @@ def test_dvc_yaml_publish_stage_matches_the_code() -> None:
     assert not stage.get("always_changed", False)
     assert stage["metrics"] == [{"reports/publish.json": {"cache": False}}]
     assert "--stage --report reports/publish.json" in stage["cmd"]
-    cfg = config.load(publish.PublishConfig, "publish", root / "params.yaml")
-    assert cfg.enabled is False and cfg.private is True and cfg.repo_id is None
+    # The user's values (enabled, repo_id, ...) are theirs to set: only the keys must load.
+    config.load(publish.PublishConfig, "publish", root / "params.yaml")
 
 
 def test_remote_credentials_never_reach_the_card() -> None:

@@ -184,3 +184,25 @@ def test_cli_drafts_chinese_questions_through_ollama(tmp_path):
         ("q-0002", "什么是事务？", "学生"), ("q-0003", "如何备份数据库？", "DBA")]
     assert rows[1]["model"] == "tiny" and rows[1]["prompt_id"].startswith("by_category_zh@")
     assert "dropped 2 near-duplicates, appended 2" in result.output
+
+
+def test_a_deleted_questions_id_is_never_given_to_a_new_one(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    existing(path, "How do I reset my password?", "How do I drop a table?")
+    # The expert corrected q-0002, then deleted the question: the correction stays behind.
+    (tmp_path / "corrections.jsonl").write_text(
+        '{"id": "q-0002", "action": "replace_answer", "answer": "Use DROP TABLE."}\n')
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    result = run(cfg(), 0, path, client=Canned('["Can I rename a database?"]'),
+                 near_dup_threshold=THRESHOLD)
+    assert [r["id"] for r in result.added] == ["q-0003"]
+
+
+def test_a_lone_surrogate_escape_is_an_error_with_file_and_line(tmp_path):
+    from pipeline.jsonl import DataError, read_jsonl
+
+    path = tmp_path / "questions.jsonl"
+    path.write_text('{"id": "q-0001", "question": "Fine \\ud83d\\ude00?"}\n'
+                    '{"id": "q-0002", "question": "Cut \\ud83d in half?"}\n')
+    with pytest.raises(DataError, match=r"questions.jsonl:2: a lone surrogate escape \\ud83d"):
+        read_jsonl(path)

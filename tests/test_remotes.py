@@ -387,7 +387,7 @@ def test_tagged_artifact_is_fetched_by_name_from_outside_the_project(team: Team)
 
 # --- faults -----------------------------------------------------------------------------------
 
-SHARDS = 150  # enough that 2 upload jobs are still busy when the first objects show up
+SHARDS = 40  # uploads after the 10th are held until the push is killed (kill_push_midway)
 
 
 @pytest.mark.slow
@@ -413,23 +413,57 @@ def test_interrupted_push_completes_when_run_again(team: Team):
     assert snapshot(alice, ["models/adapters"]) == before
 
 
-def kill_push_midway(team: Team, repo: Path, total: int) -> int:
-    """Start `dvc push` with 2 jobs, SIGKILL it once some objects landed; return how many."""
-    proc = subprocess.Popen([str(BIN / "dvc"), "push", "-j", "2"], cwd=repo, env=team.env,
+HOLD_UPLOADS = """
+import asyncio, os
+HOLD, AFTER = os.environ["TUNELINE_TEST_HOLD"], int(os.environ["TUNELINE_TEST_HOLD_AFTER"])
+started = [0]
+
+
+def _hold(cls):
+    real = cls._put_file
+
+    async def _put_file(self, *args, **kwargs):
+        started[0] += 1
+        while started[0] > AFTER and os.path.exists(HOLD):
+            await asyncio.sleep(0.02)
+        return await real(self, *args, **kwargs)
+
+    cls._put_file = _put_file
+
+
+import s3fs, sshfs  # noqa: E402
+_hold(s3fs.S3FileSystem)
+_hold(sshfs.SSHFileSystem)
+"""
+
+
+def kill_push_midway(team: Team, repo: Path, total: int, after: int = 10) -> int:
+    """Start `dvc push` with 2 jobs whose uploads after the first `after` wait (a sitecustomize
+    holds them while a file exists), SIGKILL it there; return how many objects landed. The kill
+    lands mid-push however fast or slow the machine is."""
+    hook = repo.parent / "hold-uploads"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(HOLD_UPLOADS)
+    hold = hook / "hold"
+    hold.touch()
+    env = {**team.env, "PYTHONPATH": str(hook), "TUNELINE_TEST_HOLD": str(hold),
+           "TUNELINE_TEST_HOLD_AFTER": str(after)}
+    proc = subprocess.Popen([str(BIN / "dvc"), "push", "-j", "2"], cwd=repo, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 120  # a hang guard only: the hold keeps the push unfinished
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            if len(team.remote.keys()) >= 10:
+            if len(team.remote.keys()) >= after:
                 break
             time.sleep(0.02)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        hold.unlink()
     landed = len(team.remote.keys())
-    assert 0 < landed < total, f"push was not interrupted mid-way ({landed}/{total} objects)"
+    assert 0 < landed <= after < total, f"push not held mid-way ({landed}/{total} objects)"
     return landed
 
 

@@ -207,3 +207,105 @@ def test_cli_export_and_apply(repo, monkeypatch):
     applied = runner.invoke(app, ["review", "apply", "--sheet", "s.csv", *args])
     assert applied.exit_code == 0 and "1 corrections changed" in applied.stdout
     assert json.loads(Path("corrections.jsonl").read_text())["answer"] == "Expert answer."
+
+
+def test_line_separators_crlf_and_blank_lines_in_corrections_survive_an_edit(repo):
+    # Text pasted from web pages, PDFs and Word holds U+2028, U+2029 and U+0085.
+    pasted = {"id": "q-0001", "action": "replace_answer",
+              "answer": "First part\u2028second part\u2029third\x85end."}
+    hand = (json.dumps(pasted, ensure_ascii=False) + "\r\n\r\n"
+            + '{"id": "q-0002", "action": "drop"}\r\n')
+    repo.paths.corrections.write_bytes(hand.encode())
+    sheet = export(repo)
+    edit(sheet, "q-0100", answer="Expert answer.")
+    assert apply(repo, sheet).changed == ["q-0100 replace_answer (set)"]
+    data = repo.paths.corrections.read_bytes()
+    assert data.startswith(hand.encode())  # untouched lines, CRLF and the blank line kept
+    assert data.endswith(b"\r\n") and data.count(b"\r\n") == 4
+    rows = correction_rows(repo)
+    assert rows[0] == pasted and rows[2]["answer"] == "Expert answer."
+    edit(sheet, "q-0100", answer="Second expert answer.")
+    apply(repo, sheet)
+    assert repo.paths.corrections.read_bytes().startswith(hand.encode())
+    assert correction_rows(repo)[0] == pasted
+    repo.run()  # curate still reads it
+
+
+def test_formula_like_cells_are_escaped_and_round_trip_exactly(repo):
+    risky = ["- first item\n- second item", "=SUM(A1:A2)", "+1 is the answer", "@mention",
+             "'quoted' text", "'=already quoted"]
+    repo.write(repo.paths.generated, many(8, start=50) + [
+        answer(f"q-{i:04d}", f"How does risky case {i} of {i * 7919} work?", t)
+        for i, t in enumerate(risky)])
+    repo.run()
+    sheet = export(repo)
+    cells = {r["id"]: r["answer"] for r in sheet_rows(sheet)}
+    assert all(cells[f"q-{i:04d}"] == "'" + t for i, t in enumerate(risky))
+    assert apply(repo, sheet).changed == []  # the escape is not an edit
+    edit(sheet, "q-0000", answer="'- edited item")
+    assert apply(repo, sheet).changed == ["q-0000 replace_answer (set)"]
+    assert correction_rows(repo)[0]["answer"] == "- edited item"
+    repo.run()
+    assert repo.rows()["q-0000"]["messages"][1]["content"] == "- edited item"
+    assert export(repo) and apply(repo, sheet).changed == []
+
+
+def test_a_spreadsheet_error_value_never_becomes_an_expert_answer(repo):
+    sheet = export(repo)
+    edit(sheet, "q-0100", answer="#NAME?")
+    with pytest.raises(review.ReviewError, match=r"row \d+ \(q-0100\).*#NAME\?.*formula"):
+        apply(repo, sheet)
+    assert not repo.paths.corrections.exists()
+
+
+def test_a_sheet_saved_as_windows_1252_is_refused_with_the_line(repo):
+    sheet = export(repo)
+    edit(sheet, "q-0100", answer="Caf\u00e9 answer.")
+    text = sheet.read_text(encoding="utf-8-sig")
+    sheet.write_bytes(text.encode("cp1252"))
+    line = text[:text.index("Caf")].count("\n") + 1
+    with pytest.raises(review.ReviewError, match=rf"review.csv:{line}: not UTF-8 .*CSV UTF-8"):
+        apply(repo, sheet)
+    assert not repo.paths.corrections.exists()
+
+
+KILLED_APPLY = """
+import os, sys, time
+from pathlib import Path
+from pipeline import review
+def replace_then_hang(src, dst):
+    print("about to rename", flush=True)
+    time.sleep(600)
+os.replace = replace_then_hang
+root = Path(sys.argv[1])
+review.apply(root / "review.csv", root / "corrections.jsonl", root / "dataset")
+"""
+
+
+def test_sigkill_during_apply_keeps_corrections_and_rerun_matches_an_uninterrupted_apply(
+        repo, tmp_path):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    repo.paths.corrections.write_text('{"id": "q-0002", "action": "drop"}\n')
+    sheet = export(repo)
+    edit(sheet, "q-0100", answer="Expert answer.")
+    before = repo.paths.corrections.read_bytes()
+    twin = tmp_path.parent / (tmp_path.name + "-twin")
+    shutil.copytree(repo.root, twin)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_APPLY, str(repo.root)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline() == "about to rename\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert repo.paths.corrections.read_bytes() == before
+    assert apply(repo, sheet).changed == ["q-0100 replace_answer (set)"]
+    review.apply(twin / "review.csv", twin / "corrections.jsonl", twin / "dataset")
+    assert repo.paths.corrections.read_bytes() == (twin / "corrections.jsonl").read_bytes()
+    assert not [p for p in repo.root.iterdir() if p.name.endswith(".tmp")]  # cleaned up

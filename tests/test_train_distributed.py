@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -31,12 +32,35 @@ WORKER = textwrap.dedent("""
 """)
 
 
+def free_ports(n: int) -> int:
+    """A first port of n consecutive free ones (mlx's ring backend takes starting-port + rank)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + n > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(first, first + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no run of free ports on 127.0.0.1")
+
+
 PACKED = {"pack": True, "pack_width": 128, "max_seq_length": 128, "tokens_per_step": 512}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra, port", [({}, 45731), (PACKED, 45741)], ids=["padded", "packed"])
-def test_two_ranks_train_the_same_adapter(tiny_model_dir, tmp_path, extra, port):
+@pytest.mark.parametrize("extra", [{}, PACKED], ids=["padded", "packed"])
+def test_two_ranks_train_the_same_adapter(tiny_model_dir, tmp_path, extra):
     """Rank-sharded batches (padded rows, or each rank's share of a packed step) train the
     adapter one process trains on the same global batches."""
     script, alone = tmp_path / "worker.py", tmp_path / "alone.py"
@@ -48,7 +72,7 @@ def test_two_ranks_train_the_same_adapter(tiny_model_dir, tmp_path, extra, port)
     assert one.returncode == 0, one.stderr[-2000:]
     launcher = Path(sys.executable).parent / "mlx.launch"
     out = subprocess.run([str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
-                          "--starting-port", str(port), "--", sys.executable, str(script)],
+                          "--starting-port", str(free_ports(4)), "--", sys.executable, str(script)],
                          capture_output=True, text=True, timeout=600, cwd=TESTS.parent,
                          check=False)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -106,7 +130,7 @@ def test_launch_processes_runs_the_stage_command_on_two_ranks(tiny_model_dir, tm
     from test_train import make_paths
 
     data = make_paths(tmp_path, tiny_model_dir).data
-    run, out = _train_cli(tmp_path, tiny_model_dir, _params(tmp_path, 45751), data)
+    run, out = _train_cli(tmp_path, tiny_model_dir, _params(tmp_path, free_ports(4)), data)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "launching: " in run.stdout and "--backend ring" in run.stdout
     assert json.loads((out / "train.json").read_text())["world_size"] == 2
@@ -123,7 +147,7 @@ def test_a_failing_rank_fails_the_stage_although_mlx_launch_exits_0(tiny_model_d
 
     data = make_paths(tmp_path, tiny_model_dir).data
     # 3 rows per step cannot be split over 2 ranks: every rank raises TrainError
-    run, out = _train_cli(tmp_path, tiny_model_dir, _params(tmp_path, 45761, batch_size=3), data)
+    run, out = _train_cli(tmp_path, tiny_model_dir, _params(tmp_path, free_ports(4), batch_size=3), data)
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
     assert "distributed training did not finish" in run.stderr
     assert "must be divisible by the 2 distributed processes" in run.stdout + run.stderr

@@ -67,7 +67,7 @@ LINES = [
     "{not json",
     "[1, 2]",
     {"id": "fmt-1", "source": "expert", "prompt": "Completions here?", "completion": OK},
-    {"id": "sch-1", "messages": chat("x", "Where is the source field?", OK)["messages"]},
+    {"id": "sch-1", "messages": "Where is the list of messages?"},
     msgs("sch-2", ("user", "Is 5 a string?"), ("assistant", 5)),
     msgs("rol-1", ("user", "Who is the bot?"), ("bot", OK)),
     msgs("ord-1", ("assistant", OK), ("user", "Answer first?")),
@@ -148,6 +148,68 @@ def test_findings_carry_params_severity_and_a_message_that_says_what_to_do(defec
 def test_validation_never_modifies_its_input(defects):
     path, before, _ = defects
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+USER_LAYOUTS = {
+    "chat": [{"messages": [{"role": "system", "content": "You are terse."},
+                           {"role": "user", "content": f"How do I list tables number {i}?"},
+                           {"role": "assistant", "content": OK}]} for i in range(3)],
+    "chat_tools": [{"tools": TOOLS, "messages": [
+        {"role": "user", "content": f"Weather in city {i}?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": f"c{i}"}}}]},
+        {"role": "tool", "content": "Sunny, 21 C."},
+        {"role": "assistant", "content": "It is sunny and 21 degrees."}]} for i in range(3)],
+    "completions": [{"prompt": f"List tables {i}?", "completion": OK} for i in range(3)],
+    "text": [{"text": f"Tables are listed with \\dt, case {i}."} for i in range(3)],
+    "inst_text": [{"text": f"<s>[INST] How do I list tables {i}?[/INST] {OK}</s>"}
+                  for i in range(3)],
+    "sharegpt": [{"conversations": [{"from": "human", "value": f"List tables {i}?"},
+                                    {"from": "gpt", "value": OK}]} for i in range(3)],
+    "alpaca": [{"instruction": f"List tables {i}.", "input": "", "output": OK} for i in range(3)],
+}
+LAYOUT_SHOWN = {"chat": "chat (messages)", "chat_tools": "chat (messages)",
+                "completions": "completions (prompt/completion)", "text": "text",
+                "inst_text": "text", "sharegpt": "ShareGPT (conversations)",
+                "alpaca": "alpaca (instruction/output)"}
+
+
+@pytest.mark.parametrize("layout", sorted(USER_LAYOUTS))
+def test_plain_files_in_every_layout_pass_and_the_layout_is_named(tmp_path, params_file,
+                                                                  tokenizer, layout):
+    path = write_lines(tmp_path / f"{layout}.jsonl", USER_LAYOUTS[layout])
+    out = CliRunner().invoke(app, ["validate", str(path), "--tokenizer", str(tokenizer),
+                                   "--params", str(params_file)])
+    assert out.exit_code == 0, out.output
+    assert f"{path}: {LAYOUT_SHOWN[layout]} layout" in out.output
+
+
+def test_a_plain_file_still_names_the_line_of_each_defect(tmp_path, params_file, tokenizer):
+    rows = USER_LAYOUTS["chat_tools"] + [
+        {"messages": [{"role": "user", "content": "Q?"}, {"role": "tool", "content": "x"}]},
+        {"prompt": "mixed layout?", "completion": OK},
+        {"conversations": [{"from": "human", "value": 5}]}]
+    report = stage.run(cfg(params_file),
+                       stage.ValidatePaths([write_lines(tmp_path / "t.jsonl", rows)], tokenizer),
+                       max_seq_length=MAX_SEQ)
+    assert {(f.line, f.check) for f in report.findings if f.severity == "error"} == {
+        (4, "turn_order"), (5, "format"), (6, "format"), (6, "schema")}
+
+
+def test_the_curated_dataset_demands_id_and_source_and_chat_roles(tmp_path, params_file,
+                                                                  tokenizer):
+    root = dataset(tmp_path / "dataset")
+    write_lines(root / "valid.jsonl", [chat(f"v-{i}", f"Question valid {i}?", OK)
+                                       for i in range(5)]
+                + [{"id": "v-5", "messages": chat("x", "Where is the source field?", OK)[
+                    "messages"]}])
+    report = stage.run(cfg(params_file), stage.ValidatePaths([root], tokenizer),
+                       max_seq_length=MAX_SEQ)
+    [finding] = [f for f in report.findings if f.severity == "error"]
+    assert (Path(finding.file).name, finding.line, finding.check) == ("valid.jsonl", 6, "schema")
+    assert "required fields: ['id', 'source']" in finding.message
 
 
 def dataset(root: Path, rows: int = 6, splits=("train", "valid", "test")) -> Path:

@@ -28,6 +28,7 @@ from pipeline.formats import detect
 from validation.patterns import last_char, question_key
 
 ROLE_CODES = {"system": "s", "user": "u", "assistant": "a"}
+TOOL_ROLE_CODES = {**ROLE_CODES, "tool": "t"}  # files other than the curated dataset
 TRAINING_FORMATS = ("chat", "completions", "text")
 FILE_COLUMNS = ("file", "rows", "present")
 LINE_COLUMNS = ("file", "line", "id", "utf8", "blank", "is_object", "format",
@@ -71,17 +72,19 @@ def _column(name: str, values: tuple[Any, ...]) -> Any:
     return pd.Series(values, dtype=object)
 
 
-def build(files: list[tuple[Path, bool]]) -> Frames:
-    """`files`: (path, present) pairs; a missing expected split counts as a file with no rows."""
+def build(files: list[tuple[Path, bool]], tools: bool = False) -> Frames:
+    """`files`: (path, present) pairs; a missing expected split counts as a file with no rows.
+    `tools`: the tool role is a known role (chat with tool calls)."""
+    codes = TOOL_ROLE_CODES if tools else ROLE_CODES
     tables = {name: _Table(cols) for name, cols in (
         ("files", FILE_COLUMNS), ("lines", LINE_COLUMNS), ("messages", MESSAGE_COLUMNS))}
     for path, present in files:
-        rows = _read_file(path, tables) if present else 0
+        rows = _read_file(path, tables, codes) if present else 0
         tables["files"].add((str(path), rows, present))
     return Frames(**{name: table.frame() for name, table in tables.items()})
 
 
-def _read_file(path: Path, tables: dict[str, _Table]) -> int:
+def _read_file(path: Path, tables: dict[str, _Table], codes: dict[str, str]) -> int:
     name, file_format, rows = str(path), None, 0
     with path.open("rb") as fh:
         for lineno, raw_bytes in enumerate(fh, start=1):
@@ -91,7 +94,7 @@ def _read_file(path: Path, tables: dict[str, _Table]) -> int:
             file_format = file_format or fmt
             rid = _id(row) if fmt is not None else None
             tables["lines"].add((name, lineno, rid, utf8, blank,
-                                 *_line(raw, blank, row, fmt, file_format)))
+                                 *_line(raw, blank, row, fmt, file_format, codes)))
             if fmt is not None:
                 _add_messages(tables, name, lineno, rid, row, fmt)
     return rows
@@ -112,12 +115,12 @@ def _parse(raw_bytes: bytes) -> tuple[str, bool, bool | None, Any]:
 
 
 def _line(raw: str, blank: bool | None, row: Any, fmt: str | None,
-          file_format: str | None) -> tuple[Any, ...]:
+          file_format: str | None, codes: dict[str, str]) -> tuple[Any, ...]:
     """The lines-frame values from is_object on, in LINE_COLUMNS order."""
     if fmt is None:
         is_object = None if blank is not False else False
         return (is_object, None, file_format, None, None, None, None)
-    role_seq, question = _sequence(row, fmt)
+    role_seq, question = _sequence(row, fmt, codes)
     turn_seq = role_seq if role_seq is not None and "x" not in role_seq else None
     return (True, fmt, file_format, raw, role_seq, turn_seq, question)
 
@@ -127,7 +130,8 @@ def _id(row: dict[str, Any]) -> str | None:
     return str(rid) if isinstance(rid, (str, int)) and rid != "" else None
 
 
-def _sequence(row: dict[str, Any], fmt: str | None) -> tuple[str | None, str | None]:
+def _sequence(row: dict[str, Any], fmt: str | None,
+              codes: dict[str, str]) -> tuple[str | None, str | None]:
     """Role sequence as letters (s, u, a; x for anything else) and the first question's key."""
     if fmt == "completions":
         prompt = row.get("prompt")
@@ -135,7 +139,7 @@ def _sequence(row: dict[str, Any], fmt: str | None) -> tuple[str | None, str | N
     msgs = row.get("messages")
     if fmt != "chat" or not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
         return None, None
-    seq = "".join(ROLE_CODES.get(m.get("role"), "x") for m in msgs)
+    seq = "".join(codes.get(m.get("role"), "x") for m in msgs)
     first = next((m.get("content") for m in msgs if m.get("role") == "user"), None)
     return seq, question_key(first) if isinstance(first, str) else None
 

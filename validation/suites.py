@@ -14,6 +14,7 @@ from typing import Any
 
 import great_expectations as gx
 
+from pipeline.formats import EXPECTED, LAYOUTS
 from validation import expectations as custom  # registers the custom expectations first
 from validation import patterns
 from validation.frames import TRAINING_FORMATS
@@ -31,6 +32,22 @@ class Settings:
     answer_max_chars: int
     max_tokens: int
     tokenizer_file: str | None  # None: the token_length check is skipped (no base model yet)
+    # The curated dataset (a dataset folder, the stage) must be plain chat with id/source; any
+    # other file may be in every layout mlx-lm trains on or curate imports (tools included).
+    curated: bool = True
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return TRAINING_FORMATS if self.curated else LAYOUTS
+
+    @property
+    def role_regex(self) -> str:
+        return "^[sua]*$" if self.curated else "^[suat]*$"
+
+    @property
+    def turn_regex(self) -> str:
+        # A tool call: the assistant asks, one or more tool messages answer, the assistant goes on.
+        return "^s?(?:ua)+$" if self.curated else "^s?(?:u(?:at+)*a)+$"
 
 
 @dataclass(frozen=True)
@@ -42,10 +59,20 @@ class Check:
     describe: Callable[[dict[str, Any], Settings], str]
 
 
-def chat_schema(required: tuple[str, ...]) -> dict[str, Any]:
-    message = {"type": "object", "required": ["role", "content"],
-               "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}
-    return _schema({"messages": {"type": "array", "minItems": 1, "items": message}}, required)
+def chat_schema(required: tuple[str, ...], tools: bool = False) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "object", "required": ["role", "content"],
+                               "properties": {"role": {"type": "string"},
+                                              "content": {"type": "string"}}}
+    if tools:  # a message that calls tools may have null or no content
+        message = {"type": "object", "required": ["role"], "properties": {
+            "role": {"type": "string"}}, "if": {"required": ["tool_calls"]}, "then": {
+            "properties": {"tool_calls": {"type": "array"},
+                           "content": {"type": ["string", "null"]}}}, "else": message}
+    props: dict[str, Any] = {"messages": {"type": "array", "minItems": 1, "items": message}}
+    if tools:
+        props["tools"] = {"type": "array"}
+        return {**_schema(props, required), "required": ["messages", *required]}
+    return _schema(props, required)
 
 
 def _schema(props: dict[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
@@ -54,28 +81,39 @@ def _schema(props: dict[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
             "properties": {**{k: extra.get(k, {}) for k in required}, **props}}
 
 
-def schemas(required: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def schemas(required: tuple[str, ...], curated: bool = True) -> dict[str, dict[str, Any]]:
+    turn = {"type": "object", "required": ["from", "value"],
+            "properties": {"from": {"type": "string"}, "value": {"type": "string"}}}
     return {
-        "chat": chat_schema(required),
+        "chat": chat_schema(required, tools=not curated),
+        "sharegpt": _schema({"conversations": {"type": "array", "minItems": 2, "items": turn}},
+                            required),
+        "alpaca": {**_schema({"instruction": {"type": "string"}, "output": {"type": "string"}},
+                             required),
+                   "properties": {**_schema({}, required)["properties"],
+                                  "instruction": {"type": "string"}, "output": {"type": "string"},
+                                  "input": {"type": "string"}, "system": {"type": "string"}}},
         "completions": _schema({"prompt": {"type": "string"},
                                 "completion": {"type": "string"}}, required),
         "text": _schema({"text": {"type": "string"}}, required),
     }
 
 
-def row_schema(required: tuple[str, ...]) -> dict[str, Any]:
+def row_schema(required: tuple[str, ...], curated: bool = True) -> dict[str, Any]:
     """One schema for every row: picks the format by its keys, as pipeline.formats.detect does.
-    Layouts that are not training formats pass here; the format check reports them."""
-    parts = schemas(required)
-    other = {"anyOf": [{"required": ["conversations"]}, {"required": ["instruction", "output"]}]}
+    Layouts the file may not hold pass here; the format check reports them."""
+    parts = schemas(required, curated)
+    if curated:
+        parts["sharegpt"] = parts["alpaca"] = True  # the format check reports them
     return {"if": {"required": ["messages"]}, "then": parts["chat"], "else": {
-        "if": other, "then": True, "else": {
-            "if": {"required": ["prompt", "completion"]}, "then": parts["completions"], "else": {
-                "if": {"required": ["text"]}, "then": parts["text"], "else": True}}}}
+        "if": {"required": ["conversations"]}, "then": parts["sharegpt"], "else": {
+            "if": {"required": ["instruction", "output"]}, "then": parts["alpaca"], "else": {
+                "if": {"required": ["prompt", "completion"]}, "then": parts["completions"],
+                "else": {"if": {"required": ["text"]}, "then": parts["text"], "else": True}}}}}
 
 
 def _schema_text(s: Settings) -> str:
-    return json.dumps(row_schema(s.required_fields), sort_keys=True)
+    return json.dumps(row_schema(s.required_fields, s.curated), sort_keys=True)
 
 
 def _schema_expectations(s: Settings) -> list[Any]:
@@ -93,13 +131,17 @@ def _token_expectations(s: Settings) -> list[Any]:
 
 def _describe_schema(row: dict[str, Any], s: Settings) -> str:
     why = custom.schema_error(_schema_text(s), row["object_raw"])
-    return f"{why}; required fields: {list(s.required_fields)}" if why else "does not match"
+    if not why:
+        return "does not match"
+    return f"{why}; required fields: {list(s.required_fields)}" if s.required_fields else why
 
 
 def _describe_format(row: dict[str, Any], s: Settings) -> str:
     fmt, first = row["format"], row["file_format"]
-    if fmt not in TRAINING_FORMATS:
-        return (f"{fmt} layout is not a training format ({', '.join(TRAINING_FORMATS)}); put the "
+    if fmt not in s.formats:
+        if fmt == "unknown":
+            return f"no known layout: expected {EXPECTED}"
+        return (f"{fmt} layout is not a training format ({', '.join(s.formats)}); put the "
                 "file in data/imports/ and let `tuneline curate` convert it")
     return f"{fmt} row in a file that starts with {first} rows; keep one format per file"
 
@@ -139,23 +181,24 @@ CHECKS: tuple[Check, ...] = (
           lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
               column="is_object", value_set=[True])],
           lambda r, s: _json_problem(r["raw"])),
-    Check("format", "lines", "one training format per file (chat, completions or text)",
+    Check("format", "lines", "one known layout per file (the dataset: chat, completions or text)",
           lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
-              column="format", value_set=list(TRAINING_FORMATS)),
+              column="format", value_set=list(s.formats)),
               gx.expectations.ExpectColumnPairValuesToBeEqual(
                   column_A="format", column_B="file_format",
                   ignore_row_if="either_value_is_missing")],
           _describe_format),
     Check("schema", "lines", "required fields present, messages a list of {role, content: string}",
           _schema_expectations, _describe_schema),
-    Check("roles", "lines", f"roles are {ROLES_DOC}",
+    Check("roles", "lines", f"roles are {ROLES_DOC} (and tool outside the curated dataset)",
           lambda s: [gx.expectations.ExpectColumnValuesToMatchRegex(column="role_seq",
-                                                                    regex="^[sua]*$")],
-          lambda r, s: f"a role is not one of {ROLES_DOC} (sequence {r['role_seq']!r}: "
-                       "s=system u=user a=assistant x=other)"),
+                                                                    regex=s.role_regex)],
+          lambda r, s: f"a role is not one of {ROLES_DOC}{'' if s.curated else ', tool'} "
+                       f"(sequence {r['role_seq']!r}: s=system u=user a=assistant t=tool "
+                       "x=other)"),
     Check("turn_order", "lines", "optional system, then user/assistant pairs ending with assistant",
           lambda s: [gx.expectations.ExpectColumnValuesToMatchRegex(column="turn_seq",
-                                                                    regex="^s?(?:ua)+$")],
+                                                                    regex=s.turn_regex)],
           lambda r, s: f"roles go {_roles(r['turn_seq'])}; expected an optional system message, "
                        "then user/assistant pairs, ending with assistant"),
     Check("empty_answer", "messages", "no empty or whitespace-only answers",
@@ -206,7 +249,7 @@ CHECK_NAMES = tuple(c.name for c in CHECKS)
 
 
 def _roles(seq: str) -> str:
-    names = {"s": "system", "u": "user", "a": "assistant"}
+    names = {"s": "system", "u": "user", "a": "assistant", "t": "tool"}
     return ", ".join(names[c] for c in seq) or "(no messages)"
 
 
