@@ -199,11 +199,14 @@ class Asker:
         user = {"role": "user", "content": render(cfg.answer_template, "answer_template",
                                                   question=q["question"])}
         answer = self.call("answer", system + [user], cfg.max_tokens, calls)
+        followup = second = None
+        if answer.finish_reason == "length":  # curate drops a cut-off answer: ask nothing on it
+            sent = [c.pop("sent") for c in calls]
+            return self.row(q, answer, followup, second, calls), any(sent)
         prompt = render(cfg.followup_template, "followup_template", question=q["question"],
                         answer=answer.text)
         followup = self.call("followup", system + [{"role": "user", "content": prompt}],
                              cfg.followup_max_tokens, calls)
-        second = None
         if cfg.answer_followups:
             turns = system + [user, {"role": "assistant", "content": answer.text},
                               {"role": "user", "content": followup.text}]
@@ -211,12 +214,13 @@ class Asker:
         sent = [c.pop("sent") for c in calls]
         return self.row(q, answer, followup, second, calls), any(sent)
 
-    def row(self, q: dict[str, Any], answer: llm.Reply, followup: llm.Reply,
+    def row(self, q: dict[str, Any], answer: llm.Reply, followup: llm.Reply | None,
             second: llm.Reply | None, calls: list[dict[str, Any]]) -> dict[str, Any]:
-        replies = [answer, followup] + ([second] if second else [])
+        replies = [r for r in (answer, followup, second) if r is not None]
         return {
             "id": q["id"], "question": q["question"], "answer": answer.text,
-            "followup": followup.text, "followup_answer": second.text if second else None,
+            "followup": followup.text if followup else None,
+            "followup_answer": second.text if second else None,
             "model": self.client.model, "backend": self.client.backend,
             "sampling": {"temperature": self.cfg.temperature, "seed": self.seed,
                          "max_tokens": self.cfg.max_tokens,

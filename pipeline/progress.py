@@ -1,11 +1,14 @@
 """Progress for long loops: a redrawn bar with rate and ETA on a terminal, plain lines in CI logs.
 
 A bar full of carriage returns is noise in a CI log, so off a terminal it prints one line every
-`every_s` seconds (and at the end) instead.
+`every_s` seconds (and at the end) instead. Colour and cursor codes only on a terminal, and never
+with NO_COLOR set (https://no-color.org): `plain_mlx_console` applies the same rule to mlx-lm's
+training display, which forces truecolor even into `dvc repro`'s captured output.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +20,7 @@ class Progress:
                  every_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.total, self.label, self.done = total, label, 0
         self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.tty = styled(self.stream)
         self.every_s, self.clock = every_s, clock
         self.start = self.last = clock()
         self.shown = -1  # `done` when a plain line was last printed
@@ -57,3 +60,24 @@ def fmt_time(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def styled(stream: TextIO) -> bool:
+    """Escape codes (colour, redraw) are welcome: a terminal, and NO_COLOR unset or empty."""
+    return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
+
+
+def plain_mlx_console(stream: TextIO | None = None) -> None:
+    """Make mlx-lm's rich console (training progress, reports) plain text unless `styled`."""
+    try:
+        from mlx_lm import cli_ui
+        from rich.console import Console
+    except ImportError:
+        return
+    stream = stream if stream is not None else sys.stdout
+    if styled(stream) or not hasattr(cli_ui, "make_console"):
+        return
+    plain = Console(file=stream, color_system=None, no_color=True, force_terminal=False,
+                    highlight=False, width=120,
+                    theme=getattr(cli_ui, "_make_theme", lambda: None)())
+    cli_ui.make_console = lambda: plain

@@ -362,8 +362,9 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     import mlx.core as mx
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
-    from pipeline import launch, mlx_model
+    from pipeline import launch, mlx_model, progress
 
+    progress.plain_mlx_console()  # no colour codes in `dvc repro` logs
     started = time.perf_counter()
     world = launch.init_world()  # size 1 unless started by `mlx.launch` (pipeline/launch.py)
     lead = world.rank() == 0

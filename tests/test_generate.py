@@ -104,7 +104,8 @@ def test_writes_one_row_per_question_with_the_contract_fields(paths):
     rows = rows_of(paths.out)
     assert [r["id"] for r in rows] == ["q-0001", "q-0002", "q-0003"]
     row = rows[0]
-    assert row["answer"] == "fake-1 answers: How do I do thing 1?"
+    sent = cfg.answer_template.format(question="How do I do thing 1?")  # the user turn as sent
+    assert row["answer"] == f"fake-1 answers: {sent}"
     assert row["followup"] == "And how do I undo that?"  # label, quotes and chatter removed
     assert row["followup_answer"] is None and row["followup_finish_reason"] is None
     assert (row["model"], row["backend"], row["finish_reason"]) == ("fake-1", "fake", "stop")
@@ -118,6 +119,24 @@ def test_writes_one_row_per_question_with_the_contract_fields(paths):
     assert report["tokens"]["completion"] > 0
     assert isinstance(report["wall_s"], float) and report["wall_s"] > 0
     assert result.requests == 6
+
+
+def test_cut_off_answer_gets_no_followup_request(paths):
+    # curate drops an answer that hit max_tokens: a follow-up on it would be thrown away.
+    class CutOff(FakeClient):
+        def chat(self, messages, sampling):
+            reply = super().chat(messages, sampling)
+            cut = "thing 2" in messages[-1]["content"]
+            return llm.Reply(reply.text, "length" if cut else "stop", reply.prompt_tokens,
+                             reply.completion_tokens)
+
+    write_questions(paths.questions, 3)
+    client = CutOff()
+    result = go(base_cfg(answer_followups=True), paths, client)
+    assert result.requests == 7 and len(client.calls) == 7  # 3 x 3, less 2 for the cut-off one
+    row = rows_of(paths.out)[1]
+    assert (row["finish_reason"], row["followup"], row["followup_answer"]) == ("length", None, None)
+    assert [c["role"] for c in row["calls"]] == ["answer"]
 
 
 def test_rerun_sends_no_requests(paths):
@@ -434,6 +453,7 @@ def test_dvc_repro_after_editing_one_question_sends_two_requests(tmp_path):
     (repo / "data").mkdir()
     (repo / "models" / "base").mkdir(parents=True)
     (repo / "models" / "base" / "stand-in").write_text("the base_model stage's output\n")
+    shutil.copytree(REPO / "scripts", repo / "scripts")  # the stage command's wrapper
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["generate"]
     for dep in stage["deps"]:  # the stage's code, as declared
         if dep.startswith("pipeline/"):
