@@ -311,11 +311,15 @@ def train(
     curve: Annotated[Path, typer.Option(help="reports/train_loss.tsv")],
 ) -> None:
     """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset."""
+    from pipeline import launch
     from pipeline import train as stage
 
     params = params_of(ctx)
     cfg, seed = params.load(stage.TrainConfig, "train"), params.base.seed
+    if launch.relaunch(params.load(launch.LaunchConfig, "launch")):
+        return  # the ranks ran this command under mlx.launch; rank 0 wrote the outputs
     result = stage.run(cfg, stage.TrainPaths(model, data, adapters, metrics, curve), seed=seed)
+    launch.mark_done()
     typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f} -> {adapters}")
 
 
