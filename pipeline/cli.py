@@ -151,6 +151,8 @@ def questions_draft(
     base_cfg = params.base
     r = stage.run(cfg, base_cfg.seed, out, base=llm.BaseModel(base_cfg.model, base_model),
                   dry_run=dry_run, near_dup_threshold=_near_dup_threshold(params))
+    if r.note:
+        typer.echo(f"note: {r.note}")
     for row in r.added:
         typer.echo(f"{'(dry run) ' if dry_run else ''}{row['id']} [{row.get('category', '-')}] "
                    f"{row['question']}")
