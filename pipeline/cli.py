@@ -151,6 +151,8 @@ def questions_draft(
     base_cfg = params.base
     r = stage.run(cfg, base_cfg.seed, out, base=llm.BaseModel(base_cfg.model, base_model),
                   dry_run=dry_run, near_dup_threshold=_near_dup_threshold(params))
+    if r.note:
+        typer.echo(f"note: {r.note}")
     for row in r.added:
         typer.echo(f"{'(dry run) ' if dry_run else ''}{row['id']} [{row.get('category', '-')}] "
                    f"{row['question']}")
@@ -311,12 +313,16 @@ def train(
         help="DVCLive folder updated while training (dvc exp show, dvc plots show)")] = None,
 ) -> None:
     """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset."""
+    from pipeline import launch
     from pipeline import train as stage
 
     params = params_of(ctx)
     cfg, seed = params.load(stage.TrainConfig, "train"), params.base.seed
+    if launch.relaunch(params.load(launch.LaunchConfig, "launch")):
+        return  # the ranks ran this command under mlx.launch; rank 0 wrote the outputs
     result = stage.run(cfg, stage.TrainPaths(model, data, adapters, metrics, curve, live=live),
                        seed=seed)
+    launch.mark_done()
     typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f} -> {adapters}")
 
 

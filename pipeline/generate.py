@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from pipeline import llm
+from pipeline import llm, schemas
 from pipeline.config import ConfigError
 from pipeline.jsonl import DataError, read_jsonl, write_json, write_jsonl
 from pipeline.progress import Progress
@@ -44,6 +44,7 @@ class GenerateConfig(llm.LLMSettings):
     seed: int | None  # null = base.seed
     max_tokens: int  # per answer
     followup_max_tokens: int  # per follow-up question
+    structured_followup: bool  # ask for {"followup": "..."} under a JSON schema (schemas.FOLLOWUP)
     answer_followups: bool  # also answer the follow-up (two-turn conversation)
     allow_failed: int  # questions that may end with an empty answer before the stage fails
     system: str  # system prompt for every request
@@ -171,19 +172,19 @@ class Asker:
         return llm.Sampling(self.cfg.temperature, self.seed, max_tokens)
 
     def call(self, role: str, messages: list[llm.Message], max_tokens: int,
-             calls: list[dict[str, Any]]) -> llm.Reply:
+             calls: list[dict[str, Any]], schema: llm.Schema | None = None) -> llm.Reply:
         sampling = self.sampling(max_tokens)
-        key = llm.request_key(self.identity, messages, sampling)
+        key = llm.request_key(self.identity, messages, sampling, schema)
         reply, sent = self.cache.get(key), False
         if reply is None:
             if self.cache_only:
                 raise NotCached()
             if self.stop.is_set():
                 raise Cancelled()
-            reply = llm.ask(self.client, messages, sampling, self.cfg, self.tally, self.sleep)
+            reply = llm.ask(self.client, messages, sampling, self.cfg, self.tally, self.sleep,
+                            schema=schema)
             if role == "followup":
-                reply = llm.Reply(clean_followup(reply.text), reply.finish_reason,
-                                  reply.prompt_tokens, reply.completion_tokens)
+                reply = replace(reply, text=followup_of(reply))
             self.cache.put(key, reply)
             sent = True
         calls.append({"role": role, "key": key, "finish_reason": reply.finish_reason,
@@ -206,7 +207,8 @@ class Asker:
         prompt = render(cfg.followup_template, "followup_template", question=q["question"],
                         answer=answer.text)
         followup = self.call("followup", system + [{"role": "user", "content": prompt}],
-                             cfg.followup_max_tokens, calls)
+                             cfg.followup_max_tokens, calls,
+                             schemas.FOLLOWUP if cfg.structured_followup else None)
         if cfg.answer_followups:
             turns = system + [user, {"role": "assistant", "content": answer.text},
                               {"role": "user", "content": followup.text}]
@@ -244,6 +246,38 @@ def render(template: str, name: str, **values: str) -> str:
 
 LABEL = re.compile(r"^\s*(\*\*)?(follow[- ]?up( question| request)?|question|q|后续问题|追问)"
                    r"\s*[:：]\s*(\*\*)?\s*", re.IGNORECASE)
+
+
+def followup_of(reply: llm.Reply) -> str:
+    """The follow-up text: from the JSON a structured reply holds, else the first clean line."""
+    text = schemas.followup_text(reply.text) if reply.structured else None
+    return clean_followup(text if text is not None else reply.text)
+
+
+PREAMBLE = re.compile(r"^(sure|certainly|of course|okay|ok|here('s| is| are)|a user asked|"
+                      r"they got|the user)\b", re.IGNORECASE)
+TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "[INST]", "</s>", "<|endoftext|>")
+
+
+REQUEST = re.compile(r"^(please|show|explain|tell|give|help|list|write|describe|compare|"
+                     r"i need|i want|i'd like)\b", re.IGNORECASE)
+
+
+def usable_followup(text: str, question: str) -> bool:
+    """A follow-up a user could send next: one line of 8..300 characters that is a question
+    (ends in ?) or a request (opens like one: "Show me...", "I need..."), with no label,
+    preamble, JSON or template debris, and not the original question again."""
+    line = text.strip()
+    asks = line.endswith(("?", "？")) or (line.endswith(tuple(".。!！")) and bool(REQUEST.match(line)))
+    return (8 <= len(line) <= 300 and "\n" not in line and asks
+            and not LABEL.match(line) and not PREAMBLE.match(line) and line[0] not in "{[\"'"
+            and not any(m in line for m in TEMPLATE_MARKERS)
+            and not re.search(r'"\w+"\s*:', line)
+            and norm_words(line) != norm_words(question))
+
+
+def norm_words(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.casefold()))
 
 
 def clean_followup(text: str) -> str:

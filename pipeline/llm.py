@@ -8,6 +8,12 @@
   here ~7x faster than mlx on the embedded model (bench/README.md, "Generation").
 - `MlxClient`: mlx-lm in-process on a model directory, for base models that are not GGUF.
 
+Structured output: `chat(..., schema=...)` asks for a reply matching a JSON schema through each
+backend's own mechanism (llama.cpp: a grammar built from the schema; Ollama: `format`; OpenAI-
+compatible: `response_format` json_schema, then llama-cpp-python's json_object + schema). A server
+that rejects it (a 4xx naming the field) is asked again without it, once per client, and the
+client's `schema_fallback` says why; `Reply.structured` says whether the reply was constrained.
+
 `ask` wraps any of them: exponential backoff on timeouts, connection errors, 429 (honouring
 Retry-After), 5xx, replies that are not JSON or of the wrong shape, and empty answers; then one
 `LLMError` that names the server, the model and what to check. `connect` builds a client from a
@@ -32,7 +38,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -56,6 +62,7 @@ from pipeline.llm_http import (
 )
 
 Message = dict[str, str]
+Schema = dict[str, Any]  # a JSON schema the reply must match
 T = TypeVar("T")
 MAX_RETRY_AFTER_S = 600.0  # a server asking for longer than this is treated as down
 EMBEDDED_CTX = 4096  # llama.cpp context: question + answer + follow-up fit with room to spare
@@ -94,6 +101,7 @@ class Reply:
     finish_reason: str  # "stop" | "length" | what the server said
     prompt_tokens: int
     completion_tokens: int
+    structured: bool = False  # the backend constrained the text to the requested JSON schema
 
 
 class Client(Protocol):
@@ -105,7 +113,8 @@ class Client(Protocol):
         """What the cache key uses for 'which model': a content digest where one is known."""
         ...
 
-    def chat(self, messages: Sequence[Message], sampling: Sampling) -> Reply: ...
+    def chat(self, messages: Sequence[Message], sampling: Sampling,
+             schema: Schema | None = None) -> Reply: ...
 
 
 class Empty(Transient):
@@ -151,11 +160,15 @@ def ask(
     settings: LLMSettings,
     tally: Tally | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    schema: Schema | None = None,
 ) -> Reply:
-    """One chat call with retries; raises LLMError (EmptyAnswer for a persistently empty reply)."""
+    """One chat call with retries; raises LLMError (EmptyAnswer for a persistently empty reply).
+    With `schema`, the reply is constrained where the backend can (see `Reply.structured`)."""
 
     def once() -> Reply:
-        reply = client.chat(messages, sampling)
+        # Clients written before structured output take two arguments: keep them working.
+        reply = (client.chat(messages, sampling) if schema is None
+                 else client.chat(messages, sampling, schema=schema))
         if not reply.text.strip():
             raise Empty("the model returned an empty answer")
         return reply
@@ -241,6 +254,24 @@ def normalise_finish(reason: Any) -> str:
     return str(reason) if reason else "unknown"
 
 
+# --- structured output ---------------------------------------------------------------------
+
+SCHEMA_FIELDS = ("format", "schema", "grammar")  # "format" also matches response_format
+
+
+def rejects_schema(exc: Fatal | Transient) -> bool:
+    """A 4xx that names the structured-output field: the server cannot do it, plain text can.
+    llama-cpp-python's server answers a request it cannot validate with a 500 naming it."""
+    status, reason = exc.status, exc.reason.lower()
+    if status is not None and 400 <= status < 500 and status not in (401, 403, 404):
+        return any(f in reason for f in SCHEMA_FIELDS)
+    return status == 500 and ("response_format" in reason or "json_schema" in reason)
+
+
+def rejected(what: str, exc: Fatal | Transient) -> str:
+    return f"{what} was rejected ({exc.reason[:200]}); asking for plain text and parsing it"
+
+
 # --- Ollama native -------------------------------------------------------------------------
 
 
@@ -255,6 +286,7 @@ class OllamaClient:
         self.server = redact_url(self.url)  # for messages: no credentials, no query
         self.deadline = deadline
         self._identity: str | None = None
+        self.schema_fallback: str | None = None  # why schemas are no longer sent, once rejected
 
     def identity(self) -> str:
         # The digest changes when the model is re-pulled, so old answers are not reused.
@@ -270,13 +302,28 @@ class OllamaClient:
             self._identity = f"ollama:{self.model}@{digest}"
         return self._identity
 
-    def chat(self, messages: Sequence[Message], sampling: Sampling) -> Reply:
+    def chat(self, messages: Sequence[Message], sampling: Sampling,
+             schema: Schema | None = None) -> Reply:
+        if schema is not None and self.schema_fallback is None:
+            try:
+                return replace(self.send(messages, sampling, schema), structured=True)
+            except (Fatal, Transient) as exc:
+                if not rejects_schema(exc):
+                    raise
+                # Ollama before 0.5 takes only "json" here: say so once, then stay plain.
+                self.schema_fallback = rejected("Ollama's `format` (a JSON schema)", exc)
+        return self.send(messages, sampling, None)
+
+    def send(self, messages: Sequence[Message], sampling: Sampling,
+             schema: Schema | None) -> Reply:
         options: dict[str, Any] = {"temperature": sampling.temperature,
                                    "num_predict": sampling.max_tokens}
         if sampling.seed is not None:
             options["seed"] = sampling.seed
-        body = {"model": self.model, "messages": list(messages), "stream": self.stream,
-                "options": options}
+        body: dict[str, Any] = {"model": self.model, "messages": list(messages),
+                                "stream": self.stream, "options": options}
+        if schema is not None:
+            body["format"] = schema
         with deadline(self.deadline), post(f"{self.url}/api/chat", body, {}, self.timeout) as resp:
             if not self.stream:
                 return ollama_reply(parse_json(read_body(resp, self.timeout)), "")
@@ -311,6 +358,14 @@ def ollama_reply(data: Any, streamed: str) -> Reply:
 
 # --- OpenAI-compatible ---------------------------------------------------------------------
 
+# Tried in this order until one is accepted: OpenAI's own (vLLM, llama.cpp's llama-server, LM
+# Studio, Ollama >= 0.5), then llama-cpp-python's server, whose type is only text|json_object.
+RESPONSE_FORMATS: dict[str, Callable[[Schema], dict[str, Any]]] = {
+    "json_schema": lambda s: {"type": "json_schema",
+                              "json_schema": {"name": "reply", "strict": True, "schema": s}},
+    "json_object": lambda s: {"type": "json_object", "schema": s},
+}
+
 
 class OpenAIClient:
     """`POST {url}/chat/completions`; a URL without a path gets `/v1`."""
@@ -325,16 +380,36 @@ class OpenAIClient:
         self.model, self.timeout, self.deadline = model, timeout, deadline
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.secrets = (api_key,) if api_key else ()
+        self.dialects = list(RESPONSE_FORMATS)  # the ones this server has not rejected yet
+        self.schema_fallback: str | None = None
 
     def identity(self) -> str:
         return f"openai:{self.model}"
 
-    def chat(self, messages: Sequence[Message], sampling: Sampling) -> Reply:
+    def chat(self, messages: Sequence[Message], sampling: Sampling,
+             schema: Schema | None = None) -> Reply:
+        while schema is not None and self.dialects:
+            dialect = self.dialects[0]
+            try:
+                reply = self.send(messages, sampling, RESPONSE_FORMATS[dialect](schema))
+                return replace(reply, structured=True)
+            except (Fatal, Transient) as exc:
+                if not rejects_schema(exc):
+                    raise
+                self.dialects.pop(0)
+                if not self.dialects:
+                    self.schema_fallback = rejected("`response_format` with a JSON schema", exc)
+        return self.send(messages, sampling, None)
+
+    def send(self, messages: Sequence[Message], sampling: Sampling,
+             response_format: dict[str, Any] | None) -> Reply:
         body: dict[str, Any] = {"model": self.model, "messages": list(messages),
                                 "temperature": sampling.temperature,
                                 "max_tokens": sampling.max_tokens, "stream": False}
         if sampling.seed is not None:
             body["seed"] = sampling.seed
+        if response_format is not None:
+            body["response_format"] = response_format
         with deadline(self.deadline), post(f"{self.url}/chat/completions", body, self.headers,
                                            self.timeout, self.secrets) as resp:
             data = parse_json(read_body(resp, self.timeout))
@@ -368,23 +443,44 @@ class LlamaCppClient:
         if "tokenizer.chat_template" not in self.llm.metadata:
             self.llm.chat_format = "chatml"
         self.lock = threading.Lock()
+        self.grammars: dict[str, Any] = {}  # schema JSON -> compiled grammar
+        self.schema_fallback: str | None = None
 
     def identity(self) -> str:
         return f"llama.cpp:{file_digest(self.path)}"
 
-    def chat(self, messages: Sequence[Message], sampling: Sampling) -> Reply:
+    def grammar(self, schema: Schema) -> Any:
+        """The schema as a llama.cpp grammar; None (and a note) for one it cannot express."""
+        from llama_cpp import LlamaGrammar
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self.grammars:
+            try:
+                self.grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+            except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
+                self.schema_fallback = (f"llama.cpp cannot turn the JSON schema into a grammar "
+                                        f"({type(exc).__name__}: {exc}); parsing plain text")
+                self.grammars[key] = None
+        return self.grammars[key]
+
+    def chat(self, messages: Sequence[Message], sampling: Sampling,
+             schema: Schema | None = None) -> Reply:
+        # Our own grammar, not response_format: llama-cpp-python silently falls back to
+        # "any JSON" when a schema does not convert.
+        grammar = self.grammar(schema) if schema is not None else None
         with self.lock:
             try:
                 out = self.llm.create_chat_completion(
                     messages=list(messages), temperature=sampling.temperature,
-                    max_tokens=sampling.max_tokens, seed=sampling.seed)
+                    max_tokens=sampling.max_tokens, seed=sampling.seed, grammar=grammar)
             except ValueError as exc:  # e.g. the prompt does not fit the context
                 raise Fatal(f"llama.cpp: {exc} (context: {EMBEDDED_CTX} tokens; shorten the "
                             "question or lower max_tokens)") from exc
         choice, usage = out["choices"][0], out.get("usage") or {}
         return Reply(choice["message"].get("content") or "",
                      normalise_finish(choice.get("finish_reason")),
-                     int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+                     int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                     structured=grammar is not None)
 
 
 class MlxClient:
@@ -399,11 +495,16 @@ class MlxClient:
         # The checkpoint's own dtype: cached replies are keyed on the files, not on the backend.
         self.mlx_model, self.tokenizer = mlx_model.load(model_dir, backend_dtype=False)
         self.lock = threading.Lock()
+        self.schema_fallback: str | None = None
 
     def identity(self) -> str:
         return f"mlx:{dir_digest(self.path)}"
 
-    def chat(self, messages: Sequence[Message], sampling: Sampling) -> Reply:
+    def chat(self, messages: Sequence[Message], sampling: Sampling,
+             schema: Schema | None = None) -> Reply:
+        if schema is not None:  # mlx-lm has no constrained decoding: the caller parses text
+            self.schema_fallback = ("mlx-lm cannot constrain a reply to a JSON schema; "
+                                    "parsing plain text")
         import mlx.core as mx
 
         from pipeline import mlx_model
@@ -483,8 +584,13 @@ def embedded(model: str, base: BaseModel | None) -> Client:
     return LlamaCppClient(target) if target.suffix == ".gguf" else MlxClient(target)
 
 
-def request_key(identity: str, messages: Iterable[Message], sampling: Sampling) -> str:
-    """Everything that affects a reply: the model, the rendered messages, the sampling."""
-    blob = json.dumps({"model": identity, "messages": list(messages),
-                       "sampling": sampling.as_dict()}, sort_keys=True, ensure_ascii=False)
+def request_key(identity: str, messages: Iterable[Message], sampling: Sampling,
+                schema: Schema | None = None) -> str:
+    """Everything that affects a reply: the model, the rendered messages, the sampling, the
+    schema (absent when None, so keys of plain requests stay what they were)."""
+    request: dict[str, Any] = {"model": identity, "messages": list(messages),
+                               "sampling": sampling.as_dict()}
+    if schema is not None:
+        request["schema"] = schema
+    blob = json.dumps(request, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

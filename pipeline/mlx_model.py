@@ -68,8 +68,9 @@ def encode_chat(tokenizer: Any, messages: Messages, mask_prompt: bool):
     return tokens, mask
 
 
-def masked_loss(model: Any, tokens: Any, mask: Any):
-    """Mean cross-entropy over the target tokens the mask selects; returns (loss, n_tokens)."""
+def masked_loss(model: Any, tokens: Any, mask: Any, denominator: Any = None):
+    """Mean cross-entropy over the target tokens the mask selects; returns (loss, n_tokens).
+    `denominator`: a data-parallel rank's share of the batch's targets (train.batch_iterator)."""
     import mlx.core as mx
     from mlx import nn
 
@@ -79,7 +80,8 @@ def masked_loss(model: Any, tokens: Any, mask: Any):
     # (batch x length x vocab) cost 0.7-1.7 GB more peak memory on GPU (bench/README.md).
     ce = nn.losses.cross_entropy(logits, tokens[:, 1:]).astype(mx.float32) * weights
     ntoks = weights.sum()
-    return ce.sum() / mx.maximum(ntoks, 1), ntoks.astype(mx.int32)
+    denom = mx.maximum(ntoks, 1) if denominator is None else denominator
+    return ce.sum() / denom, ntoks.astype(mx.int32)
 
 
 # --- generation --------------------------------------------------------------------------------

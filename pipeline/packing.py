@@ -169,13 +169,26 @@ def batch_iterator(seed: int, pack_width: int, tokens_per_step: int
             pending += [groups[g] for g in rng.permutation(len(groups))]
             while len(pending) >= n_seqs or (pending and not loop):
                 step, pending = pending[:n_seqs], pending[n_seqs:]
-                mine = step[rank * per_rank : (rank + 1) * per_rank]
-                arrays = layout(dataset, mine, pack_width, per_rank, max_seq_length)
-                yield tuple(mx.array(a) for a in arrays)
+                whole = layout(dataset, step, pack_width, n_seqs, max_seq_length)
+                mine = tuple(a[rank * per_rank : (rank + 1) * per_rank] for a in whole)
+                extra = (rank_denominator(targets(*whole), size),) if loop and size > 1 else ()
+                yield tuple(mx.array(a) for a in mine + extra)
             if not loop:
                 return
 
     return iterate
+
+
+def targets(tokens: np.ndarray, mask: np.ndarray, segs: np.ndarray) -> int:
+    """Targets `packed_loss` scores in these sequences."""
+    return int((mask[:, 1:] * (segs[:, 1:] == segs[:, :-1]) * (segs[:, :-1] > 0)).sum())
+
+
+def rank_denominator(step_targets: int, size: int) -> np.ndarray:
+    """What each rank divides its summed loss by so that mlx-lm's plain average of the ranks'
+    gradients is the gradient of the mean over the whole step (as on one process): ranks hold
+    different numbers of targets, and an average of per-rank means would weight them unequally."""
+    return np.array(max(step_targets, 1) / size, np.float32)
 
 
 # --- the model side --------------------------------------------------------------------------
@@ -218,8 +231,11 @@ def check_model(model: Any) -> None:
                            "cannot share a sequence; set train.pack: false")
 
 
-def packed_loss(model: Any, tokens: Any, mask: Any, segs: Any):
-    """Mean cross-entropy over the assistant tokens of every packed row; (loss, n_tokens)."""
+def packed_loss(model: Any, tokens: Any, mask: Any, segs: Any, denominator: Any = None):
+    """Mean cross-entropy over the assistant tokens of every packed row; (loss, n_tokens).
+
+    `denominator`: a data-parallel training rank's share of the step's targets
+    (`rank_denominator`), in place of its own count."""
     import mlx.core as mx
     from mlx import nn
 
@@ -235,5 +251,6 @@ def packed_loss(model: Any, tokens: Any, mask: Any, segs: Any):
     weights = mask[:, 1:] * (segs[:, 1:] == in_segs) * (in_segs > 0)
     ce = nn.losses.cross_entropy(logits, tokens[:, 1:]).astype(mx.float32) * weights
     ntoks = weights.sum()
-    return ce.sum() / mx.maximum(ntoks, 1), ntoks.astype(mx.int32)
+    denom = mx.maximum(ntoks, 1) if denominator is None else denominator
+    return ce.sum() / denom, ntoks.astype(mx.int32)
 

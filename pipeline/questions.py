@@ -1,7 +1,12 @@
 """Draft questions: `tuneline questions draft [--topic T] [--count N] [--prompt NAME] [--dry-run]`.
 
 Asks an LLM (the `questions` section of params.yaml: backend, model, prompt templates, topic,
-starter phrases, audience categories) for a list of questions, parses what models really return
+starter phrases, audience categories) for a list of questions. With `structured`, the request
+carries a JSON schema shaped like the template (a list, or an object by category when it uses
+{categories}; each question a bounded string ending in a question mark, opening with the starters
+when it uses {starters}: pipeline/schemas.py), which every backend enforces while decoding; where
+a server rejects it, the reply is parsed as text and the output says so. The parser reads what
+models really return
 (a JSON array or object, a fenced JSON block, a numbered or bulleted list, category headings with
 questions under them), drops near-duplicates of existing and of each other (pipeline/neardup.py,
 with curate's `curate.near_dup_threshold`: the same measure curate and validate use, for Chinese as
@@ -22,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline import llm, neardup
+from pipeline import llm, neardup, schemas
 from pipeline.config import ConfigError
 from pipeline.errors import UserError
 from pipeline.jsonl import dumps, read_jsonl, write_text
@@ -40,6 +45,8 @@ class DraftConfig(llm.LLMSettings):
     prompt: str  # which entry of `prompts` to send
     prompts: dict[str, str]  # templates: {topic} {count} {starters} {categories}
     system: str
+    structured: bool  # send a JSON schema the backend enforces (false: parse free text only)
+    question_chars: tuple[int, int]  # length bounds of one question in the schema
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,8 @@ class DraftResult:
     duplicates: list[str]  # drafted questions dropped as near-duplicates
     parsed: int
     prompt_id: str
+    structured: bool = False  # the reply was constrained to the schema
+    note: str | None = None  # why it was not, where a schema was asked for
 
 
 class DraftFormatError(UserError):
@@ -175,6 +184,20 @@ def match_category(name: str | None, categories: tuple[str, ...]) -> str | None:
     return None
 
 
+DEBRIS = re.compile(r'^\s*(\d{1,3}[.)、:]|[-*•#>]|[qQ]\d+\b)|[{}\[\]"`\\]|\n|\*\*|^\s*(here are|sure)\b',
+                    re.IGNORECASE)
+
+
+def well_formed(text: str) -> bool:
+    """A draft a person would keep as is: 6..300 characters on one line, ending in a question
+    mark (or a full stop: a request such as "I need to ..."), no numbering, bullet, markup,
+    JSON or preamble debris. The measure of bench/bench_structured.py and the embedded test."""
+    text = text.strip()
+    return (6 <= len(text) <= 300 and text.endswith(("?", "？", ".", "。"))
+            and not DEBRIS.search(text) and text.count("?") + text.count("？") <= 1
+            and len(re.findall(r",\s*(?:[A-Z][a-z]+|I)\b", text)) < 2)  # an echoed starter list
+
+
 def is_question(text: str) -> bool:
     return clean(text).endswith(("?", "？"))
 
@@ -259,8 +282,9 @@ def run(
         {"role": "user", "content": prompt}]
     sampling = llm.Sampling(cfg.temperature, cfg.seed if cfg.seed is not None else seed,
                             cfg.max_tokens)
-    reply = llm.ask(client, messages, sampling, cfg, sleep=sleep)
-    drafts = parse_drafts(reply.text, cfg.categories)
+    schema = reply_schema(cfg) if cfg.structured else None
+    reply = llm.ask(client, messages, sampling, cfg, sleep=sleep, schema=schema)
+    drafts = read_drafts(reply, cfg.categories)
     kept, dropped = drop_near_duplicates(
         drafts, [str(r.get("question", "")) for r in existing], near_dup_threshold)
     created = now().isoformat(timespec="seconds")
@@ -268,7 +292,31 @@ def run(
             for qid, d in zip(next_ids(taken), kept)]
     if rows and not dry_run:
         append_rows(questions_path, rows)
-    return DraftResult(rows, dropped, len(drafts), prompt_id)
+    note = getattr(client, "schema_fallback", None) if schema and not reply.structured else None
+    return DraftResult(rows, dropped, len(drafts), prompt_id, reply.structured, note)
+
+
+def reply_schema(cfg: DraftConfig) -> schemas.Schema:
+    """The schema matching the template's shape: by category when it names {categories}."""
+    lo, hi = cfg.question_chars
+    if not 1 <= lo < hi:
+        raise ConfigError(f"params.yaml:questions.question_chars: [{lo}, {hi}] is not a range "
+                          "of lengths; write [min, max] with 1 <= min < max, e.g. [12, 150]")
+    template = cfg.prompts[cfg.prompt]
+    starters = cfg.starters if "{starters}" in template else ()
+    if "{categories}" in template:
+        return schemas.draft_by_category(cfg.categories, cfg.count, cfg.question_chars, starters)
+    return schemas.draft_list(cfg.count, cfg.question_chars, starters)
+
+
+def read_drafts(reply: llm.Reply, categories: tuple[str, ...]) -> list[Draft]:
+    """A structured reply is read as JSON (also when cut short); anything else is parsed."""
+    if reply.structured:
+        value = schemas.loads(reply.text)
+        drafts = from_json(value, categories) if value is not None else []
+        if drafts:
+            return drafts
+    return parse_drafts(reply.text, categories)
 
 
 def draft_row(qid: str, d: Draft, model: str, prompt_id: str, created: str) -> dict[str, Any]:

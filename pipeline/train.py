@@ -117,6 +117,8 @@ def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
     """mlx-lm's `iterate_batches` signature, yielding (tokens, target mask) with our own RNG."""
     import mlx.core as mx
 
+    from pipeline import packing
+
     def iterate(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
         rank, size = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
         if batch_size % size:
@@ -128,13 +130,17 @@ def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
         while True:
             for b in rng.permutation(len(batches)):
                 rows = [dataset[j] for j in batches[b][rank::size]]
+                # every rank divides by its share of the batch's targets: the ranks' averaged
+                # gradient is then the one-process gradient (pipeline/packing.rank_denominator)
+                step = sum(sum(m[1:max_seq_length]) for _, m in (dataset[j] for j in batches[b]))
+                extra = (mx.array(packing.rank_denominator(step, size)),) if loop and size > 1 else ()
                 width = min(max(len(t) for t, _ in rows), max_seq_length)
                 tokens = np.zeros((len(rows), width), np.int32)
                 mask = np.zeros((len(rows), width), np.float32)
                 for r, (t, m) in enumerate(rows):
                     n = min(len(t), width)
                     tokens[r, :n], mask[r, :n] = t[:n], m[:n]
-                yield mx.array(tokens), mx.array(mask)
+                yield mx.array(tokens), mx.array(mask), *extra
             if not loop:
                 return
 
@@ -358,11 +364,11 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     import mlx.core as mx
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
-    from pipeline import mlx_model, progress
+    from pipeline import launch, mlx_model, progress
 
     progress.plain_mlx_console()  # no colour codes in `dvc repro` logs
     started = time.perf_counter()
-    world = mx.distributed.init()  # size 1 unless started by `mlx.launch`
+    world = launch.init_world()  # size 1 unless started by `mlx.launch` (pipeline/launch.py)
     lead = world.rank() == 0
     for weights_file in sorted(paths.model.glob("*.safetensors")):
         check_safetensors(weights_file)  # mlx would stop with a RuntimeError traceback

@@ -7,6 +7,14 @@ codes (404 for a model that is not pulled). Like Ollama it also serves the OpenA
 `POST /v1/chat/completions` (non-streaming) with `{"error": {"message": ...}}` errors.
 Replies are deterministic text, or what `reply` returns.
 
+Structured output as Ollama does it: `format` is "json" or a JSON schema (`/api/chat`,
+`/api/generate`); on `/v1/chat/completions`, `response_format` json_object means "json" and
+json_schema means its schema. `reply` sees the request's format as `options["format"]`, and a
+reply that breaks it becomes a 500 (real Ollama constrains decoding, so it never sends one: a
+stand-in reply that does is a bug in the test). `formats="json"` behaves like Ollama before 0.5:
+`format` must be a string, so a schema object is a 400 from Go's JSON decoder, and json_schema
+on the OpenAI endpoint is silently ignored.
+
 Faults for the next requests are queued with `fail(...)`: an HTTP status with an Ollama error body
 (and optional Retry-After), a body that is not JSON, an empty answer, a delay, or a dropped
 connection. `parallel` limits concurrent generations like OLLAMA_NUM_PARALLEL (others queue).
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 import threading
 import time
@@ -46,18 +55,61 @@ class Fault:
 
 def echo_reply(messages: list[dict[str, str]], options: dict[str, Any]) -> str:
     last = messages[-1]["content"] if messages else ""
-    return f"Stand-in reply about: {last[:60]}"
+    text = f"Stand-in reply about: {last[:60]}"
+    fmt = options.get("format")
+    if fmt == "json":
+        return json.dumps({"reply": text})
+    return json.dumps(instance(fmt, text)) if isinstance(fmt, dict) else text
+
+
+def instance(schema: dict[str, Any], text: str) -> Any:
+    """The smallest value of a simple schema (patterns aside), strings filled with `text`."""
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: instance(v, text) for k, v in schema.get("properties", {}).items()
+                if k in schema.get("required", [])}
+    if kind == "array":
+        items = schema.get("prefixItems") or [schema.get("items", {})] * schema.get("minItems", 1)
+        return [instance(item, text) for item in items]
+    if kind == "string" and "pattern" in schema:
+        return fill(schema["pattern"], text)
+    return {"integer": 0, "number": 0, "boolean": True, "null": None}.get(str(kind), text)
+
+
+def fill(pattern: str, text: str) -> str:
+    """`text` reduced to lowercase words, after the pattern's literal opening words (a starter)
+    and before a question mark: fits tuneline's question patterns; format_problem checks."""
+    head = re.match(r"\^((?:[A-Za-z']+ )*)", pattern)
+    words = " ".join(re.sub(r"[^A-Za-z ]", " ", text).lower().split())[:60].strip()
+    return f"{head.group(1) if head else ''}{words or 'stand in'}?"
+
+
+def format_problem(text: str, fmt: Any) -> str | None:
+    """Why `text` does not satisfy Ollama's `format` ("json" or a schema); None if it does."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"not JSON ({exc})"
+    if isinstance(fmt, dict):
+        try:
+            jsonschema.validate(value, fmt)
+        except jsonschema.ValidationError as exc:
+            return f"does not match the schema: {exc.message}"
+    return None
 
 
 class StandIn:
     def __init__(self, models: tuple[str, ...] = ("tiny",), reply: ReplyFn = echo_reply,
                  delay: float = 0.0, parallel: int = 4, port: int = 0,
                  log_path: Path | None = None, hold_after: int | None = None,
-                 hold_file: Path | None = None):
+                 hold_file: Path | None = None, formats: str = "schema"):
         self.models, self.reply, self.delay = models, reply, delay
         # Generations after the first `hold_after` wait while `hold_file` exists: a test can kill
         # a client (or this server) mid-run however fast or slow the machine is.
         self.hold_after, self.hold_file, self.generated = hold_after, hold_file, 0
+        self.formats = formats  # "schema": Ollama >= 0.5; "json": older, format is a string
         self.slots = threading.Semaphore(parallel)
         self.faults: collections.deque[Fault] = collections.deque()
         self.requests: list[dict[str, Any]] = []
@@ -168,6 +220,24 @@ def make_handler(server: StandIn) -> type[BaseHTTPRequestHandler]:
         def openai(self) -> bool:
             return self.path.startswith("/v1/")
 
+        def openai_format(self, body: dict[str, Any]) -> Any:
+            rf = body.get("response_format") or {}
+            if rf.get("type") == "json_object":
+                return "json"
+            if rf.get("type") == "json_schema" and server.formats == "schema":
+                return (rf.get("json_schema") or {}).get("schema") or "json"
+            return None  # "text", or json_schema on an Ollama that predates it: ignored
+
+        def bad_format(self, fmt: Any) -> str | None:
+            if fmt in (None, "", "json"):
+                return None
+            if isinstance(fmt, dict) and server.formats == "schema":
+                return None
+            if isinstance(fmt, dict):  # Ollama < 0.5: ChatRequest.Format is a Go string
+                return ("json: cannot unmarshal object into Go struct field ChatRequest.format "
+                        "of type string")
+            return f'invalid format: {json.dumps(fmt)}; expected "json" or a valid JSON schema'
+
         def answer(self, body: dict[str, Any], started: float) -> None:
             chat = self.path != "/api/generate"
             messages = body.get("messages") if chat else prompt_messages(body)
@@ -175,6 +245,11 @@ def make_handler(server: StandIn) -> type[BaseHTTPRequestHandler]:
             if self.openai:
                 options = {"temperature": body.get("temperature"), "seed": body.get("seed"),
                            "num_predict": body.get("max_tokens", -1)}
+            fmt = self.openai_format(body) if self.openai else body.get("format")
+            problem = self.bad_format(fmt)
+            if problem:
+                self.send_json(400, {"error": problem})
+                return
             fault = server.next_fault()
             if fault is not None and fault.kind == "delay":
                 time.sleep(fault.seconds)
@@ -185,14 +260,22 @@ def make_handler(server: StandIn) -> type[BaseHTTPRequestHandler]:
                                "start": started, "end": time.time()})
                 self.send_fault(fault)
                 return
-            text, p_tokens, c_tokens, reason = server.generate(messages, options)
+            asked = {**options, "format": fmt} if fmt else options
+            text, p_tokens, c_tokens, reason = server.generate(messages, asked)
             if fault is not None and fault.kind == "empty":
                 text = ""
+            broken = format_problem(text, fmt) if fmt and reason == "stop" else None
+            if broken:
+                server.record({"path": self.path, "messages": messages, "fault": "format",
+                               "start": started, "end": time.time()})
+                self.send_json(500, {"error": f"stand-in: the test's reply {broken}"})
+                return
             final = {"model": body["model"], "created_at": now(), "done": True,
                      "done_reason": reason, "total_duration": 1, "prompt_eval_count": p_tokens,
                      "eval_count": c_tokens}
             server.record({"path": self.path, "model": body["model"], "messages": messages,
                            "options": options, "stream": body.get("stream", True),
+                           "format": fmt,
                            "authorization": self.headers.get("Authorization"),
                            "completion_tokens": c_tokens,
                            "start": started, "end": time.time()})

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from ollama_standin import DIGEST
 
-from pipeline import config, llm
+from pipeline import config, llm, schemas
 from pipeline.errors import UserError
 from pipeline.generate import (
     CACHE_FILE,
@@ -31,6 +31,7 @@ from pipeline.generate import (
     GeneratePaths,
     clean_followup,
     run,
+    usable_followup,
 )
 from pipeline.progress import Progress
 
@@ -48,15 +49,17 @@ class FakeClient:
     def __init__(self, model: str = "fake-1", empty_for: tuple[str, ...] = (), delay: float = 0):
         self.model, self.empty_for, self.delay = model, empty_for, delay
         self.calls: list[list[dict[str, str]]] = []
+        self.schemas: list[dict[str, Any] | None] = []
         self.active = self.max_active = 0
         self.lock = threading.Lock()
 
     def identity(self) -> str:
         return f"fake:{self.model}"
 
-    def chat(self, messages, sampling):
+    def chat(self, messages, sampling, schema=None):
         with self.lock:
             self.calls.append(list(messages))
+            self.schemas.append(schema)
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         time.sleep(self.delay)
@@ -97,6 +100,39 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+class StructuredFake(FakeClient):
+    """A backend that honours the schema: JSON when one is sent."""
+
+    def chat(self, messages, sampling, schema=None):
+        reply = super().chat(messages, sampling, schema)
+        if schema is None:
+            return reply
+        return replace(reply, text='{"followup": "Can I undo that later?"}', structured=True)
+
+
+def test_followup_is_asked_under_its_schema_and_read_from_the_json(paths):
+    write_questions(paths.questions, 2)
+    fake = StructuredFake()
+    go(base_cfg(structured_followup=True), paths, fake)
+    assert fake.schemas == [None, schemas.FOLLOWUP] * 2
+    assert [r["followup"] for r in rows_of(paths.out)] == ["Can I undo that later?"] * 2
+    plain = StructuredFake()
+    go(base_cfg(structured_followup=False), paths, plain)  # another request: asked again
+    assert plain.schemas == [None, None] and len(plain.calls) == 2  # answers came from the cache
+    assert [r["followup"] for r in rows_of(paths.out)] == ["And how do I undo that?"] * 2
+
+
+def test_usable_followup_is_one_clean_line_that_is_not_the_question():
+    q = "How do I list tables?"
+    assert usable_followup("And how do I list views?", q)
+    assert usable_followup("Show me how to list views as well.", q)
+    for bad in ("", "Follow-up question: what next?", "Sure! Here is a follow-up question.",
+                '{"followup": "x?"}', "How do I list tables?", "What about views",
+                "One?\nTwo?", "<|im_start|>assistant What next?",
+                "To list tables, use the \\dt command.", "A user asked how to list tables?"):
+        assert not usable_followup(bad, q), bad
+
+
 def test_writes_one_row_per_question_with_the_contract_fields(paths):
     write_questions(paths.questions, 3)
     cfg = base_cfg(temperature=0.7, seed=None, max_tokens=200, followup_max_tokens=64)
@@ -124,8 +160,8 @@ def test_writes_one_row_per_question_with_the_contract_fields(paths):
 def test_cut_off_answer_gets_no_followup_request(paths):
     # curate drops an answer that hit max_tokens: a follow-up on it would be thrown away.
     class CutOff(FakeClient):
-        def chat(self, messages, sampling):
-            reply = super().chat(messages, sampling)
+        def chat(self, messages, sampling, schema=None):
+            reply = super().chat(messages, sampling, schema)
             cut = "thing 2" in messages[-1]["content"]
             return llm.Reply(reply.text, "length" if cut else "stop", reply.prompt_tokens,
                              reply.completion_tokens)
@@ -246,7 +282,7 @@ class GatedClient(FakeClient):
         super().__init__()
         self.gate, self.cond, self.reached = gate, threading.Condition(), False
 
-    def chat(self, messages, sampling):
+    def chat(self, messages, sampling, schema=None):
         with self.cond:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -254,7 +290,7 @@ class GatedClient(FakeClient):
             self.cond.notify_all()
             self.cond.wait_for(lambda: self.reached, timeout=30)
             self.active -= 1
-        return FakeClient.chat(self, messages, sampling)
+        return FakeClient.chat(self, messages, sampling, schema)
 
 
 def test_concurrency_is_bounded_by_the_setting(paths):
@@ -440,7 +476,8 @@ def test_embedded_default_answers_with_llama_cpp(paths):
     result = run(cfg, paths, seed=BASE_SEED, base=llm.BaseModel(EMBEDDED, Path("unused")),
                  progress=io.StringIO())
     rows = rows_of(paths.out)
-    assert result.requests == 4 and all(r["answer"].strip() for r in rows)
+    cut = sum(r["finish_reason"] == "length" for r in rows)  # a cut answer gets no follow-up
+    assert result.requests == 4 - cut and all(r["answer"].strip() for r in rows)
     assert all(r["backend"] == "embedded" and r["finish_reason"] in ("stop", "length")
                for r in rows)
     assert all(0 < r["tokens"]["completion"] <= 40 for r in rows)

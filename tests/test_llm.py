@@ -3,6 +3,8 @@ llama.cpp's own OpenAI-compatible server serving the embedded GGUF."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import subprocess
 import sys
@@ -191,6 +193,51 @@ def test_wrong_url_path_says_to_check_the_url(server):
         llm.ask(llm.connect(s), HELLO, SAMPLING, s, sleep=Sleeps())
 
 
+# --- structured output ---------------------------------------------------------------------
+
+POINT = {"type": "object", "properties": {"x": {"type": "integer"}, "label": {"type": "string"}},
+         "required": ["x", "label"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_ollama_sends_the_schema_as_format_and_marks_the_reply_structured(server, stream):
+    s = settings(url=server.url, stream=stream)
+    reply = llm.ask(llm.connect(s), HELLO, SAMPLING, s, schema=POINT)
+    assert reply.structured and json.loads(reply.text)["x"] == 0
+    assert server.requests[0]["format"] == POINT
+
+
+def test_old_ollama_rejecting_a_schema_falls_back_to_plain_text_once(tmp_path):
+    with StandIn(formats="json") as old:  # Ollama < 0.5: format must be the string "json"
+        s = settings(url=old.url)
+        client = llm.connect(s)
+        first = llm.ask(client, HELLO, SAMPLING, s, schema=POINT, sleep=Sleeps())
+        second = llm.ask(client, HELLO, SAMPLING, s, schema=POINT, sleep=Sleeps())
+        served = [r.get("format") for r in old.requests]
+    assert not first.structured and first.text.startswith("Stand-in reply")
+    assert not second.structured
+    assert "`format`" in client.schema_fallback and "unmarshal object" in client.schema_fallback
+    assert served == [None, None]  # the 400 is not logged as served; no schema sent again
+
+
+def test_openai_client_sends_a_json_schema_response_format(server):
+    s = settings("openai", url=server.url)
+    reply = llm.ask(llm.connect(s), HELLO, SAMPLING, s, schema=POINT)
+    assert reply.structured and json.loads(reply.text)["label"].startswith("Stand-in reply")
+    assert server.requests[0]["format"] == POINT
+
+
+def test_schema_errors_that_are_not_about_the_schema_still_fail(server):
+    s = settings("openai", url=server.url, model="missing")
+    with pytest.raises(llm.LLMError, match="HTTP 404"):
+        llm.ask(llm.connect(s), HELLO, SAMPLING, s, schema=POINT, sleep=Sleeps())
+
+
+def test_request_key_includes_the_schema_only_when_given():
+    assert llm.request_key("m1", HELLO, SAMPLING) == llm.request_key("m1", HELLO, SAMPLING, None)
+    assert llm.request_key("m1", HELLO, SAMPLING) != llm.request_key("m1", HELLO, SAMPLING, POINT)
+
+
 def test_request_key_changes_with_model_messages_and_sampling():
     key = llm.request_key("m1", HELLO, SAMPLING)
     assert key == llm.request_key("m1", [dict(m) for m in HELLO], SAMPLING)
@@ -238,11 +285,43 @@ def llama_server(tmp_path_factory):
 
 @pytest.mark.slow
 def test_openai_path_against_real_llama_cpp_server(llama_server):
-    s = settings("openai", url=llama_server, model="smollm2", timeout=120.0)
+    s = settings("openai", url=llama_server, model="smollm2", timeout=120.0,
+                 deadline=300.0)
     reply = llm.ask(llm.connect(s), HELLO, replace(SAMPLING, max_tokens=24), s)
     assert reply.text.strip()
     assert reply.finish_reason in ("stop", "length")
     assert reply.prompt_tokens > 5 and 0 < reply.completion_tokens <= 24
+
+
+@pytest.mark.slow
+def test_openai_schema_against_real_llama_cpp_server_uses_the_dialect_it_accepts(llama_server):
+    # llama-cpp-python's server knows only json_object (+ schema): json_schema gets a 500 that
+    # names response_format, and the client moves on to the dialect the server takes.
+    s = settings("openai", url=llama_server, model="smollm2", timeout=120.0,
+                 deadline=300.0)
+    client = llm.connect(s)
+    reply = llm.ask(client, HELLO, replace(SAMPLING, max_tokens=60), s, schema=POINT)
+    assert reply.structured and client.dialects == ["json_object"]
+    assert client.schema_fallback is None
+    value = json.loads(reply.text)
+    assert set(value) == {"x", "label"} and isinstance(value["x"], int)
+
+
+@pytest.mark.slow
+def test_embedded_llama_cpp_constrains_the_reply_to_the_schema():
+    from pipeline.base_model import EMBEDDED
+
+    s = settings("embedded", model="base", retries=0)
+    client = llm.connect(s, llm.BaseModel(EMBEDDED, Path("unused")))
+    schema = {"type": "object", "properties": {"items": {
+        "type": "array", "minItems": 3, "maxItems": 3,
+        "items": {"type": "string", "pattern": "^[A-Z][a-z ]{3,30}[?]$"}}},
+        "required": ["items"], "additionalProperties": False}
+    reply = llm.ask(client, HELLO, replace(SAMPLING, temperature=0.8, max_tokens=120), s,
+                    schema=schema)
+    items = json.loads(reply.text)["items"]
+    assert reply.structured and len(items) == 3
+    assert all(re.fullmatch(r"[A-Z][a-z ]{3,30}\?", item) for item in items)
 
 
 @pytest.mark.slow

@@ -21,8 +21,10 @@ from pipeline.questions import (
     DraftFormatError,
     drop_near_duplicates,
     parse_drafts,
+    reply_schema,
     run,
     similarity,
+    well_formed,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,15 +37,16 @@ class Canned:
 
     backend, server, model = "fake", "fake://local", "drafter-1"
 
-    def __init__(self, text: str):
-        self.text, self.prompts = text, []
+    def __init__(self, text: str, structured: bool = False):
+        self.text, self.structured, self.prompts, self.schemas = text, structured, [], []
 
     def identity(self) -> str:
         return "fake"
 
-    def chat(self, messages, sampling):
+    def chat(self, messages, sampling, schema=None):
         self.prompts.append(messages[-1]["content"])
-        return llm.Reply(self.text, "stop", 10, 10)
+        self.schemas.append(schema)
+        return llm.Reply(self.text, "stop", 10, 10, structured=self.structured)
 
 
 THRESHOLD = config.read_params(PARAMS)["curate"]["near_dup_threshold"]  # the shared one
@@ -124,7 +127,7 @@ def test_draft_appends_new_questions_with_provenance(tmp_path):
     fixed = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
     result = run(cfg(topic="PostgreSQL", count=2), 0, path, client=client, now=lambda: fixed,
                  near_dup_threshold=THRESHOLD)
-    assert "2 frequently asked questions about PostgreSQL" in client.prompts[0]
+    assert "Write 2 different questions a new user asks about PostgreSQL" in client.prompts[0]
     assert result.duplicates == ["How do I reset my password"] and result.parsed == 2
     lines = path.read_text().splitlines()
     assert path.read_text().startswith(before) and len(lines) == 2
@@ -161,8 +164,10 @@ def test_unknown_prompt_name_says_which_exist(tmp_path):
 
 
 def chinese_reply(messages, options):
-    return ('```json\n{"学生": ["什么是事务？", "如何创建表？"], '
-            '"DBA": ["如何备份数据库？", "如何 备份 数据库?"]}\n```')  # width/space variant
+    drafts = '{"学生": ["什么是事务？", "如何创建表？"], "DBA": ["如何备份数据库？", "如何 备份 数据库?"]}'
+    if options.get("format"):  # constrained: exactly the JSON (the stand-in checks the schema)
+        return drafts
+    return f"```json\n{drafts}\n```"  # free text, as models reply without a schema
 
 
 def test_cli_drafts_chinese_questions_through_ollama(tmp_path):
@@ -177,8 +182,12 @@ def test_cli_drafts_chinese_questions_through_ollama(tmp_path):
             "2", "--category", "学生", "--category", "DBA", "--params",
             str(tmp_path / "params.yaml")])
         sent = server.requests[0]["messages"][-1]["content"]
+        schema = server.requests[0]["format"]
     assert result.exit_code == 0, result.output
     assert "以下每一类人群各 2 个问题：学生, DBA" in sent
+    assert schema["required"] == ["学生", "DBA"]
+    assert schema["properties"]["DBA"]["minItems"] == schema["properties"]["DBA"]["maxItems"] == 2
+    assert "note:" not in result.output
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert [(r["id"], r["question"], r.get("category")) for r in rows[1:]] == [
         ("q-0002", "什么是事务？", "学生"), ("q-0003", "如何备份数据库？", "DBA")]
@@ -206,3 +215,117 @@ def test_a_lone_surrogate_escape_is_an_error_with_file_and_line(tmp_path):
                     '{"id": "q-0002", "question": "Cut \\ud83d in half?"}\n')
     with pytest.raises(DataError, match=r"questions.jsonl:2: a lone surrogate escape \\ud83d"):
         read_jsonl(path)
+
+
+def test_server_rejecting_the_schema_is_parsed_as_text_and_said(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    params = yaml.safe_load(PARAMS.read_text())
+    with StandIn(reply=chinese_reply, formats="json") as server:  # an Ollama before 0.5
+        params["questions"].update(backend="ollama", url=server.url, model="tiny")
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+        result = CliRunner().invoke(app, [
+            "questions", "draft", "--out", str(path), "--prompt", "by_category_zh", "--count",
+            "2", "--category", "学生", "--category", "DBA", "--params",
+            str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "note: Ollama's `format` (a JSON schema) was rejected (HTTP 400" in result.output
+    assert "parsing it" in result.output and "appended 3" in result.output
+
+
+def test_schema_follows_the_template_shape():
+    list_schema = reply_schema(cfg(prompt="faq_en", count=3))
+    items = list_schema["properties"]["questions"]["prefixItems"]
+    starters = cfg().starters
+    assert [i["pattern"].startswith(f"^{s} ") for i, s in zip(items, starters)] == [True] * 3
+    by_cat = reply_schema(cfg(prompt="by_category_en", count=2, categories=("dba", "beginner")))
+    assert by_cat["required"] == ["dba", "beginner"]
+    first = by_cat["properties"]["dba"]["prefixItems"][0]["pattern"]
+    assert first.startswith(f"^{starters[0]} ") and first.endswith("[?？]$")
+    zh = reply_schema(cfg(prompt="by_category_zh", count=2, categories=("学生", "DBA")))
+    assert zh["required"] == ["学生", "DBA"] and "prefixItems" not in zh["properties"]["DBA"]
+    plain = reply_schema(cfg(prompts={"x": "Ask about {topic}."}, prompt="x", count=4))
+    assert plain["properties"]["questions"]["minItems"] == 4
+    assert "prefixItems" not in plain["properties"]["questions"]
+    import jsonschema
+
+    jsonschema.validate({"questions": ["What is WAL?"] * 4}, plain)
+    with pytest.raises(jsonschema.ValidationError):  # numbering cannot even start
+        jsonschema.validate({"questions": ["1. What is WAL?"] * 4}, plain)
+
+
+def test_schema_rejects_debris_and_accepts_questions():
+    import jsonschema
+
+    schema = reply_schema(cfg(prompt="faq_en", count=2))
+    ok = {"questions": [f"{cfg().starters[0]} install PostgreSQL on Debian?",
+                        f"{cfg().starters[1]} run two clusters on one host?"]}
+    jsonschema.validate(ok, schema)
+    for bad in (["1. How do I x?", ok["questions"][1]],  # wrong starter / numbering
+                [ok["questions"][0], ok["questions"][1] + " And more?"],  # two questions
+                [ok["questions"][0], ok["questions"][1].replace(" run", " run, stop")],  # list
+                [ok["questions"][0].replace(" install", "\ninstall"), ok["questions"][1]],
+                ok["questions"][:1]):  # too few
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"questions": bad}, schema)
+
+
+def test_bad_question_length_bounds_are_a_config_error(tmp_path):
+    with pytest.raises(config.ConfigError, match="question_chars: \\[50, 10\\]"):
+        run(cfg(question_chars=(50, 10)), 0, tmp_path / "q.jsonl", client=Canned("[]"),
+            near_dup_threshold=THRESHOLD)
+
+
+def test_structured_reply_cut_short_keeps_its_complete_questions(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    cut = '{"questions": ["How do I list tables?", "Can I rename a role?", "What is a tu'
+    result = run(cfg(), 0, path, client=Canned(cut, structured=True),
+                 near_dup_threshold=THRESHOLD)
+    assert [r["question"] for r in result.added] == ["How do I list tables?",
+                                                    "Can I rename a role?"]
+    assert result.structured and result.note is None
+
+
+def test_well_formed_rejects_numbering_json_and_echoed_starter_lists():
+    assert well_formed("How do I install PostgreSQL?") and well_formed("如何创建索引？")
+    assert well_formed("I need to move a database to another server.")
+    for bad in ("1. How do I x?", '{"q": "How?"}', "Where do I, Is it okay to, Can I?",
+                "What? Why?", "Here are 10 questions.", "**How do I x?**"):
+        assert not well_formed(bad), bad
+
+
+# --- the real embedded model ---------------------------------------------------------------
+
+ON_TOPIC = ("postgres", "database", "table", "index", "backup", "sql", "query", "quer", "user",
+            "install", "schema", "server", "password", "connect", "data", "column", "role")
+
+
+@pytest.mark.slow
+def test_embedded_model_drafts_at_least_8_distinct_well_formed_questions(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    existing(path, "How do I install PostgreSQL on Ubuntu?")
+    before = path.read_text()
+    result = CliRunner().invoke(app, ["questions", "draft", "--topic", "PostgreSQL", "--count",
+                                      "10", "--out", str(path), "--params", str(PARAMS)])
+    assert result.exit_code == 0, result.output
+    assert "note:" not in result.output  # the schema was enforced, not parsed around
+    assert path.read_text().startswith(before)
+    rows = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    questions = [r["question"] for r in rows]
+    assert len(questions) >= 8, result.output
+    assert all(well_formed(q) for q in questions), questions
+    assert len({q.casefold() for q in questions}) == len(questions)
+    assert "How do I install PostgreSQL on Ubuntu?" not in questions
+    assert sum(any(w in q.casefold() for w in ON_TOPIC) for q in questions) >= 8, questions
+    assert all(r["source"] == "drafted" and r["prompt_id"].startswith("faq_en@") for r in rows)
+
+
+@pytest.mark.slow
+def test_embedded_model_drafts_by_category_in_the_schema_shape(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    result = CliRunner().invoke(app, [
+        "questions", "draft", "--prompt", "by_category_en", "--count", "3", "--category",
+        "beginner", "--category", "dba", "--out", str(path), "--params", str(PARAMS)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert {r["category"] for r in rows} <= {"beginner", "dba"} and len(rows) >= 3, result.output
+    assert all(well_formed(r["question"]) for r in rows), [r["question"] for r in rows]
