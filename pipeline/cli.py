@@ -309,6 +309,8 @@ def train(
     adapters: Annotated[Path, typer.Option(help="adapter output directory")],
     metrics: Annotated[Path, typer.Option(help="reports/train.json")],
     curve: Annotated[Path, typer.Option(help="reports/train_loss.tsv")],
+    live: Annotated[Path | None, typer.Option(
+        help="DVCLive folder updated while training (dvc exp show, dvc plots show)")] = None,
 ) -> None:
     """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset."""
     from pipeline import launch
@@ -318,7 +320,8 @@ def train(
     cfg, seed = params.load(stage.TrainConfig, "train"), params.base.seed
     if launch.relaunch(params.load(launch.LaunchConfig, "launch")):
         return  # the ranks ran this command under mlx.launch; rank 0 wrote the outputs
-    result = stage.run(cfg, stage.TrainPaths(model, data, adapters, metrics, curve), seed=seed)
+    result = stage.run(cfg, stage.TrainPaths(model, data, adapters, metrics, curve, live=live),
+                       seed=seed)
     launch.mark_done()
     typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f} -> {adapters}")
 
@@ -344,17 +347,27 @@ def export(
     dataset: Annotated[Path, typer.Option(help="dataset folder (hashed into the provenance)")],
     out: Annotated[Path, typer.Option(help="GGUF output directory")],
     report: Annotated[Path, typer.Option(help="reports/gguf.json")],
+    adapters: Annotated[Path | None, typer.Option(
+        help="LoRA adapter directory: also write adapter-f16.gguf for llama.cpp/Ollama")] = None,
 ) -> None:
-    """Write F16 + quantized GGUFs and an Ollama Modelfile; prove each runs in llama.cpp."""
+    """Write F16 + quantized GGUFs, the LoRA adapter GGUF and Ollama Modelfiles; prove each runs
+    in llama.cpp."""
     from pipeline import export as stage
 
     params = params_of(ctx)
     cfg, seed = params.load(stage.ExportConfig, "export"), params.base.seed
-    result = stage.run(cfg, stage.ExportPaths(model, base, dataset, out, report), seed=seed)
+    result = stage.run(cfg, stage.ExportPaths(model, base, dataset, out, report, adapters),
+                       seed=seed)
     for qtype, path in result.files.items():
         info = result.report["files"][qtype]
         typer.echo(f"{path}: agreement with MLX {info['agreement']:.3f}, "
                    f"{info['tokens_per_second']} tokens/s in llama.cpp")
+    lora = result.adapter
+    if lora.get("written"):
+        typer.echo(f"{out / lora['file']} ({lora['size_bytes'] / 1e6:.1f} MB) on {lora['base_file']}: "
+                   f"agreement with the fused F16 GGUF {lora['agreement_with_fused_f16']:.3f}")
+    else:
+        typer.echo(f"no adapter GGUF: {lora.get('reason')}")
 
 
 @app.command()
@@ -384,7 +397,7 @@ def evaluate(
 def chat(
     model: Annotated[Optional[Path], typer.Option(
         help="model directory (default: models/base + models/adapters; or models/fused)")] = None,
-    adapters: Annotated[Optional[Path], typer.Option(
+    adapters: Annotated[Path | None, typer.Option(
         help="adapter to apply (default: models/adapters when --model is not given)")] = None,
     max_tokens: Annotated[int, typer.Option(help="longest reply, in tokens")] = 512,
     temp: Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")] = 0.0,
@@ -435,6 +448,9 @@ def publish(
         "--exit-zero", help="exit 0 even if the gate fails")] = False,
     card: Annotated[Path, typer.Option(help="model card preview (git-ignored folder)")] = Path(
         ".tuneline/model_card.md"),
+    dataset_card: Annotated[Path, typer.Option(
+        help="dataset card preview, with publish.dataset.enabled")] = Path(
+        ".tuneline/dataset_card.md"),
     report: Annotated[Path, typer.Option(
         help="this run's verdict (the dvc stage writes reports/publish.json)")] = Path(
         ".tuneline/publish.json"),
@@ -462,7 +478,8 @@ def publish(
     cfg = params.load(stage_module.PublishConfig, "publish")
     paths = stage_module.PublishPaths(params.path, validation, eval_report, gguf_report,
                                       train_report, dataset, dvc_lock, base, adapters, fused,
-                                      gguf, report, card, None if stage else releases)
+                                      gguf, report, card, None if stage else releases,
+                                      dataset_card)
     result = stage_module.run(cfg, paths, dry_run=dry_run, stage=stage)
     typer.echo(stage_module.render(result))
     if not result.passed and not (exit_zero or stage):

@@ -11,6 +11,13 @@ renders the chat template stored in it, tokenizes like the MLX tokenizer, answer
 fused model at least `export.min_agreement[type]` of the time. A file that fails any check fails
 the stage.
 
+With `export.adapter` and a LoRA adapter (--adapters models/adapters), also writes
+`adapter-f16.gguf` (pipeline/gguf_adapter.py: llama.cpp's LoRA adapter layout, a few MB) and
+`base-f16.gguf`, the base model it applies to (recorded by sha256 in the adapter and the report),
+plus `Modelfile.adapter` (Ollama's ADAPTER route). Its proof: llama.cpp loads base + adapter,
+answers every prompt and stops, and agrees with the fused F16 GGUF at least
+`export.min_agreement.adapter` of the time. DoRA and full fine-tunes get a reason instead.
+
 Provenance in `general.tuneline.*` is content only (dataset and base-model hashes); the git
 commit stays out of the file (pipeline/repo_facts.py says why).
 
@@ -25,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import gguf_file, gguf_proof, gguf_tokenizer, model_source, repo_facts
+from pipeline import gguf_adapter, gguf_file, gguf_proof, gguf_tokenizer, model_source, repo_facts
 from pipeline.errors import UserError
 from pipeline.gguf_proof import Reference, llama_log
 from pipeline.jsonl import atomic_dir, write_json
 
 F16 = "f16"
+ADAPTER = "adapter"  # report["files"] key of adapter-f16.gguf (and min_agreement's)
+ADAPTER_BASE = "adapter_base"  # report["files"] key of base-f16.gguf, proved with the adapter
 SPLITS_TRAINED_ON = ("train.jsonl", "valid.jsonl")  # what the train stage read
 # Probe conversations: the Ollama TEMPLATE must render them exactly like the chat template.
 PROBES = (
@@ -55,6 +64,7 @@ class ExportConfig:
     prompts: tuple[str, ...]  # user prompts every file must answer and stop on
     max_tokens: int  # budget: an answer still going after this many tokens fails the file
     min_agreement: dict[str, float]  # per type: teacher-forced greedy agreement with MLX
+    adapter: bool  # also write the LoRA adapter GGUF + the F16 base GGUF it applies to
 
 
 @dataclass(frozen=True)
@@ -64,23 +74,31 @@ class ExportPaths:
     dataset: Path  # data/dataset (hashed into the GGUF's provenance)
     out: Path  # models/gguf
     report: Path  # reports/gguf.json
+    adapters: Path | None = None  # models/adapters (mlx-lm LoRA adapter), for adapter-f16.gguf
 
 
 @dataclass(frozen=True)
 class ExportResult:
     files: dict[str, Path]
     report: dict[str, Any] = field(repr=False)
+    adapter: dict[str, Any] = field(default_factory=dict)  # report["adapter"]
 
 
 def run(cfg: ExportConfig, paths: ExportPaths, *, seed: int) -> ExportResult:
     check_config(cfg)
+    no_adapter = adapter_skip_reason(cfg, paths)
     with atomic_dir(paths.out) as tmp:
         files, build = write_files(paths, tmp, cfg)
-        modelfile = write_modelfile(tmp, files[cfg.modelfile_quantization].name, paths.model, cfg)
+        modelfile = write_modelfile(tmp, files[cfg.modelfile_quantization].name, paths.model, cfg,
+                                    adapter=no_adapter is None)
         report = prove(paths.model, files, cfg, seed)
+        mlx_refs = report.pop("_refs")
         for qtype, info in build.pop("files").items():
             report["files"][qtype].update(info)
         report.update(build, modelfile=modelfile)
+        report["adapter"] = {"written": False, "reason": no_adapter}
+        if no_adapter is None:
+            report["adapter"] = export_adapter(paths, tmp, cfg, report, mlx_refs, seed)
         write_json(paths.report, report)  # also on failure: it says what went wrong
         failures = [f"{q}: {msg}" for q, r in report["files"].items() for msg in r["failures"]]
         if failures:
@@ -89,7 +107,7 @@ def run(cfg: ExportConfig, paths: ExportPaths, *, seed: int) -> ExportResult:
                 + "\n  ".join(failures)
             )
     final = {q: paths.out / p.name for q, p in files.items()}
-    return ExportResult(files=final, report=report)
+    return ExportResult(files=final, report=report, adapter=report["adapter"])
 
 
 def write_files(paths: ExportPaths, tmp: Path, cfg: ExportConfig) -> tuple[dict, dict]:
@@ -118,7 +136,7 @@ def check_config(cfg: ExportConfig) -> None:
             f"{where}.modelfile_quantization: {cfg.modelfile_quantization!r} is not exported; "
             f"choose one of {list(types)}"
         )
-    missing = [t for t in types if t not in cfg.min_agreement]
+    missing = [t for t in (*types, *[ADAPTER] * cfg.adapter) if t not in cfg.min_agreement]
     if missing:
         raise ExportError(f"{where}.min_agreement: no threshold for {missing}; add one (0.0-1.0)")
     for qtype, value in cfg.min_agreement.items():
@@ -130,6 +148,81 @@ def check_config(cfg: ExportConfig) -> None:
         raise ExportError(f"{where}.prompts: empty; list at least one prompt to prove the files run")
     if cfg.max_tokens < 1:
         raise ExportError(f"{where}.max_tokens: {cfg.max_tokens} must be at least 1")
+
+
+# --- the LoRA adapter GGUF ------------------------------------------------------------------
+
+
+def adapter_skip_reason(cfg: ExportConfig, paths: ExportPaths) -> str | None:
+    """Why no adapter GGUF is written (None: it is)."""
+    if not cfg.adapter:
+        return "params.yaml:export.adapter is false"
+    if paths.adapters is None:
+        return "no adapter directory given (tuneline export --adapters models/adapters)"
+    return gguf_adapter.unsupported_reason(paths.adapters)
+
+
+def export_adapter(paths: ExportPaths, tmp: Path, cfg: ExportConfig, report: dict[str, Any],
+                   mlx_refs: list[Reference], seed: int) -> dict[str, Any]:
+    """base-f16.gguf + adapter-f16.gguf, proved against the fused F16 GGUF in llama.cpp."""
+    t0 = time.perf_counter()
+    base_file, adapter_file, lora = write_adapter_files(paths, tmp, cfg, report["provenance"])
+    seconds = round(time.perf_counter() - t0, 3)
+    refs = gguf_proof.llama_reference(tmp / report["files"][F16]["file"], mlx_refs,
+                                      cfg.max_tokens, seed)
+    proof = gguf_proof.check_file(base_file, refs, system_prompt=cfg.system_prompt,
+                                  max_tokens=cfg.max_tokens, seed=seed,
+                                  threshold=cfg.min_agreement[ADAPTER], lora_path=adapter_file,
+                                  reference="the fused F16 GGUF")
+    base_sha, size = repo_facts.sha256_file(base_file), adapter_file.stat().st_size
+    report["files"][ADAPTER] = {**proof, "file": adapter_file.name, "base_file": base_file.name,
+                                "base_sha256": base_sha, "export_seconds": seconds,
+                                "size_bytes": size, "sha256": repo_facts.sha256_file(adapter_file)}
+    # The base file is proved together with the adapter (the publish gate needs an entry).
+    report["files"][ADAPTER_BASE] = {"file": base_file.name, "sha256": base_sha,
+                                     "size_bytes": base_file.stat().st_size,
+                                     "failures": list(proof["failures"]),
+                                     "proved_with": adapter_file.name}
+    return {"written": True, "reason": None, "file": adapter_file.name, "size_bytes": size,
+            "fused_f16_size_bytes": report["files"][F16]["size_bytes"],
+            "base_file": base_file.name, "base_sha256": base_sha, **lora,
+            "agreement_with_fused_f16": proof["agreement"], "modelfile": "Modelfile.adapter",
+            "on_imported_base": on_imported_base(paths.base, adapter_file, refs, cfg, seed)}
+
+
+def write_adapter_files(paths: ExportPaths, tmp: Path, cfg: ExportConfig,
+                        prov: dict[str, Any]) -> tuple[Path, Path, dict[str, Any]]:
+    """The base model as F16 GGUF, then the adapter naming that file's sha256."""
+    assert paths.adapters is not None
+    base_file, adapter_file = tmp / gguf_adapter.BASE_FILE, tmp / gguf_adapter.ADAPTER_FILE
+    base = prov["base"]
+    config = gguf_file.read_model_config(paths.base)
+    tokenizer, _ = gguf_tokenizer.tokenizer_fields(paths.base, base_gguf(paths.base),
+                                                   config["vocab_size"])
+    gguf_file.write(base_file, config, gguf_file.gguf_tensors(paths.base, config), tokenizer,
+                    {"name": base["name"], "license": base.get("license"), "base": base,
+                     "tuneline": {"base_model": prov["base_model"]}})
+    general = {"name": f"{cfg.name}-lora", "license": prov["license"], "base": base,
+               "tuneline": {"dataset_hash": prov["dataset"]["hash"],
+                            "base_model": prov["base_model"],
+                            "base_gguf_sha256": repo_facts.sha256_file(base_file)}}
+    lora = gguf_adapter.write(paths.adapters, config, adapter_file, general)
+    return base_file, adapter_file, lora
+
+
+def on_imported_base(base_dir: Path, adapter_file: Path, refs: list[Reference],
+                     cfg: ExportConfig, seed: int) -> dict[str, Any] | None:
+    """The adapter on the GGUF the base was imported from (e.g. the embedded Q4_1): measured
+    for the report, not a gate, since a quantized base answers differently by itself."""
+    source = base_gguf(base_dir)
+    if source is None:
+        return None
+    proof = gguf_proof.check_file(source, refs, system_prompt=cfg.system_prompt,
+                                  max_tokens=cfg.max_tokens, seed=seed, threshold=0.0,
+                                  lora_path=adapter_file, reference="the fused F16 GGUF")
+    return {"sha256": repo_facts.sha256_file(source), "agreement": proof["agreement"],
+            "stopped": [a["finish_reason"] == "stop" for a in proof["answers"]],
+            "problems": proof["failures"]}
 
 
 # --- the F16 file and its provenance ---------------------------------------------------------
@@ -239,8 +332,10 @@ def quantize(src: Path, dst: Path, qtype: str) -> tuple[Path, str | None]:
 # --- Ollama Modelfile ------------------------------------------------------------------------
 
 
-def write_modelfile(out: Path, gguf_name: str, model_dir: Path, cfg: ExportConfig) -> dict[str, Any]:
-    """Modelfile with a TEMPLATE checked against the chat template on probe conversations."""
+def write_modelfile(out: Path, gguf_name: str, model_dir: Path, cfg: ExportConfig,
+                    adapter: bool = False) -> dict[str, Any]:
+    """Modelfile with a TEMPLATE checked against the chat template on probe conversations;
+    with `adapter` also Modelfile.adapter: the F16 base plus Ollama's ADAPTER (the LoRA GGUF)."""
     template = gguf_tokenizer.chat_template(model_dir) or ""
     stops = end_of_turn_tokens(model_dir)
     default_system = chatml_default_system(template)
@@ -256,8 +351,18 @@ def write_modelfile(out: Path, gguf_name: str, model_dir: Path, cfg: ExportConfi
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     if cfg.system_prompt:
         lines.append(f'SYSTEM """{cfg.system_prompt}"""')
+    result: dict[str, Any] = {"from": gguf_name, "template": kind, "stop": stops}
+    if adapter:
+        lines.insert(1, f"# LoRA route (base once, a few MB per fine-tune): ollama create "
+                        f"{cfg.name}-lora -f Modelfile.adapter")
+        route = [f"# Ollama: ollama create {cfg.name}-lora -f Modelfile.adapter",
+                 f"FROM ./{gguf_adapter.BASE_FILE}",
+                 "# ADAPTER needs the base it was trained on (sha256 in reports/gguf.json)",
+                 f"ADAPTER ./{gguf_adapter.ADAPTER_FILE}", *lines[3:]]
+        (out / "Modelfile.adapter").write_text("\n".join(route) + "\n")
+        result["adapter_modelfile"] = "Modelfile.adapter"
     (out / "Modelfile").write_text("\n".join(lines) + "\n")
-    return {"from": gguf_name, "template": kind, "stop": stops}
+    return result
 
 
 def end_of_turn_tokens(model_dir: Path) -> list[str]:
@@ -354,6 +459,7 @@ def prove(model_dir: Path, files: dict[str, Path], cfg: ExportConfig, seed: int)
         "mlx_seconds": round(time.perf_counter() - t0, 3),
         "mlx": [{"prompt": r.prompt, "tokens": len(r.tokens), "stopped": r.stopped} for r in refs],
         "files": {},
+        "_refs": refs,  # for the adapter proof; run() takes it out before writing the report
     }
     for qtype, path in files.items():
         report["files"][qtype] = gguf_proof.check_file(

@@ -282,7 +282,7 @@ def add_hparams(writer: Any, config: Mapping[str, Any]) -> None:
 
 def add_general(writer: Any, general: Mapping[str, Any]) -> None:
     base = general["base"]
-    writer.add_type("model")
+    writer.add_type(general.get("type", "model"))  # "adapter" for LoRA adapter files
     writer.add_name(general["name"])
     if general["license"]:
         writer.add_license(general["license"])

@@ -42,19 +42,33 @@ def messages_for(system_prompt: str, prompt: str) -> list[dict[str, str]]:
     return [*system, {"role": "user", "content": prompt}]
 
 
-def load_llama(path: Path, n_ctx: int, seed: int) -> Any:
-    """llama.cpp model for `path`, with a clear error (llama.cpp's own reason) for bad files."""
+def load_llama(path: Path, n_ctx: int, seed: int, lora_path: Path | None = None) -> Any:
+    """llama.cpp model for `path` (with the LoRA adapter GGUF `lora_path` applied), with a clear
+    error (llama.cpp's own reason) for bad files."""
     import llama_cpp
 
-    gguf_file.read(path)  # a truncated/corrupt file fails here with a readable message
+    for file in (path, lora_path):
+        if file is not None:
+            gguf_file.read(file)  # a truncated/corrupt file fails here with a readable message
+    lora = {"lora_path": str(lora_path)} if lora_path is not None else {}
     with llama_log() as errors:
         try:
-            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, seed=seed,
-                                   verbose=False)
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, seed=seed,
+                                  verbose=False, **lora)
         except (ValueError, RuntimeError) as exc:
-            reason = next((e.strip() for e in errors if "error loading" in e), str(exc))
+            reason = next((e.strip() for e in errors if "error loading" in e or "lora" in e.lower()),
+                          str(exc))
+        else:
+            # llama-cpp-python checks the adapter pointer with `is None`, so a NULL one (llama.cpp
+            # refused the adapter, e.g. another base's shapes) silently runs the bare base.
+            refused = [e.strip() for e in errors if "failed to apply lora" in e]
+            if lora_path is None or (getattr(llm, "_lora_adapter", None) and not refused):
+                return llm
+            llm.close()
+            reason = refused[0] if refused else "llama.cpp did not apply the LoRA adapter"
+    where = f"{path} + {lora_path}" if lora_path is not None else str(path)
     raise ProofError(
-        f"{path}: llama.cpp cannot load this GGUF: {reason}; the file may be damaged or miss "
+        f"{where}: llama.cpp cannot load this GGUF: {reason}; the file may be damaged or miss "
         "metadata llama.cpp needs: re-run `dvc repro export`"
     )
 
@@ -81,11 +95,12 @@ def llama_log() -> Iterator[list[str]]:
 
 
 def check_file(path: Path, refs: list[Reference], *, system_prompt: str, max_tokens: int,
-               seed: int, threshold: float) -> dict[str, Any]:
-    """The proof of one file: per answer what happened, `failures` empty when it passed."""
-    n_ctx = max(len(r.prompt_ids) for r in refs) + max_tokens + 64  # + template slack
+               seed: int, threshold: float, lora_path: Path | None = None,
+               reference: str = "MLX") -> dict[str, Any]:
+    """The proof of one file (with a LoRA adapter GGUF applied): per answer what happened,
+    `failures` empty when it passed. `reference` names who produced `refs`, for messages."""
     t0 = time.perf_counter()
-    llm = load_llama(path, n_ctx, seed)
+    llm = load_llama(path, context_size(refs, max_tokens), seed, lora_path=lora_path)
     result: dict[str, Any] = {"file": path.name, "load_seconds": round(time.perf_counter() - t0, 3),
                               "answers": [], "failures": []}
     matched = compared = generated = 0
@@ -103,12 +118,28 @@ def check_file(path: Path, refs: list[Reference], *, system_prompt: str, max_tok
     result["tokens_per_second"] = round(generated / gen_seconds, 1) if gen_seconds else None
     if result["agreement"] < threshold:
         result["failures"].append(
-            f"greedy agreement with MLX {result['agreement']:.3f} < min_agreement {threshold} "
+            f"greedy agreement with {reference} {result['agreement']:.3f} < min_agreement {threshold} "
             f"over {compared} tokens (see first_divergence per answer)"
         )
     llm.close()
     result["check_seconds"] = round(time.perf_counter() - t0, 3)
     return result
+
+
+def context_size(refs: list[Reference], max_tokens: int) -> int:
+    return max(len(r.prompt_ids) for r in refs) + max_tokens + 64  # + template slack
+
+
+def llama_reference(path: Path, refs: list[Reference], max_tokens: int, seed: int) -> list[Reference]:
+    """What llama.cpp answers (greedy) with the GGUF `path` to the prompts of `refs`: the
+    reference for a file that must match another GGUF (base + adapter vs the fused F16)."""
+    llm = load_llama(path, context_size(refs, max_tokens), seed)
+    out = []
+    for ref in refs:
+        tokens, finish = greedy(llm, ref.prompt_ids, max_tokens)
+        out.append(Reference(ref.prompt, ref.text, ref.prompt_ids, tokens, finish == "stop"))
+    llm.close()
+    return out
 
 
 def check_prompt(llm: Any, ref: Reference, system_prompt: str, max_tokens: int) -> dict[str, Any]:

@@ -120,12 +120,24 @@ def card_data(facts: dict[str, Any]) -> Any:
     return ModelCardData(
         license=facts["license"],
         base_model=facts["base"]["hf_id"],
+        base_model_relation=base_model_relation(facts["upload"]) if facts["base"]["hf_id"]
+        else None,
+        datasets=facts.get("datasets") or None,
         library_name="mlx" if {"fused", "adapter"} & set(facts["upload"]) else None,
         pipeline_tag="text-generation",
         tags=facts["tags"],
         model_name=facts["model_name"],
         eval_results=results or None,
     )
+
+
+def base_model_relation(upload: Iterable[str]) -> str:
+    """How this repo relates to `base_model`, in the Hub's terms (adapter, merge, quantized,
+    finetune). Set explicitly because the Hub infers it from the files: GGUF files alone would
+    read as "quantized", i.e. the base model itself quantized, which a fine-tune's GGUF is not.
+    Only an adapter without fused weights is an "adapter" repo."""
+    upload = set(upload)
+    return "adapter" if "adapter" in upload and not {"fused", "gguf"} & upload else "finetune"
 
 
 # --- facts -----------------------------------------------------------------------------------

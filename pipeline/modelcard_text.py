@@ -76,7 +76,8 @@ def _run_section(facts: dict[str, Any]) -> str:
             "```\n\nThe adapter was trained on tuneline's copy of the base model (for the "
             "embedded base, converted from a Q4_1 GGUF); the fused model reproduces the "
             "evaluation exactly.\n")
-    ggufs = [f["path"] for f in facts["files"] if f["path"].endswith(".gguf")]
+    ggufs = [f["path"] for f in facts["files"] if f["path"].endswith(".gguf")
+             and f["path"] not in LORA_GGUFS]
     if ggufs:
         first = _pick_gguf(ggufs)
         quant = _quant(first)
@@ -93,7 +94,27 @@ def _run_section(facts: dict[str, Any]) -> str:
                 f'hf download {repo} --include "*.gguf" Modelfile --local-dir {name}\n'
                 f"cd {name} && ollama create {name} -f Modelfile && ollama run {name}\n```\n")
         parts.append(ollama)
+    if set(LORA_GGUFS) <= {f["path"] for f in facts["files"]}:
+        parts.append(_lora_gguf_section(repo, "modelfile" in upload))
     return "\n".join(parts)
+
+
+def _lora_gguf_section(repo: str, modelfile: bool) -> str:
+    adapter, base = LORA_GGUFS
+    text = (
+        "### llama.cpp with the LoRA adapter GGUF\n\n"
+        f"`{adapter}` is the adapter alone (a few MB) for `{base}`, the base model it was "
+        "trained on (its sha256 is in the adapter's `general.tuneline.base_gguf_sha256`):\n\n"
+        f"```sh\nhf download {repo} {base} {adapter} --local-dir .\n"
+        f"llama-cli -m {base} --lora {adapter} -cnv\n```\n")
+    if modelfile:
+        text += ("\nOllama: `hf download` also `Modelfile.adapter`, then "
+                 "`ollama create NAME -f Modelfile.adapter` (`FROM` the base, `ADAPTER` the "
+                 "adapter).\n")
+    return text
+
+
+LORA_GGUFS = ("adapter-f16.gguf", "base-f16.gguf")  # export's adapter route (gguf_adapter.py)
 
 
 def _pick_gguf(names: list[str]) -> str:

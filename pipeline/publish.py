@@ -7,6 +7,9 @@
 3. The upload (pipeline/hub.py), only when `publish.enabled`, `publish.repo_id` and an `HF_TOKEN`
    in the environment are all present and --dry-run is not given: one commit with the whole
    release, or nothing. If the Hub already holds this content, no commit is made.
+4. With `publish.dataset.enabled`, the curated dataset goes first to its own Hub dataset
+   repository (pipeline/dataset_card.py: the split files, a dataset card, a manifest; one commit,
+   same gate), and the model card's `datasets:` metadata names it.
 
 Inside `dvc repro` (`--stage`) nothing is uploaded and the verdict in reports/publish.json judges
 what can be judged there: the reports, the license, the artifacts and whether the outputs match
@@ -33,7 +36,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import config, hub, modelcard, publish_gate, repo_facts
+from pipeline import config, dataset_card, hub, modelcard, publish_gate, repo_facts
+from pipeline.dataset_card import DatasetConfig
 from pipeline.errors import UserError
 from pipeline.hub import ReleaseFile
 from pipeline.jsonl import write_json, write_text
@@ -44,7 +48,7 @@ MANIFEST = "tuneline-publish.json"
 CARD = "README.md"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_RE = re.compile(r"^\d{7}_adapters\.safetensors$")  # mlx-lm resumable checkpoints
-OUTPUTS = ("report", "card", "releases")  # written by publish; every other path is an input
+OUTPUTS = ("report", "card", "releases", "dataset_card")  # written by publish; every other path is an input
 
 
 class PublishError(UserError):
@@ -65,6 +69,7 @@ class PublishConfig:
     require_pushed: bool  # outputs are in the default DVC remote
     require_clean_git: bool  # no uncommitted changes, so the card's commit reproduces the model
     card_samples: int  # evaluation samples shown in the card
+    dataset: DatasetConfig  # the curated dataset as a Hub dataset repository (opt-in)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class PublishPaths:
     report: Path  # this run's verdict
     card: Path | None  # also write the card here (a preview); None = don't
     releases: Path | None = None  # folder keeping one record per upload attempt; None = don't
+    dataset_card: Path | None = None  # also write the dataset card here (a preview)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,15 @@ class Release:
     content_id: str  # sha256 over the artifacts and the card facts (not the git commit)
     card: str
     git: modelcard.GitFacts
+    dataset: DatasetRelease | None = None  # publish.dataset.enabled
+
+
+@dataclass(frozen=True)
+class DatasetRelease:
+    repo_id: str | None
+    files: tuple[ReleaseFile, ...]
+    content_id: str
+    card: str
 
 
 @dataclass
@@ -108,6 +123,7 @@ class PublishResult:
     error: str | None = None
     card_path: str | None = None
     record_path: str | None = None
+    dataset: dict[str, Any] | None = None  # the dataset repository: repo_id, files, status, url
 
     @property
     def passed(self) -> bool:
@@ -136,18 +152,25 @@ def run(cfg: PublishConfig, paths: PublishPaths, *, dry_run: bool, stage: bool =
     release = build_release(cfg, paths)
     if paths.card is not None:
         write_text(paths.card, release.card)
+    if paths.dataset_card is not None and release.dataset is not None:
+        write_text(paths.dataset_card, release.dataset.card)
     result = PublishResult(
         status="stage" if stage else "dry_run" if reasons else "blocked", dry_run=bool(reasons),
         dry_run_reasons=["inside dvc repro (--stage)"] if stage else reasons, checks=checks,
         repo_id=cfg.repo_id, private=cfg.private, content_id=release.content_id,
         files=[_file_entry(f) for f in release.files],
         card_path=str(paths.card) if paths.card is not None else None,
+        dataset=_dataset_entry(cfg, release.dataset, paths),
     )
     if reasons or not result.passed:
         write_json(paths.report, result.to_json())
         return result
     endpoint = (env.get("HF_ENDPOINT") or hub.DEFAULT_ENDPOINT).rstrip("/")
     try:
+        if release.dataset is not None and result.dataset is not None:
+            # First: the model card links to it, and a model without its data is the worse half.
+            status, url, _ = hub.push(_dataset_upload(cfg, release), token, endpoint)
+            result.dataset.update(status=status, commit_url=url)
         result.status, result.commit_url, result.revision = hub.push(
             _upload(cfg, release), token, endpoint)
     except hub.HubError as exc:
@@ -177,6 +200,26 @@ def _upload(cfg: PublishConfig, release: Release) -> hub.Upload:
         description=f"content {release.content_id}\ngit commit {release.git.commit}")
 
 
+def _dataset_upload(cfg: PublishConfig, release: Release) -> hub.Upload:
+    data = release.dataset
+    assert data is not None
+    return hub.Upload(
+        repo_id=str(data.repo_id), private=cfg.dataset.private, files=data.files,
+        manifest=MANIFEST, content_id=data.content_id, repo_type="dataset",
+        title=f"tuneline dataset {(release.git.commit or 'uncommitted')[:12]}",
+        description=f"content {data.content_id}\ngit commit {release.git.commit}")
+
+
+def _dataset_entry(cfg: PublishConfig, data: DatasetRelease | None,
+                   paths: PublishPaths) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    return {"repo_id": data.repo_id, "private": cfg.dataset.private,
+            "content_id": data.content_id, "files": [_file_entry(f) for f in data.files],
+            "card_path": str(paths.dataset_card) if paths.dataset_card is not None else None,
+            "status": None, "commit_url": None}
+
+
 def _file_entry(f: ReleaseFile) -> dict[str, Any]:
     # The card and manifest name the git commit: their hashes would change the report (and
     # dvc.lock) after every commit, so the report keeps them out.
@@ -196,6 +239,10 @@ def validate_config(cfg: PublishConfig) -> None:
     if cfg.repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.repo_id):
         raise PublishError(f"{where}.repo_id {cfg.repo_id!r} must look like 'namespace/name' "
                            "(your user or organization, a slash, the model name)")
+    data = cfg.dataset
+    if data.repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", data.repo_id):
+        raise PublishError(f"{where}.dataset.repo_id {data.repo_id!r} must look like "
+                           "'namespace/name' (your user or organization, a slash, a name)")
     if cfg.card_samples < 0:
         raise PublishError(f"{where}.card_samples is {cfg.card_samples}; use 0 or more")
 
@@ -219,6 +266,8 @@ def dry_run_reasons(cfg: PublishConfig, dry_run: bool, token: str | None) -> lis
     reasons += [] if cfg.enabled else ["publish.enabled is false"]
     reasons += [] if cfg.repo_id else ["publish.repo_id is not set"]
     reasons += [] if token else ["HF_TOKEN is not set"]
+    if cfg.dataset.enabled and not cfg.dataset.repo_id:
+        reasons.append("publish.dataset.enabled but publish.dataset.repo_id is not set")
     return reasons
 
 
@@ -235,6 +284,7 @@ def gate(cfg: PublishConfig, paths: PublishPaths, *, stage: bool = False) -> lis
         publish_gate.check_artifacts(cfg.upload, paths.adapters, paths.fused, paths.gguf),
         publish_gate.check_git_clean(cfg.require_clean_git and not stage, ignore=own),
         *publish_gate.check_dvc(cfg.require_pushed and not stage),
+        *([check_dataset(cfg.dataset, paths.dataset)] if cfg.dataset.enabled else []),
     ]
     if stage:
         later = "judged by `tuneline publish` after `git commit` and `dvc push`"
@@ -242,6 +292,19 @@ def gate(cfg: PublishConfig, paths: PublishPaths, *, stage: bool = False) -> lis
         checks = [Check(c.name, False, f"pending: {later}", pending=True)
                   if waiting.get(c.name) else c for c in checks]
     return checks
+
+
+def check_dataset(data: DatasetConfig, folder: Path) -> Check:
+    """What only the dataset repository needs: its own license, and every split file."""
+    missing = [f"{s}.jsonl" for s in dataset_card.HUB_SPLITS if not (folder / f"{s}.jsonl").is_file()]
+    if missing:
+        return Check("dataset", False, f"{folder} lacks {', '.join(missing)}: run `dvc repro curate`")
+    if not data.license:
+        return Check("dataset", False, "publish.dataset.license is not set: choose the dataset's "
+                     "license (generated answers carry the terms of the model that wrote them, "
+                     "imports those of their source)")
+    return Check("dataset", True, f"dataset repository {data.repo_id or '<publish.dataset.repo_id>'}"
+                 f" ({'private' if data.private else 'public'}, license {data.license})")
 
 
 def _base_license(cfg: PublishConfig, paths: PublishPaths) -> tuple[str | None, str]:
@@ -263,11 +326,14 @@ def build_release(cfg: PublishConfig, paths: PublishPaths) -> Release:
     facts = modelcard.collect_facts(
         inputs, repo_id=cfg.repo_id, private=cfg.private, license=license, tags=cfg.tags,
         upload=cfg.upload, files=[(f.path, f.size) for f in artifacts], samples=cfg.card_samples)
+    facts["datasets"] = [cfg.dataset.repo_id] if cfg.dataset.enabled and cfg.dataset.repo_id \
+        else []
     content_id = hashlib.sha256(json.dumps(
         {"files": {f.path: f.sha256 for f in artifacts}, "facts": facts},
         sort_keys=True).encode()).hexdigest()
     git = modelcard.GitFacts(repo_facts.commit(), repo_facts.remote_url())
     card = modelcard.render(facts, git)
+    dataset = build_dataset_release(cfg, paths, git) if cfg.dataset.enabled else None
     files = list(artifacts)
     if "card" in cfg.upload:
         files.append(ReleaseFile.generated(CARD, card.encode("utf-8"), volatile=True))
@@ -278,7 +344,26 @@ def build_release(cfg: PublishConfig, paths: PublishPaths) -> Release:
     files.append(ReleaseFile.generated(
         MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"),
         volatile=True))
-    return Release(tuple(files), content_id, card, git)
+    return Release(tuple(files), content_id, card, git, dataset)
+
+
+def build_dataset_release(cfg: PublishConfig, paths: PublishPaths,
+                          git: modelcard.GitFacts) -> DatasetRelease:
+    """Split files, the dataset card and a manifest, for the dataset repository."""
+    files = dataset_card.release_files(paths.dataset)
+    inputs = dataset_card.DatasetInputs(paths.params, paths.dataset, paths.dvc_lock,
+                                        paths.validation)
+    facts = dataset_card.collect_facts(inputs, cfg.dataset, model_repo=cfg.repo_id,
+                                       files=[(f.path, f.size) for f in files])
+    content_id = dataset_card.content_id(files, facts)
+    card = dataset_card.render(facts, git)
+    files.append(ReleaseFile.generated(CARD, card.encode("utf-8"), volatile=True))
+    manifest = {"tool": "tuneline", "content_id": content_id, "git_commit": git.commit,
+                "files": {f.path: {"sha256": f.sha256, "size": f.size} for f in files}}
+    files.append(ReleaseFile.generated(
+        MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+        volatile=True))
+    return DatasetRelease(cfg.dataset.repo_id, tuple(files), content_id, card)
 
 
 def _artifact_files(cfg: PublishConfig, paths: PublishPaths) -> list[ReleaseFile]:
@@ -303,9 +388,9 @@ def _item_files(item: str, paths: PublishPaths) -> list[tuple[str, Path]]:
                 for p in _tree(paths.adapters) if not CHECKPOINT_RE.match(p.name)]
     if item == "gguf":
         return [(p.name, p) for p in sorted(paths.gguf.glob("*.gguf"))]
-    if item == "modelfile":
-        modelfile = paths.gguf / "Modelfile"
-        return [("Modelfile", modelfile)] if modelfile.is_file() else []
+    if item == "modelfile":  # Modelfile.adapter: the LoRA route (export's adapter GGUF)
+        return [(name, paths.gguf / name) for name in ("Modelfile", "Modelfile.adapter")
+                if (paths.gguf / name).is_file()]
     return []
 
 
@@ -322,6 +407,14 @@ def render(result: PublishResult) -> str:
     lines = [f"{'wait' if c.pending else 'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}"
              for c in result.checks]
     lines += [f"model card: {result.card_path}"] if result.card_path else []
+    data = result.dataset
+    if data is not None:
+        size = sum(f["size"] for f in data["files"]) / 1e6
+        where = data["repo_id"] or "<publish.dataset.repo_id>"
+        lines += [f"dataset card: {data['card_path']}"] if data["card_path"] else []
+        lines.append(f"dataset: {len(data['files'])} files ({size:.1f} MB) to dataset repo "
+                     f"{where} ({'private' if data['private'] else 'public'})"
+                     + (f": {data['status']} {data['commit_url']}" if data["status"] else ""))
     size = sum(f["size"] for f in result.files) / 1e6
     what = f"{len(result.files)} files ({size:.1f} MB) to {result.repo_id or '<publish.repo_id>'}"
     if result.status == "stage":

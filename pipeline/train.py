@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 
+from pipeline import train_metrics
 from pipeline.errors import UserError
 from pipeline.jsonl import (
     atomic_dir,
@@ -80,6 +81,7 @@ class TrainPaths:
     metrics: Path
     curve: Path
     checkpoints: Path = CHECKPOINT_ROOT  # resumable state of unfinished runs, outside DVC outputs
+    live: Path | None = None  # DVCLive folder (pipeline/train_metrics.py), rewritten while training
 
 
 @dataclass(frozen=True)
@@ -389,6 +391,7 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
         print(f"resuming from checkpoint {ckpt} (step {done} of {iters})")
         load_checkpoint(model, optimizer, ckpt)
     log = MetricsLog(ckpt_dir / "metrics.jsonl", offset=done, write=lead)
+    callback = train_metrics.wrap(log, paths.live if lead else None, done)
     if done < iters:
         args = TrainingArgs(
             batch_size=cfg.batch_size, iters=iters - done, val_batches=cfg.val_batches,
@@ -413,9 +416,10 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
             train(model=model, optimizer=optimizer, train_dataset=train_set,
                   val_dataset=valid_set, args=args, loss=loss,
                   iterate_batches=checkpointing(batches(seed), cfg.save_every, save, done),
-                  training_callback=log)
+                  training_callback=callback)
         finally:
             layer_type.__call__ = layer_call
+    train_metrics.finish(callback)
 
     val_loss = evaluate(model, valid_set, cfg.batch_size, cfg.val_batches, cfg.max_seq_length,
                         loss=loss, iterate_batches=batches(seed))

@@ -7,7 +7,9 @@ huggingface_hub 2.4): `GET /api/whoami-v2`; `POST /api/repos/create`;
 `POST /{repo}.git/info/lfs/objects/batch`; `PUT` upload and `POST` verify per LFS object;
 `POST /api/models/{repo}/commit/{rev}` with an NDJSON body;
 `HEAD`/`GET /{repo}/resolve/{rev}/{path}`; `DELETE /api/repos/delete` (delete_repo, JSON body
-with name and organization).
+with name and organization). Dataset repositories (`type: dataset` on create and delete) use the
+same calls under `/api/datasets/`, `/datasets/{repo}.git/...` and `/datasets/{repo}/resolve/...`;
+they are kept under the key `datasets/{namespace}/{name}` (see `key`).
 
 Files are stored as bytes per commit, so a test can check that what arrived is byte-identical.
 Tokens map to accounts (write or read role, namespaces); errors follow the Hub: 401 with
@@ -43,6 +45,18 @@ LFS_SIZE = 10 * 1024 * 1024  # the Hub stores larger files in LFS whatever their
 GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES)
 BAD_TOKEN = "Invalid credentials in Authorization header"
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
+KIND = r"(?P<kind>models|datasets)"  # /api/{kind}/...
+PREFIX = r"(?P<prefix>datasets/)?"  # /{prefix}{repo}.git/... and /{prefix}{repo}/resolve/...
+DATASETS = "datasets/"
+
+
+def key(repo_id: str, repo_type: str = "model") -> str:
+    """Where the stand-in keeps a repo: model ids as they are, datasets under datasets/."""
+    return f"{DATASETS}{repo_id}" if repo_type == "dataset" else repo_id
+
+
+def namespace_of(repo_key: str) -> str:
+    return repo_key.removeprefix(DATASETS).split("/")[0]
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -280,19 +294,23 @@ class _HubHandler(BaseHTTPRequestHandler):
             ("POST", r"/api/repos/create", self.create),
             ("DELETE", r"/api/repos/delete", self.delete),
             ("POST", r"/api/validate-yaml", self.validate_yaml),
-            ("GET", rf"/api/models/{REPO}(?:/revision/(?P<rev>[^/]+))?", self.model_info),
-            ("POST", rf"/api/models/{REPO}/preupload/(?P<rev>[^/]+)", self.preupload),
-            ("POST", rf"/api/models/{REPO}/commit/(?P<rev>[^/]+)", self.commit),
-            ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", self.lfs_batch),
+            ("GET", rf"/api/{KIND}/{REPO}(?:/revision/(?P<rev>[^/]+))?", self.model_info),
+            ("POST", rf"/api/{KIND}/{REPO}/preupload/(?P<rev>[^/]+)", self.preupload),
+            ("POST", rf"/api/{KIND}/{REPO}/commit/(?P<rev>[^/]+)", self.commit),
+            ("POST", rf"/{PREFIX}{REPO}\.git/info/lfs/objects/batch", self.lfs_batch),
             ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", self.lfs_put),
-            ("POST", rf"/lfs-verify/{REPO}", self.lfs_verify),
-            ("GET", rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self.resolve),
-            ("HEAD", rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self.resolve),
+            ("POST", rf"/lfs-verify/{PREFIX}{REPO}", self.lfs_verify),
+            ("GET", rf"/{PREFIX}{REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self.resolve),
+            ("HEAD", rf"/{PREFIX}{REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self.resolve),
         ]
         for verb, pattern, route in routes:
             match = re.fullmatch(pattern, path)
             if verb == method and match:
-                route(**match.groupdict())
+                args = match.groupdict()
+                dataset = args.pop("kind", None) == "datasets" or args.pop("prefix", None)
+                if "repo" in args:
+                    args["repo"] = key(args["repo"], "dataset" if dataset else "model")
+                route(**args)
                 return
         raise _Reply(404, f"no route for {method} {path}")
 
@@ -356,7 +374,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         account = self._account()
         repo = self.hub.repos.get(repo_id)
         visible = repo is not None and (not repo.private or (
-            account is not None and account.owns(repo_id.split("/")[0])))
+            account is not None and account.owns(namespace_of(repo_id))))
         if not visible:
             status = 401 if account is None else 404
             raise _Reply(status, "Repository not found", code="RepoNotFound")
@@ -366,7 +384,7 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _writable(self, repo_id: str) -> Repo:
         repo = self._readable(repo_id)
         account = self._account()
-        if account is None or account.role != "write" or not account.owns(repo_id.split("/")[0]):
+        if account is None or account.role != "write" or not account.owns(namespace_of(repo_id)):
             raise _Reply(403, f"You don't have the rights to write to {repo_id}")
         return repo
 
@@ -393,15 +411,17 @@ class _HubHandler(BaseHTTPRequestHandler):
         if account.role != "write" or not account.owns(str(namespace)):
             raise _Reply(403, f'You don\'t have the rights to create a model under the namespace '
                               f'"{namespace}"')
-        if body.get("type", "model") != "model":
-            raise _Reply(400, "the stand-in only hosts model repos")
+        if body.get("type") not in (None, "model", "dataset"):
+            raise _Reply(400, "the stand-in hosts model and dataset repos only")
+        repo_id = key(repo_id, body.get("type") or "model")
         url = f"{self.hub.url}/{repo_id}"
         if repo_id in self.hub.repos:
             raise _Reply(409, "You already created this model repo",
                          body={"error": "You already created this model repo", "url": url})
         private = body.get("visibility") == "private" or body.get("private") is True
         self.hub.create_repo(repo_id, private=private)
-        self._send_json(200, {"url": url, "name": repo_id, "id": repo_id})
+        plain = repo_id.removeprefix(DATASETS)
+        self._send_json(200, {"url": url, "name": plain, "id": plain})
 
     def delete(self) -> None:
         """delete_repo: 404 RepoNotFound if absent, 403 without write rights; 200 empty body."""
@@ -409,8 +429,9 @@ class _HubHandler(BaseHTTPRequestHandler):
         body = self._json()
         namespace = body.get("organization") or (account.name if account else None)
         repo_id = f"{namespace}/{body.get('name')}"
-        if body.get("type", "model") not in (None, "model"):
-            raise _Reply(400, "the stand-in only hosts model repos")
+        if body.get("type") not in (None, "model", "dataset"):
+            raise _Reply(400, "the stand-in hosts model and dataset repos only")
+        repo_id = key(repo_id, body.get("type") or "model")
         self._writable(repo_id)
         with self.hub.lock:
             del self.hub.repos[repo_id]
@@ -441,7 +462,8 @@ class _HubHandler(BaseHTTPRequestHandler):
                                       "pointerSize": len(f.pointer)}
             siblings.append(sibling)
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-        self._send_json(200, {"id": repo, "modelId": repo, "sha": commit.oid,
+        plain = repo.removeprefix(DATASETS)
+        self._send_json(200, {"id": plain, "modelId": plain, "sha": commit.oid,
                               "private": stored.private, "lastModified": now, "tags": [],
                               "siblings": siblings})
 

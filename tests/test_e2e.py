@@ -93,6 +93,8 @@ def test_repro_runs_every_stage_and_writes_every_output(repro):
                  "reports/train.json", "reports/train_loss.tsv", "reports/eval.json",
                  "reports/compare.html", "models/fused/model.safetensors",
                  "models/gguf/model-f16.gguf", "models/gguf/Modelfile", "reports/gguf.json",
+                 "models/gguf/adapter-f16.gguf", "models/gguf/base-f16.gguf",
+                 "models/gguf/Modelfile.adapter", "reports/train_live/metrics.json",
                  "reports/publish.json"):
         assert (repo / path).exists(), path
     assert sorted(p.name for p in (repo / "models/adapters").iterdir()) == [

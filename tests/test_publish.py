@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 import yaml
-from hub_standin import GITATTRIBUTES, HubStandin
+from hub_standin import GITATTRIBUTES, HubStandin, key
 
-from pipeline import config, publish
+from pipeline import config, modelcard, publish
 from pipeline import hub as hub_client
 from pipeline.repo_facts import clean_remote
 
@@ -48,6 +48,8 @@ def _params() -> dict[str, Any]:
             "license": "auto", "allowed_licenses": ["apache-2.0", "mit"], "tags": ["postgres"],
             "min_improvement": 0.05, "require_judge_win_rate": None, "require_pushed": True,
             "require_clean_git": True, "card_samples": 2,
+            "dataset": {"enabled": False, "repo_id": None, "private": True, "license": None,
+                        "languages": ["en"]},
         },
     }
 
@@ -542,6 +544,107 @@ def _closed_port_url() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{sock.getsockname()[1]}"  # closed again when we return
+
+
+# --- the dataset repository ------------------------------------------------------------------
+
+DATA_REPO = "alice/pg-helper-data"
+
+
+def _enable_dataset(repo: Path, **changes: Any) -> None:
+    dataset = {"enabled": True, "repo_id": DATA_REPO, "private": True, "license": "cc-by-4.0",
+               "languages": ["en"], **changes}
+    _edit_params(repo, dataset=dataset)
+    _commit(repo, "publish the dataset too")
+
+
+def _front_matter(text: str) -> dict[str, Any]:
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_dataset_goes_to_a_dataset_repo_in_one_commit_and_the_model_card_names_it(
+        project: Path, hub: HubStandin) -> None:
+    _enable_dataset(project)
+
+    result = _run(hub)
+
+    assert result.status == "published" and result.dataset is not None
+    assert result.dataset["status"] == "published"
+    stored = hub.repos[key(DATA_REPO, "dataset")]
+    assert stored.private and len(stored.commits) == 2  # the Hub's initial commit + ours
+    assert DATA_REPO not in hub.repos  # a dataset repo, not a model repo of that name
+    data_key = key(DATA_REPO, "dataset")
+    assert hub.paths(data_key) == {".gitattributes", "train.jsonl", "valid.jsonl", "test.jsonl",
+                                   "README.md", publish.MANIFEST}
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
+        assert hub.file_bytes(data_key, name) == (Path("data/dataset") / name).read_bytes()
+    card = hub.file_bytes(data_key, "README.md").decode()
+    meta = _front_matter(card)
+    assert meta["license"] == "cc-by-4.0" and meta["language"] == ["en"]
+    assert meta["size_categories"] == ["n<1K"] and meta["task_categories"] == ["text-generation"]
+    splits = {f["split"]: f["path"] for f in meta["configs"][0]["data_files"]}
+    assert splits == {"train": "train.jsonl", "validation": "valid.jsonl", "test": "test.jsonl"}
+    assert "| generated | 2 |" in card and "| expert | 1 |" in card and "| imported | 1 |" in card
+    lock = yaml.safe_load(Path("dvc.lock").read_text())
+    dataset_md5 = next(o["md5"] for o in lock["stages"]["build"]["outs"]
+                       if o["path"] == "data/dataset")
+    assert dataset_md5 in card
+    assert f"(https://huggingface.co/{REPO})" in card  # links back to the model
+    model_meta = _front_matter(hub.file_bytes(REPO, "README.md").decode())
+    assert model_meta["datasets"] == [DATA_REPO]
+    assert model_meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model_meta["base_model_relation"] == "finetune"
+    _assert_no_token(card, json.dumps(result.to_json()))
+
+    again = _run(hub)  # same content: neither repository gets a commit
+    assert again.status == "unchanged" and again.dataset["status"] == "unchanged"
+    assert len(hub.repos[data_key].commits) == 2
+
+
+def test_dry_run_shows_the_dataset_card_and_the_model_cards_links(project: Path,
+                                                                   hub: HubStandin) -> None:
+    _enable_dataset(project)
+    preview = Path(".tuneline/dataset_card.md")
+
+    result = publish.run(_cfg(), _paths(dataset_card=preview), dry_run=True, env=_env(hub))
+
+    assert result.status == "dry_run" and result.passed and hub.requests == []
+    text = publish.render(result)
+    assert f"dataset card: {preview}" in text
+    assert f"to dataset repo {DATA_REPO} (private)" in text
+    assert "license: cc-by-4.0" in preview.read_text()
+    model_card = Path("reports/model_card.md").read_text()
+    assert f"- {DATA_REPO}" in model_card and "base_model_relation: finetune" in model_card
+
+
+def test_dataset_without_a_license_blocks_both_uploads(project: Path, hub: HubStandin) -> None:
+    _enable_dataset(project, license=None)
+
+    result = _run(hub)
+
+    assert result.status == "blocked" and hub.requests == []
+    check = next(c for c in result.checks if c.name == "dataset")
+    assert not check.passed and "publish.dataset.license is not set" in check.detail
+
+
+def test_card_offers_the_lora_gguf_route_and_never_suggests_it_as_the_model() -> None:
+    from pipeline import modelcard_text
+
+    facts = {"repo_id": REPO, "upload": ["gguf", "modelfile", "card"], "private": False,
+             "base": {"hf_id": None, "model": "embedded"}, "model_name": "pg-helper",
+             "files": [{"path": p, "size": 1} for p in
+                       ("adapter-f16.gguf", "base-f16.gguf", "model-f16.gguf")]}
+    text = modelcard_text._run_section(facts)
+    assert "--hf-file model-f16.gguf" in text
+    assert "llama-cli -m base-f16.gguf --lora adapter-f16.gguf" in text
+    assert "Modelfile.adapter" in text
+
+
+def test_base_model_relation_follows_what_is_uploaded() -> None:
+    assert modelcard.base_model_relation(["adapter", "card"]) == "adapter"
+    assert modelcard.base_model_relation(["adapter", "fused", "gguf", "card"]) == "finetune"
+    # GGUF files of a fine-tune are not the base model quantized: the Hub must not infer that.
+    assert modelcard.base_model_relation(["gguf", "modelfile", "card"]) == "finetune"
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))

@@ -186,3 +186,29 @@ def teach_answer(weights: dict[str, np.ndarray], tokenizer: Path, answer: str, s
     for name, w in weights.items():
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             w *= 0.1
+
+
+def make_tiny_adapter(model_dir: Path, out: Path, *, rank: int = 4, scale: float = 2.0,
+                      std: float = 0.05, seed: int = 0, fine_tune_type: str = "lora",
+                      num_layers: int = -1) -> Path:
+    """An mlx-lm adapter directory for `model_dir` with random (non-zero) lora_a and lora_b on
+    every linear of every block, as `mlx_lm.lora` would save it after training."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = load(str(model_dir))
+    model.freeze()
+    n_layers = len(model.layers) if num_layers == -1 else num_layers
+    params = {"rank": rank, "scale": scale, "dropout": 0.0}
+    linear_to_lora_layers(model, n_layers, params, use_dora=fine_tune_type == "dora")
+    rng = np.random.default_rng(seed)
+    weights = {name: mx.array(rng.normal(0.0, std, arr.shape).astype(np.float32))
+               if name.endswith(("lora_a", "lora_b")) else arr
+               for name, arr in tree_flatten(model.trainable_parameters())}
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    config = {"fine_tune_type": fine_tune_type, "num_layers": n_layers, "lora_parameters": params}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
