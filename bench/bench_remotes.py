@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-import servers  # noqa: E402
+import servers
 
 BIN = Path(sys.executable).parent
 # Share of the artifact set per file, like a fine-tuned SmolLM2-135M: two GGUFs dominate.

@@ -13,7 +13,6 @@ Prints a markdown table for bench/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -21,13 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
-from pipeline import accel  # noqa: E402
+from pipeline import accel
 
 MATMUL = """
 import time, mlx.core as mx

@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_train import dataset  # noqa: E402  the same 40/8 split as the CPU benchmark
+from bench_train import dataset  # the same 40/8 split as the CPU benchmark
 
 GPU_SETTING = {"batch_size": 8, "iters": 50, "num_layers": 16, "max_seq_length": 512}
 QUICK = {"iters": 4, "steps_per_report": 2, "steps_per_eval": 4, "val_batches": 1,

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from test_evaluate import ROWS, make_trained_adapter
 from typer.testing import CliRunner
 
 from pipeline import chat
 from pipeline.cli import app
 from pipeline.mlx_model import greedy_answer
-from test_evaluate import ROWS, make_trained_adapter
 
 
 class Recorder:
@@ -122,4 +122,4 @@ def test_side_by_side_wraps_each_column_and_keeps_line_breaks() -> None:
     right = [line.split(" | ", 1)[1].strip() for line in lines[2:] if " | " in line]
     assert right[:2] == ["a", "b"]
     left = " ".join(line.split(" | ", 1)[0].strip() for line in lines[2:])
-    assert left.split() == "one two three four five six".split()
+    assert left.split() == ["one", "two", "three", "four", "five", "six"]

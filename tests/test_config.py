@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -17,7 +17,7 @@ class Knobs:
     kind: Literal["lora", "dora"]
     layers: int
     names: tuple[str, ...]
-    epochs: Optional[float]
+    epochs: float | None
 
 
 GOOD = {"rate": 1.0e-4, "kind": "lora", "layers": 4, "names": ["a"], "epochs": None}

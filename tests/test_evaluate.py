@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
+from ollama_standin import Fault, StandIn
 from typer.testing import CliRunner
 
-from ollama_standin import Fault, StandIn
 from pipeline import config, llm, mlx_model
 from pipeline import evaluate as ev
 from pipeline.cli import app
@@ -42,8 +42,8 @@ def make_trained_adapter(model_dir: Path, out: Path, rows: list[dict[str, Any]],
                          steps: int = 40, seed: int = 0) -> Path:
     """A LoRA adapter (mlx-lm layout) fitted to `rows` with the stage's own masked loss."""
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
+    from mlx import nn
     from mlx.utils import tree_flatten
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -244,7 +244,7 @@ def test_judge_credits_the_tuned_answer_in_either_position() -> None:
 def test_judge_runs_in_the_stage_against_an_ollama_server(tiny_model_dir: Path, adapter_dir: Path,
                                                           tmp_path: Path) -> None:
     p = paths(tmp_path, tiny_model_dir, adapter_dir)
-    tie = lambda messages, options: '{"winner": "tie", "reason": "both <b>fine</b>"}'  # noqa: E731
+    tie = lambda messages, options: '{"winner": "tie", "reason": "both <b>fine</b>"}'
     with StandIn(models=("judge",), reply=tie) as server:
         server.fail(Fault("status", status=500))  # retried, as generation requests are
         ev.run(eval_cfg(judge=True, n_samples=1, prompts=(), url=server.url), p,

@@ -49,10 +49,9 @@ def test_atomic_dir_swaps_in_only_complete_directories(tmp_path):
     out = tmp_path / "model"
     with atomic_dir(out) as tmp:
         (tmp / "w.bin").write_text("v1")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(out) as tmp:
-            (tmp / "w.bin").write_text("half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "w.bin").write_text("half")
+        raise RuntimeError("crash")
     assert (out / "w.bin").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
