@@ -58,7 +58,7 @@ def size_category(rows: int) -> str:
 def collect_facts(inputs: DatasetInputs, cfg: DatasetConfig, *, model_repo: str | None,
                   files: list[tuple[str, int]]) -> dict[str, Any]:
     """Everything the dataset card says except the git commit (JSON-safe, deterministic)."""
-    params = config.read_params(inputs.params)
+    params = {name: _section(name, inputs.params) for name in ("base", "generate", "questions")}
     summary = modelcard.dataset_summary(inputs.dataset, inputs.dvc_lock)
     return {
         "repo_id": cfg.repo_id,
@@ -71,6 +71,14 @@ def collect_facts(inputs: DatasetInputs, cfg: DatasetConfig, *, model_repo: str 
         "generation": generation_facts(params),
         "validation": validation_summary(inputs.validation),
     }
+
+
+def _section(name: str, path: Path) -> dict[str, Any]:
+    """A section for the record, or {} when this params file has none (the card says less)."""
+    try:
+        return config.section(name, path)
+    except config.ConfigError:
+        return {}
 
 
 def generation_facts(params: dict[str, Any]) -> dict[str, Any]:
