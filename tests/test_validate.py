@@ -415,6 +415,7 @@ def test_dvc_repro_stops_at_validate_on_bad_data_and_keeps_earlier_outputs(tmp_p
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, work / name)
     shutil.copytree(REPO / "data/imports", work / "data/imports")
+    shutil.copytree(REPO / "scripts", work / "scripts")  # the stage commands' wrapper
     shutil.copy(tokenizer, work / "tok.json")
     (work / "answers.jsonl").write_text("")
     real = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
