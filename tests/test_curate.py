@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from killing import kill_at
 
 from pipeline import config, curate
 from pipeline.corrections import CorrectionError
@@ -111,24 +112,12 @@ repo.run()
 
 
 def test_sigkill_between_split_files_never_mixes_two_runs(repo):
-    import os
-    import signal
-    import subprocess
-    import sys
 
     repo.write(repo.paths.generated, many(30))
     repo.run()
     before = {p.name: p.read_bytes() for p in repo.paths.out.iterdir()}
     repo.write(repo.paths.generated, many(40))  # new answers: every split file would change
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_CURATE, str(repo.root)],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout.readline() == "wrote train\n"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_at(KILLED_CURATE, str(repo.root), marker="wrote train\n")
     assert {p.name: p.read_bytes() for p in repo.paths.out.iterdir()} == before
     repo.run()
     after = {p.name: p.read_bytes() for p in repo.paths.out.iterdir()}

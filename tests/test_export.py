@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from killing import kill_at
 from tiny import CHATML_TEMPLATE, make_tiny_adapter, make_tiny_llama
 
 from pipeline import (
@@ -355,24 +356,12 @@ export.run(test_export.make_cfg(), test_export.paths(Path(sys.argv[1]), Path(sys
 
 def test_sigkill_mid_export_keeps_the_previous_files_and_rerun_matches(answering_model, tmp_path,
                                                                        exported):
-    import os
-    import signal
-    import subprocess
-    import sys
 
     work = tmp_path / "work"
     out = paths(work, answering_model).out
     out.mkdir(parents=True)
     (out / "model-f16.gguf").write_bytes(b"the previous export")
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(work), str(answering_model)],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout.readline() == "files written\n"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_at(KILLED_EXPORT, str(work), str(answering_model), marker="files written\n")
     assert [p.name for p in out.iterdir()] == ["model-f16.gguf"]
     assert (out / "model-f16.gguf").read_bytes() == b"the previous export"
     result = export.run(make_cfg(), paths(work, answering_model), seed=0)

@@ -170,17 +170,21 @@ def chinese_reply(messages, options):
     return f"```json\n{drafts}\n```"  # free text, as models reply without a schema
 
 
+def draft_zh_by_category(tmp_path, path, url):
+    """`questions draft --prompt by_category_zh` for two categories against the stand-in."""
+    params = yaml.safe_load(PARAMS.read_text())
+    params["questions"].update(backend="ollama", url=url, model="tiny")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    return CliRunner().invoke(app, [
+        "questions", "draft", "--out", str(path), "--prompt", "by_category_zh", "--count",
+        "2", "--category", "学生", "--category", "DBA", "--params", str(tmp_path / "params.yaml")])
+
+
 def test_cli_drafts_chinese_questions_through_ollama(tmp_path):
     path = tmp_path / "questions.jsonl"
     existing(path, "如何创建表？")
-    params = yaml.safe_load(PARAMS.read_text())
     with StandIn(reply=chinese_reply) as server:
-        params["questions"].update(backend="ollama", url=server.url, model="tiny")
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
-        result = CliRunner().invoke(app, [
-            "questions", "draft", "--out", str(path), "--prompt", "by_category_zh", "--count",
-            "2", "--category", "学生", "--category", "DBA", "--params",
-            str(tmp_path / "params.yaml")])
+        result = draft_zh_by_category(tmp_path, path, server.url)
         sent = server.requests[0]["messages"][-1]["content"]
         schema = server.requests[0]["format"]
     assert result.exit_code == 0, result.output
@@ -219,14 +223,8 @@ def test_a_lone_surrogate_escape_is_an_error_with_file_and_line(tmp_path):
 
 def test_server_rejecting_the_schema_is_parsed_as_text_and_said(tmp_path):
     path = tmp_path / "questions.jsonl"
-    params = yaml.safe_load(PARAMS.read_text())
     with StandIn(reply=chinese_reply, formats="json") as server:  # an Ollama before 0.5
-        params["questions"].update(backend="ollama", url=server.url, model="tiny")
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
-        result = CliRunner().invoke(app, [
-            "questions", "draft", "--out", str(path), "--prompt", "by_category_zh", "--count",
-            "2", "--category", "学生", "--category", "DBA", "--params",
-            str(tmp_path / "params.yaml")])
+        result = draft_zh_by_category(tmp_path, path, server.url)
     assert result.exit_code == 0, result.output
     assert "note: Ollama's `format` (a JSON schema) was rejected (HTTP 400" in result.output
     assert "parsing it" in result.output and "appended 3" in result.output

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from killing import kill_at
 from test_curate import Repo, answer, many
 from typer.testing import CliRunner
 
@@ -284,11 +285,7 @@ review.apply(root / "review.csv", root / "corrections.jsonl", root / "dataset")
 
 def test_sigkill_during_apply_keeps_corrections_and_rerun_matches_an_uninterrupted_apply(
         repo, tmp_path):
-    import os
     import shutil
-    import signal
-    import subprocess
-    import sys
 
     repo.paths.corrections.write_text('{"id": "q-0002", "action": "drop"}\n')
     sheet = export(repo)
@@ -296,14 +293,7 @@ def test_sigkill_during_apply_keeps_corrections_and_rerun_matches_an_uninterrupt
     before = repo.paths.corrections.read_bytes()
     twin = tmp_path.parent / (tmp_path.name + "-twin")
     shutil.copytree(repo.root, twin)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_APPLY, str(repo.root)],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout.readline() == "about to rename\n"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_at(KILLED_APPLY, str(repo.root), marker="about to rename\n")
     assert repo.paths.corrections.read_bytes() == before
     assert apply(repo, sheet).changed == ["q-0100 replace_answer (set)"]
     review.apply(twin / "review.csv", twin / "corrections.jsonl", twin / "dataset")

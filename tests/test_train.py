@@ -5,15 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from killing import kill_at
 
 from pipeline import config, fuse, train
 from pipeline.train import TrainConfig, TrainError, TrainPaths
@@ -263,17 +260,8 @@ def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_adapter(tiny_mo
                                                                          extra):
     import mlx.core as mx
 
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_TRAIN, str(tmp_path / "killed"),
-                             str(tiny_model_dir), json.dumps(extra)], stdout=subprocess.PIPE,
-                            text=True, env=env)
-    try:
-        lines = iter(proc.stdout.readline, "")
-        assert any(line.startswith("saved 8") for line in lines)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_at(KILLED_TRAIN, str(tmp_path / "killed"), str(tiny_model_dir), json.dumps(extra),
+            marker=lambda line: line.startswith("saved 8"))
     killed = make_paths(tmp_path / "killed", tiny_model_dir)
     assert not killed.adapters.exists()
     ckpts = tmp_path / "killed" / "ckpt"
