@@ -100,11 +100,6 @@ def write(adapters: Path, config: Mapping[str, Any], out: Path,
     gguf_file.add_general(writer, {**general, "type": gguf.GGUFType.ADAPTER})
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    for name, array in tensors.items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    gguf_file.finish(writer, tensors)
     return {"alpha": alpha, "rank": int(next(iter(tensors.values())).shape[0]),
             "adapted_matrices": len(tensors) // 2}

@@ -159,7 +159,12 @@ def write(out: Path, config: Mapping[str, Any], weights: Mapping[str, np.ndarray
     add_hparams(writer, config)
     for key, (value, vtype, sub) in tokenizer.items():
         writer.add_key_value(key, value, vtype, sub)
-    for name, array in weights.items():
+    finish(writer, weights)
+
+
+def finish(writer: Any, tensors: Mapping[str, np.ndarray]) -> None:
+    """Add the tensors to a `gguf.GGUFWriter` holding its keys, and write the file."""
+    for name, array in tensors.items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
