@@ -26,7 +26,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import accel, base_model, config, export
+from pipeline import base_model, export
+from pipeline.core import config
+from pipeline.training import accel
 
 SPEED_PROMPT = "Explain what a PostgreSQL index is and when to use one."
 

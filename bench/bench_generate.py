@@ -55,8 +55,8 @@ def machine() -> str:
 
 
 def engines(mlx_dir: Path, max_tokens: int) -> dict[str, Any]:
-    from pipeline import llm
     from pipeline.base_model import embedded_gguf
+    from pipeline.llm import clients as llm
 
     results = {}
     sampling = llm.Sampling(temperature=0.0, seed=0, max_tokens=max_tokens)
@@ -229,9 +229,9 @@ def incremental(n: int) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    from pipeline import accel
+    from pipeline.training import accel
 
-    accel.prefer_fast_blas()  # mlx's CPU speed depends on it (pipeline/accel.py)
+    accel.prefer_fast_blas()  # mlx's CPU speed depends on it (pipeline/training/accel.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("what", nargs="*", default=["engines", "throughput", "incremental"])
     ap.add_argument("--mlx-dir", type=Path, default=REPO / "models" / "base")

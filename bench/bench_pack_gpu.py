@@ -149,7 +149,7 @@ def train_settings(batch: int | None, width: int | None, tps: int | None, iters:
 
 def plan(name: str, batch, width, tps, epochs: int, counts: dict, layers: int) -> dict:
     """iters and report windows so that each window is whole epochs (same rows in every tool)."""
-    from pipeline import packing
+    from pipeline.training import packing
 
     if width is None:
         per_epoch = counts["rows"] // batch
@@ -166,8 +166,8 @@ def plan(name: str, batch, width, tps, epochs: int, counts: dict, layers: int) -
 def child_tuneline(spec: dict) -> None:
     import mlx.core as mx
 
-    from pipeline import config as cfgmod
     from pipeline import train
+    from pipeline.core import config as cfgmod
 
     for job in spec["jobs"]:
         windows: list[dict] = []

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import uvicorn
 
-from pipeline import review_server
+from pipeline.commands import review_server
 
 SPLITS = ["train"] * 8 + ["valid", "test"]
 

@@ -28,8 +28,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-from pipeline import config, generate, llm, questions
+from pipeline import generate
 from pipeline.base_model import EMBEDDED, embedded_gguf
+from pipeline.commands import questions
+from pipeline.core import config
+from pipeline.llm import clients as llm
 
 PARAMS = REPO / "params.yaml"
 OLD_FAQ_EN = ("Please list in JSON format {count} frequently asked questions about {topic}.\n"

@@ -26,7 +26,7 @@ from statistics import median
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
-from pipeline import accel
+from pipeline.training import accel
 
 MATMUL = """
 import time, mlx.core as mx

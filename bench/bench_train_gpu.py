@@ -88,7 +88,7 @@ def ensure_weights(base: Path) -> None:
 
 
 def settings(extra: dict) -> dict:
-    from pipeline import config
+    from pipeline.core import config
 
     return {**config.read_params(ROOT / "params.yaml")["train"], **extra}
 
@@ -114,7 +114,7 @@ class Capture:
 def backend_facts() -> dict:
     import mlx.core as mx
 
-    from pipeline import accel
+    from pipeline.training import accel
 
     return {"mlx": mx.__version__, "default_device": str(mx.default_device()),
             "cuda_available": bool(getattr(mx, "cuda", None) and mx.cuda.is_available()),
@@ -122,7 +122,8 @@ def backend_facts() -> dict:
 
 
 def child_tuneline(spec: dict) -> dict:
-    from pipeline import config, train
+    from pipeline import train
+    from pipeline.core import config
 
     capture = Capture()
     original = train.MetricsLog.on_train_loss_report
@@ -323,7 +324,7 @@ def main() -> None:
         return retable(a.table)
     started = time.perf_counter()
     ensure_weights(a.base)
-    from pipeline import config
+    from pipeline.core import config
 
     seed = config.read_params(ROOT / "params.yaml")["base"]["seed"]
     quick = QUICK if a.quick else {}

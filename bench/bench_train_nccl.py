@@ -47,8 +47,8 @@ def child(spec_file: str) -> None:
     """One training (one rank of it under mlx.launch): windows, loss, adapter to spec['out']."""
     import mlx.core as mx
 
-    from pipeline import config as cfgmod
     from pipeline import train
+    from pipeline.core import config as cfgmod
 
     spec = json.loads(Path(spec_file).read_text())
     rank = int(os.environ.get("MLX_RANK", "0"))

@@ -9,7 +9,7 @@ tokenizer.json, tokenizer_config.json with the chat template):
 - a Hugging Face id: downloaded (needs network; tests never do this).
 
 GGUF format knowledge (tensors, hyperparameters, tokenizer metadata) lives in the GGUF layer,
-pipeline/gguf_file.py and pipeline/gguf_tokenizer.py.
+pipeline/gguf_io/file.py and pipeline/gguf_io/tokenizer.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import gguf_file, gguf_tokenizer, repo_facts
-from pipeline.config import BaseConfig
-from pipeline.jsonl import atomic_dir, check_safetensors
-from pipeline.model_source import (  # noqa: F401 - re-exported: doctor, llm and tests use them
+from pipeline.core.model_source import (  # noqa: F401 - re-exported: doctor, llm and tests use them
     EMBEDDED,
     EMBEDDED_FILE,
     EMBEDDED_LICENSE,
@@ -32,6 +29,10 @@ from pipeline.model_source import (  # noqa: F401 - re-exported: doctor, llm and
     embedded_gguf,
     resolve_source,
 )
+from pipeline.gguf_io import file as gguf_file
+from pipeline.gguf_io import tokenizer as gguf_tokenizer
+from pipeline.hub import repo_facts
+from pipeline.rows.jsonl import atomic_dir, check_safetensors
 
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -49,7 +50,14 @@ class BasePaths:
     out: Path  # the mlx-lm model directory to write
 
 
-def run(cfg: BaseConfig, paths: BasePaths) -> BaseResult:
+@dataclass(frozen=True)
+class SourceConfig:
+    """The `base` keys this stage reads (config.load_keys): base.seed is not one of them."""
+
+    model: str  # "embedded", a .gguf path, a local HF-layout directory, or a Hugging Face id
+
+
+def run(cfg: SourceConfig, paths: BasePaths) -> BaseResult:
     out = paths.out
     source, kind = resolve_source(cfg.model)
     with atomic_dir(out) as tmp:

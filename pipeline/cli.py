@@ -8,70 +8,23 @@ becomes one red line and the exit code its class carries.
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated
 
-import click
 import typer
-from typer.core import TyperGroup
 
-from pipeline import config
-from pipeline.errors import UserError
-
-T = TypeVar("T")
-
-
-def hoist_params(args: Sequence[str]) -> list[str]:
-    """Move `--params X` (or `--params=X`) written after a command to the front, where the app's
-    option is parsed: dvc.yaml, scripts and habit put it after the command."""
-    rest, front, i = list(args), [], 0
-    while i < len(rest):
-        arg = rest[i]
-        if arg == "--":
-            break
-        if arg == "--params" and i + 1 < len(rest):
-            front += rest[i:i + 2]
-            del rest[i:i + 2]
-        elif arg.startswith("--params="):
-            front.append(rest.pop(i))
-        else:
-            i += 1
-    return front + rest
-
-
-class TunelineGroup(TyperGroup):
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, hoist_params(args))
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            # Known, user-fixable problems: one clear line, no traceback.
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(exc.exit_code) from None
-
+from pipeline.core import config
+from pipeline.core.cli_support import (
+    Params,
+    TunelineGroup,
+    evaluate_prompts,
+    near_dup_threshold,
+    params_of,
+)
 
 app = typer.Typer(cls=TunelineGroup, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
-
-
-@dataclass(frozen=True)
-class Params:
-    """The params.yaml a command reads (the app's `--params`) and its `base` section."""
-
-    path: Path
-
-    def load(self, cls: type[T], section: str) -> T:
-        return config.load(cls, section, self.path)
-
-    @functools.cached_property
-    def base(self) -> config.BaseConfig:
-        return self.load(config.BaseConfig, "base")
 
 
 @app.callback()
@@ -84,10 +37,6 @@ def options(
     ctx.obj = Params(params)
 
 
-def params_of(ctx: typer.Context) -> Params:
-    return ctx.find_root().obj  # type: ignore[no-any-return]
-
-
 @app.command("base-model")
 def base_model(
     ctx: typer.Context,
@@ -96,7 +45,8 @@ def base_model(
     """Convert `base.model` (embedded GGUF, .gguf, directory or HF id) into an mlx-lm model."""
     from pipeline import base_model as stage
 
-    result = stage.run(params_of(ctx).base, stage.BasePaths(out))
+    cfg = config.load_keys(stage.SourceConfig, "base", params_of(ctx).path)
+    result = stage.run(cfg, stage.BasePaths(out))
     typer.echo(f"base model ({result.kind}) {result.source} -> {result.out}")
 
 
@@ -110,7 +60,8 @@ def generate(
     base_model: Annotated[Path, typer.Option(help="base model directory (embedded backend)")],
 ) -> None:
     """Answer every question and draft its follow-up with the configured LLM (cached, resumable)."""
-    from pipeline import generate as stage, llm
+    from pipeline import generate as stage
+    from pipeline.llm import clients as llm
 
     params = params_of(ctx)
     cfg, base_cfg = params.load(stage.GenerateConfig, "generate"), params.base
@@ -129,10 +80,10 @@ def questions_draft(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="question list to append to")] = Path(
         "data/questions.jsonl"),
-    topic: Annotated[Optional[str], typer.Option(help="default: questions.topic")] = None,
-    count: Annotated[Optional[int], typer.Option(help="default: questions.count")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="template name in questions.prompts")] = None,
-    category: Annotated[Optional[list[str]], typer.Option(
+    topic: Annotated[str | None, typer.Option(help="default: questions.topic")] = None,
+    count: Annotated[int | None, typer.Option(help="default: questions.count")] = None,
+    prompt: Annotated[str | None, typer.Option(help="template name in questions.prompts")] = None,
+    category: Annotated[list[str] | None, typer.Option(
         help="audience category, repeatable (default: questions.categories)")] = None,
     base_model: Annotated[Path, typer.Option(help="base model directory (embedded backend)")] = Path(
         "models/base"),
@@ -141,7 +92,8 @@ def questions_draft(
     """Ask the LLM for questions; append new, deduplicated ones with provenance."""
     import dataclasses
 
-    from pipeline import llm, questions as stage
+    from pipeline.commands import questions as stage
+    from pipeline.llm import clients as llm
 
     params = params_of(ctx)
     cfg = params.load(stage.DraftConfig, "questions")
@@ -150,7 +102,7 @@ def questions_draft(
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     base_cfg = params.base
     r = stage.run(cfg, base_cfg.seed, out, base=llm.BaseModel(base_cfg.model, base_model),
-                  dry_run=dry_run, near_dup_threshold=_near_dup_threshold(params))
+                  dry_run=dry_run, near_dup_threshold=near_dup_threshold(params))
     if r.note:
         typer.echo(f"note: {r.note}")
     for row in r.added:
@@ -159,32 +111,6 @@ def questions_draft(
     typer.echo(f"parsed {r.parsed}, dropped {len(r.duplicates)} near-duplicates, "
                f"{'would append' if dry_run else 'appended'} {len(r.added)} to {out} "
                f"(prompt {r.prompt_id})")
-
-
-@dataclass(frozen=True)
-class HeldOutPrompts:
-    """evaluate.prompts: curate keeps their near copies out of train, validate checks it."""
-
-    prompts: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class NearDup:
-    """curate.near_dup_threshold: the one near-duplicate threshold (questions draft, validate)."""
-
-    near_dup_threshold: float
-
-
-def _evaluate_prompts(params: Params) -> tuple[str, ...]:
-    return config.load_keys(HeldOutPrompts, "evaluate", params.path).prompts
-
-
-def _near_dup_threshold(params: Params) -> float:
-    value = config.load_keys(NearDup, "curate", params.path).near_dup_threshold
-    if not 0 < value <= 1:
-        raise config.ConfigError(f"{params.path}:curate.near_dup_threshold: {value} must be in "
-                                 "(0, 1]")
-    return value
 
 
 @app.command()
@@ -203,7 +129,7 @@ def curate(
     params = params_of(ctx)
     cfg = params.load(stage.CurateConfig, "curate")
     r = stage.run(cfg, stage.CuratePaths(generated, questions, corrections, imports, out, report),
-                  held_out=_evaluate_prompts(params))
+                  held_out=evaluate_prompts(params))
     counts = ", ".join(f"{k} {v}" for k, v in r.counts.items())
     typer.echo(f"dataset -> {out}: {counts}; removed {r.duplicates} duplicates, "
                f"{r.dropped} dropped (details in {report})")
@@ -216,8 +142,8 @@ def validate(
     json_out: Annotated[bool, typer.Option("--json", help="full report on stdout")] = False,
     tokenizer: Annotated[Path, typer.Option(help="tokenizer.json or a model folder")] = Path(
         "models/base"),
-    report: Annotated[Optional[Path], typer.Option(help="metrics file to write")] = None,
-    docs: Annotated[Optional[Path], typer.Option(help="write GX Data Docs HTML here")] = None,
+    report: Annotated[Path | None, typer.Option(help="metrics file to write")] = None,
+    docs: Annotated[Path | None, typer.Option(help="write GX Data Docs HTML here")] = None,
 ) -> None:
     """Check JSONL training data with Great Expectations. Exit 0 clean, 1 data errors, 2 usage."""
     import json
@@ -228,7 +154,7 @@ def validate(
     params = params_of(ctx)
     cfg = params.load(stage.ValidateConfig, "validate")
     limits = config.load_keys(stage.TrainLimits, "train", params.path)
-    leak = Leakage(_near_dup_threshold(params), _evaluate_prompts(params))
+    leak = Leakage(near_dup_threshold(params), evaluate_prompts(params))
     result = stage.run(cfg, stage.ValidatePaths(paths, tokenizer, report, docs),
                        max_seq_length=limits.max_seq_length, leak=leak)
     typer.echo(stage.render(result), err=True)
@@ -253,7 +179,7 @@ def review_export(
     questions: Annotated[Path, typer.Option(help="question list")] = Path("data/questions.jsonl"),
 ) -> None:
     """Write the current dataset (and dropped questions) as an editable CSV sheet."""
-    from pipeline import review as stage
+    from pipeline.commands import review as stage
 
     r = stage.export(dataset, corrections, questions, sheet)
     typer.echo(f"{sheet}: {r.rows} rows ({r.dropped} dropped); edit it, then "
@@ -268,7 +194,7 @@ def review_apply(
         "data/corrections.jsonl"),
 ) -> None:
     """Turn the cells you changed in the sheet into corrections (idempotent)."""
-    from pipeline import review as stage
+    from pipeline.commands import review as stage
 
     r = stage.apply(sheet, corrections, dataset)
     for line in r.changed:
@@ -295,7 +221,7 @@ def review_serve(
     evaluation: Annotated[Path, typer.Option(help="evaluate's report")] = Path("reports/eval.json"),
 ) -> None:
     """Review and correct the dataset in the browser; saves become data/corrections.jsonl lines."""
-    from pipeline import review_server as stage
+    from pipeline.commands import review_server as stage
 
     paths = stage.ServePaths(Path.cwd(), dataset, corrections, questions, validation, evaluation)
     stage.serve(paths, host, port, open_browser)
@@ -313,8 +239,8 @@ def train(
         help="DVCLive folder updated while training (dvc exp show, dvc plots show)")] = None,
 ) -> None:
     """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset."""
-    from pipeline import launch
     from pipeline import train as stage
+    from pipeline.training import launch
 
     params = params_of(ctx)
     cfg, seed = params.load(stage.TrainConfig, "train"), params.base.seed
@@ -378,7 +304,7 @@ def evaluate(
     test: Annotated[Path, typer.Option(help="held-out split, data/dataset/test.jsonl")],
     metrics: Annotated[Path, typer.Option(help="reports/eval.json")],
     html: Annotated[Path, typer.Option(help="reports/compare.html")],
-    cache: Annotated[Optional[Path], typer.Option(
+    cache: Annotated[Path | None, typer.Option(
         help="folder keeping the base model's results between runs (not a DVC output)")] = None,
 ) -> None:
     """Test loss, perplexity and greedy answers of the base and the tuned model, side by side."""
@@ -395,17 +321,17 @@ def evaluate(
 
 @app.command()
 def chat(
-    model: Annotated[Optional[Path], typer.Option(
+    model: Annotated[Path | None, typer.Option(
         help="model directory (default: models/base + models/adapters; or models/fused)")] = None,
     adapters: Annotated[Path | None, typer.Option(
         help="adapter to apply (default: models/adapters when --model is not given)")] = None,
     max_tokens: Annotated[int, typer.Option(help="longest reply, in tokens")] = 512,
     temp: Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")] = 0.0,
-    seed: Annotated[Optional[int], typer.Option(help="sampling seed (with --temp > 0)")] = None,
-    system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
+    seed: Annotated[int | None, typer.Option(help="sampling seed (with --temp > 0)")] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
 ) -> None:
     """Chat with the tuned model in the terminal: history kept, /reset, /exit."""
-    from pipeline import chat as stage
+    from pipeline.commands import chat as stage
 
     model_dir, adapter_dir = stage.resolve(model, adapters)
     loaded, tokenizer = stage.load_model(model_dir, adapter_dir)
@@ -424,11 +350,11 @@ def compare(
     prompt: Annotated[str, typer.Argument(help="the question to ask both models")],
     model: Annotated[Path, typer.Option(help="base model directory")] = Path("models/base"),
     adapters: Annotated[Path, typer.Option(help="adapter directory")] = Path("models/adapters"),
-    max_tokens: Annotated[Optional[int], typer.Option(
+    max_tokens: Annotated[int | None, typer.Option(
         help="answer budget (default: evaluate.max_tokens)")] = None,
 ) -> None:
     """Answer one prompt with the base and the tuned model (greedy) and show both side by side."""
-    from pipeline import chat as stage
+    from pipeline.commands import chat as stage
 
     if max_tokens is None:
         max_tokens = config.load_keys(stage.AnswerBudget, "evaluate", params_of(ctx).path).max_tokens
@@ -489,7 +415,7 @@ def publish(
 @app.command()
 def doctor(ctx: typer.Context) -> None:
     """Say what this machine runs on (MLX device, BLAS, dtype), what is missing, how to fix it."""
-    from pipeline import doctor as stage
+    from pipeline.commands import doctor as stage
 
     report = stage.run(params_of(ctx).path)
     typer.echo(stage.render(report))
@@ -498,7 +424,7 @@ def doctor(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    from pipeline import accel
+    from pipeline.training import accel
 
     accel.prefer_fast_blas()
     app()

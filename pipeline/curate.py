@@ -2,7 +2,7 @@
 --questions data/questions.jsonl --corrections data/corrections.jsonl --imports data/imports
 --out data/dataset --report reports/curate.json` (the `curate` stage of dvc.yaml).
 
-generated answers + imports (any layout of pipeline/formats.py) + expert corrections
+generated answers + imports (any layout of pipeline/rows/formats.py) + expert corrections
 -> data/dataset/{train,valid,test}.jsonl in mlx-lm chat format, each row with `id`, `source`
 (generated|expert|imported), `turn_sources`, `finish_reasons` and `origin` (file:line of every
 input).
@@ -10,7 +10,7 @@ input).
 - Generated turns that are empty, cut off (finish_reason "length"), refusals or template leaks are
   dropped when `curate.drop_bad_generated` (they can be regenerated; expert and imported rows are
   never dropped silently: validate reports them with the line to fix).
-- Exact duplicate questions (case, punctuation, spacing) and near duplicates (pipeline/neardup.py:
+- Exact duplicate questions (case, punctuation, spacing) and near duplicates (pipeline/rows/neardup.py:
   shingle Jaccard of the question's content >= `curate.near_dup_threshold`, found with MinHash
   + LSH and verified exactly) are removed, keeping expert over imported over generated rows;
   reports/curate.json lists every removal.
@@ -31,11 +31,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import corrections as corr_mod
-from pipeline import formats, neardup
-from pipeline.errors import UserError
-from pipeline.formats import Conversation
-from pipeline.jsonl import atomic_dir, iter_jsonl_numbered, paused_gc, write_json, write_jsonl
+from pipeline.core.errors import UserError
+from pipeline.rows import corrections as corr_mod
+from pipeline.rows import formats, neardup
+from pipeline.rows.formats import Conversation
+from pipeline.rows.jsonl import atomic_dir, iter_jsonl_numbered, paused_gc, write_json, write_jsonl
 from validation import patterns
 
 SPLITS = ("train", "valid", "test")
@@ -224,7 +224,7 @@ def dedupe(convs: list[Conversation], threshold: float, held_out: tuple[str, ...
            ) -> tuple[list[Conversation], list[dict[str, Any]], dict[str, str],
                       list[dict[str, Any]]]:
     """Keep one row per question: expert over imported over generated, then by id. Also returns
-    each kept row's family id (pipeline/neardup.py: chains of near duplicates) and the kept rows
+    each kept row's family id (pipeline/rows/neardup.py: chains of near duplicates) and the kept rows
     whose question near-duplicates a `held_out` prompt (they must not be trained on)."""
     ordered = sorted(convs, key=lambda c: (SOURCE_RANK.get(c.source, 3), c.id))
     questions = [first_question(c) for c in ordered]

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import config, llm, mlx_model
-from pipeline.errors import UserError
-from pipeline.jsonl import read_jsonl, write_json, write_text
+from pipeline.core import config
+from pipeline.core.errors import UserError
+from pipeline.llm import clients as llm
+from pipeline.rows.jsonl import read_jsonl, write_json, write_text
+from pipeline.training import model as mlx_model
 
 
 class EvalError(UserError):
@@ -113,7 +115,7 @@ def loss_spec(params: Path | str) -> LossSpec:
         raise config.ConfigError(f"{where}.max_seq_length must be >= 2, got {t.max_seq_length}")
     pack = t.pack
     if pack == "auto":
-        from pipeline import packing
+        from pipeline.training import packing
 
         pack = packing.wanted(pack)
     if pack and t.pack_width < t.max_seq_length:
@@ -169,7 +171,7 @@ def test_loss(model: Any, encoded: Sequence[tuple[list[int], list[int]]], batch_
     import mlx.core as mx
 
     if pack_width:
-        from pipeline import packing
+        from pipeline.training import packing
 
         packing.check_model(model)
         batches = packing.batch_iterator(0, pack_width, pack_width * batch_size)(
@@ -322,7 +324,7 @@ def run(cfg: EvalConfig, paths: EvalPaths, *, spec: LossSpec, seed: int | None =
     """Score base then tuned; `paths.cache` (outside DVC outputs) keeps base results between
     runs."""
     cache = paths.cache
-    from pipeline import accel
+    from pipeline.training import accel
 
     start = time.perf_counter()
     rows = read_test(paths.test)

@@ -1,25 +1,25 @@
 """Export: `tuneline export --model models/fused --base models/base --dataset data/dataset --out models/gguf --report reports/gguf.json`
 
-Writes `models/gguf/model-f16.gguf` through the GGUF layer (pipeline/gguf_file.py and
-pipeline/gguf_tokenizer.py; not mlx-lm's exporter, whose files llama.cpp refuses for byte-level
+Writes `models/gguf/model-f16.gguf` through the GGUF layer (pipeline/gguf_io/file.py and
+pipeline/gguf_io/tokenizer.py; not mlx-lm's exporter, whose files llama.cpp refuses for byte-level
 BPE vocabularies), the quantized variants in `export.quantizations` through llama.cpp's own
 quantizer, and an Ollama `Modelfile`.
 
-Then proves each file runs (pipeline/gguf_proof.py, reports/gguf.json): llama.cpp loads it,
+Then proves each file runs (pipeline/gguf_io/proof.py, reports/gguf.json): llama.cpp loads it,
 renders the chat template stored in it, tokenizes like the MLX tokenizer, answers every
 `export.prompts` entry greedily and stops by itself, and its greedy choices agree with the MLX
 fused model at least `export.min_agreement[type]` of the time. A file that fails any check fails
 the stage.
 
 With `export.adapter` and a LoRA adapter (--adapters models/adapters), also writes
-`adapter-f16.gguf` (pipeline/gguf_adapter.py: llama.cpp's LoRA adapter layout, a few MB) and
+`adapter-f16.gguf` (pipeline/gguf_io/adapter.py: llama.cpp's LoRA adapter layout, a few MB) and
 `base-f16.gguf`, the base model it applies to (recorded by sha256 in the adapter and the report),
 plus `Modelfile.adapter` (Ollama's ADAPTER route). Its proof: llama.cpp loads base + adapter,
 answers every prompt and stops, and agrees with the fused F16 GGUF at least
 `export.min_agreement.adapter` of the time. DoRA and full fine-tunes get a reason instead.
 
 Provenance in `general.tuneline.*` is content only (dataset and base-model hashes); the git
-commit stays out of the file (pipeline/repo_facts.py says why).
+commit stays out of the file (pipeline/hub/repo_facts.py says why).
 
 Supported: the llama family (Llama, Mistral, SmolLM) with a byte-level BPE tokenizer.
 """
@@ -32,10 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import gguf_adapter, gguf_file, gguf_proof, gguf_tokenizer, model_source, repo_facts
-from pipeline.errors import UserError
-from pipeline.gguf_proof import Reference, llama_log
-from pipeline.jsonl import atomic_dir, write_json
+from pipeline.core import model_source
+from pipeline.core.errors import UserError
+from pipeline.gguf_io import adapter as gguf_adapter
+from pipeline.gguf_io import file as gguf_file
+from pipeline.gguf_io import proof as gguf_proof
+from pipeline.gguf_io import tokenizer as gguf_tokenizer
+from pipeline.gguf_io.proof import Reference, llama_log
+from pipeline.hub import repo_facts
+from pipeline.rows.jsonl import atomic_dir, write_metrics
 
 F16 = "f16"
 ADAPTER = "adapter"  # report["files"] key of adapter-f16.gguf (and min_agreement's)
@@ -99,7 +104,7 @@ def run(cfg: ExportConfig, paths: ExportPaths, *, seed: int) -> ExportResult:
         report["adapter"] = {"written": False, "reason": no_adapter}
         if no_adapter is None:
             report["adapter"] = export_adapter(paths, tmp, cfg, report, mlx_refs, seed)
-        write_json(paths.report, report)  # also on failure: it says what went wrong
+        write_metrics(paths.report, report)  # also on failure: it says what went wrong
         failures = [f"{q}: {msg}" for q, r in report["files"].items() for msg in r["failures"]]
         if failures:
             raise ExportError(
@@ -434,7 +439,7 @@ def mlx_reference(model_dir: Path, cfg: ExportConfig, seed: int) -> list[Referen
     """What the MLX fused model answers (greedy) to each proof prompt."""
     import mlx.core as mx
 
-    from pipeline import mlx_model
+    from pipeline.training import model as mlx_model
 
     mx.random.seed(seed)
     # The checkpoint's own dtype: the reference must not depend on the machine exporting.

@@ -11,8 +11,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.jsonl import atomic_dir
+from pipeline.core.errors import UserError
+from pipeline.rows.jsonl import atomic_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "tuneline.json")
@@ -30,7 +30,7 @@ def run(paths: FusePaths) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from pipeline import mlx_model
+    from pipeline.training import model as mlx_model
 
     model, adapters, out = paths.model, paths.adapters, paths.out
     if not (adapters / "adapter_config.json").exists():

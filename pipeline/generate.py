@@ -3,7 +3,7 @@
 (the `generate` stage of dvc.yaml).
 
 For every question an answer and a likely follow-up question; with `answer_followups`, also the
-follow-up's answer (a real two-turn conversation). Requests go through `pipeline.llm` (embedded
+follow-up's answer (a real two-turn conversation). Requests go through `pipeline.llm.clients` (embedded
 llama.cpp/mlx, Ollama or any OpenAI-compatible server) with `concurrency` in flight.
 
 Incremental and resumable: every finished reply is appended (fsync'ed) to a cache keyed by
@@ -29,10 +29,11 @@ from typing import Any, TextIO
 
 import orjson
 
-from pipeline import llm, schemas
-from pipeline.config import ConfigError
-from pipeline.jsonl import DataError, read_jsonl, write_json, write_jsonl
-from pipeline.progress import Progress
+from pipeline.core.config import ConfigError
+from pipeline.core.progress import Progress
+from pipeline.llm import clients as llm
+from pipeline.llm import schemas
+from pipeline.rows.jsonl import DataError, read_jsonl, write_jsonl, write_metrics
 
 CACHE_FILE = "replies.jsonl"
 
@@ -314,7 +315,7 @@ def run(
     rows, sent, failed = answer_all(questions, asker, cfg.concurrency,
                                     Progress(len(questions), "generate", progress))
     result = summarise(questions, rows, sent, failed, asker.tally, time.monotonic() - started)
-    write_json(paths.metrics, metrics(result, cfg, client))
+    write_metrics(paths.metrics, metrics(result, cfg, client))
     if len(failed) > cfg.allow_failed:
         raise GenerateError(
             f"{len(failed)} question(s) kept getting empty answers ({', '.join(failed[:10])}); "

@@ -1,14 +1,14 @@
 """Publish: `tuneline publish [--dry-run]`; the `publish` stage of dvc.yaml runs `--stage`.
 
-1. The gate (pipeline/publish_gate.py): every check from the `publish:` section of params.yaml,
+1. The gate (pipeline/hub/gate.py): every check from the `publish:` section of params.yaml,
    reported one by one; any failed check blocks publishing (non-zero exit).
-2. The release: the files chosen in `publish.upload`, a model card (pipeline/modelcard.py) and a
+2. The release: the files chosen in `publish.upload`, a model card (pipeline/hub/modelcard.py) and a
    manifest (`tuneline-publish.json`) naming every file tuneline put in the repo with its sha256.
-3. The upload (pipeline/hub.py), only when `publish.enabled`, `publish.repo_id` and an `HF_TOKEN`
+3. The upload (pipeline/hub/client.py), only when `publish.enabled`, `publish.repo_id` and an `HF_TOKEN`
    in the environment are all present and --dry-run is not given: one commit with the whole
    release, or nothing. If the Hub already holds this content, no commit is made.
 4. With `publish.dataset.enabled`, the curated dataset goes first to its own Hub dataset
-   repository (pipeline/dataset_card.py: the split files, a dataset card, a manifest; one commit,
+   repository (pipeline/hub/dataset_card.py: the split files, a dataset card, a manifest; one commit,
    same gate), and the model card's `datasets:` metadata names it.
 
 Inside `dvc repro` (`--stage`) nothing is uploaded and the verdict in reports/publish.json judges
@@ -36,12 +36,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import config, dataset_card, hub, modelcard, publish_gate, repo_facts
-from pipeline.dataset_card import DatasetConfig
-from pipeline.errors import UserError
-from pipeline.hub import ReleaseFile
-from pipeline.jsonl import write_json, write_text
-from pipeline.publish_gate import Check
+from pipeline.core import config
+from pipeline.core.errors import UserError
+from pipeline.hub import client as hub
+from pipeline.hub import dataset_card, modelcard, repo_facts
+from pipeline.hub import gate as publish_gate
+from pipeline.hub.client import ReleaseFile
+from pipeline.hub.dataset_card import DatasetConfig
+from pipeline.hub.gate import Check
+from pipeline.rows.jsonl import write_json, write_text
 
 UploadItem = Literal["adapter", "fused", "gguf", "modelfile", "card"]
 MANIFEST = "tuneline-publish.json"
@@ -96,7 +99,7 @@ class Release:
     files: tuple[ReleaseFile, ...]
     content_id: str  # sha256 over the artifacts and the card facts (not the git commit)
     card: str
-    git: modelcard.GitFacts
+    git: repo_facts.GitFacts
     dataset: DatasetRelease | None = None  # publish.dataset.enabled
 
 
@@ -331,7 +334,7 @@ def build_release(cfg: PublishConfig, paths: PublishPaths) -> Release:
     content_id = hashlib.sha256(json.dumps(
         {"files": {f.path: f.sha256 for f in artifacts}, "facts": facts},
         sort_keys=True).encode()).hexdigest()
-    git = modelcard.GitFacts(repo_facts.commit(), repo_facts.remote_url())
+    git = repo_facts.GitFacts(repo_facts.commit(), repo_facts.remote_url())
     card = modelcard.render(facts, git)
     dataset = build_dataset_release(cfg, paths, git) if cfg.dataset.enabled else None
     files = list(artifacts)
@@ -348,7 +351,7 @@ def build_release(cfg: PublishConfig, paths: PublishPaths) -> Release:
 
 
 def build_dataset_release(cfg: PublishConfig, paths: PublishPaths,
-                          git: modelcard.GitFacts) -> DatasetRelease:
+                          git: repo_facts.GitFacts) -> DatasetRelease:
     """Split files, the dataset card and a manifest, for the dataset repository."""
     files = dataset_card.release_files(paths.dataset)
     inputs = dataset_card.DatasetInputs(paths.params, paths.dataset, paths.dvc_lock,

@@ -16,24 +16,25 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 
-from pipeline import train_metrics
-from pipeline.errors import UserError
-from pipeline.jsonl import (
+from pipeline.core.errors import UserError
+from pipeline.rows.jsonl import (
     atomic_dir,
     atomic_path,
     check_safetensors,
     read_jsonl,
     safetensors_problem,
-    write_json,
+    write_metrics,
     write_text,
 )
-from pipeline.mlx_model import encode_chat, masked_loss
+from pipeline.training import metrics as train_metrics
+from pipeline.training.model import encode_chat, masked_loss
 
 CHECKPOINT_ROOT = Path(".tuneline/checkpoints")
 CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.safetensors$")
@@ -59,7 +60,7 @@ class TrainConfig:
     weight_decay: float
     batch_size: int
     iters: int
-    epochs: Optional[float]
+    epochs: float | None
     grad_accumulation_steps: int
     grad_checkpoint: bool
     max_seq_length: int
@@ -68,7 +69,7 @@ class TrainConfig:
     steps_per_eval: int
     val_batches: int
     save_every: int
-    pack: bool | Literal["auto"]  # rows end to end in fixed-width sequences (pipeline/packing.py)
+    pack: bool | Literal["auto"]  # rows end to end in fixed-width sequences (pipeline/training/packing.py)
     pack_width: int  # inputs per packed sequence
     tokens_per_step: int  # packed positions per optimizer step (all processes together)
 
@@ -81,7 +82,7 @@ class TrainPaths:
     metrics: Path
     curve: Path
     checkpoints: Path = CHECKPOINT_ROOT  # resumable state of unfinished runs, outside DVC outputs
-    live: Path | None = None  # DVCLive folder (pipeline/train_metrics.py), rewritten while training
+    live: Path | None = None  # DVCLive folder (pipeline/training/metrics.py), rewritten while training
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
     """mlx-lm's `iterate_batches` signature, yielding (tokens, target mask) with our own RNG."""
     import mlx.core as mx
 
-    from pipeline import packing
+    from pipeline.training import packing
 
     def iterate(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
         rank, size = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
@@ -364,11 +365,13 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     import mlx.core as mx
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
-    from pipeline import launch, mlx_model, progress
+    from pipeline.core import progress
+    from pipeline.training import launch
+    from pipeline.training import model as mlx_model
 
     progress.plain_mlx_console()  # no colour codes in `dvc repro` logs
     started = time.perf_counter()
-    world = launch.init_world()  # size 1 unless started by `mlx.launch` (pipeline/launch.py)
+    world = launch.init_world()  # size 1 unless started by `mlx.launch` (pipeline/training/launch.py)
     lead = world.rank() == 0
     for weights_file in sorted(paths.model.glob("*.safetensors")):
         check_safetensors(weights_file)  # mlx would stop with a RuntimeError traceback
@@ -432,7 +435,7 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
 
 
 def packing_wanted(pack: bool | str) -> bool:
-    from pipeline import packing
+    from pipeline.training import packing
 
     return packing.wanted(pack)
 
@@ -442,7 +445,7 @@ def _batching(cfg: TrainConfig, model: Any, train_set: list, world_size: int
     """(seed -> iterate_batches, loss, steps per epoch or None): packed or padded batches."""
     if not cfg.pack:
         return batch_iterator, masked_loss, None
-    from pipeline import packing
+    from pipeline.training import packing
 
     packing.check_model(model)
     per_rank = packing.check_settings(cfg.pack_width, cfg.tokens_per_step, cfg.max_seq_length,
@@ -491,5 +494,5 @@ def _write_outputs(weights: dict[str, Any], cfg: TrainConfig, n_layers: int, pat
         config = adapter_config(cfg, n_layers)
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_text(paths.curve, log.curve_tsv())
-    write_json(paths.metrics, {k: (round(v, 5) if isinstance(v, float) else v)
+    write_metrics(paths.metrics, {k: (round(v, 5) if isinstance(v, float) else v)
                                for k, v in asdict(result).items()})

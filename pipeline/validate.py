@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.errors import UserError
-from pipeline.jsonl import paused_gc, write_json
+from pipeline.core.errors import UserError
+from pipeline.rows.jsonl import paused_gc, write_json
 
 Level = Literal["error", "warning", "off"]
 

@@ -35,7 +35,7 @@ up_to_date() {  # a dev setup also covers repro
 system_packages() {
   [ "$(uname -s)" = Linux ] || return 0
   local need=()
-  # OpenBLAS makes mlx[cpu] ~40x faster on Linux (pipeline/accel.py preloads it).
+  # OpenBLAS makes mlx[cpu] ~40x faster on Linux (pipeline/training/accel.py preloads it).
   ls /usr/lib/*/libopenblas.so.0 >/dev/null 2>&1 || need+=(libopenblas0-pthread)
   command -v g++ >/dev/null || need+=(g++)          # llama-cpp-python builds from source
   command -v git >/dev/null || need+=(git)

@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline import config, curate, review_server
+from pipeline import curate
+from pipeline.commands import review_server
+from pipeline.core import config
 from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]

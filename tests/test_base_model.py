@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import base_model, gguf_file, gguf_tokenizer
+from pipeline import base_model
 from pipeline.base_model import BaseConfig, ModelError
-from pipeline.gguf_file import permute_qk
+from pipeline.gguf_io import file as gguf_file
+from pipeline.gguf_io import tokenizer as gguf_tokenizer
+from pipeline.gguf_io.file import permute_qk
 
 SAMPLE = "PostgreSQL 16 的 VACUUM 很重要 🐘! Don't   panic:\n\tSELECT 12345 + 0.5;"
 

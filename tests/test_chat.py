@@ -10,9 +10,9 @@ import pytest
 from test_evaluate import ROWS, make_trained_adapter
 from typer.testing import CliRunner
 
-from pipeline import chat
 from pipeline.cli import app
-from pipeline.mlx_model import greedy_answer
+from pipeline.commands import chat
+from pipeline.training.model import greedy_answer
 
 
 class Recorder:

@@ -50,7 +50,7 @@ def test_train_on_missing_dataset_names_the_file(tmp_path, tiny_model_dir):
 
 
 def test_doctor_reports_device_blas_and_the_embedded_model():
-    from pipeline import accel
+    from pipeline.training import accel
 
     result = run_cli("doctor", cwd=ROOT)
     out = result.stdout

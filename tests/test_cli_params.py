@@ -9,9 +9,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import config
-from pipeline.cli import app, hoist_params
-from pipeline.errors import UserError
+from pipeline.cli import app
+from pipeline.core import config
+from pipeline.core.cli_support import hoist_params
+from pipeline.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

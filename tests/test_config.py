@@ -7,8 +7,8 @@ from typing import Literal
 
 import pytest
 
-from pipeline import config
-from pipeline.config import ConfigError
+from pipeline.core import config
+from pipeline.core.config import ConfigError
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from killing import kill_at
 
-from pipeline import config, curate
-from pipeline.corrections import CorrectionError
-from pipeline.jsonl import read_jsonl
+from pipeline import curate
+from pipeline.core import config
+from pipeline.rows.corrections import CorrectionError
+from pipeline.rows.jsonl import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,8 @@ KILLED_CURATE = """
 import sys, time
 from pathlib import Path
 import test_curate
-from pipeline import curate, jsonl
+from pipeline import curate
+from pipeline.rows import jsonl
 real = jsonl.write_jsonl
 def slow(path, rows):
     real(path, rows)

@@ -15,10 +15,12 @@ import yaml
 from ollama_standin import Fault, StandIn
 from typer.testing import CliRunner
 
-from pipeline import config, llm, mlx_model
 from pipeline import evaluate as ev
 from pipeline.cli import app
-from pipeline.jsonl import write_jsonl
+from pipeline.core import config
+from pipeline.llm import clients as llm
+from pipeline.rows.jsonl import write_jsonl
+from pipeline.training import model as mlx_model
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [
@@ -48,7 +50,7 @@ def make_trained_adapter(model_dir: Path, out: Path, rows: list[dict[str, Any]],
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from pipeline.mlx_model import masked_loss
+    from pipeline.training.model import masked_loss
 
     mx.random.seed(seed)
     model, tokenizer = load(str(model_dir))
@@ -112,7 +114,7 @@ def prefer_tuned(tuned_answers: set[str], seen: list[str]) -> Any:
 
 
 class FakeClient:
-    """Stands in for a `pipeline.llm.Client`: same attributes, replies from a function."""
+    """Stands in for a `pipeline.llm.clients.Client`: same attributes, replies from a function."""
 
     backend, model, server = "fake", "fake-judge", "nowhere"
 
@@ -313,7 +315,7 @@ def test_cli_runs_the_stage_from_params_yaml(tiny_model_dir: Path, adapter_dir: 
 
 def test_dvc_stage_declares_the_module_inputs_and_params() -> None:
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]
-    assert {"pipeline/evaluate.py", "pipeline/mlx_model.py", "models/base", "models/adapters",
+    assert {"pipeline/evaluate.py", "pipeline/training/model.py", "models/base", "models/adapters",
             "data/dataset/test.jsonl"} <= set(stage["deps"])
     assert set(stage["params"]) == {"base.seed", "train.max_seq_length", "train.mask_prompt",
                                     "evaluate"}

@@ -12,17 +12,13 @@ import yaml
 from killing import kill_at
 from tiny import CHATML_TEMPLATE, make_tiny_adapter, make_tiny_llama
 
-from pipeline import (
-    base_model,
-    config,
-    export,
-    fuse,
-    gguf_file,
-    gguf_proof,
-    publish_gate,
-    repo_facts,
-)
-from pipeline.errors import UserError
+from pipeline import base_model, export, fuse
+from pipeline.core import config
+from pipeline.core.errors import UserError
+from pipeline.gguf_io import file as gguf_file
+from pipeline.gguf_io import proof as gguf_proof
+from pipeline.hub import gate as publish_gate
+from pipeline.hub import repo_facts
 
 ANSWER = "Use CREATE INDEX."
 SMOLLM_TEMPLATE = (

@@ -1,4 +1,4 @@
-"""Import of conversation layouts people already have (pipeline/formats.py)."""
+"""Import of conversation layouts people already have (pipeline/rows/formats.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import formats
-from pipeline.formats import FormatError, read_import
+from pipeline.rows import formats
+from pipeline.rows.formats import FormatError, read_import
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_TURNS = [

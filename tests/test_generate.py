@@ -22,8 +22,9 @@ import pytest
 import yaml
 from ollama_standin import DIGEST
 
-from pipeline import config, llm, schemas
-from pipeline.errors import UserError
+from pipeline.core import config
+from pipeline.core.errors import UserError
+from pipeline.core.progress import Progress
 from pipeline.generate import (
     CACHE_FILE,
     GenerateConfig,
@@ -33,7 +34,8 @@ from pipeline.generate import (
     run,
     usable_followup,
 )
-from pipeline.progress import Progress
+from pipeline.llm import clients as llm
+from pipeline.llm import schemas
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import gguf_file, gguf_proof, gguf_tokenizer
-from pipeline.gguf_file import permute_qk, unpermute_qk
+from pipeline.gguf_io import file as gguf_file
+from pipeline.gguf_io import proof as gguf_proof
+from pipeline.gguf_io import tokenizer as gguf_tokenizer
+from pipeline.gguf_io.file import permute_qk, unpermute_qk
 
 GENERAL = {"name": "tiny-test", "license": "mit", "base": {"name": "tiny"}, "tuneline": {}}
 

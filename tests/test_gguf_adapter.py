@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from tiny import make_tiny_adapter, make_tiny_llama
 
-from pipeline import fuse, gguf_adapter, gguf_file, gguf_proof, gguf_tokenizer
+from pipeline import fuse
+from pipeline.gguf_io import adapter as gguf_adapter
+from pipeline.gguf_io import file as gguf_file
+from pipeline.gguf_io import proof as gguf_proof
+from pipeline.gguf_io import tokenizer as gguf_tokenizer
 
 GENERAL = {"name": "tiny-test", "license": "mit", "base": {"name": "tiny"}, "tuneline": {}}
 PROMPT = "<|im_start|>user\nHow do I create an index? 42<|im_end|>\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.jsonl import DataError, atomic_dir, atomic_path, read_jsonl, write_jsonl
+from pipeline.rows.jsonl import DataError, atomic_dir, atomic_path, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_write_is_fsynced_before_the_rename(tmp_path, monkeypatch):
 
 KILLED_WRITER = """
 import sys, time
-from pipeline.jsonl import atomic_path, atomic_dir
+from pipeline.rows.jsonl import atomic_path, atomic_dir
 target = sys.argv[1]
 ctx = atomic_dir(target) if sys.argv[2] == "dir" else atomic_path(target)
 with ctx as tmp:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from ollama_standin import Fault, StandIn
 
-from pipeline import llm
+from pipeline.llm import clients as llm
 
 SAMPLING = llm.Sampling(temperature=0.0, seed=7, max_tokens=50)
 HELLO = [{"role": "user", "content": "How do I list tables in psql?"}]

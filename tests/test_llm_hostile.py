@@ -1,4 +1,4 @@
-"""Hostile LLM servers against pipeline/llm.py and llm_http.py, real sockets on 127.0.0.1
+"""Hostile LLM servers against pipeline/llm/clients.py and llm_http.py, real sockets on 127.0.0.1
 (tests/scripted_http.py): redirects, secrets in error bodies, JSON of the wrong shape, oversized
 replies, bytes trickled past any deadline. Each ends in one clear `LLMError` naming the server and
 what to check; through `tuneline generate`: exit code 1, one line, no traceback, nothing written."""
@@ -17,7 +17,8 @@ import pytest
 import yaml
 from scripted_http import Request, Scripted, response
 
-from pipeline import llm, llm_http
+from pipeline.llm import clients as llm
+from pipeline.llm import transport as llm_http
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = llm.Sampling(temperature=0.0, seed=7, max_tokens=50)

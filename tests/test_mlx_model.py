@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_evaluate import ROWS, make_trained_adapter
 
-from pipeline import mlx_model
+from pipeline.training import model as mlx_model
 
 QUESTION = [{"role": "user", "content": "Where?"}]
 
@@ -27,7 +27,7 @@ def test_loss_mask_covers_every_assistant_turn_and_nothing_else(tiny_model_dir):
 def test_load_casts_to_the_backend_dtype_only_when_asked(tiny_model_dir, monkeypatch):
     import mlx.core as mx
 
-    from pipeline import accel
+    from pipeline.training import accel
 
     monkeypatch.setattr(accel, "compute_dtype", lambda: "bfloat16")
     cast, _ = mlx_model.load(tiny_model_dir)

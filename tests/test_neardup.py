@@ -1,4 +1,4 @@
-"""pipeline/neardup.py: the one near-duplicate measure, found by MinHash + LSH, verified exactly."""
+"""pipeline/rows/neardup.py: the one near-duplicate measure, found by MinHash + LSH, verified exactly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import neardup
+from pipeline.rows import neardup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from synth_rows import synth

@@ -10,7 +10,9 @@ import pytest
 from test_train import make_paths, params_train
 
 from pipeline import evaluate as ev
-from pipeline import mlx_model, packing, train
+from pipeline import train
+from pipeline.training import model as mlx_model
+from pipeline.training import packing
 
 QUESTIONS = ["How do I vacuum table t?", "Where are the logs",
              "Which index fits a LIKE 'x%' query on a text column in PostgreSQL?", "Why?",

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from pipeline import progress
+from pipeline.core import progress
 
 
 class Terminal(io.StringIO):

@@ -23,9 +23,11 @@ import pytest
 import yaml
 from hub_standin import GITATTRIBUTES, HubStandin, key
 
-from pipeline import config, modelcard, publish
-from pipeline import hub as hub_client
-from pipeline.repo_facts import clean_remote
+from pipeline import publish
+from pipeline.core import config
+from pipeline.hub import client as hub_client
+from pipeline.hub import modelcard
+from pipeline.hub.repo_facts import clean_remote
 
 TOKEN = "hf_" + "FAKEtokenForTests0123456789abcdefXYZ"  # split: no token-shaped literal in git
 READ_TOKEN = "hf_" + "READonlyTokenForTests0123456789abcd"
@@ -628,7 +630,7 @@ def test_dataset_without_a_license_blocks_both_uploads(project: Path, hub: HubSt
 
 
 def test_card_offers_the_lora_gguf_route_and_never_suggests_it_as_the_model() -> None:
-    from pipeline import modelcard_text
+    from pipeline.hub import card_text as modelcard_text
 
     facts = {"repo_id": REPO, "upload": ["gguf", "modelfile", "card"], "private": False,
              "base": {"hf_id": None, "model": "embedded"}, "model_name": "pg-helper",
@@ -806,7 +808,7 @@ def test_dvc_yaml_publish_stage_matches_the_code() -> None:
     root = Path(__file__).resolve().parents[1]
     stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["publish"]
     assert list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])[-1] == "publish"
-    assert {"pipeline/publish.py", "pipeline/modelcard.py", "reports/eval.json",
+    assert {"pipeline/publish.py", "pipeline/hub/modelcard.py", "reports/eval.json",
             "reports/validation.json", "reports/gguf.json", "models/gguf"} <= set(stage["deps"])
     assert "publish" in stage["params"]
     # Not always_changed: a second `dvc repro` must do nothing (tests/test_e2e.py);

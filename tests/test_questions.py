@@ -13,9 +13,8 @@ import yaml
 from ollama_standin import StandIn
 from typer.testing import CliRunner
 
-from pipeline import config, llm
 from pipeline.cli import app
-from pipeline.questions import (
+from pipeline.commands.questions import (
     Draft,
     DraftConfig,
     DraftFormatError,
@@ -26,6 +25,8 @@ from pipeline.questions import (
     similarity,
     well_formed,
 )
+from pipeline.core import config
+from pipeline.llm import clients as llm
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -212,7 +213,7 @@ def test_a_deleted_questions_id_is_never_given_to_a_new_one(tmp_path):
 
 
 def test_a_lone_surrogate_escape_is_an_error_with_file_and_line(tmp_path):
-    from pipeline.jsonl import DataError, read_jsonl
+    from pipeline.rows.jsonl import DataError, read_jsonl
 
     path = tmp_path / "questions.jsonl"
     path.write_text('{"id": "q-0001", "question": "Fine \\ud83d\\ude00?"}\n'

@@ -33,7 +33,7 @@ from servers import (  # noqa: F401 (fixtures s3 and ssh)
     ssh_fixture,
 )
 
-from pipeline.remote import remote_status
+from pipeline.core.remote import remote_status
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -11,9 +11,10 @@ from killing import kill_at
 from test_curate import Repo, answer, many
 from typer.testing import CliRunner
 
-from pipeline import corrections, review
 from pipeline.cli import app
-from pipeline.jsonl import read_jsonl
+from pipeline.commands import review
+from pipeline.rows import corrections
+from pipeline.rows.jsonl import read_jsonl
 
 
 @pytest.fixture
@@ -273,7 +274,7 @@ def test_a_sheet_saved_as_windows_1252_is_refused_with_the_line(repo):
 KILLED_APPLY = """
 import os, sys, time
 from pathlib import Path
-from pipeline import review
+from pipeline.commands import review
 def replace_then_hang(src, dst):
     print("about to rename", flush=True)
     time.sleep(600)

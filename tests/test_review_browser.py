@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.jsonl import read_jsonl
+from pipeline.rows.jsonl import read_jsonl
 from tests.browser import chromium
 from tests.review_project import CURATE_STAGE, HOSTILE, make_project, served_cli
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from pipeline import corrections, review, review_server
-from pipeline.jsonl import read_jsonl
+from pipeline.commands import review, review_server
+from pipeline.rows import corrections
+from pipeline.rows.jsonl import read_jsonl
 from tests.review_project import curate_now, generated, make_project, paths, served, write_jsonl
 
 

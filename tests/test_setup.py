@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import doctor
+from pipeline.commands import doctor
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN_PATH = "/usr/local/bin:/usr/bin:/bin"  # a shell with no virtualenv on PATH
@@ -102,7 +102,7 @@ def test_installed_llama_cpp_is_a_portable_x86_64_build():
 
 CHAT = """
 import json, sys
-from pipeline import llm
+from pipeline.llm import clients as llm
 from pipeline.base_model import embedded_gguf
 client = llm.LlamaCppClient(embedded_gguf())
 reply = client.chat([{"role": "system", "content": "Answer in one sentence."},

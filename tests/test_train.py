@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from killing import kill_at
 
-from pipeline import config, fuse, train
+from pipeline import fuse, train
+from pipeline.core import config
 from pipeline.train import TrainConfig, TrainError, TrainPaths
 
 ROWS = [

@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 from test_train import make_paths, params_train
 
-from pipeline import train, train_metrics
+from pipeline import train
+from pipeline.training import metrics as train_metrics
 
 LIVE = "reports/train_live"
 

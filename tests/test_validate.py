@@ -18,9 +18,9 @@ from tiny import make_tiny_tokenizer
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # before any test imports GX
 from typer.testing import CliRunner
 
-from pipeline import config
 from pipeline import validate as stage
 from pipeline.cli import app
+from pipeline.core import config
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_SEQ = 200
@@ -384,12 +384,12 @@ def test_dvc_yaml_declares_curate_and_validate_with_their_code_and_params():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     names = list(stages)
     assert names.index("curate") < names.index("validate") < names.index("train")
-    assert {"pipeline/curate.py", "pipeline/corrections.py", "pipeline/formats.py",
+    assert {"pipeline/curate.py", "pipeline/rows/corrections.py", "pipeline/rows/formats.py",
             "data/corrections.jsonl", "data/imports"} <= set(stages["curate"]["deps"])
     assert stages["curate"]["params"] == ["curate", "evaluate.prompts"]
-    assert {"pipeline/validate.py", "pipeline/neardup.py", "validation"} <= set(
+    assert {"pipeline/validate.py", "pipeline/rows/neardup.py", "validation"} <= set(
         stages["validate"]["deps"])
-    assert "pipeline/neardup.py" in stages["curate"]["deps"]
+    assert "pipeline/rows/neardup.py" in stages["curate"]["deps"]
     assert stages["validate"]["params"] == ["validate", "train.max_seq_length",
                                             "curate.near_dup_threshold", "evaluate.prompts"]
     assert "reports/validation.json" in stages["train"]["deps"]

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pandas as pd
 
-from pipeline.formats import detect
+from pipeline.rows.formats import detect
 from validation.patterns import last_char, question_key
 
 ROLE_CODES = {"system": "s", "user": "u", "assistant": "a"}

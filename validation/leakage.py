@@ -1,5 +1,5 @@
 """Leakage: near-duplicate questions across files (train/valid/test) and between the training
-file and `evaluate.prompts` (plain pandas + pipeline/neardup.py, no GX).
+file and `evaluate.prompts` (plain pandas + pipeline/rows/neardup.py, no GX).
 
 Adds two columns to the lines frame for the `leakage` check of validation/suites.py:
 `leak_free` (False for a row with a near copy in another file or, in a train file, near an
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import neardup
+from pipeline.rows import neardup
 
 MAX_NAMED = 3  # other copies named per row; the rest are counted
 

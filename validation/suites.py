@@ -14,7 +14,7 @@ from typing import Any
 
 import great_expectations as gx
 
-from pipeline.formats import EXPECTED, LAYOUTS
+from pipeline.rows.formats import EXPECTED, LAYOUTS
 from validation import expectations as custom  # registers the custom expectations first
 from validation import patterns
 from validation.frames import TRAINING_FORMATS
@@ -100,7 +100,7 @@ def schemas(required: tuple[str, ...], curated: bool = True) -> dict[str, dict[s
 
 
 def row_schema(required: tuple[str, ...], curated: bool = True) -> dict[str, Any]:
-    """One schema for every row: picks the format by its keys, as pipeline.formats.detect does.
+    """One schema for every row: picks the format by its keys, as pipeline.rows.formats.detect does.
     Layouts the file may not hold pass here; the format check reports them."""
     parts = schemas(required, curated)
     if curated:

@@ -1,0 +1,425 @@
+"""Review: `tuneline review export --sheet review.csv`, edit the sheet, then
+`tuneline review apply --sheet review.csv` turns what you changed into data/corrections.jsonl lines.
+`tuneline review serve` (review_server.py) saves through the same function, `save_edits`.
+
+The sheet (CSV, UTF-8, opens in any spreadsheet app) has one row per dataset row plus the questions
+dropped by corrections. Columns you edit:
+- action: `drop` removes the question; clear it on a dropped row to bring the question back
+- question, answer, followup, followup_answer: the conversation (first two turns)
+- a row with an empty id and a question + answer adds a new expert conversation
+Columns for information: id, split, source. The last column, _base, records what was exported;
+apply compares each cell with it, so only cells you changed become corrections:
+- answer changed -> replace_answer; follow-up changed -> replace_followup (both cells empty
+  removes the follow-up); question changed -> add_conversation (the whole row, pinned as expert)
+- a cell changed back to what was exported -> the correction this sheet made is removed again
+- applying the same sheet twice changes nothing the second time; a sheet exported before the
+  answers were regenerated still applies your edits (and only them): untouched cells never pin
+  an old generated answer.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import UserError
+from pipeline.rows.jsonl import dumps, read_jsonl, write_text
+
+COLUMNS = ("id", "action", "split", "source", "question", "answer", "followup",
+           "followup_answer", "_base")
+EDITABLE = ("question", "answer", "followup", "followup_answer")
+SPLITS = ("train", "valid", "test")
+
+
+class ReviewError(UserError):
+    """A sheet that cannot be applied: names the sheet row and what to do."""
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(_norm(text).encode()).hexdigest()[:16]
+
+
+# A cell starting with one of these runs as a formula in spreadsheet apps (CSV injection), and
+# "- item" comes back as #NAME?. Export prefixes such cells (and ones starting with the quote
+# itself) with a quote, which apps show as text; apply removes exactly that quote again.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+SPREADSHEET_ERRORS = re.compile(
+    r"#(NAME\?|VALUE!|REF!|DIV/0!|N/A|NUM!|NULL!|ERROR!|SPILL!|CALC!)|Err:\d{3}")
+
+
+def escape_cell(text: str) -> str:
+    stripped = text.lstrip()
+    return "'" + stripped if stripped.startswith(FORMULA_START) else text
+
+
+def unescape_cell(text: str) -> str:
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_START) else text
+
+
+def _norm(text: str | None) -> str:
+    # Spreadsheet apps turn \n into \r\n inside cells: that is not an edit.
+    return (text or "").replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    rows: int
+    dropped: int
+
+
+def export(dataset: Path, corrections: Path, questions: Path, sheet: Path) -> ExportResult:
+    rows = []
+    for split in SPLITS:
+        path = dataset / f"{split}.jsonl"
+        for row in read_jsonl(path) if path.exists() else []:
+            rows.append(_sheet_row(row, split))
+    dropped = _dropped_rows(corrections, questions)
+    rows += dropped
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: r["id"]))
+    write_text(sheet, "\ufeff" + buf.getvalue())  # BOM: Excel then reads UTF-8 correctly
+    return ExportResult(len(rows), len(dropped))
+
+
+def _turns(messages: list[dict[str, str]]) -> list[str]:
+    return [m["content"] for m in messages if m["role"] in ("user", "assistant")]
+
+
+def _sheet_row(row: dict[str, Any], split: str) -> dict[str, str]:
+    turns = _turns(row["messages"]) + [""] * 4
+    cells = dict(zip(EDITABLE, turns[:4]))
+    base = {k: digest(v) for k, v in cells.items()}
+    return {"id": row["id"], "action": "", "split": split, "source": row.get("source", ""),
+            **{k: escape_cell(v) for k, v in cells.items()}, "_base": json.dumps(base, sort_keys=True)}
+
+
+def _dropped_rows(corrections: Path, questions: Path) -> list[dict[str, str]]:
+    from pipeline.rows import corrections as corr_mod
+
+    known = {}
+    if questions.exists():
+        known = {r["id"]: r.get("question", "") for r in read_jsonl(questions)}
+    out, seen = [], set()
+    for corr in corr_mod.load(corrections):
+        if corr.action == "drop" and corr.id not in seen:
+            seen.add(corr.id)
+            question = known.get(corr.id) or corr.row.get("question") or ""
+            out.append({"id": corr.id, "action": "drop", "split": "", "source": "",
+                        "question": escape_cell(question), "answer": "", "followup": "",
+                        "followup_answer": "", "_base": json.dumps({"drop": True})})
+    return out
+
+
+@dataclass
+class Lines:
+    """data/corrections.jsonl as editable lines: untouched lines are written back byte for byte.
+
+    Lines end at "\n" only, as JSONL defines them: str.splitlines() would also break at U+2028,
+    U+2029 and U+0085 inside an expert's text and put the rows and lines out of step. Each text keeps
+    its own line ending (CRLF stays CRLF); blank lines stay where they are (row None).
+    """
+
+    rows: list[dict[str, Any] | None]
+    texts: list[str]
+
+    @classmethod
+    def read(cls, path: Path) -> Lines:
+        if not path.exists():
+            return cls([], [])
+        read_jsonl(path)  # the line-numbered errors for bad lines
+        texts = re.findall(r"[^\n]*\n|[^\n]+$", path.read_bytes().decode("utf-8"))
+        return cls([json.loads(t) if t.strip() else None for t in texts], texts)
+
+    def _newline(self) -> str:
+        return "\r\n" if self.texts and self.texts[0].endswith("\r\n") else "\n"
+
+    def _hits(self, rid: str, action: str) -> list[int]:
+        return [i for i, r in enumerate(self.rows)
+                if r is not None and r.get("id") == rid and r.get("action") == action]
+
+    def find(self, rid: str, action: str) -> dict[str, Any] | None:
+        hits = self._hits(rid, action)
+        return self.rows[hits[-1]] if hits else None
+
+    def set(self, row: dict[str, Any]) -> bool:
+        """Replace the last line with this id and action, or append; True if anything changed."""
+        idx = self._hits(row["id"], row["action"])
+        if idx and self.rows[idx[-1]] == row:
+            return False
+        if idx:
+            old = self.texts[idx[-1]]
+            ending = old[len(old.rstrip("\r\n")):] or self._newline()
+            self.rows[idx[-1]], self.texts[idx[-1]] = row, dumps(row) + ending
+        else:
+            if self.texts and not self.texts[-1].endswith("\n"):
+                self.texts[-1] += self._newline()
+            self.rows.append(row)
+            self.texts.append(dumps(row) + self._newline())
+        return True
+
+    def remove(self, rid: str, action: str) -> bool:
+        gone = set(self._hits(rid, action))
+        self.rows = [r for i, r in enumerate(self.rows) if i not in gone]
+        self.texts = [t for i, t in enumerate(self.texts) if i not in gone]
+        return bool(gone)
+
+    def write(self, path: Path) -> None:
+        write_text(path, "".join(self.texts))
+
+
+@dataclass
+class ApplyResult:
+    changed: list[str] = field(default_factory=list)  # "q-0003 replace_answer (set)"
+    notes: list[str] = field(default_factory=list)
+
+
+def apply(sheet: Path, corrections: Path, dataset: Path) -> ApplyResult:
+    """Sheet edits -> corrections; idempotent."""
+    edits = []
+    for n, cells in _read_sheet(sheet):
+        base = _base(n, cells)
+        _check_no_spreadsheet_error(sheet, n, cells, base)
+        edits.append(Edit(f"sheet row {n}", cells, base))
+    return save_edits(edits, corrections, dataset)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One conversation as an editor left it: a sheet row or a save from `review serve`."""
+
+    where: str                # "sheet row 7", "edit 2 (q-0003)": named in errors
+    cells: dict[str, str]     # id, action and EDITABLE, normalised by _norm
+    base: dict[str, Any]      # digests of what the editor was shown (the sheet's _base)
+    reviewed: bool | None = None  # True: mark reviewed; False: clear the mark; None: leave it
+
+
+class StaleError(ReviewError):
+    """The corrections file changed since the editor loaded it."""
+
+
+def version(corrections: Path) -> str:
+    """sha256 of data/corrections.jsonl as it is now (an absent file counts as empty)."""
+    data = corrections.read_bytes() if corrections.exists() else b""
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_edits(edits: list[Edit], corrections: Path, dataset: Path,
+               expect_version: str | None = None,
+               current: dict[str, dict[str, str]] | None = None) -> ApplyResult:
+    """The one path from edits to correction lines (CSV apply and `review serve`): only lines
+    that change are rewritten, the file is replaced atomically, nothing is written on error.
+    `current`: the dataset's cells by id, where the caller has them parsed already."""
+    if expect_version is not None and version(corrections) != expect_version:
+        raise StaleError(f"{corrections} changed since this page was loaded (another tab, a "
+                         "teammate's git pull?); reload to see the current state, then redo the "
+                         "edits that are not there yet")
+    lines, result = Lines.read(corrections), ApplyResult()
+    current = _current_answers(dataset) if current is None else current
+    for edit in edits:
+        cells, base, where = edit.cells, edit.base, edit.where
+        if not cells["id"]:
+            _new_conversation(where, cells, lines, result)
+        elif cells["action"] == "drop" or base.get("drop"):
+            _drop(cells, base, lines, result)
+        else:
+            _edit(where, cells, base, lines, result, current.get(cells["id"]))
+        if edit.reviewed is not None and cells["id"]:
+            _reviewed(cells, edit.reviewed, lines, result)
+    if result.changed:
+        lines.write(corrections)
+    return result
+
+
+def conversation_digest(cells: dict[str, str]) -> str:
+    """What a `reviewed` line vouches for: the conversation's turns as the reviewer saw them."""
+    return digest("\x1e".join(_norm(cells.get(k)) for k in EDITABLE))
+
+
+def _reviewed(cells: dict[str, str], on: bool, lines: Lines, result: ApplyResult) -> None:
+    rid = cells["id"]
+    if not on:
+        if lines.remove(rid, "reviewed"):
+            result.changed.append(f"{rid} reviewed (removed)")
+        return
+    row = {"id": rid, "action": "reviewed", "digest": conversation_digest(cells),
+           "question": cells["question"]}
+    if lines.set(row):
+        result.changed.append(f"{rid} reviewed (set)")
+
+
+def _read_sheet(sheet: Path) -> list[tuple[int, dict[str, str]]]:
+    if not sheet.exists():
+        raise ReviewError(f"{sheet}: not found; run `tuneline review export --sheet {sheet}` first")
+    text = _decode(sheet)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ReviewError(f"{sheet}: columns {missing} are missing; keep the exported header "
+                              "row (you may reorder columns, not rename them)")
+        # Row 1 is the header, as a spreadsheet app numbers it.
+        rows = [(n, {c: _cell(r.get(c)) for c in COLUMNS}) for n, r in enumerate(reader, start=2)]
+    except csv.Error as exc:
+        raise ReviewError(f"{sheet}:{reader.line_num}: not a readable CSV sheet ({exc}); save it "
+                          "from the spreadsheet app as CSV UTF-8") from None
+    return rows
+
+
+def _decode(sheet: Path) -> str:
+    data = sheet.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ReviewError(
+            f"{sheet}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); the sheet was saved in a "
+            "legacy encoding (Windows 'CSV'): save it as 'CSV UTF-8' and apply again") from None
+
+
+def _cell(value: str | None) -> str:
+    return unescape_cell(_norm(value))
+
+
+def _check_no_spreadsheet_error(sheet: Path, n: int, cells: dict[str, str],
+                                base: dict[str, Any]) -> None:
+    for key in EDITABLE:
+        if "\x00" in cells[key] and _changed(cells, base, key):
+            raise ReviewError(f"{sheet}: row {n} ({cells['id'] or 'new'}): the {key} cell holds a "
+                              "NUL byte (a damaged sheet); export a fresh sheet and edit again")
+        if SPREADSHEET_ERRORS.fullmatch(cells[key]) and _changed(cells, base, key):
+            raise ReviewError(
+                f"{sheet}: row {n} ({cells['id'] or 'new'}): the {key} cell holds the spreadsheet "
+                f"error {cells[key]} (the app ran the text as a formula); type the text again "
+                "starting with a quote (') and apply again")
+
+
+def _base(n: int, cells: dict[str, str]) -> dict[str, Any]:
+    if not cells["_base"]:
+        return {}
+    try:
+        return json.loads(cells["_base"])
+    except ValueError:
+        raise ReviewError(f"sheet row {n}: the _base column was edited; export a fresh sheet "
+                          "(it records what was exported)") from None
+
+
+def _changed(cells: dict[str, str], base: dict[str, Any], key: str) -> bool:
+    return digest(cells[key]) != base.get(key)
+
+
+def _drop(cells: dict[str, str], base: dict[str, Any], lines: Lines, result: ApplyResult) -> None:
+    rid = cells["id"]
+    if cells["action"] == "drop":
+        if lines.find(rid, "drop") is None:
+            lines.set({"id": rid, "action": "drop", "question": cells["question"]})
+            result.changed.append(f"{rid} drop (set)")
+    elif lines.remove(rid, "drop"):  # exported as dropped, action cleared: bring it back
+        result.changed.append(f"{rid} drop (removed)")
+
+
+def _edit(where: str, cells: dict[str, str], base: dict[str, Any], lines: Lines,
+          result: ApplyResult, current: dict[str, str] | None) -> None:
+    rid = cells["id"]
+    if cells["action"] not in ("", "keep"):
+        raise ReviewError(f"{where} ({rid}): action {cells['action']!r}: use drop or "
+                          "leave it empty")
+    if _changed(cells, base, "question") or lines.find(rid, "add_conversation"):
+        if any(_changed(cells, base, k) for k in EDITABLE):
+            _set_conversation(where, cells, lines, result)
+        return
+    if current and any(_changed(cells, base, k) and digest(current.get(k, "")) != base.get(k)
+                       for k in EDITABLE):
+        result.notes.append(f"{rid}: the dataset changed since this sheet was exported (answers "
+                            "regenerated?); your edit replaces the current text")
+    _answer(cells, base, lines, result)
+    _followup(where, cells, base, lines, result)
+
+
+def _answer(cells: dict[str, str], base: dict[str, Any], lines: Lines,
+            result: ApplyResult) -> None:
+    rid = cells["id"]
+    if _changed(cells, base, "answer"):
+        if not cells["answer"]:
+            raise ReviewError(f"{rid}: the answer cell is empty; write an answer or put drop in "
+                              "the action column")
+        row = {"id": rid, "action": "replace_answer", "answer": cells["answer"],
+               "question": cells["question"], "replaces": base.get("answer")}
+        if lines.set(row):
+            result.changed.append(f"{rid} replace_answer (set)")
+        return
+    made = lines.find(rid, "replace_answer")
+    # Unchanged cell, but this very sheet made a correction earlier: the edit was undone.
+    if made and made.get("replaces") == base.get("answer") and digest(made["answer"]) != base.get(
+            "answer"):
+        lines.remove(rid, "replace_answer")
+        result.changed.append(f"{rid} replace_answer (removed)")
+
+
+def _followup(where: str, cells: dict[str, str], base: dict[str, Any], lines: Lines,
+              result: ApplyResult) -> None:
+    rid = cells["id"]
+    edited = _changed(cells, base, "followup") or _changed(cells, base, "followup_answer")
+    marker = f"{base.get('followup')}:{base.get('followup_answer')}"
+    if edited:
+        if bool(cells["followup"]) != bool(cells["followup_answer"]):
+            raise ReviewError(f"{where} ({rid}): fill both followup and followup_answer, "
+                              "or clear both to remove the follow-up")
+        row: dict[str, Any] = {"id": rid, "action": "replace_followup",
+                               "followup": cells["followup"] or None}
+        if cells["followup"]:
+            row["followup_answer"] = cells["followup_answer"]
+        row.update(question=cells["question"], replaces=marker)
+        if lines.set(row):
+            result.changed.append(f"{rid} replace_followup (set)")
+        return
+    made = lines.find(rid, "replace_followup")
+    if made and made.get("replaces") == marker:
+        lines.remove(rid, "replace_followup")
+        result.changed.append(f"{rid} replace_followup (removed)")
+
+
+def _messages(cells: dict[str, str]) -> list[dict[str, str]]:
+    msgs = [{"role": "user", "content": cells["question"]},
+            {"role": "assistant", "content": cells["answer"]}]
+    if cells["followup"] and cells["followup_answer"]:
+        msgs += [{"role": "user", "content": cells["followup"]},
+                 {"role": "assistant", "content": cells["followup_answer"]}]
+    return msgs
+
+
+def _set_conversation(where: str, cells: dict[str, str], lines: Lines, result: ApplyResult) -> None:
+    rid = cells["id"]
+    if not cells["question"] or not cells["answer"]:
+        raise ReviewError(f"{where} ({rid}): a conversation needs a question and an answer")
+    row = {"id": rid, "action": "add_conversation", "messages": _messages(cells)}
+    # The whole conversation is the expert's now: older per-turn edits would override it.
+    for action in ("replace_answer", "replace_followup"):
+        if lines.remove(rid, action):
+            result.changed.append(f"{rid} {action} (removed)")
+    if lines.set(row):
+        result.changed.append(f"{rid} add_conversation (set)")
+
+
+def _new_conversation(where: str, cells: dict[str, str], lines: Lines, result: ApplyResult) -> None:
+    if not any(cells[k] for k in EDITABLE):
+        return  # an empty line
+    cells = {**cells, "id": f"expert-{digest(cells['question'])[:10]}"}
+    _set_conversation(where, cells, lines, result)
+
+
+def _current_answers(dataset: Path) -> dict[str, dict[str, str]]:
+    out = {}
+    for split in SPLITS:
+        path = dataset / f"{split}.jsonl"
+        for row in read_jsonl(path) if path.exists() else []:
+            turns = _turns(row["messages"]) + [""] * 4
+            out[row["id"]] = dict(zip(EDITABLE, turns[:4]))
+    return out
