@@ -21,7 +21,9 @@ answers every prompt and stops, and agrees with the fused F16 GGUF at least
 Provenance in `general.tuneline.*` is content only (dataset and base-model hashes); the git
 commit stays out of the file (pipeline/hub/repo_facts.py says why).
 
-Supported: the llama family (Llama, Mistral, SmolLM) with a byte-level BPE tokenizer.
+Writers (pipeline/gguf_io/convert.py): the built-in one for the llama family (Llama, Mistral,
+SmolLM) with a byte-level BPE tokenizer; llama.cpp's own convert_hf_to_gguf.py (installed on first
+use) for SentencePiece vocabularies and the qwen2, qwen3, gemma2/3 and phi3 architectures.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from typing import Any
 from pipeline.core import model_source
 from pipeline.core.errors import UserError
 from pipeline.gguf_io import adapter as gguf_adapter
+from pipeline.gguf_io import convert as gguf_convert
 from pipeline.gguf_io import file as gguf_file
+from pipeline.gguf_io import ollama
 from pipeline.gguf_io import proof as gguf_proof
 from pipeline.gguf_io import tokenizer as gguf_tokenizer
 from pipeline.gguf_io.proof import Reference, llama_log
@@ -46,13 +50,6 @@ F16 = "f16"
 ADAPTER = "adapter"  # report["files"] key of adapter-f16.gguf (and min_agreement's)
 ADAPTER_BASE = "adapter_base"  # report["files"] key of base-f16.gguf, proved with the adapter
 SPLITS_TRAINED_ON = ("train.jsonl", "valid.jsonl")  # what the train stage read
-# Probe conversations: the Ollama TEMPLATE must render them exactly like the chat template.
-PROBES = (
-    [{"role": "user", "content": "Hi"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "A"},
-     {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}],
-)
 
 
 class ExportError(UserError):
@@ -201,17 +198,15 @@ def write_adapter_files(paths: ExportPaths, tmp: Path, cfg: ExportConfig,
     assert paths.adapters is not None
     base_file, adapter_file = tmp / gguf_adapter.BASE_FILE, tmp / gguf_adapter.ADAPTER_FILE
     base = prov["base"]
-    config = gguf_file.read_model_config(paths.base)
-    tokenizer, _ = gguf_tokenizer.tokenizer_fields(paths.base, base_gguf(paths.base),
-                                                   config["vocab_size"])
-    gguf_file.write(base_file, config, gguf_file.gguf_tensors(paths.base, config), tokenizer,
-                    {"name": base["name"], "license": base.get("license"), "base": base,
-                     "tuneline": {"base_model": prov["base_model"]}})
+    gguf_convert.write_f16(paths.base, base_file,
+                           {"name": base["name"], "license": base.get("license"), "base": base,
+                            "tuneline": {"base_model": prov["base_model"]}}, base_gguf(paths.base))
+    config = gguf_file.read_config(paths.base)
     general = {"name": f"{cfg.name}-lora", "license": prov["license"], "base": base,
                "tuneline": {"dataset_hash": prov["dataset"]["hash"],
                             "base_model": prov["base_model"],
                             "base_gguf_sha256": repo_facts.sha256_file(base_file)}}
-    lora = gguf_adapter.write(paths.adapters, config, adapter_file, general)
+    lora = gguf_adapter.write(paths.adapters, config, adapter_file, general, base_file)
     return base_file, adapter_file, lora
 
 
@@ -235,11 +230,7 @@ def on_imported_base(base_dir: Path, adapter_file: Path, refs: list[Reference],
 
 def write_gguf(paths: ExportPaths, out: Path, cfg: ExportConfig) -> dict[str, Any]:
     """Write the fused model as an F16 GGUF; return what the report records about it."""
-    config = gguf_file.read_model_config(paths.model)
-    weights = gguf_file.gguf_tensors(paths.model, config)
     source = base_gguf(paths.base)
-    tokenizer, token_source = gguf_tokenizer.tokenizer_fields(paths.model, source,
-                                                               config["vocab_size"])
     provenance = read_provenance(paths.base, paths.dataset)
     base = base_identity(source, provenance["base_model"])
     license_ = base.get("license") if cfg.license == "auto" else cfg.license
@@ -247,8 +238,8 @@ def write_gguf(paths: ExportPaths, out: Path, cfg: ExportConfig) -> dict[str, An
     tuneline = {"dataset_hash": provenance["dataset"]["hash"],
                 "base_model": provenance["base_model"]}
     general = {"name": cfg.name, "license": license_, "base": base, "tuneline": tuneline}
-    gguf_file.write(out, config, weights, tokenizer, general)
-    return {"tokenizer_source": token_source, "provenance": provenance}
+    written = gguf_convert.write_f16(paths.model, out, general, source)
+    return {**written, "provenance": provenance}
 
 
 def read_provenance(base_dir: Path, dataset: Path) -> dict[str, Any]:
@@ -339,24 +330,11 @@ def quantize(src: Path, dst: Path, qtype: str) -> tuple[Path, str | None]:
 
 def write_modelfile(out: Path, gguf_name: str, model_dir: Path, cfg: ExportConfig,
                     adapter: bool = False) -> dict[str, Any]:
-    """Modelfile with a TEMPLATE checked against the chat template on probe conversations;
-    with `adapter` also Modelfile.adapter: the F16 base plus Ollama's ADAPTER (the LoRA GGUF)."""
-    template = gguf_tokenizer.chat_template(model_dir) or ""
-    stops = end_of_turn_tokens(model_dir)
-    default_system = chatml_default_system(template)
-    lines = [f"# Ollama: ollama create {cfg.name} -f Modelfile && ollama run {cfg.name}",
-             f"FROM ./{gguf_name}"]
-    if default_system is not None:
-        lines.append(f'TEMPLATE """{ollama_chatml(default_system)}"""')
-        kind = "chatml"
-    else:
-        # Not ChatML: Ollama reads tokenizer.chat_template from the GGUF for known templates.
-        lines.append("# TEMPLATE: taken by Ollama from the GGUF's tokenizer.chat_template")
-        kind = "from-gguf"
-    lines += [f'PARAMETER stop "{s}"' for s in stops]
-    if cfg.system_prompt:
-        lines.append(f'SYSTEM """{cfg.system_prompt}"""')
-    result: dict[str, Any] = {"from": gguf_name, "template": kind, "stop": stops}
+    """Modelfile with a TEMPLATE checked against the chat template on probe conversations
+    (pipeline/gguf_io/ollama.py); with `adapter` also Modelfile.adapter: the F16 base plus
+    Ollama's ADAPTER (the LoRA GGUF)."""
+    lines, result = ollama.modelfile_lines(gguf_name, cfg.name, chat_renderer(model_dir),
+                                           end_of_turn_tokens(model_dir), cfg.system_prompt)
     if adapter:
         lines.insert(1, f"# LoRA route (base once, a few MB per fine-tune): ollama create "
                         f"{cfg.name}-lora -f Modelfile.adapter")
@@ -370,10 +348,35 @@ def write_modelfile(out: Path, gguf_name: str, model_dir: Path, cfg: ExportConfi
     return result
 
 
+def chat_renderer(model_dir: Path) -> Any:
+    """Render a conversation as runtimes do: the chat template (system turn merged where it
+    refuses one, like training), minus the leading BOS the tokenizer adds itself."""
+    from pipeline.training import model as mlx_model
+
+    template = gguf_tokenizer.chat_template(model_dir) or ""
+    tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+
+    def text(key: str) -> str:
+        value = tok_config.get(key) or ""
+        return value.get("content", "") if isinstance(value, dict) else value
+
+    bos, eos, add_bos = text("bos_token"), text("eos_token"), tok_config.get("add_bos_token")
+
+    def raw(messages: Any) -> str:
+        return ollama.render_chat(template, messages, bos, eos)
+
+    def render(messages: Any) -> str:
+        out = raw(mlx_model.fit_system_turn(messages, raw))
+        return out[len(bos):] if add_bos and bos and out.startswith(bos) else out
+
+    return render
+
+
 def end_of_turn_tokens(model_dir: Path) -> list[str]:
     data = json.loads((model_dir / "tokenizer.json").read_text())
     specials = {a["content"] for a in data.get("added_tokens", []) if a.get("special")}
-    known = ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+    known = ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
+             "</s>", "<end_of_turn>", "<|end|>")
     stops = [t for t in known if t in specials]
     tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     eos = tok_config.get("eos_token")
@@ -381,55 +384,6 @@ def end_of_turn_tokens(model_dir: Path) -> list[str]:
     if eos and eos not in stops:
         stops.insert(0, eos)
     return stops
-
-
-def render_chat(template: str, messages: list[dict[str, str]]) -> str:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            bos_token="", eos_token="")
-
-
-def chatml_default_system(template: str) -> str | None:
-    """For a ChatML template: the system prompt it inserts when none is given ("" if none).
-
-    None when the template is not ChatML, i.e. when `ollama_chatml` cannot mirror it exactly.
-    """
-    if "<|im_start|>" not in template:
-        return None
-    rendered = render_chat(template, list(PROBES[0]))
-    head = "<|im_start|>system\n"
-    default = rendered[len(head):rendered.index("<|im_end|>")] if rendered.startswith(head) else ""
-    for probe in PROBES:
-        if render_chat(template, list(probe)) != render_ollama_chatml(default, probe):
-            return None
-    return default
-
-
-def ollama_chatml(default_system: str) -> str:
-    """Ollama (Go template) form of ChatML; `render_ollama_chatml` is its Python mirror."""
-    fallback = f"{{{{ else }}}}<|im_start|>system\n{default_system}<|im_end|>\n" if default_system else ""
-    return (
-        f"{{{{ if .System }}}}<|im_start|>system\n{{{{ .System }}}}<|im_end|>\n{fallback}{{{{ end }}}}"
-        "{{ range .Messages }}{{ if eq .Role \"user\" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n"
-        "<|im_start|>assistant\n{{ else if eq .Role \"assistant\" }}{{ .Content }}<|im_end|>\n"
-        "{{ end }}{{ end }}"
-    )
-
-
-def render_ollama_chatml(default_system: str, messages: Any) -> str:
-    """What Ollama renders from `ollama_chatml`: .System is the system messages joined."""
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    text = ""
-    if system or default_system:
-        text += f"<|im_start|>system\n{system or default_system}<|im_end|>\n"
-    for m in messages:
-        if m["role"] == "user":
-            text += f"<|im_start|>user\n{m['content']}<|im_end|>\n<|im_start|>assistant\n"
-        elif m["role"] == "assistant":
-            text += f"{m['content']}<|im_end|>\n"
-    return text
 
 
 # --- proof: every file runs in llama.cpp, stops, and agrees with MLX -------------------------
@@ -447,11 +401,13 @@ def mlx_reference(model_dir: Path, cfg: ExportConfig, seed: int) -> list[Referen
     eos = set(tokenizer.eos_token_ids)
     refs = []
     for prompt in cfg.prompts:
-        messages = gguf_proof.messages_for(cfg.system_prompt, prompt)
+        messages = mlx_model.template_messages(
+            tokenizer, gguf_proof.messages_for(cfg.system_prompt, prompt))
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer.encode(text, add_special_tokens=False)
         tokens = mlx_model.greedy_tokens(model, ids, cfg.max_tokens, eos)
-        refs.append(Reference(prompt, text, list(ids), tokens, bool(tokens) and tokens[-1] in eos))
+        refs.append(Reference(prompt, text, list(ids), tokens, bool(tokens) and tokens[-1] in eos,
+                              messages))
     return refs
 
 

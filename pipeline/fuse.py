@@ -14,8 +14,11 @@ from pathlib import Path
 from pipeline.core.errors import UserError
 from pipeline.rows.jsonl import atomic_dir
 
+# tokenizer.model: SentencePiece vocabularies (Llama 2, Mistral, Gemma, Phi-3) that llama.cpp's
+# converter reads scores from; chat_template.jinja: where newer models keep their template.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "tuneline.json")
+                   "generation_config.json", "tuneline.json", "tokenizer.model",
+                   "added_tokens.json", "chat_template.jinja")
 
 
 @dataclass(frozen=True)

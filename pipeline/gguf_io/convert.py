@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.gguf_io import file as gguf_file
+from pipeline.gguf_io import tokenizer as gguf_tokenizer
 from pipeline.gguf_io.file import GGUFError
 
 # CPU torch: on Linux a bare `torch` from PyPI is a multi-GB CUDA build; +cpu comes from
@@ -147,6 +149,31 @@ def convert(model_dir: Path, out: Path, *, pre: str | None, general: dict[str, A
         raise GGUFError(
             f"{model_dir}: llama.cpp's converter failed (exit {done.returncode}): {reason}\n"
             + "\n".join(lines[-6:]))
+
+
+def write_f16(model_dir: Path, out: Path, general: dict[str, Any],
+              source: Path | None = None, say: Any = print) -> dict[str, Any]:
+    """The F16 GGUF of a model directory: the built-in writer where it covers the model (the
+    llama family with a byte-level BPE; `source`: the GGUF the base came from, whose tokenizer
+    fields are copied), llama.cpp's converter otherwise. Returns what the report records."""
+    config = gguf_file.read_config(model_dir)
+    reason = gguf_file.builtin_problem(config) or gguf_tokenizer.builtin_problem(model_dir)
+    if reason is None:
+        config = gguf_file.read_model_config(model_dir)
+        weights = gguf_file.gguf_tensors(model_dir, config)
+        tokenizer, origin = gguf_tokenizer.tokenizer_fields(model_dir, source,
+                                                            config["vocab_size"])
+        gguf_file.write(out, config, weights, tokenizer, general)
+        return {"writer": "built-in", "tokenizer_source": origin}
+    say(f"export: {model_dir.name}: llama.cpp's converter writes this model ({reason})")
+    if gguf_tokenizer.chat_template(model_dir) is None:
+        raise GGUFError(f"{model_dir}: no chat template (tokenizer_config.json chat_template or "
+                        "chat_template.jinja); runtimes would not know how to format a conversation")
+    convert(model_dir, out, pre=gguf_tokenizer.pre_name_or_none(model_dir), general=general,
+            say=say)
+    spm = model_dir / "tokenizer.model"
+    return {"writer": "llama.cpp convert_hf_to_gguf.py", "writer_reason": reason,
+            "tokenizer_source": str(spm if spm.exists() else model_dir / "tokenizer.json")}
 
 
 def main() -> None:

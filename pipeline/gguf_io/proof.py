@@ -35,6 +35,7 @@ class Reference:
     prompt_ids: list[int]
     tokens: list[int]  # greedy answer, including the end-of-generation token if reached
     stopped: bool
+    messages: list[dict[str, str]] | None = None  # as rendered (system merged where refused)
 
 
 def messages_for(system_prompt: str, prompt: str) -> list[dict[str, str]]:
@@ -137,17 +138,21 @@ def llama_reference(path: Path, refs: list[Reference], max_tokens: int, seed: in
     out = []
     for ref in refs:
         tokens, finish = greedy(llm, ref.prompt_ids, max_tokens)
-        out.append(Reference(ref.prompt, ref.text, ref.prompt_ids, tokens, finish == "stop"))
+        out.append(Reference(ref.prompt, ref.text, ref.prompt_ids, tokens, finish == "stop",
+                             ref.messages))
     llm.close()
     return out
 
 
 def check_prompt(llm: Any, ref: Reference, system_prompt: str, max_tokens: int) -> dict[str, Any]:
     problems = []
-    text = llama_chat_prompt(llm, messages_for(system_prompt, ref.prompt))
+    text = llama_chat_prompt(llm, ref.messages or messages_for(system_prompt, ref.prompt))
     if text != ref.text:
         problems.append("the GGUF's chat template renders the prompt differently from MLX's")
-    ids = llm.tokenize(text.encode(), add_bos=_add_bos(llm), special=True)
+    # Like llama.cpp's chat code: a BOS already rendered by the template is not added again.
+    bos = llm.detokenize([llm.token_bos()], special=True).decode() if llm.token_bos() >= 0 else ""
+    add_bos = _add_bos(llm) and not (bos and text.startswith(bos))
+    ids = llm.tokenize(text.encode(), add_bos=add_bos, special=True)
     if ids != ref.prompt_ids:
         at = next((i for i, (a, b) in enumerate(zip(ids, ref.prompt_ids)) if a != b),
                   min(len(ids), len(ref.prompt_ids)))

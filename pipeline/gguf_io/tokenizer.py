@@ -115,6 +115,35 @@ def hf_token_list(model_dir: Path, n_vocab: int) -> list[str]:
     return [by_id.get(i, f"[PAD{i}]") for i in range(size)]
 
 
+def builtin_problem(model_dir: Path) -> str | None:
+    """Why the built-in writer cannot write this tokenizer (None: it can)."""
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        return f"{path}: not found (a SentencePiece tokenizer.model only)"
+    data = json.loads(path.read_text())
+    model = data.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        return (f"{path}: tokenizer {model.get('type')!r} with byte_fallback="
+                f"{model.get('byte_fallback')} (SentencePiece style); the built-in writer covers "
+                "byte-level BPE")
+    try:
+        pre_tokenizer_name(data, path)
+    except GGUFError as exc:
+        return str(exc)
+    return None
+
+
+def pre_name_or_none(model_dir: Path) -> str | None:
+    """llama.cpp's pre-tokenizer name for tokenizer.json's split rule, None if not known."""
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        return None
+    try:
+        return pre_tokenizer_name(json.loads(path.read_text()), path)
+    except GGUFError:
+        return None
+
+
 def rebuild_tokenizer_fields(model_dir: Path, n_vocab: int) -> dict:
     """tokenizer.* fields for a byte-level BPE tokenizer.json (what llama.cpp calls "gpt2")."""
     import gguf

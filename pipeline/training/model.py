@@ -47,12 +47,41 @@ def attach_adapters(model: Any, adapters: Path) -> None:
 # --- tokens and loss ---------------------------------------------------------------------------
 
 
+def fit_system_turn(messages: Messages, render: Any) -> list[dict[str, str]]:
+    """`messages` as the chat template accepts them: templates that refuse a system role
+    (Mistral's and Gemma's raise on it) get the system prompt merged into the first user turn,
+    "system\n\nuser", as Ollama's templates for them do. `render(messages)` renders or raises."""
+    from jinja2.exceptions import TemplateError
+
+    messages = list(messages)
+    if not any(m["role"] == "system" for m in messages):
+        return messages
+    try:
+        render(messages)
+        return messages
+    except TemplateError:
+        pass
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    first_user = next((m for m in rest if m["role"] == "user"), None)
+    if first_user is None:
+        raise ValueError("the chat template refuses a system role and there is no user turn to "
+                         "merge the system prompt into; add a user turn or drop the system turn")
+    first_user["content"] = f"{system}\n\n{first_user['content']}"
+    return rest
+
+
+def template_messages(tokenizer: Any, messages: Messages) -> list[dict[str, str]]:
+    """`fit_system_turn` with the tokenizer's own chat template."""
+    return fit_system_turn(messages, lambda m: tokenizer.apply_chat_template(m, tokenize=False))
+
+
 def encode_chat(tokenizer: Any, messages: Messages, mask_prompt: bool):
     """Token ids of a conversation and a 0/1 mask marking the assistant tokens to learn.
 
     Every assistant turn is learned, not only the last (mlx-lm's `mask_prompt` masks all but the
-    last)."""
-    messages = list(messages)
+    last). A system turn the template refuses is merged into the first user turn."""
+    messages = template_messages(tokenizer, messages)
     tokens = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
     if not mask_prompt:
         return tokens, [1] * len(tokens)
@@ -89,7 +118,8 @@ def masked_loss(model: Any, tokens: Any, mask: Any, denominator: Any = None):
 
 def prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     """The conversation rendered with the model's chat template, ready for the assistant turn."""
-    return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True))
+    return list(tokenizer.apply_chat_template(template_messages(tokenizer, messages),
+                                              add_generation_prompt=True))
 
 
 def stream(model: Any, tokenizer: Any, messages: Messages, max_tokens: int,
