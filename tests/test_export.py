@@ -139,10 +139,14 @@ def test_stage_fails_when_agreement_is_below_threshold(answering_model, tmp_path
         export.run(cfg, paths(tmp_path, answering_model), seed=0)
 
 
-def test_unsupported_architecture_names_what_is_supported(tmp_path):
-    model = make_tiny_llama(tmp_path / "gemma", model_type="gemma")
-    with pytest.raises(gguf_file.GGUFError, match=r"'gemma' cannot be exported; supported: \['llama'"):
+@pytest.mark.slow
+def test_architecture_neither_writer_knows_fails_with_the_converters_reason(tmp_path):
+    model = make_tiny_llama(tmp_path / "nosuch", model_type="nosuch")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForLM"]}))
+    with pytest.raises(gguf_file.GGUFError, match=r"converter failed .*NoSuchForLM"):
         export.run(make_cfg(), paths(tmp_path, model), seed=0)
+    assert not (tmp_path / "gguf").exists()
 
 
 def test_unknown_quantization_is_rejected_before_any_work(tiny_model_dir, tmp_path):
@@ -244,23 +248,7 @@ def test_exported_gguf_imports_as_base_model_and_exports_again(exported, answeri
 # --- Modelfile template ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("template, default", [(CHATML_TEMPLATE, ""), (SMOLLM_TEMPLATE, None)])
-def test_ollama_template_renders_like_the_chat_template(template, default):
-    found = export.chatml_default_system(template)
-    if default is None:
-        assert found == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    else:
-        assert found == default
-    for probe in export.PROBES:
-        assert export.render_ollama_chatml(found, probe) == export.render_chat(template, probe)
-    go = export.ollama_chatml(found)
-    assert go.count("{{ if") == go.count("{{ end }}") - 1  # `range` also closes with end
-    assert ("{{ else }}" in go) == bool(found)
-
-
-def test_non_chatml_template_is_left_to_ollama():
-    llama3 = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{% endfor %}"
-    assert export.chatml_default_system(llama3) is None
+# The TEMPLATE against Go's text/template: tests/test_ollama_template.py.
 
 
 # --- wiring ----------------------------------------------------------------------------------

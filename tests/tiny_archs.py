@@ -106,9 +106,12 @@ ARCHS: dict[str, dict[str, Any]] = {
                   eos="<|im_end|>", template=CHATML, add_bos=False),
     "gemma2": dict(model_type="gemma2", arch="Gemma2ForCausalLM", tok="spm",
                    specials=("<start_of_turn>", "<end_of_turn>"), eos="<end_of_turn>",
-                   template=GEMMA, add_bos=True, dummy_prefix=False),
+                   template=GEMMA, add_bos=True, dummy_prefix=False, cls="GemmaTokenizer"),
+    # Phi-3's chat tokens swallow the whitespace after them (rstrip), as in its tokenizer.json;
+    # llama.cpp does the same for models whose general.name says phi3 (and needs <|endoftext|>).
     "phi3": dict(model_type="phi3", arch="Phi3ForCausalLM", tok="spm",
-                 specials=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), eos="<|end|>",
+                 specials=("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+                 rstrip=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), eos="<|end|>",
                  template=PHI3, add_bos=False),
 }
 KINDS = tuple(ARCHS)
@@ -118,7 +121,8 @@ DIMS = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 # --- tokenizers ------------------------------------------------------------------------------
 
 
-def spm_tokenizer(out: Path, specials: tuple[str, ...], dummy_prefix: bool) -> Any:
+def spm_tokenizer(out: Path, specials: tuple[str, ...], dummy_prefix: bool,
+                  rstrip: tuple[str, ...] = ()) -> Any:
     """A SentencePiece BPE (byte_fallback) trained on CORPUS: tokenizer.model, plus the
     tokenizer.json that `transformers` would make from it (Metaspace-style normalizer)."""
     import sentencepiece as spm
@@ -146,7 +150,7 @@ def spm_tokenizer(out: Path, specials: tuple[str, ...], dummy_prefix: bool) -> A
     strip = [decoders.Strip(" ", 1, 0)] if dummy_prefix else []
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), *strip])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=t in rstrip)
                             for t in ("<unk>", "<s>", "</s>", *specials)])
     return tok
 
@@ -169,17 +173,19 @@ def bpe_tokenizer(split: str, specials: tuple[str, ...]) -> Any:
 
 def write_tokenizer(out: Path, spec: dict[str, Any]) -> Any:
     if spec["tok"] == "spm":
-        tok = spm_tokenizer(out, spec["specials"], spec.get("dummy_prefix", True))
+        tok = spm_tokenizer(out, spec["specials"], spec.get("dummy_prefix", True),
+                            spec.get("rstrip", ()))
         bos, unk = "<s>", "<unk>"
     else:
         tok = bpe_tokenizer(spec["split"], spec["specials"])
         bos, unk = spec["bos"], spec["specials"][0]
     tok.save(str(out / "tokenizer.json"))
     added = {str(tok.token_to_id(t)): {"content": t, "special": True, "normalized": False,
-                                       "lstrip": False, "rstrip": False, "single_word": False}
+                                       "lstrip": False, "rstrip": t in spec.get("rstrip", ()),
+                                       "single_word": False}
              for t in ([unk, "<s>", "</s>", *spec["specials"]] if spec["tok"] == "spm"
                        else spec["specials"])}
-    config = {"tokenizer_class": "LlamaTokenizer" if spec["tok"] == "spm"
+    config = {"tokenizer_class": spec.get("cls", "LlamaTokenizer") if spec["tok"] == "spm"
               else "PreTrainedTokenizerFast",
               "bos_token": bos, "eos_token": spec["eos"], "unk_token": unk,
               "pad_token": spec["eos"], "add_bos_token": spec["add_bos"], "add_eos_token": False,
