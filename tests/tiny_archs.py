@@ -90,32 +90,34 @@ PHI3 = (
 
 # kind -> (model_type, HF architecture, tokenizer kind, chat specials, eos, template, add_bos)
 ARCHS: dict[str, dict[str, Any]] = {
-    "llama-spm": dict(model_type="llama", arch="LlamaForCausalLM", tok="spm", specials=(),
-                      eos="</s>", template=LLAMA2, add_bos=True),
-    "mistral": dict(model_type="mistral", arch="MistralForCausalLM", tok="spm", specials=(),
-                    eos="</s>", template=MISTRAL, add_bos=True),
-    "llama3": dict(model_type="llama", arch="LlamaForCausalLM", tok="bpe", split=LLAMA3_SPLIT,
-                   specials=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                             "<|end_header_id|>", "<|eot_id|>"),
-                   bos="<|begin_of_text|>", eos="<|eot_id|>", template=LLAMA3, add_bos=False),
-    "qwen2": dict(model_type="qwen2", arch="Qwen2ForCausalLM", tok="bpe", split=QWEN2_SPLIT,
-                  specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), bos=None,
-                  eos="<|im_end|>", template=CHATML, add_bos=False),
-    "qwen3": dict(model_type="qwen3", arch="Qwen3ForCausalLM", tok="bpe", split=QWEN2_SPLIT,
-                  specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), bos=None,
-                  eos="<|im_end|>", template=CHATML, add_bos=False),
-    "gemma2": dict(model_type="gemma2", arch="Gemma2ForCausalLM", tok="spm",
-                   specials=("<start_of_turn>", "<end_of_turn>"), eos="<end_of_turn>",
-                   template=GEMMA, add_bos=True, dummy_prefix=False, cls="GemmaTokenizer"),
+    "llama-spm": {"model_type": "llama", "arch": "LlamaForCausalLM", "tok": "spm",
+                  "specials": (), "eos": "</s>", "template": LLAMA2, "add_bos": True},
+    "mistral": {"model_type": "mistral", "arch": "MistralForCausalLM", "tok": "spm",
+                "specials": (), "eos": "</s>", "template": MISTRAL, "add_bos": True},
+    "llama3": {"model_type": "llama", "arch": "LlamaForCausalLM", "tok": "bpe",
+               "split": LLAMA3_SPLIT, "bos": "<|begin_of_text|>", "eos": "<|eot_id|>",
+               "specials": ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                            "<|end_header_id|>", "<|eot_id|>"),
+               "template": LLAMA3, "add_bos": False},
+    "qwen2": {"model_type": "qwen2", "arch": "Qwen2ForCausalLM", "tok": "bpe",
+              "split": QWEN2_SPLIT, "specials": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+              "bos": None, "eos": "<|im_end|>", "template": CHATML, "add_bos": False},
+    "qwen3": {"model_type": "qwen3", "arch": "Qwen3ForCausalLM", "tok": "bpe",
+              "split": QWEN2_SPLIT, "specials": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+              "bos": None, "eos": "<|im_end|>", "template": CHATML, "add_bos": False},
+    "gemma2": {"model_type": "gemma2", "arch": "Gemma2ForCausalLM", "tok": "spm",
+               "specials": ("<start_of_turn>", "<end_of_turn>"), "eos": "<end_of_turn>",
+               "template": GEMMA, "add_bos": True, "dummy_prefix": False,
+               "cls": "GemmaTokenizer"},
     # Phi-3's chat tokens swallow the whitespace after them (rstrip), as in its tokenizer.json;
     # llama.cpp does the same for models whose general.name says phi3 (and needs <|endoftext|>).
-    "phi3": dict(model_type="phi3", arch="Phi3ForCausalLM", tok="spm",
-                 specials=("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
-                 rstrip=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), eos="<|end|>",
-                 template=PHI3, add_bos=False),
+    "phi3": {"model_type": "phi3", "arch": "Phi3ForCausalLM", "tok": "spm",
+             "specials": ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+             "rstrip": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "eos": "<|end|>",
+             "template": PHI3, "add_bos": False},
 }
 KINDS = tuple(ARCHS)
-DIMS = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+DIMS = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
 
 
 # --- tokenizers ------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def convert(model_dir: Path, out: Path, *, pre: str | None, general: dict[str, A
         cmd = [sys.executable, str(MAIN), str(scripts), str(home() / "torch"),
                json.dumps({"pre": pre, "extra": extra}), str(model_dir), "--outfile", str(out),
                "--outtype", outtype, "--metadata", str(meta)]
-        done = subprocess.run(cmd, capture_output=True, text=True,
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False,
                               env={**os.environ, "NO_LOCAL_GGUF": ""})
     if done.returncode != 0 or not out.is_file():
         lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]

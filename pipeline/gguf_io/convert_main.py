@@ -15,7 +15,7 @@ import sys
 llama_dir, torch_dir, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 sys.path[:0] = [llama_dir, f"{llama_dir}/gguf-py", torch_dir]
 
-import conversion.base as base  # noqa: E402  (the converter's package, found via sys.path)
+from conversion import base  # the converter's package, found via sys.path
 
 stock_pre = base.TextModel.get_vocab_base_pre
 stock_prepare = base.TextModel.prepare_metadata
