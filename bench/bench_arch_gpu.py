@@ -67,11 +67,10 @@ def make_base(kind: str, base: Path, shape: dict) -> dict:
     answer = [i for i in dict.fromkeys(tok.encode("Use CREATE INDEX now").ids)
               if i not in (prompt[-1], config["eos_token_id"])
               and not tok.id_to_token(i).startswith("<")][:4]
-    scaled = {}  # teach_stop damps o_proj/down_proj in place: do it on the GPU instead
-    teach_stop(small | {"o_proj.weight": np.ones(1), "down_proj.weight": np.ones(1)}, config,
-               [prompt[-1], *answer, config["eos_token_id"]], 0)
-    for name, value in small.items():
-        scaled[name] = mx.array(value).astype(mx.bfloat16)
+    # teach_stop also damps o_proj/down_proj in place: done on the GPU below instead
+    taught = {**small, "o_proj.weight": np.ones(1), "down_proj.weight": np.ones(1)}
+    teach_stop(taught, config, [prompt[-1], *answer, config["eos_token_id"]], 0)
+    scaled = {name: mx.array(taught[name]).astype(mx.bfloat16) for name in small}
     for name in weights:
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             weights[name] = weights[name] * 0.05
@@ -104,7 +103,8 @@ def one(kind: str, work: Path, quick: bool) -> dict:
     for name, part in (("train", rows[:8]), ("valid", rows[8:])):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     settings = cfgmod.load(train.TrainConfig, "train", ROOT / "params.yaml")
-    settings = dataclasses.replace(settings, iters=3, num_layers=8, pack=True, pack_width=512,
+    settings = dataclasses.replace(settings, iters=3, num_layers=2 if quick else 8, pack=True,
+                                   pack_width=512,
                                    tokens_per_step=1024, steps_per_report=1, steps_per_eval=3,
                                    save_every=3, val_batches=1, warmup=0,
                                    learning_rate=1.0e-5, lr_schedule="constant")

@@ -44,7 +44,7 @@ def main() -> None:
         model = Path(sys.argv[1])
     else:
         model = tmp / "base"
-        base_model.run(base_model.BaseConfig(seed=0, model=base_model.EMBEDDED),
+        base_model.run(base_model.SourceConfig(model=base_model.EMBEDDED),
                        base_model.BasePaths(model))
     built, conv = tmp / "builtin.gguf", tmp / "convert.gguf"
     t0 = time.perf_counter()
