@@ -151,7 +151,13 @@ def batch_greedy(model: Any, tokenizer: Any, conversations: Sequence[Messages],
     if not conversations:
         return []
     tokens = [prompt_ids(tokenizer, c) for c in conversations]
-    out = batch_generate(model, tokenizer, tokens, max_tokens=max_tokens, return_token_ids=True)
+    try:
+        out = batch_generate(model, tokenizer, tokens, max_tokens=max_tokens,
+                             return_token_ids=True)
+    except ValueError as exc:  # mlx-lm 0.32's gemma2 cannot mask a padded batch under GQA
+        if "broadcast" not in str(exc):
+            raise
+        return [greedy_answer(model, tokenizer, c, max_tokens) for c in conversations]
     return [{"answer": text.strip(), "tokens": len(ids),
              "finish_reason": "length" if len(ids) >= max_tokens else "stop"}
             for text, ids in zip(out.texts, out.token_ids)]
