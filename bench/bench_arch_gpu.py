@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -71,9 +72,9 @@ def make_base(kind: str, base: Path, shape: dict) -> dict:
     taught = {**small, "o_proj.weight": np.ones(1), "down_proj.weight": np.ones(1)}
     teach_stop(taught, config, [prompt[-1], *answer, config["eos_token_id"]], 0)
     scaled = {name: mx.array(taught[name]).astype(mx.bfloat16) for name in small}
-    for name in weights:
+    for name, value in list(weights.items()):
         if name.endswith(("o_proj.weight", "down_proj.weight")):
-            weights[name] = weights[name] * 0.05
+            weights[name] = value * 0.05
     weights.update(scaled)
     mx.save_safetensors(str(base / "model.safetensors"), weights, metadata={"format": "mlx"})
     (base / "tuneline.json").write_text(json.dumps({"base.model": f"example/{kind}-7b-shape"}))
@@ -96,6 +97,7 @@ def one(kind: str, work: Path, quick: bool) -> dict:
     t0 = time.perf_counter()
     out.update(make_base(kind, work / "base", QUICK if quick else SHAPES[kind]))
     out["weights_seconds"] = round(time.perf_counter() - t0, 1)
+    print("PHASE " + json.dumps(out), flush=True)
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
     rows = [{**r, "messages": [{"role": "system", "content": "Answer briefly."}, *r["messages"]]}
@@ -114,10 +116,15 @@ def one(kind: str, work: Path, quick: bool) -> dict:
     result = train.run(settings, paths, seed=0)
     out.update(train_seconds=round(time.perf_counter() - t0, 1), iters=result.iters,
                train_loss=result.train_loss, peak_memory_gb=result.peak_memory_gb,
-               trained_tokens=result.trained_tokens)
+               trained_tokens=result.trained_tokens,
+               tokens_per_second=result.tokens_per_second)
+    print("PHASE " + json.dumps(out), flush=True)
     t0 = time.perf_counter()
     fused = fuse.run(fuse.FusePaths(work / "base", work / "adapters", work / "fused"))
     out["fuse_seconds"] = round(time.perf_counter() - t0, 1)
+    (work / "base" / "model.safetensors").unlink()  # disk: export needs the base's files only
+    (work / "fused.done").touch()  # the parent starts the next architecture now
+    print("PHASE " + json.dumps(out), flush=True)
     cfg = make_cfg(quantizations=(), modelfile_quantization="f16", adapter=False,
                    prompts=("How do I create an index?",), max_tokens=8,
                    min_agreement={"f16": 0.99})
@@ -145,18 +152,30 @@ def main() -> None:
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
+        work = args.work / args.child
         try:
-            print("RESULT " + json.dumps(one(args.child, args.work / args.child, args.quick)))
-        except Exception as exc:  # the parent reports it beside the other architecture
+            print("RESULT " + json.dumps(one(args.child, work, args.quick)))
+        except Exception as exc:  # noqa: BLE001 (reported beside the other architecture)
             print("RESULT " + json.dumps({"kind": args.child, "error": repr(exc)[-2000:]}))
+        finally:
+            (work / "fused.done").touch()
+            shutil.rmtree(work / "fused", ignore_errors=True)  # 7B files: free the disk
+            shutil.rmtree(work / "gguf", ignore_errors=True)
         return
+    # One architecture at a time on the GPU, but the next one starts training while the
+    # previous one exports on the CPU (disk: a 7B shape is ~15 GB per copy, 64 GB in all).
     procs = {}
+    t0 = time.perf_counter()
     for kind in args.kinds.split(","):
         log = (args.out or args.work) / f"{kind}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, __file__, "--child", kind, "--work", str(args.work)]
         cmd += ["--quick"] * args.quick
-        procs[kind] = (subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT), log)
+        proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        procs[kind] = (proc, log)
+        print(f"{time.perf_counter() - t0:.0f}s: started {kind}", flush=True)
+        while proc.poll() is None and not (args.work / kind / "fused.done").exists():
+            time.sleep(1)
     results = []
     for kind, (proc, log) in procs.items():
         proc.wait()
