@@ -81,7 +81,7 @@ def make_base(kind: str, base: Path, shape: dict) -> dict:
     return {"params": sum(int(np.prod(w.shape)) for w in weights.values())}
 
 
-def one(kind: str, work: Path, quick: bool) -> dict:
+def one(kind: str, work: Path, quick: bool, wait_for: Path | None) -> dict:
     import dataclasses
 
     import mlx.core as mx
@@ -119,6 +119,8 @@ def one(kind: str, work: Path, quick: bool) -> dict:
                trained_tokens=result.trained_tokens,
                tokens_per_second=result.tokens_per_second)
     print("PHASE " + json.dumps(out), flush=True)
+    while wait_for is not None and not wait_for.exists():  # disk: the previous one's files
+        time.sleep(1)
     t0 = time.perf_counter()
     fused = fuse.run(fuse.FusePaths(work / "base", work / "adapters", work / "fused"))
     out["fuse_seconds"] = round(time.perf_counter() - t0, 1)
@@ -150,27 +152,32 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--kinds", default="mistral,qwen2")
     ap.add_argument("--child")
+    ap.add_argument("--wait-for", type=Path)
     args = ap.parse_args()
     if args.child:
         work = args.work / args.child
         try:
-            print("RESULT " + json.dumps(one(args.child, work, args.quick)))
+            print("RESULT " + json.dumps(one(args.child, work, args.quick, args.wait_for)))
         except Exception as exc:  # noqa: BLE001 (reported beside the other architecture)
             print("RESULT " + json.dumps({"kind": args.child, "error": repr(exc)[-2000:]}))
         finally:
             (work / "fused.done").touch()
             shutil.rmtree(work / "fused", ignore_errors=True)  # 7B files: free the disk
             shutil.rmtree(work / "gguf", ignore_errors=True)
+            (work / "finished").touch()
         return
     # One architecture at a time on the GPU, but the next one starts training while the
     # previous one exports on the CPU (disk: a 7B shape is ~15 GB per copy, 64 GB in all).
     procs = {}
     t0 = time.perf_counter()
+    previous = None
     for kind in args.kinds.split(","):
         log = (args.out or args.work) / f"{kind}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, __file__, "--child", kind, "--work", str(args.work)]
         cmd += ["--quick"] * args.quick
+        cmd += ["--wait-for", str(args.work / previous / "finished")] if previous else []
+        previous = kind
         proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
         procs[kind] = (proc, log)
         print(f"{time.perf_counter() - t0:.0f}s: started {kind}", flush=True)
