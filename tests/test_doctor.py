@@ -57,4 +57,5 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path: Path):
 def test_doctor_report_names_the_llama_cpp_build_features():
     report = doctor.run(Path(__file__).resolve().parents[1] / "params.yaml")
     assert "AVX2" in report.facts["llama.cpp build"] or "METAL" in report.facts["llama.cpp build"]
+    assert "convert_hf_to_gguf.py ready" in report.facts["GGUF converter"]  # setup.sh --dev
     assert any(c.name == "llama.cpp build" for c in report.checks)

@@ -47,10 +47,21 @@ def run(params: Path) -> DoctorReport:
         report.facts[name] = _version(name)
     info = llama_system_info()
     report.facts["llama.cpp build"] = ", ".join(compiled_features(info)) if info else "unavailable"
+    report.facts["GGUF converter"] = converter_fact()
     report.checks += [_check_packages(), _check_blas(), check_llama(info, cpu_flags()),
                       _check_embedded(), _check_base(params),
                       _check_remote(params.parent if params.parent != Path("") else Path("."))]
     return report
+
+
+def converter_fact() -> str:
+    """Whether llama.cpp's converter (non-llama architectures, SentencePiece) is installed."""
+    from pipeline.gguf_io import convert
+
+    if convert.ready():
+        return f"llama.cpp convert_hf_to_gguf.py ready in {convert.home()}"
+    return ("built-in writer only; llama.cpp's converter installs on the first export that needs "
+            f"it (CPU torch, ~900 MB) into {convert.home()}")
 
 
 def _version(name: str) -> str:
