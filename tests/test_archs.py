@@ -113,3 +113,32 @@ def test_gemma2_batch_answers_equal_one_by_one_answers(tmp_path):
     alone = [mlx_model.greedy_answer(model, tokenizer, c, max_tokens=8) for c in conversations]
     assert [b["answer"] for b in batch] == [a["answer"] for a in alone]
     assert all(b["finish_reason"] == "stop" for b in batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_gguf_logits_equal_mlx_logits_with_attention_at_full_strength(kind, tmp_path):
+    # The stop-taught models above damp attention; here plain random weights make rotary
+    # order, norms, biases and scaling count: llama.cpp's logits must match MLX's at every
+    # position of a chat prompt (F16 weights: a small rounding difference).
+    import mlx.core as mx
+    import numpy as np
+
+    from pipeline.gguf_io import convert
+    from pipeline.gguf_io import proof as gguf_proof
+
+    model_dir = make_tiny_arch(kind, tmp_path / kind, seed=1, teach=False)
+    model, tokenizer = mlx_model.load(model_dir, backend_dtype=False)
+    messages = [{"role": "user", "content": "How do I create an index in PostgreSQL? " * 4}]
+    ids = mlx_model.prompt_ids(tokenizer, messages)
+    expected = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    out = tmp_path / "m.gguf"
+    convert.write_f16(model_dir, out, {"name": "t", "license": None, "base": {"name": "t"},
+                                       "tuneline": {}})
+    llm = gguf_proof.load_llama(out, n_ctx=256, seed=0)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    llm.close()
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() < 0.02 * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95

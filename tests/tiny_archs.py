@@ -1,6 +1,6 @@
 """Tiny random models of the architectures people tune, built in code: no downloads.
 
-    make_tiny_arch("qwen2", out)   # also: llama-spm, mistral, llama3, qwen3, gemma2, phi3
+    make_tiny_arch("qwen2", out)   # also: llama-spm, mistral, llama3, llama3.1, qwen3, gemma2, phi3
 
 Each directory loads in `mlx_lm.load` and carries what the Hub's models carry: config.json with
 `architectures`, model.safetensors (float32, Hugging Face names), a tokenizer trained here with
@@ -99,6 +99,13 @@ ARCHS: dict[str, dict[str, Any]] = {
                "specials": ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                             "<|end_header_id|>", "<|eot_id|>"),
                "template": LLAMA3, "add_bos": False},
+    # Llama 3.1 / 3.2: Llama 3's tokenizer plus rope_scaling (rope_type llama3), which the
+    # built-in writer leaves to llama.cpp's converter (it writes the rope_freqs tensor).
+    "llama3.1": {"model_type": "llama", "arch": "LlamaForCausalLM", "tok": "bpe",
+                 "split": LLAMA3_SPLIT, "bos": "<|begin_of_text|>", "eos": "<|eot_id|>",
+                 "specials": ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                              "<|end_header_id|>", "<|eot_id|>"),
+                 "template": LLAMA3, "add_bos": False},
     "qwen2": {"model_type": "qwen2", "arch": "Qwen2ForCausalLM", "tok": "bpe",
               "split": QWEN2_SPLIT, "specials": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
               "bos": None, "eos": "<|im_end|>", "template": CHATML, "add_bos": False},
@@ -217,6 +224,10 @@ def arch_config(kind: str, n_vocab: int, tok: Any) -> dict[str, Any]:
     }
     if kind == "qwen2":
         config["rope_theta"] = 1000000.0
+    if kind == "llama3.1":  # short original context, so the scaling reaches these dimensions
+        config.update(rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     if kind == "gemma2":
         config.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
@@ -285,8 +296,9 @@ def teach_stop(weights: dict[str, np.ndarray], config: dict[str, Any], chain: li
             w[:] = -0.95  # the norm multiplies by 1 + weight
 
 
-def make_tiny_arch(kind: str, out: Path | str, seed: int = 0) -> Path:
-    """Write a tiny `kind` model that answers every chat prompt with a few tokens, then stops."""
+def make_tiny_arch(kind: str, out: Path | str, seed: int = 0, teach: bool = True) -> Path:
+    """Write a tiny `kind` model that answers every chat prompt with a few tokens, then stops
+    (`teach=False`: plain random weights, attention at full strength, for logit comparisons)."""
     import mlx.core as mx
 
     from pipeline.training import model as mlx_model
@@ -306,7 +318,8 @@ def make_tiny_arch(kind: str, out: Path | str, seed: int = 0) -> Path:
     answer = [i for i in dict.fromkeys(tok.encode("Use CREATE INDEX now").ids)
               if i not in (prompt[-1], config["eos_token_id"]) and not
               tok.id_to_token(i).startswith("<")][:4]
-    teach_stop(weights, config, [prompt[-1], *answer, config["eos_token_id"]], seed)
+    if teach:
+        teach_stop(weights, config, [prompt[-1], *answer, config["eos_token_id"]], seed)
     mx.save_safetensors(str(out / "model.safetensors"),
                         {k: mx.array(v) for k, v in weights.items()}, metadata={"format": "mlx"})
     return out
