@@ -345,7 +345,10 @@ def write_modelfile(out: Path, gguf_name: str, model_dir: Path, cfg: ExportConfi
     """Modelfile with a TEMPLATE checked against the chat template on probe conversations
     (pipeline/gguf_io/ollama.py); with `adapter` also Modelfile.adapter: the F16 base plus
     Ollama's ADAPTER (the LoRA GGUF)."""
-    lines, result = ollama.modelfile_lines(gguf_name, cfg.name, chat_renderer(model_dir),
+    # Ollama's llama.cpp adds a BOS where the GGUF says so: then the TEMPLATE must not.
+    meta = gguf_file.metadata(gguf_file.read(out / gguf_name), "tokenizer.ggml.add_bos_token")
+    render = chat_renderer(model_dir, bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+    lines, result = ollama.modelfile_lines(gguf_name, cfg.name, render,
                                            end_of_turn_tokens(model_dir), cfg.system_prompt)
     if adapter:
         lines.insert(1, f"# LoRA route (base once, a few MB per fine-tune): ollama create "
@@ -360,9 +363,10 @@ def write_modelfile(out: Path, gguf_name: str, model_dir: Path, cfg: ExportConfi
     return result
 
 
-def chat_renderer(model_dir: Path) -> Any:
+def chat_renderer(model_dir: Path, add_bos: bool | None = None) -> Any:
     """Render a conversation as runtimes do: the chat template (system turn merged where it
-    refuses one, like training), minus the leading BOS the tokenizer adds itself."""
+    refuses one, like training), minus a leading BOS that tokenization adds itself (`add_bos`:
+    the GGUF's flag; None: tokenizer_config.json's)."""
     from pipeline.training import model as mlx_model
 
     template = gguf_tokenizer.chat_template(model_dir) or ""
@@ -372,7 +376,8 @@ def chat_renderer(model_dir: Path) -> Any:
         value = tok_config.get(key) or ""
         return value.get("content", "") if isinstance(value, dict) else value
 
-    bos, eos, add_bos = text("bos_token"), text("eos_token"), tok_config.get("add_bos_token")
+    bos, eos = text("bos_token"), text("eos_token")
+    add_bos = tok_config.get("add_bos_token") if add_bos is None else add_bos
 
     def raw(messages: Any) -> str:
         return ollama.render_chat(template, messages, bos, eos)
