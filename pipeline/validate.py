@@ -68,6 +68,7 @@ class Severity:
     duplicate_question: Level
     leakage: Level
     token_length: Level
+    preference_pairs: Level
 
 
 @dataclass(frozen=True)
@@ -153,12 +154,16 @@ def run(cfg: ValidateConfig, paths: ValidatePaths, *, max_seq_length: int,
     checks nothing for leakage."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     files = inputs(paths.inputs, cfg.splits)
+    pair_files = _pair_files(paths.inputs, files, cfg.splits)
+    files = [f for f in files if f[0] not in pair_files]
     tokenizer, docs = paths.tokenizer, paths.docs
     tokenizer_file = _tokenizer_file(tokenizer)
     severity = asdict(cfg.severity)
     parts = [_validate([(f, present) for f, present, c in files if c == curated], curated, cfg,
                        severity, max_seq_length, tokenizer_file, docs, leak)
              for curated in (True, False) if any(c == curated for *_, c in files)]
+    if pair_files and severity["preference_pairs"] != "off":
+        parts.append(_validate_pairs(pair_files, severity, docs))
     findings = sorted((f for part in parts for f in part[1]), key=_order)
     report = Report(rows=sum(part[0] for part in parts),
                     findings=findings, checks=_summary(severity, findings, tokenizer_file),
@@ -185,6 +190,32 @@ def _validate(files: list[tuple[Path, bool]], curated: bool, cfg: ValidateConfig
             data.lines = leakage.add_columns(data.lines, leak)
     results = _run_gx(suites.build(severity, settings), data, docs)
     return int(data.files["rows"].sum()), _findings(results, data, settings), _layouts(data)
+
+
+def _pair_files(args: list[Path], files: list[tuple[Path, bool, bool]],
+                splits: tuple[str, ...]) -> list[Path]:
+    """Preference pairs: a dataset folder's preference/{split}.jsonl, and file arguments whose
+    first row has chosen and rejected (validation/pairs.py)."""
+    from validation.pairs import is_pair_file
+
+    found = [d / "preference" / f"{name}.jsonl" for d in args if d.is_dir() for name in splits
+             if (d / "preference" / f"{name}.jsonl").is_file()]
+    return found + [f for f, present, curated in files
+                    if present and not curated and is_pair_file(f)]
+
+
+def _validate_pairs(files: list[Path], severity: dict[str, str], docs: Path | None
+                    ) -> tuple[int, list[Finding], dict[str, str]]:
+    from validation import frames, suites
+    from validation import pairs as pair_frame
+
+    settings = suites.Settings((), 0, 0, 0, None, False)
+    only = {k: (v if k == "preference_pairs" else "off") for k, v in severity.items()}
+    empty = frames.pd.DataFrame()
+    data = frames.Frames(empty, empty, empty, pairs=pair_frame.frame(files))
+    results = _run_gx(suites.build(only, settings), data, docs)
+    return len(data.pairs), _findings(results, data, settings), {
+        str(f): "preference" for f in files}
 
 
 def _layouts(data: Any) -> dict[str, str]:
@@ -327,7 +358,7 @@ def _summary(severity: dict[str, str], findings: list[Finding],
 
 _LAYOUT_NAMES = {"chat": "chat (messages)", "completions": "completions (prompt/completion)",
                  "sharegpt": "ShareGPT (conversations)", "alpaca": "alpaca (instruction/output)",
-                 "unknown": "no known"}
+                 "unknown": "no known", "preference": "preference pairs (prompt/chosen/rejected)"}
 
 
 def render(report: Report, limit: int = 50) -> str:

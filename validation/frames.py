@@ -17,7 +17,7 @@ lines, so a finding points at what an editor shows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class Frames:
     files: pd.DataFrame
     lines: pd.DataFrame
     messages: pd.DataFrame
+    pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # validation/pairs.py
 
 
 BOOLEAN = ("utf8", "blank", "is_object", "present", "has_text")

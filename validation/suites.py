@@ -16,6 +16,7 @@ import great_expectations as gx
 
 from pipeline.rows.formats import EXPECTED, LAYOUTS
 from validation import expectations as custom  # registers the custom expectations first
+from validation import pairs as pair_frame
 from validation import patterns
 from validation.frames import TRAINING_FORMATS
 
@@ -244,6 +245,12 @@ CHECKS: tuple[Check, ...] = (
                        "split) or drop one (data/corrections.jsonl)"),
     Check("token_length", "lines", "rows fit train.max_seq_length tokens (base tokenizer)",
           _token_expectations, _describe_tokens),
+    # validation/pairs.py: data/dataset/preference/*.jsonl and TRL preference files.
+    Check("preference_pairs", "pairs", "preference pairs: both sides, chosen != rejected, prompt "
+          "ends with a user turn, rejected not a truncated copy of chosen",
+          lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(column=flag, value_set=[True])
+                     for flag in pair_frame.FLAGS],
+          pair_frame.describe),
 )
 CHECK_NAMES = tuple(c.name for c in CHECKS)
 
@@ -263,7 +270,7 @@ def _json_problem(raw: str) -> str:
 
 def build(severity: dict[str, str], settings: Settings) -> dict[str, gx.ExpectationSuite]:
     """One suite per frame, with the checks whose severity is not `off`."""
-    chosen: dict[str, list[Any]] = {"files": [], "lines": [], "messages": []}
+    chosen: dict[str, list[Any]] = {"files": [], "lines": [], "messages": [], "pairs": []}
     for check in CHECKS:
         level = severity.get(check.name, "off")
         if level == "off":
