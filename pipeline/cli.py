@@ -237,8 +237,13 @@ def train(
     curve: Annotated[Path, typer.Option(help="reports/train_loss.tsv")],
     live: Annotated[Path | None, typer.Option(
         help="DVCLive folder updated while training (dvc exp show, dvc plots show)")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        help="each pair's reference log-probs (objective dpo; empty otherwise)")] = None,
+    reference_cache: Annotated[Path | None, typer.Option(
+        help="folder keeping reference log-probs per row between runs")] = None,
 ) -> None:
-    """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset."""
+    """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset
+    (train.objective sft), or on its preference pairs (dpo, orpo)."""
     from pipeline import train as stage
     from pipeline.training import launch
 
@@ -246,10 +251,12 @@ def train(
     cfg, seed = params.load(stage.TrainConfig, "train"), params.base.seed
     if launch.relaunch(params.load(launch.LaunchConfig, "launch")):
         return  # the ranks ran this command under mlx.launch; rank 0 wrote the outputs
-    result = stage.run(cfg, stage.TrainPaths(model, data, adapters, metrics, curve, live=live),
-                       seed=seed)
+    result = stage.run(cfg, stage.TrainPaths(model, data, adapters, metrics, curve, live=live,
+                                             reference=reference,
+                                             reference_cache=reference_cache), seed=seed)
     launch.mark_done()
-    typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f} -> {adapters}")
+    typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f}; kept step "
+               f"{result.kept_iteration} ({cfg.keep}) -> {adapters}")
 
 
 @app.command()

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import UserError
+from pipeline.rows import correction_pairs, formats, neardup, pairs
 from pipeline.rows import corrections as corr_mod
-from pipeline.rows import formats, neardup, pairs
 from pipeline.rows.formats import Conversation
 from pipeline.rows.jsonl import atomic_dir, iter_jsonl_numbered, paused_gc, write_json, write_jsonl
 from validation import patterns
@@ -91,7 +91,7 @@ def _run(cfg: CurateConfig, paths: CuratePaths, held_out: tuple[str, ...]) -> Cu
     imported = [c for f in files if f not in pair_files for c in formats.read_import(f)]
     rows = _index(generated + imported)
     corrections = corr_mod.load(paths.corrections)
-    found, no_pair = pairs.candidates(rows, corrections, str(paths.corrections))
+    found, no_pair = correction_pairs.candidates(rows, corrections, str(paths.corrections))
     rows, applied = corr_mod.apply(rows, questions, corrections, str(paths.corrections))
     bad: list[dict[str, Any]] = []
     if cfg.drop_bad_generated:
@@ -101,7 +101,7 @@ def _run(cfg: CurateConfig, paths: CuratePaths, held_out: tuple[str, ...]) -> Cu
     if cfg.system_prompt is not None:
         kept = [_with_system(c, cfg.system_prompt) for c in kept]
     splits, moved = split(kept, cfg, family, {h["id"] for h in held})
-    prefs, pref_report = pairs.by_split(splits, found, [p for f in pair_files
+    prefs, pref_report = correction_pairs.by_split(splits, found, [p for f in pair_files
                                                         for p in pairs.read(f)],
                                         _pair_placer(splits, cfg))
     with atomic_dir(paths.out) as tmp:  # the three splits as one unit: a kill never mixes runs

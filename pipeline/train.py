@@ -33,6 +33,7 @@ from pipeline.rows.jsonl import (
     write_metrics,
     write_text,
 )
+from pipeline.training import best, preference
 from pipeline.training import metrics as train_metrics
 from pipeline.training.model import encode_chat, masked_loss
 
@@ -72,6 +73,10 @@ class TrainConfig:
     pack: bool | Literal["auto"]  # rows end to end in fixed-width sequences (pipeline/training/packing.py)
     pack_width: int  # inputs per packed sequence
     tokens_per_step: int  # packed positions per optimizer step (all processes together)
+    objective: Literal["sft", "dpo", "orpo"]  # dpo/orpo: on data/preference pairs (training/preference.py)
+    beta: float  # dpo: the KL strength beta; orpo: the odds-ratio weight lambda
+    keep: Literal["last", "best_val"]  # the adapter written (pipeline/training/best.py)
+    early_stop_patience: int | None  # stop after this many validations without a new best
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ class TrainPaths:
     curve: Path
     checkpoints: Path = CHECKPOINT_ROOT  # resumable state of unfinished runs, outside DVC outputs
     live: Path | None = None  # DVCLive folder (pipeline/training/metrics.py), rewritten while training
+    reference: Path | None = None  # dpo: each pair's reference log-probs (a DVC output; empty for sft)
+    reference_cache: Path | None = None  # reference log-probs per row across runs (not a DVC output)
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,9 @@ class TrainResult:
     resumed_from: int
     world_size: int
     adapter_sha256: str  # of the trained weights: equal across ranks and reruns with one seed
+    kept_iteration: int  # the step whose weights were written (train.keep)
+    kept_val_loss: float  # their validation loss
+    stopped_early_at: int | None  # train.early_stop_patience ended training at this step
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -249,8 +259,11 @@ def _flat(tree: Any) -> list[tuple[str, Any]]:
 def run_key(cfg: TrainConfig, seed: int, paths: TrainPaths) -> str:
     """Checkpoints are only reused by a run with identical settings, data and base model."""
     digest = hashlib.sha256(json.dumps([asdict(cfg), seed], sort_keys=True).encode())
-    for f in (paths.data / "train.jsonl", paths.data / "valid.jsonl", paths.model / "config.json"):
-        digest.update(f.read_bytes())
+    files = [paths.data / "train.jsonl", paths.data / "valid.jsonl", paths.model / "config.json"]
+    if cfg.objective != "sft":
+        files += [paths.data / "preference" / f"{s}.jsonl" for s in ("train", "valid")]
+    for f in files:
+        digest.update(f.read_bytes() if f.exists() else b"")
     return digest.hexdigest()[:16]
 
 
@@ -376,13 +389,23 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     for weights_file in sorted(paths.model.glob("*.safetensors")):
         check_safetensors(weights_file)  # mlx would stop with a RuntimeError traceback
     model, tokenizer = mlx_model.load(paths.model)
-    train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
-    valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
+    if cfg.objective == "sft":
+        train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
+        valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
+    else:  # pairs, with the reference log-probs of the model before any adapter exists
+        train_set, valid_set = preference.prepare(cfg.objective, model, tokenizer, paths.model,
+                                                  paths.data / "preference", cfg.batch_size,
+                                                  cfg.max_seq_length, paths.reference_cache)
+    if lead and paths.reference is not None:
+        preference.write_reference(paths.reference, {"train": train_set, "valid": valid_set}
+                                   if cfg.objective == "dpo" else {})
     if cfg.pack == "auto":  # recorded resolved: the adapter config says what was done
-        cfg = replace(cfg, pack=packing_wanted(cfg.pack))
+        cfg = replace(cfg, pack=packing_wanted(cfg.pack) and cfg.objective == "sft")
     batches, loss, per_epoch = _batching(cfg, model, train_set, world.size())
     iters = total_iters(cfg, len(train_set), per_epoch)
-    check_settings(cfg, len(model.layers), len(train_set), len(valid_set), iters)
+    check_settings(cfg, len(model.layers), len(train_set),
+                   len(valid_set) if cfg.objective == "sft" else cfg.batch_size, iters)
+    best.check(cfg.keep, cfg.early_stop_patience, len(valid_set))
 
     mx.random.seed(seed)
     apply_adapters(model, cfg)
@@ -395,6 +418,8 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
         load_checkpoint(model, optimizer, ckpt)
     log = MetricsLog(ckpt_dir / "metrics.jsonl", offset=done, write=lead)
     callback = train_metrics.wrap(log, paths.live if lead else None, done)
+    keeper = best.Keeper(cfg.keep, cfg.early_stop_patience, model, ckpt_dir, lead=lead,
+                         offset=done, rows=log.rows)
     if done < iters:
         args = TrainingArgs(
             batch_size=cfg.batch_size, iters=iters - done, val_batches=cfg.val_batches,
@@ -418,16 +443,22 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
         try:
             train(model=model, optimizer=optimizer, train_dataset=train_set,
                   val_dataset=valid_set, args=args, loss=loss,
-                  iterate_batches=checkpointing(batches(seed), cfg.save_every, save, done),
-                  training_callback=callback)
+                  iterate_batches=keeper.stopping(checkpointing(batches(seed), cfg.save_every,
+                                                                save, done)),
+                  training_callback=keeper.wrap(callback))
         finally:
             layer_type.__call__ = layer_call
-    train_metrics.finish(callback)
-
+    keeper.restore(model)  # train.keep: best_val puts the best validation's weights back
     val_loss = evaluate(model, valid_set, cfg.batch_size, cfg.val_batches, cfg.max_seq_length,
-                        loss=loss, iterate_batches=batches(seed))
+                        loss=loss, iterate_batches=batches(seed)) if valid_set else float("nan")
+    last = keeper.stopped_at if keeper.stopped_at is not None else iters
+    kept = keeper.kept(last, val_loss)
+    train_metrics.mark_kept(callback, *kept)
+    train_metrics.finish(callback)
     weights = dict(_flat(model.trainable_parameters()))
     result = _result(log, iters, val_loss, started, done, world.size(), _digest(weights))
+    result = replace(result, kept_iteration=kept[0], kept_val_loss=kept[1],
+                     stopped_early_at=keeper.stopped_at)
     if lead:
         _write_outputs(weights, cfg, len(model.layers), paths, log, result)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -443,6 +474,11 @@ def packing_wanted(pack: bool | str) -> bool:
 def _batching(cfg: TrainConfig, model: Any, train_set: list, world_size: int
               ) -> tuple[Callable[[int], Any], Callable[..., Any], float | None]:
     """(seed -> iterate_batches, loss, steps per epoch or None): packed or padded batches."""
+    if cfg.objective != "sft":
+        if cfg.pack:
+            raise TrainError(f"params.yaml:train.pack: packing is not implemented for objective "
+                             f"{cfg.objective}; set train.pack: false (auto picks false for it)")
+        return preference.batch_iterator, preference.make_loss(cfg.objective, cfg.beta), None
     if not cfg.pack:
         return batch_iterator, masked_loss, None
     from pipeline.training import packing
@@ -482,6 +518,9 @@ def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: 
         resumed_from=done,
         world_size=world_size,
         adapter_sha256=sha,
+        kept_iteration=iters,
+        kept_val_loss=val_loss,
+        stopped_early_at=None,
     )
 
 

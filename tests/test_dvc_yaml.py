@@ -74,6 +74,7 @@ NOT_DEPS = {"pipeline/cli.py", "pipeline/__main__.py", "pipeline/__init__.py"}  
 UNDECLARED_PATHS = {
     ".tuneline/cache/generate": "reply cache, kept outside DVC on purpose",
     ".tuneline/cache/evaluate": "base-model results cache, kept outside DVC on purpose",
+    ".tuneline/cache/reference": "DPO reference log-probs per row, kept outside DVC on purpose",
     "dvc.lock": "DVC's own record; a stage cannot depend on it",
 }
 

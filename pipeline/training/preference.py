@@ -255,3 +255,38 @@ def write_reference(path: Path, splits: dict[str, Sequence[PairRow]]) -> None:
     write_jsonl(path, [{"id": r.id, "split": name, "chosen": round(r.ref[0], 5),
                         "rejected": round(r.ref[1], 5)}
                        for name, rows in splits.items() for r in rows])
+
+
+def prepare(objective: str, model: Any, tokenizer: Any, model_dir: Path, folder: Path,
+            batch_size: int, max_seq_length: int, cache: Path | None
+            ) -> tuple[list[PairRow], list[PairRow]]:
+    """The train and valid pairs of data/dataset/preference as token rows; for dpo with the
+    reference log-probs of `model` as it is now (call it before the adapter is applied)."""
+    from pipeline.rows import pairs
+
+    sets = []
+    for split in ("train", "valid"):
+        path = folder / f"{split}.jsonl"
+        sets.append(encode_pairs(tokenizer, pairs.read(path)) if path.exists() else [])
+    if len(sets[0]) < batch_size:
+        raise PreferenceError(
+            f"{folder / 'train.jsonl'}: {len(sets[0])} pairs, objective {objective} needs at "
+            f"least train.batch_size={batch_size}: replace more generated answers with "
+            "`tuneline review` (each replacement is a pair), import a preference file into "
+            "data/imports/, or lower train.batch_size")
+    if objective == "dpo":
+        key = model_digest(model_dir)
+        sets = [with_reference(model, rows, batch_size, max_seq_length, key, cache)
+                for rows in sets]
+    return sets[0], sets[1]
+
+
+def accuracy(model: Any, rows: Sequence[PairRow], batch_size: int, max_seq_length: int
+             ) -> dict[str, Any]:
+    """Preference accuracy (share of pairs whose chosen answer has the higher summed
+    log-probability) and the mean margin (chosen minus rejected, nats) under `model`."""
+    if not rows:
+        return {"pairs": 0, "accuracy": None, "mean_margin": None}
+    margins = [c - r for c, r in score(model, rows, batch_size, max_seq_length)]
+    return {"pairs": len(rows), "accuracy": round(sum(m > 0 for m in margins) / len(rows), 4),
+            "mean_margin": round(float(np.mean(margins)), 4)}
