@@ -313,14 +313,17 @@ def evaluate(
     html: Annotated[Path, typer.Option(help="reports/compare.html")],
     cache: Annotated[Path | None, typer.Option(
         help="folder keeping the base model's results between runs (not a DVC output)")] = None,
+    pairs: Annotated[Path | None, typer.Option(
+        help="held-out preference pairs: preference accuracy and margin of base and tuned")] = None,
 ) -> None:
-    """Test loss, perplexity and greedy answers of the base and the tuned model, side by side."""
+    """Test loss, perplexity and greedy answers of the base and the tuned model, side by side;
+    preference accuracy on held-out pairs."""
     from pipeline import evaluate as stage
 
     params = params_of(ctx)
     cfg, seed = params.load(stage.EvalConfig, "evaluate"), params.base.seed
     spec = stage.loss_spec(params.path)
-    paths = stage.EvalPaths(model, adapters, test, metrics, html, cache)
+    paths = stage.EvalPaths(model, adapters, test, metrics, html, cache, pairs)
     result = stage.run(cfg, paths, spec=spec, seed=seed)
     typer.echo(f"test loss base {result.base_loss:.4f} -> tuned {result.tuned_loss:.4f} "
                f"({result.improvement:+.4f}); {result.answers} answers each -> {html}")

@@ -69,6 +69,7 @@ class PublishConfig:
     tags: tuple[str, ...]  # extra tags on the card
     min_improvement: float  # base test_loss - tuned test_loss must be at least this
     require_judge_win_rate: float | None  # null = no judge needed
+    min_preference_accuracy: float | None  # held-out pairs; null = not required
     require_pushed: bool  # outputs are in the default DVC remote
     require_clean_git: bool  # no uncommitted changes, so the card's commit reproduces the model
     card_samples: int  # evaluation samples shown in the card
@@ -283,6 +284,7 @@ def gate(cfg: PublishConfig, paths: PublishPaths, *, stage: bool = False) -> lis
         publish_gate.check_improvement(paths.eval, evaluation, cfg.min_improvement),
         publish_gate.check_gguf(paths.gguf_report, paths.gguf, needed="gguf" in cfg.upload),
         publish_gate.check_judge(paths.eval, evaluation, cfg.require_judge_win_rate),
+        publish_gate.check_preference(paths.eval, evaluation, cfg.min_preference_accuracy),
         publish_gate.check_license(license, source, cfg.allowed_licenses),
         publish_gate.check_artifacts(cfg.upload, paths.adapters, paths.fused, paths.gguf),
         publish_gate.check_git_clean(cfg.require_clean_git and not stage, ignore=own),

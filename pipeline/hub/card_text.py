@@ -165,6 +165,10 @@ def _eval_section(facts: dict[str, Any]) -> str:
     text += "| Metric | Base | Tuned |\n|---|---|---|\n"
     text += "\n".join(f"| {k} | {_cell(ev['base'].get(k, '-'))} | {_cell(ev['tuned'][k])} |"
                       for k in keys) + "\n"
+    if "preference_accuracy" in keys:
+        text += ("\n`preference_accuracy`: share of held-out expert corrections where the model "
+                 "gives the expert's answer a higher log-probability than the generated answer "
+                 "it replaced; `preference_margin`: the mean difference, in nats.\n")
     if ev["judge"]:
         text += "\nLLM judge (tuned vs base): " + ", ".join(
             f"{k} {_cell(v)}" for k, v in ev["judge"].items()) + "\n"

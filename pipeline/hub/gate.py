@@ -116,6 +116,26 @@ def check_judge(path: Path, evaluation: Any, threshold: float | None) -> Check:
     return Check("judge", False, f"{summary}: the judge prefers the tuned model too rarely")
 
 
+def check_preference(path: Path, evaluation: Any, minimum: float | None) -> Check:
+    """publish.min_preference_accuracy: the tuned model prefers the expert's answer over the
+    generated one it replaced on at least this share of the held-out pairs."""
+    if minimum is None:
+        return Check("preference", True, "not required (publish.min_preference_accuracy: null)")
+    accuracy = _number(evaluation, "tuned", "preference_accuracy")
+    if accuracy is None:
+        return Check("preference", False, f"{path} has no tuned.preference_accuracy: the test "
+                     "split has no preference pairs (replace generated answers with `tuneline "
+                     "review`, or import pairs), or set publish.min_preference_accuracy: null")
+    base = _number(evaluation, "base", "preference_accuracy")
+    was = "n/a" if base is None else f"{base:.3f}"
+    summary = (f"preference accuracy tuned {accuracy:.3f} (base {was}; "
+               f"publish.min_preference_accuracy {minimum})")
+    if accuracy >= minimum:
+        return Check("preference", True, summary)
+    return Check("preference", False, f"{summary}: train with train.objective dpo or orpo, or "
+                 "lower publish.min_preference_accuracy")
+
+
 def check_license(license: str | None, source: str, allowed: Iterable[str]) -> Check:
     """`license` of the base model (None = unknown) as found in `source`."""
     if license is None:
