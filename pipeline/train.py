@@ -400,7 +400,7 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
         preference.write_reference(paths.reference, {"train": train_set, "valid": valid_set}
                                    if cfg.objective == "dpo" else {})
     if cfg.pack == "auto":  # recorded resolved: the adapter config says what was done
-        cfg = replace(cfg, pack=packing_wanted(cfg.pack) and cfg.objective == "sft")
+        cfg = replace(cfg, pack=packing_wanted(cfg.pack))
     batches, loss, per_epoch = _batching(cfg, model, train_set, world.size())
     iters = total_iters(cfg, len(train_set), per_epoch)
     check_settings(cfg, len(model.layers), len(train_set),
@@ -474,11 +474,10 @@ def packing_wanted(pack: bool | str) -> bool:
 def _batching(cfg: TrainConfig, model: Any, train_set: list, world_size: int
               ) -> tuple[Callable[[int], Any], Callable[..., Any], float | None]:
     """(seed -> iterate_batches, loss, steps per epoch or None): packed or padded batches."""
-    if cfg.objective != "sft":
-        if cfg.pack:
-            raise TrainError(f"params.yaml:train.pack: packing is not implemented for objective "
-                             f"{cfg.objective}; set train.pack: false (auto picks false for it)")
-        return preference.batch_iterator, preference.make_loss(cfg.objective, cfg.beta), None
+    if cfg.objective != "sft":  # pairs: padded or packed (training/preference_packing.py)
+        from pipeline.training import preference_packing
+
+        return preference_packing.batching(cfg, model, train_set, world_size)
     if not cfg.pack:
         return batch_iterator, masked_loss, None
     from pipeline.training import packing

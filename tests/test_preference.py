@@ -209,3 +209,34 @@ def test_reference_log_probs_are_cached_per_row(tiny, tmp_path):
     assert calls == [1]  # only the new row was scored
     assert [r.ref for r in again[:2]] == [r.ref for r in first]
     assert again[2].ref == pytest.approx(real(model, rows[2:], 1, 512)[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_packed_pairs_give_the_padded_loss_and_gradient(tiny, tiny_model_dir, objective):
+    """Both sides of each pair in one packed sequence, attention kept inside each side: the
+    loss and its gradient are those of padded batches of the same pairs."""
+    from mlx import nn
+    from mlx.utils import tree_flatten
+
+    from pipeline.training import preference_packing as packed
+
+    _, _, rows = tiny
+    model = lora_model(tiny_model_dir)
+    padded = preference.make_loss(objective, 0.5)
+    [one] = list(preference.batch_iterator(0)(rows, 4, 64, loop=False))
+    steps = list(packed.batch_iterator(0, 128, 128 * 4)(rows, 4, 64, loop=False))
+    assert len(steps) == 1 and steps[0][0].shape == (4, 129)  # one shape: 4 x (128 + 1)
+    loss_a, grad_a = nn.value_and_grad(model, padded)(model, *one)
+    loss_b, grad_b = nn.value_and_grad(model, packed.make_loss(objective, 0.5))(model, *steps[0])
+    assert loss_b[0].item() == pytest.approx(loss_a[0].item(), rel=1e-5)
+    assert int(loss_b[1].item()) == 3
+    ga, gb = dict(tree_flatten(grad_a)), dict(tree_flatten(grad_b))
+    for k in ga:
+        assert np.allclose(np.array(ga[k]), np.array(gb[k]), rtol=1e-3, atol=1e-6), k
+
+
+def test_a_pack_too_narrow_for_both_sides_names_the_key():
+    from pipeline.training import preference_packing as packed
+
+    with pytest.raises(preference.PreferenceError, match="pack_width: 100"):
+        packed.check(100, 64)

@@ -53,9 +53,13 @@ def held_out_accuracy(model_dir: Path, data: Path, adapters: Path | None) -> flo
     return preference.accuracy(model, rows, 4, 512)["accuracy"]
 
 
-def test_a_short_dpo_run_raises_held_out_preference_accuracy(tiny_model_dir, tmp_path):
+PACKED = {"pack": True, "pack_width": 128, "max_seq_length": 64, "tokens_per_step": 256}
+
+
+@pytest.mark.parametrize("extra", [{}, PACKED], ids=["padded", "packed"])
+def test_a_short_dpo_run_raises_held_out_preference_accuracy(tiny_model_dir, tmp_path, extra):
     paths = make_paths(tmp_path, tiny_model_dir)
-    result = train.run(params(), paths, seed=0)
+    result = train.run(params(**extra), paths, seed=0)
     base = held_out_accuracy(tiny_model_dir, paths.data, None)
     tuned = held_out_accuracy(tiny_model_dir, paths.data, paths.adapters)
     assert tuned > base, (base, tuned)

@@ -124,18 +124,28 @@ def make_loss(objective: str, beta: float) -> Callable[..., tuple[Any, Any]]:
     def loss(model: Any, tokens: Any, mask: Any, ref: Any, weight: Any, scale: Any):
         logps, counts = sequence_logps(model, tokens, mask)
         b = tokens.shape[0] // 2
-        pc, pr = logps[:b], logps[b:]
-        if objective == "dpo":
-            per = dpo_losses(pc, pr, ref[:b], ref[b:], beta)
-            total = (per * weight).sum() / scale[0]
-        else:
-            mean_c = pc / mx.maximum(counts[:b], 1)
-            mean_r = pr / mx.maximum(counts[b:], 1)
-            per = orpo_losses(mean_c, mean_r, beta)
-            total = -(pc * weight).sum() / scale[1] + (per * weight).sum() / scale[0]
-        return total, weight.sum().astype(mx.int32)
+        return objective_loss(objective, beta, (logps[:b], logps[b:]),
+                              (counts[:b], counts[b:]), ref, weight, scale)
 
     return loss
+
+
+def objective_loss(objective: str, beta: float, logps: tuple[Any, Any], counts: tuple[Any, Any],
+                   ref: Any, weight: Any, scale: Any) -> tuple[Any, Any]:
+    """The step's loss from each pair's summed answer log-probs (chosen, rejected) and their
+    token counts; `ref` is (2b,): the chosen sides' reference log-probs, then the rejected."""
+    import mlx.core as mx
+
+    (pc, pr), b = logps, logps[0].shape[0]
+    if objective == "dpo":
+        per = dpo_losses(pc, pr, ref[:b], ref[b:], beta)
+        total = (per * weight).sum() / scale[0]
+    else:
+        mean_c = pc / mx.maximum(counts[0], 1)
+        mean_r = pr / mx.maximum(counts[1], 1)
+        per = orpo_losses(mean_c, mean_r, beta)
+        total = -(pc * weight).sum() / scale[1] + (per * weight).sum() / scale[0]
+    return total, weight.sum().astype(mx.int32)
 
 
 # --- batches ---------------------------------------------------------------------------------
