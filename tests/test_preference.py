@@ -231,8 +231,8 @@ def test_packed_pairs_give_the_padded_loss_and_gradient(tiny, tiny_model_dir, ob
     assert loss_b[0].item() == pytest.approx(loss_a[0].item(), rel=1e-5)
     assert int(loss_b[1].item()) == 3
     ga, gb = dict(tree_flatten(grad_a)), dict(tree_flatten(grad_b))
-    for k in ga:
-        assert np.allclose(np.array(ga[k]), np.array(gb[k]), rtol=1e-3, atol=1e-6), k
+    for k, value in ga.items():
+        assert np.allclose(np.array(value), np.array(gb[k]), rtol=1e-3, atol=1e-6), k
 
 
 def test_a_pack_too_narrow_for_both_sides_names_the_key():

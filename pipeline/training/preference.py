@@ -115,7 +115,6 @@ def make_loss(objective: str, beta: float) -> Callable[..., tuple[Any, Any]]:
     tokens/mask: (2b, width), chosen rows first; ref: (2b,) reference log-probs; weight: (b,) 1
     for a real pair, 0 for a rank's filler in a short validation batch; scale: (2,) what this
     rank divides by (its share of the step's pairs and of its chosen answer tokens)."""
-    import mlx.core as mx
 
     if objective not in ("dpo", "orpo"):
         raise PreferenceError(f"params.yaml:train.objective: {objective!r} is not a preference "

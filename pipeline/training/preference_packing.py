@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.training import packing
-from pipeline.training import preference
+from pipeline.training import packing, preference
 from pipeline.training.preference import PairRow, PreferenceError, objective_loss
 
 
