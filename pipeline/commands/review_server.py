@@ -109,6 +109,20 @@ def _eval_answers(paths: ServePaths) -> dict[str, dict[str, str]]:
     return out
 
 
+def _pairs(paths: ServePaths) -> dict[str, list[dict]]:
+    """data/dataset/preference/*.jsonl by conversation: what its corrections teach DPO/ORPO."""
+    out: dict[str, list[dict]] = {}
+    for split in review.SPLITS:
+        path = paths.dataset / "preference" / f"{split}.jsonl"
+        for row in read_jsonl(path) if path.exists() else []:
+            if isinstance(row.get("conversation"), str):
+                out.setdefault(row["conversation"], []).append({
+                    "id": row.get("id"), "chosen": row["chosen"][-1]["content"],
+                    "rejected": row["rejected"][-1]["content"],
+                    "generated": (row.get("provenance") or {}).get("generated")})
+    return out
+
+
 def _json(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
@@ -131,6 +145,7 @@ class Sources:
     findings: dict[str, list[dict]]
     answers: dict[str, dict[str, str]]
     plain: dict[str, dict[str, Any]]  # id -> the row as shown without corrections
+    pairs: dict[str, list[dict]]  # conversation id -> its preference pairs (curated)
 
 
 def load_sources(paths: ServePaths) -> Sources:
@@ -142,7 +157,7 @@ def load_sources(paths: ServePaths) -> Sources:
     findings, answers = _findings(paths, places), _eval_answers(paths)
     plain = {rid: _row(conv, curated[rid], None, findings.get(rid, []), answers.get(rid, {}))
              for rid, conv in convs.items()}
-    return Sources(curated, questions, convs, findings, answers, plain)
+    return Sources(curated, questions, convs, findings, answers, plain, _pairs(paths))
 
 
 def build_view(paths: ServePaths, src: Sources | None = None) -> list[dict[str, Any]]:
@@ -160,7 +175,7 @@ def build_view(paths: ServePaths, src: Sources | None = None) -> list[dict[str, 
         else:
             row = _row(conv, src.curated.get(rid), marks.get(rid), src.findings.get(rid, []),
                        src.answers.get(rid, {}))
-        view.append(row)
+        view.append({**row, "pairs": src.pairs.get(rid, [])})
     view += [_dropped(rid, src.curated.get(rid), src.questions, corrs) for rid in applied.dropped]
     # Questions with no conversation: never answered, answer dropped by curate, or restored
     # since the last `dvc repro`. An expert answer written here stands in for a generated one.

@@ -189,6 +189,7 @@ function card(row, i) {
     const models = f === "answer" ? modelAnswers(row) : null;  // next to the reference
     if (models) node.append(models);
   }
+  for (const p of row.pairs || []) node.append(preferencePair(p));
   if (row.more_turns.length) {
     node.append(el("div", { class: "more" }, el("label", { text: "Later turns (edit in data/corrections.jsonl)" }),
       ...row.more_turns.map((t) => el("pre", { text: t }))));
@@ -211,6 +212,16 @@ function modelAnswers(row) {
                                       el("pre", { class: cls, text: text || "" }));
   return el("div", { class: "models" }, side("base", "base-answer", row.base_answer),
             side("tuned", "tuned-answer", row.tuned_answer));
+}
+
+// What curate learned from a replacement (data/dataset/preference): the expert's answer over
+// the generated one it replaced.
+function preferencePair(p) {
+  const side = (who, cls, text) => el("div", {}, el("label", { text: who }),
+                                      el("pre", { class: cls, text }));
+  return el("div", { class: "models pair" },
+            side(`pair ${p.id}: chosen (expert)`, "pair-chosen", p.chosen),
+            side(`rejected (replaced, ${p.generated || "generated"})`, "pair-rejected", p.rejected));
 }
 
 function field(row, name, dropped) {
