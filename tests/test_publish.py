@@ -48,7 +48,8 @@ def _params() -> dict[str, Any]:
             "enabled": True, "repo_id": REPO, "private": True,
             "upload": ["adapter", "fused", "gguf", "modelfile", "card"],
             "license": "auto", "allowed_licenses": ["apache-2.0", "mit"], "tags": ["postgres"],
-            "min_improvement": 0.05, "require_judge_win_rate": None, "require_pushed": True,
+            "min_improvement": 0.05, "require_judge_win_rate": None,
+            "min_preference_accuracy": None, "require_pushed": True,
             "require_clean_git": True, "card_samples": 2,
             "dataset": {"enabled": False, "repo_id": None, "private": True, "license": None,
                         "languages": ["en"]},
@@ -224,8 +225,8 @@ def test_dry_run_checks_every_gate_and_says_why_it_did_not_upload(project: Path)
     assert result.dry_run_reasons == ["publish.enabled is false", "HF_TOKEN is not set"]
     report = _report()
     assert [c["name"] for c in report["checks"]] == [
-        "validation", "improvement", "gguf", "judge", "license", "artifacts", "git_clean",
-        "up_to_date", "dvc_pushed"]
+        "validation", "improvement", "gguf", "judge", "preference", "license", "artifacts",
+        "git_clean", "up_to_date", "dvc_pushed"]
     assert all(c["passed"] and c["detail"] for c in report["checks"])
     assert report["dry_run"] is True and report["commit_url"] is None
     files = {f["path"]: f["size"] for f in report["files"]}
@@ -261,6 +262,13 @@ def _break_judge(repo: Path) -> None:
     _write(repo / "reports/eval.json", data)
 
 
+def _break_preference(repo: Path) -> None:
+    _edit_params(repo, min_preference_accuracy=0.6)
+    data = _eval()
+    data["base"]["preference_accuracy"], data["tuned"]["preference_accuracy"] = 0.2, 0.4
+    _write(repo / "reports/eval.json", data)
+
+
 def _break_license(repo: Path) -> None:
     _edit_params(repo, allowed_licenses=["mit"])
 
@@ -270,6 +278,7 @@ BREAKERS = {
     "improvement": (_break_improvement, "improved by 0.0200"),
     "gguf": (_break_gguf, "failed: model-q8_0.gguf"),
     "judge": (_break_judge, "judge win rate 0.400"),
+    "preference": (_break_preference, "preference accuracy tuned 0.400 (base 0.200"),
     "license": (_break_license, "apache-2.0"),
 }
 
