@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.core.errors import UserError
+from pipeline.rows import pairs
 from pipeline.rows.jsonl import (
     atomic_dir,
     atomic_path,
@@ -394,8 +395,9 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
         valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
     else:  # pairs, with the reference log-probs of the model before any adapter exists
         train_set, valid_set = preference.prepare(cfg.objective, model, tokenizer, paths.model,
-                                                  paths.data / "preference", cfg.batch_size,
-                                                  cfg.max_seq_length, paths.reference_cache)
+                                                  paths.data / "preference", pairs.read,
+                                                  cfg.batch_size, cfg.max_seq_length,
+                                                  paths.reference_cache)
     if lead and paths.reference is not None:
         preference.write_reference(paths.reference, {"train": train_set, "valid": valid_set}
                                    if cfg.objective == "dpo" else {})

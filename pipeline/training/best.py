@@ -15,12 +15,11 @@ loop ends with it).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-from pipeline.rows.jsonl import atomic_path
 
 BEST_RE = re.compile(r"^best_(\d{7})\.safetensors$")
 
@@ -64,8 +63,9 @@ class Keeper:
         import mlx.core as mx
 
         path = self.folder / f"best_{step:07d}.safetensors"
-        with atomic_path(path, suffix=".safetensors") as tmp:
-            mx.save_safetensors(str(tmp), self.snapshot)
+        tmp = path.with_name(f".{path.stem}.tmp.safetensors")  # renamed once complete
+        mx.save_safetensors(str(tmp), self.snapshot)
+        os.replace(tmp, path)
 
     def _load(self, step: int) -> None:
         import mlx.core as mx

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import UserError
-from pipeline.rows.jsonl import read_jsonl, write_jsonl
 
 OBJECTIVES = ("sft", "dpo", "orpo")
 Side = tuple[list[int], list[int]]  # token ids, 0/1 mask of the answer's tokens
@@ -65,16 +66,10 @@ def encode_answer(tokenizer: Any, prompt: Sequence[dict[str, str]], answer: str)
 
 
 def encode_pairs(tokenizer: Any, found: Sequence[Any]) -> list[PairRow]:
-    """pipeline.rows.pairs.Pair objects -> token rows."""
+    """Pairs (`id`, `prompt` messages, `chosen` and `rejected` text, as pipeline/rows/pairs.py
+    reads them) -> token rows."""
     return [PairRow(p.id, encode_answer(tokenizer, p.prompt, p.chosen),
                     encode_answer(tokenizer, p.prompt, p.rejected)) for p in found]
-
-
-def load(folder: Path, split: str, tokenizer: Any) -> list[PairRow]:
-    from pipeline.rows import pairs
-
-    path = folder / f"{split}.jsonl"
-    return encode_pairs(tokenizer, pairs.read(path, source="correction")) if path.exists() else []
 
 
 # --- log-probabilities and losses ------------------------------------------------------------
@@ -246,14 +241,14 @@ def with_reference(model: Any, rows: Sequence[PairRow], batch_size: int, max_seq
     """Rows with their reference log-probs: from `cache` (one JSONL per model) where the same
     row was scored before, computed now (and added to it) otherwise."""
     path = cache / f"{model_key[:24]}.jsonl" if cache is not None else None
-    known = {r["key"]: (r["chosen"], r["rejected"]) for r in read_jsonl(path)} if (
+    known = {r["key"]: (r["chosen"], r["rejected"]) for r in _read_lines(path)} if (
         path is not None and path.exists()) else {}
     keys = [row_key(model_key, r, max_seq_length) for r in rows]
     todo = [r for r, k in zip(rows, keys) if k not in known]
     fresh = dict(zip((row_key(model_key, r, max_seq_length) for r in todo),
                      score(model, todo, batch_size, max_seq_length)))
     if path is not None and fresh:
-        write_jsonl(path, [{"key": k, "chosen": c, "rejected": r}
+        _write_lines(path, [{"key": k, "chosen": c, "rejected": r}
                            for k, (c, r) in sorted({**known, **fresh}.items())])
     values = {**known, **fresh}
     return [PairRow(r.id, r.chosen, r.rejected, tuple(values[k])) for r, k in zip(rows, keys)]
@@ -261,22 +256,21 @@ def with_reference(model: Any, rows: Sequence[PairRow], batch_size: int, max_seq
 
 def write_reference(path: Path, splits: dict[str, Sequence[PairRow]]) -> None:
     """The DVC output: each pair's reference log-probs, per split (empty for sft)."""
-    write_jsonl(path, [{"id": r.id, "split": name, "chosen": round(r.ref[0], 5),
+    _write_lines(path, [{"id": r.id, "split": name, "chosen": round(r.ref[0], 5),
                         "rejected": round(r.ref[1], 5)}
                        for name, rows in splits.items() for r in rows])
 
 
 def prepare(objective: str, model: Any, tokenizer: Any, model_dir: Path, folder: Path,
-            batch_size: int, max_seq_length: int, cache: Path | None
-            ) -> tuple[list[PairRow], list[PairRow]]:
-    """The train and valid pairs of data/dataset/preference as token rows; for dpo with the
-    reference log-probs of `model` as it is now (call it before the adapter is applied)."""
-    from pipeline.rows import pairs
-
+            read: Callable[[Path], Sequence[Any]], batch_size: int, max_seq_length: int,
+            cache: Path | None) -> tuple[list[PairRow], list[PairRow]]:
+    """The train and valid pairs of data/dataset/preference (`read`: pipeline/rows/pairs.py's)
+    as token rows; for dpo with the reference log-probs of `model` as it is now (call it before
+    the adapter is applied)."""
     sets = []
     for split in ("train", "valid"):
         path = folder / f"{split}.jsonl"
-        sets.append(encode_pairs(tokenizer, pairs.read(path)) if path.exists() else [])
+        sets.append(encode_pairs(tokenizer, read(path)) if path.exists() else [])
     if len(sets[0]) < batch_size:
         raise PreferenceError(
             f"{folder / 'train.jsonl'}: {len(sets[0])} pairs, objective {objective} needs at "
@@ -299,3 +293,20 @@ def accuracy(model: Any, rows: Sequence[PairRow], batch_size: int, max_seq_lengt
     margins = [c - r for c, r in score(model, rows, batch_size, max_seq_length)]
     return {"pairs": len(rows), "accuracy": round(sum(m > 0 for m in margins) / len(rows), 4),
             "mean_margin": round(float(np.mean(margins)), 4)}
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _write_lines(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Whole or not at all: a temporary file beside it, renamed into place (a kill mid-write
+    leaves the old file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
