@@ -108,9 +108,10 @@ def lora_dpo(model, rows, args, cfg) -> list[float]:
     data = [{"chosen": r.chosen[0], "rejected": r.rejected[0],
              "chosen_prompt_length": r.chosen[1].index(1),
              "rejected_prompt_length": r.rejected[1].index(1)} for r in rows]
-    if "max_recommended_working_set_size" not in mx.device_info():
-        mx.set_wired_limit = lambda *_: None  # CPU: no wired memory to set
-        dpo_trainer.mx.set_wired_limit = mx.set_wired_limit
+    info = mx.device_info()
+    if "max_recommended_working_set_size" not in info:  # CPU: no wired memory to set
+        mx.device_info = lambda: {**info, "max_recommended_working_set_size": 0}
+        mx.set_wired_limit = lambda *_: None
     targs = dpo_trainer.DPOTrainingArgs(
         batch_size=args.batch, iters=args.iters, steps_per_report=2, steps_per_eval=10**6,
         steps_per_save=10**6, max_seq_length=args.max_seq, beta=0.1,
@@ -138,6 +139,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode:
         return child(args)
+    from pipeline.training import accel
+
+    accel.prefer_fast_blas()  # OpenBLAS preloaded (the CLI does the same): 40x the wheel's BLAS
+    print(f"# BLAS: {accel.blas_in_use()}", flush=True)
     for _ in range(args.rounds):
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--mode", mode, *sys.argv[1:]]
