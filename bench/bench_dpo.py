@@ -51,6 +51,11 @@ def child(args: argparse.Namespace) -> None:
     if args.device == "gpu":
         mx.set_default_device(mx.gpu)
     cfg = config.load(train.TrainConfig, "train", ROOT / "params.yaml")
+    if not (Path(args.model) / "model.safetensors").exists():  # a shape only: random weights
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_train_gpu import ensure_weights
+
+        ensure_weights(Path(args.model))
     model, tokenizer = mlx_model.load(Path(args.model))
     pairs = pairs_from(Path(args.data), args.pairs)
     rows = preference.encode_pairs(tokenizer, pairs)
