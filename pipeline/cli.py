@@ -34,7 +34,10 @@ def options(
         config.PARAMS_FILE),
 ) -> None:
     """Turn a list of questions into a fine-tuned, versioned, shareable LLM (DVC + mlx-lm)."""
+    from pipeline.core import model_source
+
     ctx.obj = Params(params)
+    model_source.offline_for_params(params)  # the embedded default never asks the network
 
 
 @app.command("base-model")
@@ -64,9 +67,9 @@ def generate(
     from pipeline.llm import clients as llm
 
     params = params_of(ctx)
-    cfg, base_cfg = params.load(stage.GenerateConfig, "generate"), params.base
+    cfg, seed, model = params.load(stage.GenerateConfig, "generate"), params.base.seed, params.base.model
     paths = stage.GeneratePaths(questions, out, metrics, cache)
-    r = stage.run(cfg, paths, seed=base_cfg.seed, base=llm.BaseModel(base_cfg.model, base_model))
+    r = stage.run(cfg, paths, seed=seed, base=llm.BaseModel(model, base_model))
     typer.echo(f"{r.questions} questions: {r.generated} generated, {r.reused} reused, "
                f"{len(r.failed)} failed; {r.requests} requests in {r.wall_s:.1f} s -> {out}")
 
