@@ -42,7 +42,8 @@ F16, Q8 = b"GGUF" + SAFE, b"GGUF" + SAFE[:1000]
 
 def _params() -> dict[str, Any]:
     return {
-        "base": {"seed": 0, "model": "embedded"},
+        "base": {"seed": 0, "model": "embedded", "revision": None, "quantize": None,
+                 "quantize_group_size": 64},
         "train": {"fine_tune_type": "lora", "rank": 8, "iters": 40, "learning_rate": 2.0e-4},
         "publish": {
             "enabled": True, "repo_id": REPO, "private": True,
