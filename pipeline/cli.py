@@ -416,6 +416,25 @@ def publish(
 
 
 @app.command()
+def plan(
+    ctx: typer.Context,
+    model: Annotated[Path | None, typer.Option(
+        help="model folder whose config.json to read (default: models/base, else base.model)")] = None,
+    memory: Annotated[float | None, typer.Option(
+        help="plan for this many GiB instead of this machine's memory")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="cpu (float32) or gpu (bf16, packed); default: this machine's")] = None,
+) -> None:
+    """What fits, before training: parameters, predicted peak memory, the knobs that help."""
+    from pipeline.commands import plan as stage
+
+    result = stage.run(params_of(ctx).path, model, memory, device)
+    typer.echo(stage.render(result))
+    if not result.fits:
+        raise typer.Exit(1)
+
+
+@app.command()
 def doctor(ctx: typer.Context) -> None:
     """Say what this machine runs on (MLX device, BLAS, dtype), what is missing, how to fix it."""
     from pipeline.commands import doctor as stage

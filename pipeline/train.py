@@ -72,6 +72,7 @@ class TrainConfig:
     pack: bool | Literal["auto"]  # rows end to end in fixed-width sequences (pipeline/training/packing.py)
     pack_width: int  # inputs per packed sequence
     tokens_per_step: int  # packed positions per optimizer step (all processes together)
+    force: bool  # train even if predicted not to fit memory, or a quantized base on a CPU is slow
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,25 @@ def check_settings(cfg: TrainConfig, n_layers: int, n_train: int, n_valid: int,
     if cfg.weight_decay and cfg.optimizer != "adamw":
         raise TrainError(f"{where}.weight_decay: only used by optimizer adamw, "
                          f"got optimizer {cfg.optimizer}; set weight_decay: 0.0")
+
+
+def check_fit(cfg: TrainConfig, model_dir: Path, train_set: list, world_size: int,
+              iters: int) -> None:
+    """Refuse, with the numbers, a run predicted not to fit memory or to take hours on a CPU
+    with a quantized base (pipeline/training/fit.py; `tuneline plan` explains)."""
+    from pipeline.training import accel, fit
+
+    config = json.loads((model_dir / "config.json").read_text())
+    try:
+        shape = fit.Shape.from_config(config)
+    except KeyError as exc:
+        print(f"memory check skipped: {model_dir}/config.json has no {exc} (not a llama shape)")
+        return
+    longest = max((len(tokens) for tokens, _ in train_set), default=1)
+    run = fit.run_for(cfg, config, 4 if accel.compute_dtype() == "float32" else 2, world_size,
+                      longest)
+    fit.check_cpu_quantized(shape, run, iters, "params.yaml:train", cfg.force)
+    fit.check_memory(shape, run, fit.device_memory()[0], "params.yaml:train", cfg.force)
 
 
 def lora_parameters(cfg: TrainConfig) -> dict[str, Any]:
@@ -383,6 +403,7 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     batches, loss, per_epoch = _batching(cfg, model, train_set, world.size())
     iters = total_iters(cfg, len(train_set), per_epoch)
     check_settings(cfg, len(model.layers), len(train_set), len(valid_set), iters)
+    check_fit(cfg, paths.model, train_set, world.size(), iters)
 
     mx.random.seed(seed)
     apply_adapters(model, cfg)
