@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.core import config
+from pipeline.core import config, model_source
 from pipeline.core.cli_support import (
     Params,
     TunelineGroup,
@@ -34,10 +34,8 @@ def options(
         config.PARAMS_FILE),
 ) -> None:
     """Turn a list of questions into a fine-tuned, versioned, shareable LLM (DVC + mlx-lm)."""
-    from pipeline.core import model_source
-
     ctx.obj = Params(params)
-    model_source.offline_for_params(params)  # the embedded default never asks the network
+    model_source.offline_for_params(params)  # the embedded default and local paths: no network
 
 
 @app.command("base-model")
@@ -418,20 +416,16 @@ def publish(
 @app.command()
 def plan(
     ctx: typer.Context,
-    model: Annotated[Path | None, typer.Option(
-        help="model folder whose config.json to read (default: models/base, else base.model)")] = None,
-    memory: Annotated[float | None, typer.Option(
-        help="plan for this many GiB instead of this machine's memory")] = None,
-    device: Annotated[str | None, typer.Option(
-        help="cpu (float32) or gpu (bf16, packed); default: this machine's")] = None,
+    model: Annotated[Path | None, typer.Option(help="folder with config.json")] = None,
+    memory: Annotated[float | None, typer.Option(help="GiB to plan for (not this machine's)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu (float32) or gpu (bf16, packed)")] = None,
 ) -> None:
     """What fits, before training: parameters, predicted peak memory, the knobs that help."""
     from pipeline.commands import plan as stage
 
     result = stage.run(params_of(ctx).path, model, memory, device)
     typer.echo(stage.render(result))
-    if not result.fits:
-        raise typer.Exit(1)
+    raise typer.Exit(0 if result.fits else 1)
 
 
 @app.command()

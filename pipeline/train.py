@@ -188,25 +188,6 @@ def check_settings(cfg: TrainConfig, n_layers: int, n_train: int, n_valid: int,
                          f"got optimizer {cfg.optimizer}; set weight_decay: 0.0")
 
 
-def check_fit(cfg: TrainConfig, model_dir: Path, train_set: list, world_size: int,
-              iters: int) -> None:
-    """Refuse, with the numbers, a run predicted not to fit memory or to take hours on a CPU
-    with a quantized base (pipeline/training/fit.py; `tuneline plan` explains)."""
-    from pipeline.training import accel, fit
-
-    config = json.loads((model_dir / "config.json").read_text())
-    try:
-        shape = fit.Shape.from_config(config)
-    except KeyError as exc:
-        print(f"memory check skipped: {model_dir}/config.json has no {exc} (not a llama shape)")
-        return
-    longest = max((len(tokens) for tokens, _ in train_set), default=1)
-    run = fit.run_for(cfg, config, 4 if accel.compute_dtype() == "float32" else 2, world_size,
-                      longest)
-    fit.check_cpu_quantized(shape, run, iters, "params.yaml:train", cfg.force)
-    fit.check_memory(shape, run, fit.device_memory()[0], "params.yaml:train", cfg.force)
-
-
 def lora_parameters(cfg: TrainConfig) -> dict[str, Any]:
     params: dict[str, Any] = {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout}
     if cfg.keys:
@@ -386,7 +367,7 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
     from pipeline.core import progress
-    from pipeline.training import launch
+    from pipeline.training import fit, launch
     from pipeline.training import model as mlx_model
 
     progress.plain_mlx_console()  # no colour codes in `dvc repro` logs
@@ -403,7 +384,7 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     batches, loss, per_epoch = _batching(cfg, model, train_set, world.size())
     iters = total_iters(cfg, len(train_set), per_epoch)
     check_settings(cfg, len(model.layers), len(train_set), len(valid_set), iters)
-    check_fit(cfg, paths.model, train_set, world.size(), iters)
+    fit.check_train(cfg, paths.model, [len(t) for t, _ in train_set], world.size(), iters)
 
     mx.random.seed(seed)
     apply_adapters(model, cfg)

@@ -30,12 +30,12 @@ GIB = 2**30
 # Measured peaks, bench/README.md: H200 packed NxW (mx.get_peak_memory, GiB), and the embedded
 # model's padded 4-row batches on this CPU (2.97 GB; its widest batch ~480 positions).
 MEASURED = [
-    (LLAMA_7B, dict(sequences=2, seq_len=1024), 25.9 * GIB),
-    (LLAMA_7B, dict(sequences=4, seq_len=1024), 28.7 * GIB),
-    (LLAMA_7B, dict(sequences=12, seq_len=512), 34.8 * GIB),
-    (LLAMA_7B, dict(sequences=8, seq_len=1024), 40.6 * GIB),
-    (LLAMA_7B, dict(sequences=4, seq_len=2048), 42.6 * GIB),
-    (LLAMA_7B, dict(sequences=16, seq_len=1024), 65.1 * GIB),
+    (LLAMA_7B, {"sequences": 2, "seq_len": 1024}, 25.9 * GIB),
+    (LLAMA_7B, {"sequences": 4, "seq_len": 1024}, 28.7 * GIB),
+    (LLAMA_7B, {"sequences": 12, "seq_len": 512}, 34.8 * GIB),
+    (LLAMA_7B, {"sequences": 8, "seq_len": 1024}, 40.6 * GIB),
+    (LLAMA_7B, {"sequences": 4, "seq_len": 2048}, 42.6 * GIB),
+    (LLAMA_7B, {"sequences": 16, "seq_len": 1024}, 65.1 * GIB),
 ]
 
 
@@ -65,8 +65,8 @@ def test_parameter_count_is_the_models_own(tiny_model_dir):
 
 def test_quantize_checkpointing_and_fewer_positions_each_lower_the_estimate():
     base = fit.estimate(LLAMA_7B, BENCH_GPU).total
-    for change in (dict(bits=4), dict(grad_checkpoint=True), dict(sequences=1),
-                   dict(num_layers=4)):
+    for change in ({"bits": 4}, {"grad_checkpoint": True}, {"sequences": 1},
+                   {"num_layers": 4}):
         assert fit.estimate(LLAMA_7B, dataclasses.replace(BENCH_GPU, **change)).total < base
 
 

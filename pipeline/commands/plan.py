@@ -105,20 +105,20 @@ def render(plan: Plan) -> str:
     bits = f"{r.bits}-bit" if r.bits else ("bf16" if r.dtype_bytes == 2 else "float32")
     blocks = plan.shape.layers if r.num_layers == -1 else r.num_layers
     lines = [
-        f"base: {plan.model} ({plan.where}): {e.parameters / 1e9:.2f}B parameters, "
-        f"{plan.shape.layers} blocks, hidden {plan.shape.hidden}",
-        f"run: {r.fine_tune_type} rank {r.rank} on {blocks} blocks of a {bits} base, "
-        f"{r.sequences}x{r.seq_len} positions a step per process, grad_checkpoint "
-        f"{'on' if r.grad_checkpoint else 'off'}",
+        (f"base: {plan.model} ({plan.where}): {e.parameters / 1e9:.2f}B parameters, "
+         f"{plan.shape.layers} blocks, hidden {plan.shape.hidden}"),
+        (f"run: {r.fine_tune_type} rank {r.rank} on {blocks} blocks of a {bits} base, "
+         f"{r.sequences}x{r.seq_len} positions a step per process, grad_checkpoint "
+         f"{'on' if r.grad_checkpoint else 'off'}"),
         f"predicted peak memory: {e.total / gib:.1f} GiB",
         f"  weights           {e.weights / gib:7.2f} GiB",
-        f"  trainable + AdamW {e.trainable / gib:7.2f} GiB ({e.trainable_parameters / 1e6:.1f}M "
-        "trainable)",
+        (f"  trainable + AdamW {e.trainable / gib:7.2f} GiB "
+         f"({e.trainable_parameters / 1e6:.1f}M trainable)"),
         f"  activations       {e.activations / gib:7.2f} GiB",
         f"  attention         {e.attention / gib:7.2f} GiB",
         f"  MLX workspace     {e.cache / gib:7.2f} GiB",
-        f"this machine: {plan.available / gib:.1f} GiB ({plan.memory_source}): "
-        + ("fits" if plan.fits else "does NOT fit"),
+        (f"this machine: {plan.available / gib:.1f} GiB ({plan.memory_source}): "
+         f"{'fits' if plan.fits else 'does NOT fit'}"),
     ]
     lines += [f"  would fit with: {s}" for s in plan.suggestions]
     return "\n".join(lines)

@@ -171,10 +171,11 @@ def suggestions(shape: Shape, run: Run, available: float) -> list[str]:
         tries.append(("base.quantize: 4", replace(run, bits=4)))
     if not run.grad_checkpoint:
         tries.append(("train.grad_checkpoint: true", replace(run, grad_checkpoint=True)))
-    for n in (run.sequences // 2, run.sequences // 4, 1):
+    for n in sorted({run.sequences // 2, run.sequences // 4, 1}, reverse=True):
         if 0 < n < run.sequences:
-            tries.append((f"{n} sequences a step (train.tokens_per_step: {n * run.seq_len} "
-                          f"packed, or train.batch_size: {n})", replace(run, sequences=n)))
+            name = (f"{n} sequences a step (train.tokens_per_step: {n * run.seq_len} packed, "
+                    f"or train.batch_size: {n})")
+            tries.append((name, replace(run, sequences=n)))
     adapted = shape.layers if run.num_layers == -1 else run.num_layers
     if adapted > 4:
         tries.append((f"train.num_layers: {adapted // 2}", replace(run, num_layers=adapted // 2)))
@@ -198,6 +199,26 @@ CPU_QUANTIZED_LIMIT_S = 3600.0  # a quantized base on a CPU predicted slower tha
 
 class FitError(UserError):
     """A run predicted not to fit, or to take hours: the numbers, and the knobs that help."""
+
+
+def check_train(cfg: Any, model_dir: Any, row_lengths: list[int], world_size: int,
+                iters: int) -> None:
+    """The train stage's checks, before the first step: refuse (unless train.force) a run
+    predicted not to fit memory, or to take hours on a CPU with a quantized base."""
+    import json
+
+    from pipeline.training import accel
+
+    config = json.loads((model_dir / "config.json").read_text())
+    try:
+        shape = Shape.from_config(config)
+    except KeyError as exc:
+        print(f"memory check skipped: {model_dir}/config.json has no {exc} (not a llama shape)")
+        return
+    dtype_bytes = 4 if accel.compute_dtype() == "float32" else 2
+    run = run_for(cfg, config, dtype_bytes, world_size, max(row_lengths, default=1))
+    check_cpu_quantized(shape, run, iters, "params.yaml:train", cfg.force)
+    check_memory(shape, run, device_memory()[0], "params.yaml:train", cfg.force)
 
 
 def run_for(cfg: Any, config: dict[str, Any], dtype_bytes: int, world_size: int,
