@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.core import config, model_source
+from pipeline.core import config
 from pipeline.core.cli_support import (
     Params,
     TunelineGroup,
@@ -34,8 +34,9 @@ def options(
         config.PARAMS_FILE),
 ) -> None:
     """Turn a list of questions into a fine-tuned, versioned, shareable LLM (DVC + mlx-lm)."""
+    from pipeline.core.model_source import offline_for_params
     ctx.obj = Params(params)
-    model_source.offline_for_params(params)  # the embedded default and local paths: no network
+    offline_for_params(params)  # the embedded default and local paths never ask the network
 
 
 @app.command("base-model")
@@ -415,17 +416,15 @@ def publish(
 
 
 @app.command()
-def plan(
-    ctx: typer.Context,
-    model: Annotated[Path | None, typer.Option(help="folder with config.json")] = None,
-    memory: Annotated[float | None, typer.Option(help="GiB to plan for (not this machine's)")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu (float32) or gpu (bf16, packed)")] = None,
-) -> None:
+def plan(ctx: typer.Context,
+         model: Annotated[Path | None, typer.Option(help="folder with config.json")] = None,
+         memory: Annotated[float | None, typer.Option(help="GiB to plan for")] = None,
+         device: Annotated[str | None, typer.Option(help="cpu (float32) | gpu (bf16)")] = None,
+         ) -> None:
     """What fits, before training: parameters, predicted peak memory, the knobs that help."""
     from pipeline.commands import plan as stage
 
-    result = stage.run(params_of(ctx).path, model, memory, device)
-    typer.echo(stage.render(result))
+    typer.echo(stage.render(result := stage.run(params_of(ctx).path, model, memory, device)))
     raise typer.Exit(0 if result.fits else 1)
 
 

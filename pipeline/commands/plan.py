@@ -48,11 +48,10 @@ class Plan:
 
 def run(params: Path, model_dir: Path | None, memory_gib: float | None,
         device: str | None) -> Plan:
-    from pipeline.train import TrainConfig
     from pipeline.training import launch
 
     base = params_config.load(params_config.BaseConfig, "base", params)
-    train = params_config.load(TrainConfig, "train", params)
+    train = params_config.load_keys(fit.TrainKnobs, "train", params)
     world = params_config.load(launch.LaunchConfig, "launch", params).processes
     config, where = base_config(base.model, model_dir)
     gpu = _on_gpu() if device is None else device == "gpu"

@@ -197,6 +197,23 @@ def suggestions(shape: Shape, run: Run, available: float) -> list[str]:
 CPU_QUANTIZED_LIMIT_S = 3600.0  # a quantized base on a CPU predicted slower than this is refused
 
 
+@dataclass(frozen=True)
+class TrainKnobs:
+    """The `train` keys the plan reads (config.load_keys), the stage's own TrainConfig has them."""
+
+    fine_tune_type: str
+    num_layers: int
+    rank: int
+    keys: tuple[str, ...]
+    optimizer: str
+    batch_size: int
+    grad_checkpoint: bool
+    max_seq_length: int
+    pack: bool | str
+    pack_width: int
+    tokens_per_step: int
+
+
 class FitError(UserError):
     """A run predicted not to fit, or to take hours: the numbers, and the knobs that help."""
 
