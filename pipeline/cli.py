@@ -47,9 +47,10 @@ def base_model(
     """Convert `base.model` (embedded GGUF, .gguf, directory or HF id) into an mlx-lm model."""
     from pipeline import base_model as stage
 
-    # The whole section is checked (an unknown key fails), only base.model is read: base.seed
-    # does not change the base model.
-    result = stage.run(stage.SourceConfig(params_of(ctx).base.model), stage.BasePaths(out))
+    params = params_of(ctx)  # the whole base section is checked; base.seed is not read
+    cfg = stage.SourceConfig(params.base.model, params.base.revision, params.base.quantize,
+                             params.base.quantize_group_size)
+    result = stage.run(cfg, stage.BasePaths(out))
     typer.echo(f"base model ({result.kind}) {result.source} -> {result.out}")
 
 
@@ -419,8 +420,7 @@ def publish(
 def plan(ctx: typer.Context,
          model: Annotated[Path | None, typer.Option(help="folder with config.json")] = None,
          memory: Annotated[float | None, typer.Option(help="GiB to plan for")] = None,
-         device: Annotated[str | None, typer.Option(help="cpu (float32) | gpu (bf16)")] = None,
-         ) -> None:
+         device: Annotated[str | None, typer.Option(help="cpu (f32) | gpu (bf16)")] = None) -> None:
     """What fits, before training: parameters, predicted peak memory, the knobs that help."""
     from pipeline.commands import plan as stage
 
