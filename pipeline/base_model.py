@@ -82,7 +82,9 @@ def run(cfg: SourceConfig, paths: BasePaths) -> BaseResult:
             _copy_hf_dir(Path(source), tmp)
         else:
             provenance.update(_fetch(source, cfg.revision, tmp))
-        provenance["quantized"] = _quantize(tmp, cfg) if cfg.quantize else _quantized_as(tmp)
+        quantized = _quantize(tmp, cfg) if cfg.quantize else _quantized_as(tmp)
+        if quantized is not None:  # absent otherwise: an unchanged base keeps its DVC hash
+            provenance["quantized"] = quantized
         (tmp / "tuneline.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return BaseResult(source=str(source), kind=kind, out=out)
 

@@ -151,3 +151,20 @@ def test_local_sources_run_offline_and_hub_ids_do_not():
 
 def _model_dir(tmp_path: Path) -> Path:
     return make_tiny_llama(tmp_path / "gated-src", seed=3)
+
+
+def test_plan_reads_only_config_json_of_a_hub_id_before_any_download(hub, tmp_path,
+                                                                      monkeypatch):
+    import yaml
+
+    from pipeline.commands import plan
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["base"]["model"] = REPO
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)  # no models/base here
+    result = plan.run(tmp_path / "params.yaml", None, 64.0, "gpu")
+    assert result.where == f"{REPO} on the Hub (config.json)" and result.shape.layers == 2
+    assert result.fits
+    downloads = [p for m, p in hub.requests if m == "GET" and "/resolve/" in p]
+    assert downloads and all(p.endswith("/config.json") for p in downloads)
