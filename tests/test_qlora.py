@@ -114,3 +114,14 @@ def test_model_card_says_the_base_was_quantized_for_training(answering_q4):
     assert "quantized to 4 bits (group size 32) for training (QLoRA)" in text
     plain = card_text._training_section({**facts, "base": {**base, "quantized": None}})
     assert "QLoRA" not in plain
+
+
+def test_quantize_accepts_only_4_8_or_null_and_names_the_key():
+    from pipeline.core import config
+
+    good = {"seed": 0, "model": "embedded", "revision": None, "quantize": 4,
+            "quantize_group_size": 64}
+    assert config.from_mapping(config.BaseConfig, good, "params.yaml:base").quantize == 4
+    for key, bad in (("quantize", 3), ("quantize_group_size", 48)):
+        with pytest.raises(config.ConfigError, match=f"params.yaml:base.{key}"):
+            config.from_mapping(config.BaseConfig, {**good, key: bad}, "params.yaml:base")
