@@ -6,8 +6,9 @@ The sheet (CSV, UTF-8, opens in any spreadsheet app) has one row per dataset row
 dropped by corrections. Columns you edit:
 - action: `drop` removes the question; clear it on a dropped row to bring the question back
 - question, answer, followup, followup_answer: the conversation (first two turns)
-- a row with an empty id and a question + answer adds a new expert conversation
-Columns for information: id, split, source. The last column, _base, records what was exported;
+- a row with an empty id and a question + answer adds a new expert conversation (its id comes
+  from the question: a second new conversation with the same question is refused, never merged)
+Columns for information: id, split, source (escaped like the text cells, read back exactly). The last column, _base, records what was exported;
 apply compares each cell with it, so only cells you changed become corrections:
 - answer changed -> replace_answer; follow-up changed -> replace_followup (both cells empty
   removes the follow-up); question changed -> add_conversation (the whole row, pinned as expert)
@@ -62,6 +63,16 @@ def unescape_cell(text: str) -> str:
     return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_START) else text
 
 
+def escape_exact(text: str) -> str:
+    """escape_cell for the id and source columns, where apply needs the exact text back: leading
+    spaces are kept (never stripped) and the quote goes in front of them."""
+    return "'" + text if text.lstrip().startswith(FORMULA_START) else text
+
+
+def unescape_exact(text: str) -> str:
+    return text[1:] if text.startswith("'") and text[1:].lstrip().startswith(FORMULA_START) else text
+
+
 def _norm(text: str | None) -> str:
     # Spreadsheet apps turn \n into \r\n inside cells: that is not an edit.
     return (text or "").replace("\r\n", "\n").replace("\r", "\n").strip()
@@ -82,9 +93,12 @@ def export(dataset: Path, corrections: Path, questions: Path, sheet: Path) -> Ex
     dropped = _dropped_rows(corrections, questions)
     rows += dropped
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    # "\r\n" as RFC 4180 has it: the writer then quotes every cell holding a "\r" or a "\n"
+    # (with "\n" it left a lone CR bare, and readers split the row there).
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\r\n")
     writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda r: r["id"]))
+    writer.writerows({**r, "id": escape_exact(r["id"]), "source": escape_exact(r["source"])}
+                     for r in sorted(rows, key=lambda r: r["id"]))
     write_text(sheet, "\ufeff" + buf.getvalue())  # BOM: Excel then reads UTF-8 correctly
     return ExportResult(len(rows), len(dropped))
 
@@ -222,6 +236,7 @@ def save_edits(edits: list[Edit], corrections: Path, dataset: Path,
                          "teammate's git pull?); reload to see the current state, then redo the "
                          "edits that are not there yet")
     lines, result = Lines.read(corrections), ApplyResult()
+    _check_new_conversations(edits, lines, corrections)
     current = _current_answers(dataset) if current is None else current
     for edit in edits:
         cells, base, where = edit.cells, edit.base, edit.where
@@ -266,7 +281,7 @@ def _read_sheet(sheet: Path) -> list[tuple[int, dict[str, str]]]:
             raise ReviewError(f"{sheet}: columns {missing} are missing; keep the exported header "
                               "row (you may reorder columns, not rename them)")
         # Row 1 is the header, as a spreadsheet app numbers it.
-        rows = [(n, {c: _cell(r.get(c)) for c in COLUMNS}) for n, r in enumerate(reader, start=2)]
+        rows = [(n, _cells(r)) for n, r in enumerate(reader, start=2)]
     except csv.Error as exc:
         raise ReviewError(f"{sheet}:{reader.line_num}: not a readable CSV sheet ({exc}); save it "
                           "from the spreadsheet app as CSV UTF-8") from None
@@ -284,8 +299,16 @@ def _decode(sheet: Path) -> str:
             "legacy encoding (Windows 'CSV'): save it as 'CSV UTF-8' and apply again") from None
 
 
+def _cells(raw: dict[str, str | None]) -> dict[str, str]:
+    cells = {c: _cell(raw.get(c)) for c in COLUMNS}
+    rid = unescape_exact(raw.get("id") or "")
+    cells["id"] = rid if rid.strip() else ""  # ids come back exactly as exported
+    return cells
+
+
 def _cell(value: str | None) -> str:
-    return unescape_cell(_norm(value))
+    # Only the app's CRLF is undone: a lone CR in the text stays (digest() ignores the difference).
+    return unescape_cell((value or "").replace("\r\n", "\n").strip())
 
 
 def _check_no_spreadsheet_error(sheet: Path, n: int, cells: dict[str, str],
@@ -408,10 +431,44 @@ def _set_conversation(where: str, cells: dict[str, str], lines: Lines, result: A
         result.changed.append(f"{rid} add_conversation (set)")
 
 
+def new_id(question: str) -> str:
+    """The id of an added conversation: from its question, so applying a sheet again adds nothing
+    new (two conversations with one question are refused, never merged: _check_new_conversations)."""
+    return f"expert-{digest(question)[:10]}"
+
+
+def _check_new_conversations(edits: list[Edit], lines: Lines, corrections: Path) -> None:
+    """A second added conversation with the same question would get the same id and replace the
+    first one's line: refuse it, naming both, before anything is written."""
+    seen: dict[str, str] = {}
+    for edit in edits:
+        cells = edit.cells
+        if cells["id"] or not any(cells[k] for k in EDITABLE):
+            continue
+        rid = new_id(cells["question"])
+        if rid in seen:
+            raise ReviewError(
+                f"{seen[rid]} and {edit.where} both add a conversation with the same question "
+                f"({_short(cells['question'])}); they would share the id {rid} and the second "
+                "would replace the first: merge them into one, or change one question")
+        seen[rid] = edit.where
+        hits = lines._hits(rid, "add_conversation")
+        if hits and lines.rows[hits[-1]].get("messages") != _messages(cells):
+            raise ReviewError(
+                f"{edit.where}: {corrections}:{hits[-1] + 1} already holds a conversation with "
+                f"the same question ({rid}: {_short(cells['question'])}) and other turns; to "
+                "change that one, edit its row (a fresh `tuneline review export`, or the review "
+                "page); to keep both, change this question")
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
 def _new_conversation(where: str, cells: dict[str, str], lines: Lines, result: ApplyResult) -> None:
     if not any(cells[k] for k in EDITABLE):
         return  # an empty line
-    cells = {**cells, "id": f"expert-{digest(cells['question'])[:10]}"}
+    cells = {**cells, "id": new_id(cells["question"])}
     _set_conversation(where, cells, lines, result)
 
 
