@@ -24,13 +24,20 @@ import csv
 import hashlib
 import io
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.commands.review_cells import (
+    SPREADSHEET_ERRORS,
+    escape_cell,
+    escape_exact,
+    unescape_cell,
+    unescape_exact,
+)
+from pipeline.commands.review_lines import Lines
 from pipeline.core.errors import UserError
-from pipeline.rows.jsonl import dumps, read_jsonl, write_text
+from pipeline.rows.jsonl import read_jsonl, write_text
 
 COLUMNS = ("id", "action", "split", "source", "question", "answer", "followup",
            "followup_answer", "_base")
@@ -44,33 +51,6 @@ class ReviewError(UserError):
 
 def digest(text: str) -> str:
     return hashlib.sha256(_norm(text).encode()).hexdigest()[:16]
-
-
-# A cell starting with one of these runs as a formula in spreadsheet apps (CSV injection), and
-# "- item" comes back as #NAME?. Export prefixes such cells (and ones starting with the quote
-# itself) with a quote, which apps show as text; apply removes exactly that quote again.
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
-SPREADSHEET_ERRORS = re.compile(
-    r"#(NAME\?|VALUE!|REF!|DIV/0!|N/A|NUM!|NULL!|ERROR!|SPILL!|CALC!)|Err:\d{3}")
-
-
-def escape_cell(text: str) -> str:
-    stripped = text.lstrip()
-    return "'" + stripped if stripped.startswith(FORMULA_START) else text
-
-
-def unescape_cell(text: str) -> str:
-    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_START) else text
-
-
-def escape_exact(text: str) -> str:
-    """escape_cell for the id and source columns, where apply needs the exact text back: leading
-    spaces are kept (never stripped) and the quote goes in front of them."""
-    return "'" + text if text.lstrip().startswith(FORMULA_START) else text
-
-
-def unescape_exact(text: str) -> str:
-    return text[1:] if text.startswith("'") and text[1:].lstrip().startswith(FORMULA_START) else text
 
 
 def _norm(text: str | None) -> str:
@@ -133,63 +113,6 @@ def _dropped_rows(corrections: Path, questions: Path) -> list[dict[str, str]]:
 
 
 @dataclass
-class Lines:
-    """data/corrections.jsonl as editable lines: untouched lines are written back byte for byte.
-
-    Lines end at "\n" only, as JSONL defines them: str.splitlines() would also break at U+2028,
-    U+2029 and U+0085 inside an expert's text and put the rows and lines out of step. Each text keeps
-    its own line ending (CRLF stays CRLF); blank lines stay where they are (row None).
-    """
-
-    rows: list[dict[str, Any] | None]
-    texts: list[str]
-
-    @classmethod
-    def read(cls, path: Path) -> Lines:
-        if not path.exists():
-            return cls([], [])
-        read_jsonl(path)  # the line-numbered errors for bad lines
-        texts = re.findall(r"[^\n]*\n|[^\n]+$", path.read_bytes().decode("utf-8"))
-        return cls([json.loads(t) if t.strip() else None for t in texts], texts)
-
-    def _newline(self) -> str:
-        return "\r\n" if self.texts and self.texts[0].endswith("\r\n") else "\n"
-
-    def _hits(self, rid: str, action: str) -> list[int]:
-        return [i for i, r in enumerate(self.rows)
-                if r is not None and r.get("id") == rid and r.get("action") == action]
-
-    def find(self, rid: str, action: str) -> dict[str, Any] | None:
-        hits = self._hits(rid, action)
-        return self.rows[hits[-1]] if hits else None
-
-    def set(self, row: dict[str, Any]) -> bool:
-        """Replace the last line with this id and action, or append; True if anything changed."""
-        idx = self._hits(row["id"], row["action"])
-        if idx and self.rows[idx[-1]] == row:
-            return False
-        if idx:
-            old = self.texts[idx[-1]]
-            ending = old[len(old.rstrip("\r\n")):] or self._newline()
-            self.rows[idx[-1]], self.texts[idx[-1]] = row, dumps(row) + ending
-        else:
-            if self.texts and not self.texts[-1].endswith("\n"):
-                self.texts[-1] += self._newline()
-            self.rows.append(row)
-            self.texts.append(dumps(row) + self._newline())
-        return True
-
-    def remove(self, rid: str, action: str) -> bool:
-        gone = set(self._hits(rid, action))
-        self.rows = [r for i, r in enumerate(self.rows) if i not in gone]
-        self.texts = [t for i, t in enumerate(self.texts) if i not in gone]
-        return bool(gone)
-
-    def write(self, path: Path) -> None:
-        write_text(path, "".join(self.texts))
-
-
-@dataclass
 class ApplyResult:
     changed: list[str] = field(default_factory=list)  # "q-0003 replace_answer (set)"
     notes: list[str] = field(default_factory=list)
@@ -219,6 +142,15 @@ class StaleError(ReviewError):
     """The corrections file changed since the editor loaded it."""
 
 
+class ConflictError(StaleError):
+    """Edits made on text that has changed since (another tab saved first): each conflict holds
+    both texts, so the editor can choose; nothing was written."""
+
+    def __init__(self, message: str, conflicts: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.conflicts = conflicts
+
+
 def version(corrections: Path) -> str:
     """sha256 of data/corrections.jsonl as it is now (an absent file counts as empty)."""
     data = corrections.read_bytes() if corrections.exists() else b""
@@ -227,10 +159,14 @@ def version(corrections: Path) -> str:
 
 def save_edits(edits: list[Edit], corrections: Path, dataset: Path,
                expect_version: str | None = None,
-               current: dict[str, dict[str, str]] | None = None) -> ApplyResult:
+               current: dict[str, dict[str, str]] | None = None,
+               refuse_stale: bool = False) -> ApplyResult:
     """The one path from edits to correction lines (CSV apply and `review serve`): only lines
     that change are rewritten, the file is replaced atomically, nothing is written on error.
-    `current`: the dataset's cells by id, where the caller has them parsed already."""
+    `current`: the cells by id as they are now, where the caller has them (the page's view).
+    `refuse_stale`: an edited cell whose text changed since the editor saw it (its base is not
+    the current text) raises ConflictError with both texts instead of overwriting; without it
+    (a sheet exported before answers were regenerated) the edit wins and a note says so."""
     if expect_version is not None and version(corrections) != expect_version:
         raise StaleError(f"{corrections} changed since this page was loaded (another tab, a "
                          "teammate's git pull?); reload to see the current state, then redo the "
@@ -238,6 +174,13 @@ def save_edits(edits: list[Edit], corrections: Path, dataset: Path,
     lines, result = Lines.read(corrections), ApplyResult()
     _check_new_conversations(edits, lines, corrections)
     current = _current_answers(dataset) if current is None else current
+    if refuse_stale:
+        conflicts = [c for e in edits if (c := _conflict(e, current.get(e.cells["id"])))]
+        if conflicts:
+            raise ConflictError(
+                "; ".join(f"{c['where']} ({c['id']}): {', '.join(c['fields'])} changed since you "
+                          "edited it (another tab or a teammate saved first)" for c in conflicts)
+                + "; nothing was saved: choose which text to keep, then save again", conflicts)
     for edit in edits:
         cells, base, where = edit.cells, edit.base, edit.where
         if not cells["id"]:
@@ -251,6 +194,23 @@ def save_edits(edits: list[Edit], corrections: Path, dataset: Path,
     if result.changed:
         lines.write(corrections)
     return result
+
+
+def _conflict(edit: Edit, now: dict[str, str] | None) -> dict[str, Any] | None:
+    """Both texts of each cell this edit changed where the current text is neither the one the
+    editor started from nor the editor's own."""
+    cells, base = edit.cells, edit.base
+    if not cells["id"] or now is None or cells["action"] == "drop" or base.get("drop"):
+        return None
+    edited = [k for k in EDITABLE if _changed(cells, base, k)]
+    stale = [k for k in edited
+             if digest(now.get(k, "")) not in (base.get(k), digest(cells[k]))]
+    if not stale:
+        return None
+    return {"where": edit.where, "id": cells["id"], "fields": stale, "edited": edited,
+            "theirs": {k: now.get(k, "") for k in EDITABLE},
+            "mine": {k: cells[k] for k in EDITABLE},
+            "base": {k: digest(now.get(k, "")) for k in EDITABLE}}
 
 
 def conversation_digest(cells: dict[str, str]) -> str:
