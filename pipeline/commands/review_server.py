@@ -5,7 +5,10 @@ plain JavaScript shipped in pipeline/commands/review_static/, no CDN, no build s
 its turns, source and origin, split, the validate stage's findings and, for test rows, the base
 and tuned answers from reports/eval.json. Saves go through `review.save_edits`, the same code path
 as `tuneline review apply`, and carry the sha256 of data/corrections.jsonl they were made against:
-a save against an older file is refused (409), never merged blindly.
+a save against an older file is refused (409), never merged blindly. An edit whose text changed
+since the page showed it (another tab saved first) is refused too, with both texts (409
+"conflicts"): the page lets the expert choose. Who may read and write: review_guard.py (Host and
+Origin allow-lists; saves carry the session token of the page this server served).
 
 The page shows the dataset as curate will build it next: the last curated rows with
 data/corrections.jsonl applied on top, so a saved edit is visible before `dvc repro` runs.
