@@ -361,3 +361,35 @@ def test_a_new_row_never_replaces_an_added_conversation_with_the_same_question(r
                                                  r"question"):
         apply(repo, second)
     assert repo.paths.corrections.read_bytes() == before
+
+
+def test_an_old_sheet_never_overwrites_an_expert_answer_made_since(repo):
+    old = repo.root / "old.csv"  # expert B exports, and edits later
+    review.export(repo.paths.out, repo.paths.corrections, repo.paths.questions, old)
+    sheet = export(repo)  # expert A edits q-0100, applies, and the dataset is rebuilt
+    edit(sheet, "q-0100", answer="A's expert answer.")
+    apply(repo, sheet)
+    repo.run()
+    before = repo.paths.corrections.read_bytes()
+    edit(old, "q-0100", answer="B's answer.")
+    with pytest.raises(review.ReviewError, match=r"row \d+ \(q-0100\): the answer was changed by "
+                                                 r"an expert.*A's expert answer.*B's answer"):
+        review.apply(old, repo.paths.corrections, repo.paths.out)
+    assert repo.paths.corrections.read_bytes() == before
+    fresh = export(repo)  # what the message says to do
+    edit(fresh, "q-0100", answer="A's expert answer, and B's.")
+    assert apply(repo, fresh).changed == ["q-0100 replace_answer (set)"]
+
+
+def test_an_edited_question_keeps_the_current_text_of_cells_left_alone(repo):
+    sheet = export(repo)  # exported before the answers are regenerated
+    repo.write(repo.paths.generated, many(12) + [
+        answer("q-0100", "Why is NULL = NULL not true?", "Regenerated answer.",
+               followup="And IS NULL?", followup_answer="Generated follow-up answer.",
+               followup_finish_reason="stop")])
+    repo.run()
+    edit(sheet, "q-0100", question="Why is NULL = NULL unknown?")
+    apply(repo, sheet)
+    [row] = correction_rows(repo)
+    assert [m["content"] for m in row["messages"]][:2] == [
+        "Why is NULL = NULL unknown?", "Regenerated answer."]  # not the older generated one

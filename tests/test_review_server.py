@@ -524,3 +524,14 @@ def test_the_same_new_question_twice_in_one_save_is_refused_naming_both(project)
     assert status == 422 and "edit 1 and edit 2" in reply["error"]
     assert "same question" in reply["error"]
     assert (project / "data/corrections.jsonl").read_text() == ""
+
+
+def test_a_stale_question_edit_keeps_the_answer_another_tab_saved(project):
+    with served(project) as url:
+        tab_b = row(url, "q-0004")
+        save(url, edit(row(url, "q-0004"), answer="Tab A's answer."))
+        # Tab B changed only the question, on the old page: the answer it holds is the old one.
+        save(url, edit(tab_b, question="How do I configure subsystem4, the short way?"))
+        now = row(url, "q-0004")
+    assert (now["question"], now["answer"]) == (
+        "How do I configure subsystem4, the short way?", "Tab A's answer.")

@@ -16,6 +16,10 @@ apply compares each cell with it, so only cells you changed become corrections:
 - applying the same sheet twice changes nothing the second time; a sheet exported before the
   answers were regenerated still applies your edits (and only them): untouched cells never pin
   an old generated answer.
+- a cell whose text an expert changed since the export (the dataset's row is an expert's now) is
+  never overwritten: apply refuses it with both texts; export a fresh sheet and redo the edit.
+  `review serve` goes further: any edit made on text that has changed since is refused with both
+  texts (save_edits(refuse_stale=True)), and the page lets the expert choose.
 """
 
 from __future__ import annotations
@@ -29,24 +33,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.review_cells import (
+    COLUMNS,
+    EDITABLE,
     SPREADSHEET_ERRORS,
+    ReviewError,
     escape_cell,
     escape_exact,
-    unescape_cell,
-    unescape_exact,
+    read_sheet,
 )
 from pipeline.commands.review_lines import Lines
-from pipeline.core.errors import UserError
 from pipeline.rows.jsonl import read_jsonl, write_text
 
-COLUMNS = ("id", "action", "split", "source", "question", "answer", "followup",
-           "followup_answer", "_base")
-EDITABLE = ("question", "answer", "followup", "followup_answer")
 SPLITS = ("train", "valid", "test")
-
-
-class ReviewError(UserError):
-    """A sheet that cannot be applied: names the sheet row and what to do."""
+SOURCE = "_source"  # in the current cells of a row: who wrote it ("expert": never overwritten)
 
 
 def digest(text: str) -> str:
@@ -121,7 +120,7 @@ class ApplyResult:
 def apply(sheet: Path, corrections: Path, dataset: Path) -> ApplyResult:
     """Sheet edits -> corrections; idempotent."""
     edits = []
-    for n, cells in _read_sheet(sheet):
+    for n, cells in read_sheet(sheet):
         base = _base(n, cells)
         _check_no_spreadsheet_error(sheet, n, cells, base)
         edits.append(Edit(f"sheet row {n}", cells, base))
@@ -230,47 +229,6 @@ def _reviewed(cells: dict[str, str], on: bool, lines: Lines, result: ApplyResult
         result.changed.append(f"{rid} reviewed (set)")
 
 
-def _read_sheet(sheet: Path) -> list[tuple[int, dict[str, str]]]:
-    if not sheet.exists():
-        raise ReviewError(f"{sheet}: not found; run `tuneline review export --sheet {sheet}` first")
-    text = _decode(sheet)
-    try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ReviewError(f"{sheet}: columns {missing} are missing; keep the exported header "
-                              "row (you may reorder columns, not rename them)")
-        # Row 1 is the header, as a spreadsheet app numbers it.
-        rows = [(n, _cells(r)) for n, r in enumerate(reader, start=2)]
-    except csv.Error as exc:
-        raise ReviewError(f"{sheet}:{reader.line_num}: not a readable CSV sheet ({exc}); save it "
-                          "from the spreadsheet app as CSV UTF-8") from None
-    return rows
-
-
-def _decode(sheet: Path) -> str:
-    data = sheet.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise ReviewError(
-            f"{sheet}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); the sheet was saved in a "
-            "legacy encoding (Windows 'CSV'): save it as 'CSV UTF-8' and apply again") from None
-
-
-def _cells(raw: dict[str, str | None]) -> dict[str, str]:
-    cells = {c: _cell(raw.get(c)) for c in COLUMNS}
-    rid = unescape_exact(raw.get("id") or "")
-    cells["id"] = rid if rid.strip() else ""  # ids come back exactly as exported
-    return cells
-
-
-def _cell(value: str | None) -> str:
-    # Only the app's CRLF is undone: a lone CR in the text stays (digest() ignores the difference).
-    return unescape_cell((value or "").replace("\r\n", "\n").strip())
-
-
 def _check_no_spreadsheet_error(sheet: Path, n: int, cells: dict[str, str],
                                 base: dict[str, Any]) -> None:
     for key in EDITABLE:
@@ -314,12 +272,25 @@ def _edit(where: str, cells: dict[str, str], base: dict[str, Any], lines: Lines,
     if cells["action"] not in ("", "keep"):
         raise ReviewError(f"{where} ({rid}): action {cells['action']!r}: use drop or "
                           "leave it empty")
+    now = current or {}
+    stale = [k for k in EDITABLE if now and _changed(cells, base, k)
+             and digest(now.get(k, "")) not in (base.get(k), digest(cells[k]))]
+    if stale and now.get(SOURCE) == "expert":  # someone's work, not regenerated model output
+        k = stale[0]
+        raise ReviewError(
+            f"{where} ({rid}): the {k} was changed by an expert since this sheet was exported "
+            f"(a teammate, or you before `dvc repro`): now {_short(now[k])}, yours "
+            f"{_short(cells[k])}; nothing was applied: export a fresh sheet (`tuneline review "
+            "export`), redo the edit there (merge both texts where both matter) and apply it")
     if _changed(cells, base, "question") or lines.find(rid, "add_conversation"):
         if any(_changed(cells, base, k) for k in EDITABLE):
-            _set_conversation(where, cells, lines, result)
+            # The whole conversation is written: cells the editor left alone take the current
+            # text, never the older one the editor was shown.
+            merged = {**cells, **{k: now[k] for k in EDITABLE if k in now and not _changed(
+                cells, base, k) and digest(now[k]) != base.get(k)}}
+            _set_conversation(where, merged, lines, result)
         return
-    if current and any(_changed(cells, base, k) and digest(current.get(k, "")) != base.get(k)
-                       for k in EDITABLE):
+    if stale:
         result.notes.append(f"{rid}: the dataset changed since this sheet was exported (answers "
                             "regenerated?); your edit replaces the current text")
     _answer(cells, base, lines, result)
@@ -438,5 +409,5 @@ def _current_answers(dataset: Path) -> dict[str, dict[str, str]]:
         path = dataset / f"{split}.jsonl"
         for row in read_jsonl(path) if path.exists() else []:
             turns = _turns(row["messages"]) + [""] * 4
-            out[row["id"]] = dict(zip(EDITABLE, turns[:4]))
+            out[row["id"]] = {**dict(zip(EDITABLE, turns[:4])), SOURCE: row.get("source", "")}
     return out
