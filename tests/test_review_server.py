@@ -321,6 +321,9 @@ def test_review_serve_listens_on_loopback_only_by_default(project):
         assert get(url)["total"] == 12
         port = int(url.rsplit(":", 1)[1])
         assert listening(proc.pid) == {("127.0.0.1", port)}
+        token = page_token(url)
+    printed = proc.stdout.read()
+    assert f"review page: {url}/" in printed and token not in printed  # the page holds it only
 
 
 def test_review_serve_on_the_ipv6_loopback_reads_and_saves(project):

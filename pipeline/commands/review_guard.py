@@ -60,6 +60,13 @@ def _own_names() -> set[str]:
             names |= {str(info[4][0]) for info in socket.getaddrinfo(name, None)}
         except OSError:
             continue
+    try:  # every interface's address (psutil comes with DVC)
+        import psutil
+
+        names |= {a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                  if a.family in (socket.AF_INET, socket.AF_INET6)}
+    except (ImportError, OSError):
+        pass
     for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
         try:
             with socket.socket(family, socket.SOCK_DGRAM) as s:
