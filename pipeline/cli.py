@@ -213,8 +213,9 @@ def review_apply(
 def review_serve(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8765,
     open_browser: Annotated[bool, typer.Option("--open", help="open the page in a browser")] = False,
-    host: Annotated[str, typer.Option(help="address to listen on; others on the network can "
-                                      "edit your data if you widen it")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1, ::1, 0.0.0.0...); "
+                                      "others on the network can edit your data if you widen "
+                                      "it")] = "127.0.0.1",
     dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
     corrections: Annotated[Path, typer.Option(help="corrections file (inside data/)")] = Path(
         "data/corrections.jsonl"),
