@@ -230,10 +230,10 @@ def hub_errors(repo_id: str, endpoint: str, token: str | None) -> Iterator[None]
     except HubError as exc:
         raise HubError(redact(str(exc), token)) from None
     except Exception as exc:  # noqa: BLE001 - every failure must come out token-free
-        raise HubError(redact(explain(exc, repo_id, endpoint), token)) from None
+        raise HubError(redact(explain(exc, repo_id, endpoint, token), token)) from None
 
 
-def explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
+def explain(exc: BaseException, repo_id: str, endpoint: str, token: str | None = None) -> str:
     """What went wrong and what to do, from the innermost HTTP or network error: one line."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -242,19 +242,21 @@ def explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
     if isinstance(cause, OfflineModeIsEnabled):
         text = "HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to publish."
     elif isinstance(cause, HfHubHTTPError) and cause.response is not None:
-        text = _explain_http(cause, repo_id, endpoint)
+        text = _explain_http(cause, repo_id, endpoint, token)
     elif _is_network(cause):
         text = (f"network error talking to {endpoint} ({type(cause).__name__}: "
-                f"{_first_line(cause)}): check the connection and re-run `tuneline publish`.")
+                f"{_first_line(cause, token)}): check the connection and re-run "
+                "`tuneline publish`.")
     elif isinstance(cause, ValueError) and "README.md" in str(cause):
-        text = f"the Hub rejected the model card metadata for {where}: {_first_line(cause)}."
+        text = f"the Hub rejected the model card metadata for {where}: {_first_line(cause, token)}."
     else:
-        text = (f"publishing to {where} failed ({type(cause).__name__}: {_first_line(cause)}): "
+        text = (f"publishing to {where} failed ({type(cause).__name__}: "
+                f"{_first_line(cause, token)}): "
                 f"the reply was not what the Hub sends; check HF_ENDPOINT and re-run later.")
     return f"{text} {NOTHING_PUBLISHED}"
 
 
-def _explain_http(exc: Any, repo_id: str, endpoint: str) -> str:
+def _explain_http(exc: Any, repo_id: str, endpoint: str, token: str | None) -> str:
     status = exc.response.status_code
     namespace = repo_id.split("/")[0]
     if status == 401:
@@ -271,7 +273,7 @@ def _explain_http(exc: Any, repo_id: str, endpoint: str) -> str:
     if status in (409, 412):
         return (f"{endpoint}/{repo_id} changed on the Hub while publishing ({status}): someone "
                 "else committed or created it; re-run `tuneline publish`.")
-    return (f"the Hub answered {status} for {endpoint}/{repo_id} ({_first_line(exc)}): "
+    return (f"the Hub answered {status} for {endpoint}/{repo_id} ({_first_line(exc, token)}): "
             "re-run later.")
 
 
@@ -295,5 +297,6 @@ def _is_network(exc: BaseException) -> bool:
         isinstance(exc, (ConnectionError, TimeoutError))
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+def _first_line(exc: BaseException, token: str | None = None) -> str:
+    """Redacted before it is cut: a token cut in two would no longer match, and leak."""
+    return redact((str(exc).strip().splitlines() or [type(exc).__name__])[0], token)[:300]
