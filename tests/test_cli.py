@@ -19,7 +19,8 @@ runner = CliRunner()
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The installed entry point in a subprocess: exercises main()'s error handling and re-exec."""
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, text=True,
-                          capture_output=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          capture_output=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_help_lists_the_stage_commands():
