@@ -83,3 +83,10 @@ def content_words(text: str) -> str:
     """The question without filler words, singularised: the near-duplicate comparison text."""
     words = [w for w in question_key(text).split() if w not in STOPWORDS]
     return " ".join(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words)
+
+
+def restates(question: str, answer: str) -> bool:
+    """The answer only repeats its question ("How do I list tables?" -> "You list tables."):
+    it has words, and none of them is new (case, filler words and plurals aside)."""
+    said = set(content_words(answer).split())
+    return bool(said) and said <= set(content_words(question).split())
