@@ -3,8 +3,9 @@
 `push` checks the token, reads what the repository holds, and makes a single `create_commit`
 with every file (and the deletion of files an earlier publish put there that this one no longer
 has), so the Hub shows all of a release or none of it. A repository this run had to create is
-deleted again when the commit fails: the Hub has no "create with first commit" call, and an empty
-repository left behind would look like a release that went missing.
+deleted again when the commit fails or is interrupted (Ctrl+C): the Hub has no "create with first
+commit" call, and an empty repository left behind would look like a release that went missing.
+What is uploaded is a private `snapshot` of the checked files, hashed as it is copied.
 
 The token is handed to `huggingface_hub` only and scrubbed from every message (`redact`); every
 failure comes out as one HubError line naming the URL and what to do, never the client's chained
@@ -20,16 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pipeline.core.errors import UserError
-from pipeline.hub.repo_facts import sha256_file
+from pipeline.hub.repo_facts import CHUNK, sha256_file
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 READ_ATTEMPTS = 3
@@ -75,6 +79,44 @@ class Upload:
     repo_type: str = "model"  # or "dataset"
 
 
+@contextmanager
+def snapshot(files: Sequence[ReleaseFile], folder: Path) -> Iterator[list[ReleaseFile]]:
+    """The files to upload, copied into a private folder under `folder` and hashed as they are
+    copied: a copy whose sha256 is not the one the gate checked (and the manifest records)
+    stops the upload, and later changes to the originals (a swap with the same size and mtime
+    included) cannot reach the Hub. Removed afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix="publish-snapshot-", dir=folder))  # mode 0700
+    try:
+        copies = []
+        for i, f in enumerate(files):
+            if f.source is None:
+                copies.append(f)
+                continue
+            copy = private / f"{i:05d}-{Path(f.path).name}"
+            size, digest = _copy_hashing(Path(f.source), copy)
+            if (size, digest) != (f.size, f.sha256):
+                raise HubError(f"{f.source} changed after the gate checked it (sha256 "
+                               f"{f.sha256[:12]}..., now {digest[:12]}...): re-run `tuneline "
+                               f"publish` once nothing writes to it. {NOTHING_PUBLISHED}")
+            copies.append(replace(f, source=copy))
+        yield copies
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _copy_hashing(source: Path, target: Path) -> tuple[int, str]:
+    """Copy `source` to a new file `target` (owner-only); size and sha256 of what was written."""
+    digest, size = hashlib.sha256(), 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+        for chunk in iter(lambda: src.read(CHUNK), b""):
+            digest.update(chunk)
+            dst.write(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
 def redact(text: str, token: str | None) -> str:
     return text.replace(token, "<HF_TOKEN>") if token and len(token) >= 4 else text
 
@@ -101,7 +143,7 @@ def push(upload: Upload, token: str | None,
                             repo_type=upload.repo_type)
         try:
             info = _commit(api, upload, remote, previous)
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl+C too: never leave an empty repository behind
             if remote is None:
                 _delete_created(api, exc, upload, endpoint)
             raise
@@ -118,6 +160,11 @@ def _commit(api: Any, upload: Upload, remote: Any, previous: dict[str, Any] | No
     operations: list[Any] = [
         CommitOperationAdd(f.path, f.data if f.data is not None else str(f.source))
         for f in upload.files]
+    for f, op in zip(upload.files, operations):  # the client's own hash of what it sends
+        if op.upload_info.sha256.hex() != f.sha256:
+            raise HubError(f"{f.source or f.path} is not the file the gate checked (sha256 "
+                           f"{f.sha256[:12]}..., sent {op.upload_info.sha256.hex()[:12]}...); "
+                           f"re-run `tuneline publish`. {NOTHING_PUBLISHED}")
     operations += [CommitOperationDelete(path) for path in stale]
     return api.create_commit(
         upload.repo_id, operations, repo_type=upload.repo_type, commit_message=upload.title,
@@ -126,12 +173,17 @@ def _commit(api: Any, upload: Upload, remote: Any, previous: dict[str, Any] | No
         parent_commit=remote.sha if remote is not None else None)
 
 
-def _delete_created(api: Any, exc: Exception, upload: Upload, endpoint: str) -> None:
-    """Remove the repo this run created for a commit that failed; say so if that fails too."""
+def _delete_created(api: Any, exc: BaseException, upload: Upload, endpoint: str) -> None:
+    """Remove the repo this run created for a commit that failed or was interrupted; say so
+    if that fails too."""
     repo_id = upload.repo_id
     try:
         _read(lambda: api.delete_repo(repo_id, repo_type=upload.repo_type, missing_ok=True))
     except Exception as cleanup:  # noqa: BLE001 - reported, with the original failure
+        if not isinstance(exc, Exception):  # interrupted: name the leftover, keep the signal
+            print(f"warning: the empty repository {endpoint}/{repo_id} this run created could "
+                  f"not be deleted: delete it at {endpoint}/{repo_id}/settings", file=sys.stderr)
+            return
         raise HubError(
             f"{explain(exc, repo_id, endpoint)} The empty repository this run created could not "
             f"be deleted ({type(cleanup).__name__}): delete it at {endpoint}/{repo_id}/settings."
