@@ -148,6 +148,14 @@ def test_an_unparseable_retry_after_is_ignored_and_the_usual_backoff_applies():
     assert len(slept) == 2 and all(0.01 <= d < 0.1 for d in slept), slept  # backoff, not a date
 
 
+def test_a_bad_status_line_is_one_redacted_line():
+    raw = b"HTTP/1.1 abc token=abcd1234efgh\r\nX: y\r\n\r\n"
+    with Scripted(always(raw)) as server, pytest.raises(llm.LLMError) as err:
+        ask(settings("openai", server.url + "/v1"))
+    msg = str(err.value)
+    assert "BadStatusLine" in msg and "\n" not in msg and "abcd1234efgh" not in msg
+
+
 HUGE_INT = b"1" * 5000  # past Python's int-string limit (4300 digits): json.loads raises
 
 

@@ -215,7 +215,9 @@ def network_failure(reason: Any, timeout: float) -> Transient:
         return Transient("connection refused")
     if isinstance(reason, socket.gaierror):
         return Transient(f"cannot resolve the host ({reason})")
-    return Transient(f"connection dropped ({type(reason).__name__}: {reason})")
+    # The reason may quote the server's bytes (a bad status line): one line, redacted, bounded.
+    return Transient(f"connection dropped ({type(reason).__name__}: "
+                     f"{clip(' '.join(str(reason).split()), 200)})")
 
 
 SECRET_PATTERNS = (
