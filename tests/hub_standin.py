@@ -23,7 +23,8 @@ Tokens map to accounts (write or read role, namespaces); errors follow the Hub: 
 injects faults: a status code, a dropped connection, a reply cut off after `cut` body bytes
 (a download interrupted mid-file), a message that echoes the caller's
 Authorization header (to prove the caller scrubs its token), or a raw reply body (an HTML error
-page from a proxy, JSON of the wrong shape) with any status.
+page from a proxy, JSON of the wrong shape) with any status. `on()` runs a test's action when a
+given request arrives (to change the world at an exact moment of the protocol).
 
     with HubStandin() as hub:
         hub.add_account("hf_write", "alice")
@@ -148,6 +149,7 @@ class HubStandin:
         self.uploaded_bytes = 0  # bytes received by LFS PUTs
         self.faults: list[Fault] = []
         self.range_requests: list[tuple[str, str]] = []  # (path, Range header) of resolve GETs
+        self.hooks: list[tuple[str, re.Pattern[str], Any]] = []  # run once, before the route
         self.lock = threading.RLock()
         self._counter = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -222,6 +224,13 @@ class HubStandin:
         """Range headers of the GETs whose path matches `pattern` ("" for none), in order."""
         return [r for p, r in self.range_requests if re.search(pattern, p)]
 
+    def on(self, method: str, path: str, action: Any) -> None:
+        """Call `action()` once, in the server's thread, when the first request matching
+        `method` and regex `path` arrives, before it is answered (a file swapped between the
+        gate and the upload, a Ctrl+C in the middle of a commit)."""
+        with self.lock:
+            self.hooks.append((method.upper(), re.compile(path), action))
+
     def file_bytes(self, repo_id: str, path: str, revision: str = "main") -> bytes:
         commit = self.repos[repo_id].at(revision)
         assert commit is not None, f"no revision {revision} in {repo_id}"
@@ -243,6 +252,14 @@ class HubStandin:
 
     def _stored(self, path: str, data: bytes) -> StoredFile:
         return StoredFile(data, path.endswith(LFS_SUFFIXES) or len(data) > LFS_SIZE)
+
+    def _take_hook(self, method: str, path: str) -> Any:
+        with self.lock:
+            for i, (verb, pattern, action) in enumerate(self.hooks):
+                if verb == method and pattern.search(path):
+                    del self.hooks[i]
+                    return action
+        return None
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self.lock:
@@ -301,6 +318,9 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.body = self._read_body()
         with self.hub.lock:
             self.hub.requests.append((method, path))
+        hook = self.hub._take_hook(method, path)
+        if hook is not None:
+            hook()
         fault = self.hub._take_fault(method, path)
         self.cut = fault.cut if fault is not None else None
         if fault is not None and fault.cut is not None:

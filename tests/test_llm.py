@@ -19,6 +19,7 @@ import pytest
 from ollama_standin import Fault, StandIn
 
 from pipeline.llm import clients as llm
+from pipeline.llm import local as llm_local
 
 SAMPLING = llm.Sampling(temperature=0.0, seed=7, max_tokens=50)
 HELLO = [{"role": "user", "content": "How do I list tables in psql?"}]
@@ -330,7 +331,7 @@ def test_embedded_llama_cpp_is_deterministic_with_a_seed():
     from pipeline.base_model import EMBEDDED
 
     client = llm.connect(s, llm.BaseModel(EMBEDDED, Path("unused")))
-    assert isinstance(client, llm.LlamaCppClient)
+    assert isinstance(client, llm_local.LlamaCppClient)
     sampling = llm.Sampling(temperature=0.7, seed=3, max_tokens=16)
     first, second = (llm.ask(client, HELLO, sampling, s) for _ in range(2))
     assert first.text == second.text and first.completion_tokens <= 16
@@ -340,7 +341,7 @@ def test_embedded_llama_cpp_is_deterministic_with_a_seed():
 def test_embedded_mlx_path_runs_a_model_directory(tiny_model_dir):
     s = settings("embedded", model=str(tiny_model_dir))
     client = llm.connect(s)
-    assert isinstance(client, llm.MlxClient)
+    assert isinstance(client, llm_local.MlxClient)
     reply = client.chat(HELLO, llm.Sampling(temperature=0.0, seed=1, max_tokens=6))
     again = client.chat(HELLO, llm.Sampling(temperature=0.0, seed=1, max_tokens=6))
     assert reply == again and reply.completion_tokens <= 6 and reply.prompt_tokens > 5
