@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -25,23 +26,19 @@ import numpy as np
 from pipeline.core.errors import UserError
 from pipeline.rows.jsonl import (
     atomic_dir,
+    atomic_path,
     check_safetensors,
     read_jsonl,
+    safetensors_problem,
     write_metrics,
     write_text,
 )
 from pipeline.training import metrics as train_metrics
-from pipeline.training.checkpoints import (  # re-exported: tests patch train.save_checkpoint
-    MetricsLog,
-    checkpointing,
-    folder_hashes,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from pipeline.training.checkpoints import MetricsLog, checkpointing, folder_hashes, load_checkpoint
 from pipeline.training.model import encode_chat, masked_loss
 
 CHECKPOINT_ROOT = Path(".tuneline/checkpoints")
+CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.safetensors$")
 COSINE_FLOOR = 0.1  # cosine decays to this fraction of the peak learning rate
 
 
@@ -148,9 +145,8 @@ def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
 
 
 def padded_batches(lengths: list[int], batch_size: int) -> list[list[int | None]]:
-    """Row indices by length, `batch_size` a batch. A short last batch is filled up with None
-    (an all-padding row no loss counts): every row trains each epoch, and every batch splits
-    evenly over the ranks."""
+    """Row indices by length, `batch_size` a batch; a short last batch is filled up with None
+    (all padding, no target): every row trains each epoch, every batch splits over the ranks."""
     order: list[int | None] = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if batches:
@@ -184,12 +180,11 @@ def check_splits(data: Path, train_set: list[Any], valid_set: list[Any]) -> None
     """An empty split would divide by zero (packing's layout) or give a NaN validation loss."""
     for name, rows in (("train", train_set), ("valid", valid_set)):
         if not rows:
-            raise TrainError(f"{data / name}.jsonl has no rows; curate writes {name} from "
-                             "data/questions.jsonl (params.yaml:curate.valid_fraction, "
-                             "min_split_rows): add questions and run `dvc repro curate`")
+            raise TrainError(f"{data / name}.jsonl has no rows (params.yaml:curate."
+                             "min_split_rows); add questions and run `dvc repro curate`")
         if not any(any(m[1:]) for _, m in rows):
-            raise TrainError(f"{data / name}.jsonl: no row has an assistant token to learn or "
-                             "score; check its messages (`tuneline validate`)")
+            raise TrainError(f"{data / name}.jsonl: no row has an assistant token to learn "
+                             "or score; check its messages (`tuneline validate`)")
 
 
 def check_settings(cfg: TrainConfig, n_layers: int, n_train: int, n_valid: int,
@@ -281,15 +276,36 @@ def _flat(tree: Any) -> list[tuple[str, Any]]:
 
 
 def run_key(cfg: TrainConfig, seed: int, paths: TrainPaths) -> str:
-    """Checkpoints are only reused by a run with identical settings, data and base model: the
-    base counts by the hash of every file in its folder (weights, config, tokenizer, template),
-    not by its config alone (two bases of one architecture share a config.json)."""
-    digest = hashlib.sha256(json.dumps([asdict(cfg), seed], sort_keys=True).encode())
+    """Checkpoints are only reused by a run with identical settings, data and base model: every
+    file of the base counts (weights, tokenizer), not only its config.json."""
+    base = folder_hashes(paths.model, paths.checkpoints / "file_hashes.json")
+    digest = hashlib.sha256(json.dumps([asdict(cfg), seed, base], sort_keys=True).encode())
     for f in (paths.data / "train.jsonl", paths.data / "valid.jsonl"):
         digest.update(f.read_bytes())
-    base = folder_hashes(paths.model, paths.checkpoints / "file_hashes.json")
-    digest.update(json.dumps(base, sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def latest_checkpoint(folder: Path) -> tuple[int, Path | None]:
+    """The newest complete checkpoint; a torn one (a kill mid-write, a full disk) is skipped."""
+    found = sorted(((int(m.group(1)), p) for p in folder.glob("*_adapters.safetensors")
+                    if (m := CHECKPOINT_RE.match(p.name))), reverse=True)
+    for step, path in found:
+        state = path.with_name(path.name.replace("_adapters.", "_optimizer."))
+        if safetensors_problem(path) is None and safetensors_problem(state) is None:
+            return step, path
+        print(f"skipping torn checkpoint {path}")
+    return 0, None
+
+
+def save_checkpoint(model: Any, optimizer: Any, ckpt_dir: Path, step: int) -> None:
+    """Optimizer state first, then the weights: a checkpoint counts once its weights file is
+    complete, and then its optimizer state is too."""
+    import mlx.core as mx
+
+    for kind, flat in (("optimizer", dict(_flat(optimizer.state))),
+                       ("adapters", dict(_flat(model.trainable_parameters())))):
+        with atomic_path(ckpt_dir / f"{step:07d}_{kind}.safetensors", suffix=".safetensors") as tmp:
+            mx.save_safetensors(str(tmp), flat)  # mlx appends a missing suffix
 
 
 # --- the stage -------------------------------------------------------------------------------

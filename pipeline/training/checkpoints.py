@@ -1,29 +1,18 @@
-"""Resumable training state: checkpoints beside (not inside) the DVC output, their metrics log,
-and the file hashes that name a run (pipeline/train.py `run_key`).
+"""Resumable training state: when a checkpoint is due (on whole optimizer steps), loading one,
+the metrics log kept beside them, and the file hashes that name a run (train.py `run_key`;
+train.py writes and finds checkpoints with the atomic writes of pipeline.rows).
 
     hashes = checkpoints.folder_hashes(Path("models/base"), memo_file)   # base identity
-    step, path = checkpoints.latest_checkpoint(ckpt_dir)                  # torn files skipped
-    iterate = checkpointing(iterate, every, save, skip=step, accumulate=k)
+    iterate = checkpoints.checkpointing(iterate, every, save, skip=step, accumulate=k)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-from pipeline.rows.jsonl import atomic_path, safetensors_problem, write_json
-
-CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.safetensors$")
-
-
-def _flat(tree: Any) -> list[tuple[str, Any]]:
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
 
 
 def folder_hashes(folder: Path, memo_file: Path) -> dict[str, str]:
@@ -36,9 +25,9 @@ def folder_hashes(folder: Path, memo_file: Path) -> dict[str, str]:
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
         fresh[key] = memo.get(key) or _sha256(path)
         hashes[path.relative_to(folder).as_posix()] = fresh[key]
-    if fresh.keys() - memo.keys():
+    if fresh.keys() - memo.keys():  # a torn memo is unreadable JSON, ignored: no atomic write
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(memo_file, {**memo, **fresh})
+        memo_file.write_text(json.dumps({**memo, **fresh}, indent=0))
     return hashes
 
 
@@ -56,18 +45,6 @@ def _sha256(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def latest_checkpoint(folder: Path) -> tuple[int, Path | None]:
-    """The newest complete checkpoint; a torn one (a kill mid-write, a full disk) is skipped."""
-    found = sorted(((int(m.group(1)), p) for p in folder.glob("*_adapters.safetensors")
-                    if (m := CHECKPOINT_RE.match(p.name))), reverse=True)
-    for step, path in found:
-        state = path.with_name(path.name.replace("_adapters.", "_optimizer."))
-        if safetensors_problem(path) is None and safetensors_problem(state) is None:
-            return step, path
-        print(f"skipping torn checkpoint {path}")
-    return 0, None
 
 
 def checkpointing(iterate: Callable[..., Iterator[Any]], every: int, save: Callable[[int], None],
@@ -99,17 +76,6 @@ def save_due(step: int, every: int, accumulate: int) -> bool:
     """Save after `step` batches: at the first accumulation boundary at or after each multiple
     of `every` (with `every` 3 and `accumulate` 2: steps 4, 6, 10, 12, ...)."""
     return step % accumulate == 0 and step % every < accumulate
-
-
-def save_checkpoint(model: Any, optimizer: Any, ckpt_dir: Path, step: int) -> None:
-    """Optimizer state first, then the weights: a checkpoint counts once its weights file is
-    complete, and then its optimizer state is too."""
-    import mlx.core as mx
-
-    for kind, flat in (("optimizer", dict(_flat(optimizer.state))),
-                       ("adapters", dict(_flat(model.trainable_parameters())))):
-        with atomic_path(ckpt_dir / f"{step:07d}_{kind}.safetensors", suffix=".safetensors") as tmp:
-            mx.save_safetensors(str(tmp), flat)  # mlx appends a missing suffix
 
 
 def load_checkpoint(model: Any, optimizer: Any, path: Path) -> None:
