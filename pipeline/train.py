@@ -278,7 +278,7 @@ def _flat(tree: Any) -> list[tuple[str, Any]]:
 def run_key(cfg: TrainConfig, seed: int, paths: TrainPaths) -> str:
     """Checkpoints are only reused by a run with identical settings, data and base model: every
     file of the base counts (weights, tokenizer), not only its config.json."""
-    base = folder_hashes(paths.model, paths.checkpoints / "file_hashes.json")
+    base = folder_hashes(paths.model, paths.checkpoints.parent / "file_hashes.json")
     digest = hashlib.sha256(json.dumps([asdict(cfg), seed, base], sort_keys=True).encode())
     for f in (paths.data / "train.jsonl", paths.data / "valid.jsonl"):
         digest.update(f.read_bytes())
