@@ -7,6 +7,8 @@ questions, a few training steps) is reproduced up to `train` by "alice" and push
 git remote and the committed default DVC remote (../../tuneline-storage, a sibling folder).
 tests/test_remotes.py runs the same team flows on stand-in stages over S3 and SSH; these run the
 real stage commands (scripts/tuneline), so what DVC records is what the project writes.
+Measured on the shared 2-core machine: the fixture 43 s, the experiments 107 s, the pull 4 s
+(three to four times that while other jobs ran).
 """
 
 from __future__ import annotations
