@@ -445,15 +445,17 @@ def _batching(cfg: TrainConfig, model: Any, train_set: list, world_size: int
     """(seed -> iterate_batches, loss, steps per epoch or None): packed or padded batches."""
     if not cfg.pack:
         return batch_iterator, masked_loss, None
-    from pipeline.training import packing
+    from pipeline.training import attention, packing
 
     packing.check_model(model)
     per_rank = packing.check_settings(cfg.pack_width, cfg.tokens_per_step, cfg.max_seq_length,
                                       world_size)
     per_epoch = packing.steps_per_epoch(train_set, cfg.pack_width, per_rank * world_size,
                                         cfg.max_seq_length)
-    return (lambda seed: packing.batch_iterator(seed, cfg.pack_width, cfg.tokens_per_step),
-            packing.packed_loss, per_epoch)
+    # attention inside each row through the fused kernel (pipeline/training/attention.py)
+    loss, wrap, _ = attention.choose(model)
+    return (lambda seed: wrap(packing.batch_iterator(seed, cfg.pack_width, cfg.tokens_per_step)),
+            loss, per_epoch)
 
 
 def _digest(weights: dict[str, Any]) -> str:
