@@ -153,8 +153,8 @@ def test_slot_capacity_only_grows_along_a_ladder():
     assert capacity == {256: 6}  # 5 rounded up the ladder
     attention.plan(np.ones((1, 300), np.int32), capacity)  # one row, another width
     assert capacity == {256: 6, 384: 1}
-    inverse, gathers = attention.plan(segs[:, :400], capacity)  # fewer rows: shapes kept
-    assert [g.shape for g in gathers] == [(6, 256), (1, 384)]
+    inverse, gathers = attention.plan(np.pad(segs[:, :400], ((0, 0), (0, 8))), capacity)  # 2 rows
+    assert [g.shape for g in gathers] == [(6, 256), (1, 384)]  # shapes kept
     assert inverse.max() == 6 * 256 + 384  # the zero row after all slots
 
 
