@@ -93,7 +93,9 @@ class TrainResult:
     tokens_per_second: float
     steps_per_second: float
     trained_tokens: int
-    peak_memory_gb: float
+    peak_memory_gb: float  # MLX's live arrays at their peak
+    process_peak_memory_gb: float  # the process's resident set (host memory; ru_maxrss)
+    mlx_held_peak_gb: float  # live arrays + MLX's buffer cache, the most seen at a report (device)
     wall_seconds: float
     resumed_from: int
     world_size: int
@@ -328,6 +330,7 @@ class MetricsLog:
                          if r is not None and r["step"] <= offset]
         trains = [r for r in self.rows if r["kind"] == "train"]
         self.token_base = trains[-1]["trained_tokens"] if trains else 0  # tokens before resume
+        self.held_peak = 0.0  # GB of device memory MLX held (arrays + cache), at reports
 
     def _add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -337,6 +340,9 @@ class MetricsLog:
             fh.write(json.dumps(row) + "\n")
 
     def on_train_loss_report(self, info: dict[str, Any]) -> None:
+        from pipeline.training import memory
+
+        self.held_peak = max(self.held_peak, memory.held_gb())
         self._add({"kind": "train", "step": info["iteration"] + self.offset,
                    "loss": info["train_loss"], "tokens_per_second": info["tokens_per_second"],
                    "steps_per_second": info["iterations_per_second"],
@@ -470,6 +476,8 @@ def _digest(weights: dict[str, Any]) -> str:
 
 def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: int,
             world_size: int, sha: str) -> TrainResult:
+    from pipeline.training import memory
+
     trains = [r for r in log.rows if r["kind"] == "train"]
     speeds = [r["tokens_per_second"] for r in trains]
     return TrainResult(
@@ -480,6 +488,8 @@ def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: 
         steps_per_second=float(np.mean([r["steps_per_second"] for r in trains])) if trains else 0.0,
         trained_tokens=int(trains[-1]["trained_tokens"]) if trains else 0,
         peak_memory_gb=max((r["peak_memory"] for r in trains), default=0.0),
+        process_peak_memory_gb=memory.process_peak_gb(),
+        mlx_held_peak_gb=max(log.held_peak, memory.held_gb()),
         wall_seconds=time.perf_counter() - started,
         resumed_from=done,
         world_size=world_size,
