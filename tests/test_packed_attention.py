@@ -108,7 +108,7 @@ def test_rows_do_not_see_each_other_through_segment_attention(loaded):
     model, tok = loaded
     encoded = rows(tok)
     width = sum(len(t) for t, _ in encoded) + 8
-    together, n = attention.segmented_loss(model, *segmented_batch(model, encoded, width, 1))
+    _, n = attention.segmented_loss(model, *segmented_batch(model, encoded, width, 1))
     # the same rows, the first one replaced by a row of other tokens of the same length
     t0, m0 = encoded[0]
     changed = [([(x + 7) % 300 + 1 for x in t0], [0] * len(m0)), *encoded[1:]]

@@ -124,11 +124,12 @@ class SegmentCache:
         self.inverse, self.gathers = inverse, list(gathers)
         self.attended = False
 
-    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+    def make_mask(self, n: int, return_array: bool = False,
+                  window_size: int | None = None) -> None:
+        """No mask: `attend` keeps attention inside rows."""
         if window_size is not None:
             raise packing.PackingError("params.yaml:train.pack: sliding-window attention is not "
                                        "supported by packed rows; set train.pack: false")
-        return None  # attend() keeps attention inside rows
 
     def update_and_fetch(self, keys: Any, values: Any) -> tuple[Any, Any]:
         return keys, values
