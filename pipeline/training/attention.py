@@ -1,22 +1,27 @@
-"""Packed attention on the fused kernel: each row of a packed sequence attends within itself.
+"""Packed attention: each row of a packed sequence attends within itself, three ways.
 
-The reference (`packing.packed_loss`) gives every attention layer a boolean (batch, 1, L, L)
-block-diagonal mask. On CUDA, MLX's fused attention (cuDNN) takes no boolean mask: every layer
-turns it into an additive (batch, heads, L, L) array, and the kernel then computes all L x L
-scores of the sequence. Two faster layouts of the same mathematics live here:
+`mask` (the reference, `packing.packed_loss`, and the default by measurement) gives every
+attention layer a boolean (batch, 1, L, L) block-diagonal mask. On CUDA, MLX 0.32's fused
+attention (cuDNN) takes it as an additive bias, forward and backward, when L is a multiple of 128.
+Two layouts without that L x L mask live here:
 
-- `segments` (the default): the rows of a step are regrouped, per attention layer, into a few
-  fixed widths (multiples of 128: cuDNN's fused backward needs a query length that is one), one
-  row per slot, and attend with the plain causal mask: `mx.fast.scaled_dot_product_attention(...,
+- `segments`: the rows of a step are regrouped, per attention layer, into a few fixed widths
+  (multiples of 128: cuDNN's fused backward needs a query length that is one), one row per slot,
+  and attend with the plain causal mask: `mx.fast.scaled_dot_product_attention(...,
   mask="causal")`, no L x L array anywhere. Work is the sum of the rows' squared widths instead of
   L^2. The slots per width are fixed for a run (grown when a step needs more), so the compiled
   step keeps one shape. The layout (`plan`) is computed from the segment ids on the host, beside
   the batch (`with_plan`);
 - `bias`: one additive (batch, 1, L, L) mask in the model's dtype per step, shared by all layers
-  (no per-layer conversion), and the fused kernel with that bias.
+  (no per-layer conversion of a boolean mask).
 
-Both are selected by `choose`; the masked path stays the reference in the tests
-(tests/test_packed_attention.py compares gradients of all three with padded batches).
+Measured on an H100 (7B, LoRA q/v top 16 blocks, packed 2x1024, bench/README.md, issue 26):
+mask 15,915 trained tok/s, bias 15,650, segments 12,769 (the gathers and their scatter-add
+gradients cost more than the attention they save), and one causal mask over the whole sequence
+(rows seeing each other: wrong mathematics, a speed bound) 16,098. Attention is not where packed
+training loses time on CUDA, so `DEFAULT_MODE` is `mask`. `segments` stays for backends whose
+attention backward is not fused (the fallback materialises L x L scores; not measured here).
+tests/test_packed_attention.py compares the gradients of all three with padded batches.
 `segments` needs the model's attention module to call mlx-lm's
 `models.base.scaled_dot_product_attention` by that name (llama, mistral, qwen2/3, gemma, phi3,
 ...): `install` wraps it there once, and a model without it trains on the reference mask.
@@ -33,7 +38,7 @@ import numpy as np
 from pipeline.training import packing
 
 MODES = ("segments", "bias", "mask")
-DEFAULT_MODE = "segments"  # measured on an H100 (bench/README.md, issue 26)
+DEFAULT_MODE = "mask"  # fastest on an H100 (module doc, bench/README.md, issue 26)
 WIDTH_STEP = 128  # cuDNN's fused attention backward needs query lengths that are multiples of 128
 NICE = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -257,7 +262,8 @@ def bias_loss(model: Any, tokens: Any, mask: Any, segs: Any, denominator: Any = 
 
 def choose(model: Any, mode: str | None = None
            ) -> tuple[Callable[..., Any], Callable[[Callable[..., Iterator[Any]]], Any], str]:
-    """(loss, wrapper for a packed batch iterator, mode used) for packed training of `model`."""
+    """(loss, wrapper for a packed batch iterator, mode used) for packed training of `model`;
+    `segments` falls back to `mask` when `install` cannot reach the model's attention."""
     mode = mode or DEFAULT_MODE
     if mode not in MODES:
         raise ValueError(f"packed attention mode {mode!r}: one of {MODES}")
