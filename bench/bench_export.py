@@ -119,7 +119,7 @@ def main() -> None:
         model = args.model
         if model is None:
             model = Path(tmp) / "base"
-            base_model.run(base_model.BaseConfig(seed=0, model=base_model.EMBEDDED),
+            base_model.run(base_model.SourceConfig(model=base_model.EMBEDDED),
                            base_model.BasePaths(model))
         work = Path(tmp) / "gguf"
         work.mkdir()

@@ -45,8 +45,9 @@ def base_model(
     """Convert `base.model` (embedded GGUF, .gguf, directory or HF id) into an mlx-lm model."""
     from pipeline import base_model as stage
 
-    cfg = config.load_keys(stage.SourceConfig, "base", params_of(ctx).path)
-    result = stage.run(cfg, stage.BasePaths(out))
+    # The whole section is checked (an unknown key fails), only base.model is read: base.seed
+    # does not change the base model.
+    result = stage.run(stage.SourceConfig(params_of(ctx).base.model), stage.BasePaths(out))
     typer.echo(f"base model ({result.kind}) {result.source} -> {result.out}")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import base_model
-from pipeline.base_model import BaseConfig, ModelError
+from pipeline.base_model import ModelError, SourceConfig
 from pipeline.gguf_io import file as gguf_file
 from pipeline.gguf_io import tokenizer as gguf_tokenizer
 from pipeline.gguf_io.file import permute_qk
@@ -73,7 +73,7 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32") -> dict[str, np.n
 def test_f32_gguf_round_trips_weights_and_config(tiny_model_dir, tmp_path):
     weights = write_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
     out = tmp_path / "out"
-    base_model.run(BaseConfig(seed=0, model=str(tmp_path / "tiny.gguf")),
+    base_model.run(SourceConfig(model=str(tmp_path / "tiny.gguf")),
                    base_model.BasePaths(out))
     from safetensors.numpy import load_file
 
@@ -95,7 +95,7 @@ def test_q8_gguf_dequantizes_close_to_original_and_model_runs_like_it(tiny_model
 
     weights = write_gguf(tiny_model_dir, tmp_path / "tiny-q8.gguf", qtype="Q8_0")
     out = tmp_path / "out"
-    base_model.run(BaseConfig(seed=0, model=str(tmp_path / "tiny-q8.gguf")),
+    base_model.run(SourceConfig(model=str(tmp_path / "tiny-q8.gguf")),
                    base_model.BasePaths(out))
     from safetensors.numpy import load_file
 
@@ -119,7 +119,7 @@ def test_truncated_gguf_gives_clear_error(tiny_model_dir, tmp_path):
     write_gguf(tiny_model_dir, path)
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(ModelError, match="truncated or corrupt"):
-        base_model.run(BaseConfig(seed=0, model=str(path)), base_model.BasePaths(tmp_path / "out"))
+        base_model.run(SourceConfig(model=str(path)), base_model.BasePaths(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
@@ -133,7 +133,7 @@ def test_unknown_model_spec_names_the_accepted_forms(tmp_path):
 @pytest.fixture(scope="session")
 def embedded_base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("embedded") / "base"
-    base_model.run(BaseConfig(seed=0, model="embedded"), base_model.BasePaths(out))
+    base_model.run(SourceConfig(model="embedded"), base_model.BasePaths(out))
     return out
 
 

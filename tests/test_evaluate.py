@@ -318,7 +318,7 @@ def test_dvc_stage_declares_the_module_inputs_and_params() -> None:
     assert {"pipeline/evaluate.py", "pipeline/training/model.py", "models/base", "models/adapters",
             "data/dataset/test.jsonl"} <= set(stage["deps"])
     assert set(stage["params"]) == {"base.seed", "train.max_seq_length", "train.mask_prompt",
-                                    "evaluate"}
+                                    "train.pack", "train.pack_width", "evaluate"}
     for flag in ("--model models/base", "--adapters models/adapters",
                  "--test data/dataset/test.jsonl", "--metrics reports/eval.json",
                  "--html reports/compare.html", "--cache .tuneline/cache/evaluate"):

@@ -134,7 +134,7 @@ def check_llama(info: str, cpu: set[str]) -> Check:
 
 
 def _check_embedded() -> Check:
-    from pipeline.base_model import ModelError, embedded_gguf
+    from pipeline.core.model_source import ModelError, embedded_gguf
 
     try:
         path = embedded_gguf()

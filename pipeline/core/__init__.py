@@ -1,3 +1,3 @@
 """What every part of tuneline stands on: params.yaml (config, its only reader), the error classes
 that set exit codes, progress output, where a base model comes from (model_source), and the DVC
-remote check. Imports nothing else of the project."""
+remote check. May import nothing else of the project."""

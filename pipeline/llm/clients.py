@@ -42,9 +42,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 from pipeline.core.config import ConfigError
-from pipeline.llm.local import (
+
+# Callers use one door (`from pipeline.llm import clients as llm`): the in-process clients and
+# the shared types are re-exported here.
+from pipeline.llm.local import (  # noqa: F401
     BaseModel,
+    LlamaCppClient,
+    MlxClient,
+    dir_digest,
     embedded,
+    file_digest,
 )
 from pipeline.llm.transport import (
     Fatal,
