@@ -19,8 +19,9 @@ Measured on an H100 (7B, LoRA q/v top 16 blocks, packed 2x1024, bench/README.md,
 mask 15,915 trained tok/s, bias 15,650, segments 12,769 (the gathers and their scatter-add
 gradients cost more than the attention they save), and one causal mask over the whole sequence
 (rows seeing each other: wrong mathematics, a speed bound) 16,098. Attention is not where packed
-training loses time on CUDA, so `DEFAULT_MODE` is `mask`. `segments` stays for backends whose
-attention backward is not fused (the fallback materialises L x L scores; not measured here).
+training loses time on CUDA, so `DEFAULT_MODE` is `mask`. On Metal MLX trains with its unfused
+attention in every mode (its source: faster there for training), which materialises the scores:
+L x L per sequence with `mask`/`bias`, the rows' own squares with `segments` (not measured).
 tests/test_packed_attention.py compares the gradients of all three with padded batches.
 `segments` needs the model's attention module to call mlx-lm's
 `models.base.scaled_dot_product_attention` by that name (llama, mistral, qwen2/3, gemma, phi3,
