@@ -95,7 +95,9 @@ class TrainResult:
     tokens_per_second: float
     steps_per_second: float
     trained_tokens: int
-    peak_memory_gb: float
+    peak_memory_gb: float  # MLX's live arrays at their peak
+    process_peak_memory_gb: float  # the process's resident set (host memory; ru_maxrss)
+    mlx_held_peak_gb: float  # live arrays + MLX's buffer cache, the most seen at a report (device)
     wall_seconds: float
     resumed_from: int
     world_size: int
@@ -399,15 +401,17 @@ def _batching(cfg: TrainConfig, model: Any, train_set: list, world_size: int
     """(seed -> iterate_batches, loss, steps per epoch or None): packed or padded batches."""
     if not cfg.pack:
         return batch_iterator, masked_loss, None
-    from pipeline.training import packing
+    from pipeline.training import attention, packing
 
     packing.check_model(model)
     per_rank = packing.check_settings(cfg.pack_width, cfg.tokens_per_step, cfg.max_seq_length,
                                       world_size)
     per_epoch = packing.steps_per_epoch(train_set, cfg.pack_width, per_rank * world_size,
                                         cfg.max_seq_length)
-    return (lambda seed: packing.batch_iterator(seed, cfg.pack_width, cfg.tokens_per_step),
-            packing.packed_loss, per_epoch)
+    # attention inside each row through the fused kernel (pipeline/training/attention.py)
+    loss, wrap, _ = attention.choose(model)
+    return (lambda seed: wrap(packing.batch_iterator(seed, cfg.pack_width, cfg.tokens_per_step)),
+            loss, per_epoch)
 
 
 def _digest(weights: dict[str, Any]) -> str:
@@ -422,6 +426,8 @@ def _digest(weights: dict[str, Any]) -> str:
 
 def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: int,
             world_size: int, sha: str) -> TrainResult:
+    from pipeline.training import memory
+
     trains = [r for r in log.rows if r["kind"] == "train"]
     speeds = [r["tokens_per_second"] for r in trains]
     return TrainResult(
@@ -432,6 +438,8 @@ def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: 
         steps_per_second=float(np.mean([r["steps_per_second"] for r in trains])) if trains else 0.0,
         trained_tokens=int(trains[-1]["trained_tokens"]) if trains else 0,
         peak_memory_gb=max((r["peak_memory"] for r in trains), default=0.0),
+        process_peak_memory_gb=memory.process_peak_gb(),
+        mlx_held_peak_gb=max(log.held_peak, memory.held_gb()),
         wall_seconds=time.perf_counter() - started,
         resumed_from=done,
         world_size=world_size,

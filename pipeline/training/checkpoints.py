@@ -105,6 +105,7 @@ class MetricsLog:
                          if r is not None and r["step"] <= offset]
         trains = [r for r in self.rows if r["kind"] == "train"]
         self.token_base = trains[-1]["trained_tokens"] if trains else 0  # tokens before resume
+        self.held_peak = 0.0  # GB of device memory MLX held (arrays + cache), at reports
 
     def _add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -114,6 +115,9 @@ class MetricsLog:
             fh.write(json.dumps(row) + "\n")
 
     def on_train_loss_report(self, info: dict[str, Any]) -> None:
+        from pipeline.training import memory
+
+        self.held_peak = max(self.held_peak, memory.held_gb())
         self._add({"kind": "train", "step": info["iteration"] + self.offset,
                    "loss": info["train_loss"], "tokens_per_second": info["tokens_per_second"],
                    "steps_per_second": info["iterations_per_second"],
