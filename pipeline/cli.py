@@ -34,7 +34,9 @@ def options(
         config.PARAMS_FILE),
 ) -> None:
     """Turn a list of questions into a fine-tuned, versioned, shareable LLM (DVC + mlx-lm)."""
+    from pipeline.core.model_source import offline_for_params
     ctx.obj = Params(params)
+    offline_for_params(params)  # the embedded default and local paths never ask the network
 
 
 @app.command("base-model")
@@ -45,9 +47,10 @@ def base_model(
     """Convert `base.model` (embedded GGUF, .gguf, directory or HF id) into an mlx-lm model."""
     from pipeline import base_model as stage
 
-    # The whole section is checked (an unknown key fails), only base.model is read: base.seed
-    # does not change the base model.
-    result = stage.run(stage.SourceConfig(params_of(ctx).base.model), stage.BasePaths(out))
+    params = params_of(ctx)  # the whole base section is checked; base.seed is not read
+    cfg = stage.SourceConfig(params.base.model, params.base.revision, params.base.quantize,
+                             params.base.quantize_group_size)
+    result = stage.run(cfg, stage.BasePaths(out))
     typer.echo(f"base model ({result.kind}) {result.source} -> {result.out}")
 
 
@@ -65,9 +68,9 @@ def generate(
     from pipeline.llm import clients as llm
 
     params = params_of(ctx)
-    cfg, base_cfg = params.load(stage.GenerateConfig, "generate"), params.base
+    cfg, seed, model = params.load(stage.GenerateConfig, "generate"), params.base.seed, params.base.model
     paths = stage.GeneratePaths(questions, out, metrics, cache)
-    r = stage.run(cfg, paths, seed=base_cfg.seed, base=llm.BaseModel(base_cfg.model, base_model))
+    r = stage.run(cfg, paths, seed=seed, base=llm.BaseModel(model, base_model))
     typer.echo(f"{r.questions} questions: {r.generated} generated, {r.reused} reused, "
                f"{len(r.failed)} failed; {r.requests} requests in {r.wall_s:.1f} s -> {out}")
 
@@ -210,8 +213,9 @@ def review_apply(
 def review_serve(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8765,
     open_browser: Annotated[bool, typer.Option("--open", help="open the page in a browser")] = False,
-    host: Annotated[str, typer.Option(help="address to listen on; others on the network can "
-                                      "edit your data if you widen it")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1, ::1, 0.0.0.0...); "
+                                      "others on the network can edit your data if you widen "
+                                      "it")] = "127.0.0.1",
     dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
     corrections: Annotated[Path, typer.Option(help="corrections file (inside data/)")] = Path(
         "data/corrections.jsonl"),
@@ -411,6 +415,18 @@ def publish(
     typer.echo(stage_module.render(result))
     if not result.passed and not (exit_zero or stage):
         raise typer.Exit(1)
+
+
+@app.command()
+def plan(ctx: typer.Context,
+         model: Annotated[Path | None, typer.Option(help="folder with config.json")] = None,
+         memory: Annotated[float | None, typer.Option(help="GiB to plan for")] = None,
+         device: Annotated[str | None, typer.Option(help="cpu (f32) | gpu (bf16)")] = None) -> None:
+    """What fits, before training: parameters, predicted peak memory, the knobs that help."""
+    from pipeline.commands import plan as stage
+
+    typer.echo(stage.render(result := stage.run(params_of(ctx).path, model, memory, device)))
+    raise typer.Exit(0 if result.fits else 1)
 
 
 @app.command()
