@@ -4,10 +4,11 @@
 
 Great Expectations (GX Core 1.x, suites in validation/suites.py) checks every line of every file:
 schema (UTF-8, one JSON object per line, no blank lines, one format per file, roles, turn order,
-string content, required fields) and quality (empty, cut-off, unterminated or refusal answers,
-chat-template markers, duplicate questions within and across files, token length against
-`train.max_seq_length` with the base model's tokenizer, answer length bounds, splits present and
-non-empty). Each check's severity comes from params.yaml `validate.severity`: `error` makes the
+string content, required fields; a line counts as JSON only if Python's strict parser, which
+mlx-lm loads with, takes it) and quality (empty, cut-off, unterminated or refusal answers, answers
+that only repeat their question, chat-template markers, duplicate questions within and across
+files, token length against `train.max_seq_length` with the base model's tokenizer, answer
+length bounds, splits present and non-empty). Each check's severity comes from params.yaml `validate.severity`: `error` makes the
 command exit 1 (and stops `dvc repro`), `warning` is reported, `off` skips it.
 A directory argument means a dataset folder: its `validate.splits` files must all be there, in
 chat, completions or text layout, with `validate.required_fields` on every row. A file argument is
@@ -63,6 +64,7 @@ class Severity:
     truncated: Level
     unterminated: Level
     refusal: Level
+    restates_question: Level
     template_markers: Level
     answer_length: Level
     duplicate_question: Level
@@ -273,7 +275,6 @@ def _findings(results: dict[str, Any], data: Any, settings: Any) -> list[Finding
 
     describe = {c.name: c.describe for c in CHECKS}
     order = {c.name: i for i, c in enumerate(CHECKS)}
-    texts = _LineTexts()
     found: dict[tuple[Any, ...], Finding] = {}
     for name, result in results.items():
         frame = getattr(data, name)
@@ -287,11 +288,6 @@ def _findings(results: dict[str, Any], data: Any, settings: Any) -> list[Finding
                 raise ValidationCrash(f"check {check} could not run on the {name} frame: {crash}")
             indices = [entry["_i"] for entry in res.result.get("unexpected_index_list") or []]
             records = frame.iloc[indices].to_dict("records")
-            if name == "lines":
-                for rec in records:
-                    raw = rec["object_raw"]  # NaN, not None, where absent (pandas str column)
-                    rec["raw"] = raw if isinstance(raw, str) else texts.get(rec["file"],
-                                                                            rec["line"])
             copies = _duplicate_places(records) if check == "duplicate_question" else {}
             for rec in records:
                 key = (check, rec["file"], rec.get("line"), rec.get("msg"))
@@ -310,18 +306,6 @@ def _exception(info: Any) -> str | None:
         if isinstance(entry, dict) and entry.get("raised_exception"):
             return str(entry.get("exception_message"))
     return None
-
-
-class _LineTexts:
-    """Lines that are not JSON objects are not kept in the frames; read them back on demand."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, list[bytes]] = {}
-
-    def get(self, path: str, line: int) -> str:
-        if path not in self.files:
-            self.files[path] = Path(path).read_bytes().split(b"\n")
-        return self.files[path][line - 1].rstrip(b"\r").decode("utf-8", errors="replace")
 
 
 def _line(rec: dict[str, Any]) -> int | None:

