@@ -236,10 +236,8 @@ def base_key(model_dir: Path, rows: Sequence[dict[str, Any]], prompts: Sequence[
     import mlx.core as mx
     import mlx_lm
 
-    from pipeline.llm import local
-
     blob = json.dumps({
-        "model": local.dir_digest(model_dir), "rows": [r["messages"] for r in rows],
+        "model": llm.dir_digest(model_dir), "rows": [r["messages"] for r in rows],
         "prompts": [list(p.messages) for p in prompts], "max_tokens": cfg.max_tokens,
         "spec": [spec.max_seq_length, spec.mask_prompt], "dtype": dtype,
         "versions": [mx.__version__, mlx_lm.__version__],
