@@ -38,7 +38,7 @@ def corrections(rows: list[dict]) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_dvc_exp_run_with_objective_dpo_trains_a_dpo_adapter(tmp_path):
+def test_dvc_repro_stays_sft_and_exp_run_with_objective_dpo_trains_a_dpo_adapter(tmp_path):
     work = tmp_path / "repo"
     (work / "data/imports").mkdir(parents=True)
     shutil.copy(REPO / "params.yaml", work / "params.yaml")
@@ -75,6 +75,12 @@ def test_dvc_exp_run_with_objective_dpo_trains_a_dpo_adapter(tmp_path):
     sh("dvc", "init", "-q")
     sh("git", "add", "-A")
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    sh("dvc", "repro")  # the default: sft, the pairs written but not trained on
+    sft = json.loads((work / "models/adapters/adapter_config.json").read_text())
+    assert sft["tuneline"]["objective"] == "sft"
+    assert (work / "models/reference_logps.jsonl").read_text() == ""
+    sh("git", "add", "-A")
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "sft")
     sh("dvc", "exp", "run", "-S", "train.objective=dpo")
     config = json.loads((work / "models/adapters/adapter_config.json").read_text())
     assert config["tuneline"]["objective"] == "dpo"
