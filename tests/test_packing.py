@@ -12,8 +12,8 @@ from test_train import make_paths, params_train
 
 from pipeline import evaluate as ev
 from pipeline import train
+from pipeline.training import batches, packing
 from pipeline.training import model as mlx_model
-from pipeline.training import packing
 
 QUESTIONS = ["How do I vacuum table t?", "Where are the logs",
              "Which index fits a LIKE 'x%' query on a text column in PostgreSQL?", "Why?",
@@ -106,7 +106,7 @@ def packed_rows(tokens, segs, by_tokens):
 
 def test_stage_packed_steps_give_the_padded_gradients_and_loss_curve(tiny_model_dir):
     """The stage's own packed iterator (packing.batch_iterator) against padded batches of the
-    same rows (train.padded_arrays), both trained with SGD: at every step the targets counted,
+    same rows (batches.padded_arrays), both trained with SGD: at every step the targets counted,
     the loss and the gradient before the optimizer agree, and so do the weights after.
 
     Adam-trained weights could not show a constant gradient-scale error (Adam divides by the
@@ -136,7 +136,7 @@ def test_stage_packed_steps_give_the_padded_gradients_and_loss_curve(tiny_model_
         tokens, mask, segs = next(steps)
         step_rows = packed_rows(tokens, segs, by_tokens)
         width = max(len(t) for t, _ in step_rows)
-        padded_batch = tuple(mx.array(a) for a in train.padded_arrays(step_rows, width))
+        padded_batch = tuple(mx.array(a) for a in batches.padded_arrays(step_rows, width))
         grads = {}
         for pack, batch in ((False, padded_batch), (True, (tokens, mask, segs))):
             model, opt, grad = trainers[pack]
