@@ -36,6 +36,8 @@ MEASURED = [
     (LLAMA_7B, {"sequences": 8, "seq_len": 1024}, 40.6 * GIB),
     (LLAMA_7B, {"sequences": 4, "seq_len": 2048}, 42.6 * GIB),
     (LLAMA_7B, {"sequences": 16, "seq_len": 1024}, 65.1 * GIB),
+    # H100, the 4-bit base (issue 26's run, mx.get_peak_memory with the segments layout)
+    (LLAMA_7B, {"bits": 4}, 19.8 * GIB),
 ]
 
 

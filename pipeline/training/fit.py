@@ -16,6 +16,9 @@ The formula (bytes; T = token positions per step per process, B = bytes of the c
   block's worth with grad_checkpoint; logits: T x vocab x (2B + 8).
 - attention: one block's fp32 scores and probabilities at a time, sequences x heads x L^2 x 8.
 - MLX's cache and workspace: 23% of the weights.
+- a quantized base: one copy of each adapted block's weights at B besides (the measured 4-bit 7B
+  run on an H100 peaked 8.8 GiB above the formula without it, about 16 such blocks; fitted to
+  that one run, issue 26's table in bench/README.md).
 Fitted on measured peaks (bench/README.md "What fits"): the 7.38B llama shape packed 2x1024 to
 16x1024 in bf16 on an H200, and the embedded SmolLM2-135M in float32 on a CPU.
 """
@@ -143,7 +146,8 @@ def _activations(shape: Shape, run: Run, adapted: int) -> float:
     kept = adapted * shape.hidden * run.dtype_bytes + block if run.grad_checkpoint \
         else adapted * block
     logits = shape.vocab * (2 * run.dtype_bytes + 8)
-    return float(run.tokens * (kept + logits))
+    dequantized = 0 if run.bits is None else adapted * shape.block_params() * run.dtype_bytes
+    return float(run.tokens * (kept + logits) + dequantized)
 
 
 # --- this machine ------------------------------------------------------------------------------
