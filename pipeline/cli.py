@@ -8,12 +8,12 @@ becomes one red line and the exit code its class carries.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pipeline.commands.app import register
 from pipeline.core import config
 from pipeline.core.cli_support import (
     Params,
@@ -34,7 +34,9 @@ def options(
         config.PARAMS_FILE),
 ) -> None:
     """Turn a list of questions into a fine-tuned, versioned, shareable LLM (DVC + mlx-lm)."""
+    from pipeline.core.model_source import offline_for_params
     ctx.obj = Params(params)
+    offline_for_params(params)  # the embedded default and local paths never ask the network
 
 
 @app.command("base-model")
@@ -45,9 +47,10 @@ def base_model(
     """Convert `base.model` (embedded GGUF, .gguf, directory or HF id) into an mlx-lm model."""
     from pipeline import base_model as stage
 
-    # The whole section is checked (an unknown key fails), only base.model is read: base.seed
-    # does not change the base model.
-    result = stage.run(stage.SourceConfig(params_of(ctx).base.model), stage.BasePaths(out))
+    params = params_of(ctx)  # the whole base section is checked; base.seed is not read
+    cfg = stage.SourceConfig(params.base.model, params.base.revision, params.base.quantize,
+                             params.base.quantize_group_size)
+    result = stage.run(cfg, stage.BasePaths(out))
     typer.echo(f"base model ({result.kind}) {result.source} -> {result.out}")
 
 
@@ -65,53 +68,11 @@ def generate(
     from pipeline.llm import clients as llm
 
     params = params_of(ctx)
-    cfg, base_cfg = params.load(stage.GenerateConfig, "generate"), params.base
+    cfg, seed, model = params.load(stage.GenerateConfig, "generate"), params.base.seed, params.base.model
     paths = stage.GeneratePaths(questions, out, metrics, cache)
-    r = stage.run(cfg, paths, seed=base_cfg.seed, base=llm.BaseModel(base_cfg.model, base_model))
+    r = stage.run(cfg, paths, seed=seed, base=llm.BaseModel(model, base_model))
     typer.echo(f"{r.questions} questions: {r.generated} generated, {r.reused} reused, "
                f"{len(r.failed)} failed; {r.requests} requests in {r.wall_s:.1f} s -> {out}")
-
-
-questions_app = typer.Typer(no_args_is_help=True, help="Draft and manage the question list.")
-app.add_typer(questions_app, name="questions")
-
-
-@questions_app.command("draft")
-def questions_draft(
-    ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="question list to append to")] = Path(
-        "data/questions.jsonl"),
-    topic: Annotated[str | None, typer.Option(help="default: questions.topic")] = None,
-    count: Annotated[int | None, typer.Option(help="default: questions.count")] = None,
-    prompt: Annotated[str | None, typer.Option(help="template name in questions.prompts")] = None,
-    category: Annotated[list[str] | None, typer.Option(
-        help="audience category, repeatable (default: questions.categories)")] = None,
-    base_model: Annotated[Path, typer.Option(help="base model directory (embedded backend)")] = Path(
-        "models/base"),
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print, append nothing")] = False,
-) -> None:
-    """Ask the LLM for questions; append new, deduplicated ones with provenance."""
-    import dataclasses
-
-    from pipeline.commands import questions as stage
-    from pipeline.llm import clients as llm
-
-    params = params_of(ctx)
-    cfg = params.load(stage.DraftConfig, "questions")
-    given = {"topic": topic, "count": count, "prompt": prompt,
-             "categories": tuple(category) if category else None}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    base_cfg = params.base
-    r = stage.run(cfg, base_cfg.seed, out, base=llm.BaseModel(base_cfg.model, base_model),
-                  dry_run=dry_run, near_dup_threshold=near_dup_threshold(params))
-    if r.note:
-        typer.echo(f"note: {r.note}")
-    for row in r.added:
-        typer.echo(f"{'(dry run) ' if dry_run else ''}{row['id']} [{row.get('category', '-')}] "
-                   f"{row['question']}")
-    typer.echo(f"parsed {r.parsed}, dropped {len(r.duplicates)} near-duplicates, "
-               f"{'would append' if dry_run else 'appended'} {len(r.added)} to {out} "
-               f"(prompt {r.prompt_id})")
 
 
 @app.command()
@@ -165,69 +126,6 @@ def validate(
         raise typer.Exit(1)
 
 
-review_app = typer.Typer(no_args_is_help=True, help="Review the dataset in a sheet or the browser; "
-                         "edits become data/corrections.jsonl lines.")
-app.add_typer(review_app, name="review")
-SheetOpt = Annotated[Path, typer.Option(help="the review sheet (CSV)")]
-
-
-@review_app.command("export")
-def review_export(
-    sheet: SheetOpt = Path("review.csv"),
-    dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
-    corrections: Annotated[Path, typer.Option(help="corrections file")] = Path(
-        "data/corrections.jsonl"),
-    questions: Annotated[Path, typer.Option(help="question list")] = Path("data/questions.jsonl"),
-) -> None:
-    """Write the current dataset (and dropped questions) as an editable CSV sheet."""
-    from pipeline.commands import review as stage
-
-    r = stage.export(dataset, corrections, questions, sheet)
-    typer.echo(f"{sheet}: {r.rows} rows ({r.dropped} dropped); edit it, then "
-               f"`tuneline review apply --sheet {sheet}`")
-
-
-@review_app.command("apply")
-def review_apply(
-    sheet: SheetOpt = Path("review.csv"),
-    dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
-    corrections: Annotated[Path, typer.Option(help="corrections file")] = Path(
-        "data/corrections.jsonl"),
-) -> None:
-    """Turn the cells you changed in the sheet into corrections (idempotent)."""
-    from pipeline.commands import review as stage
-
-    r = stage.apply(sheet, corrections, dataset)
-    for line in r.changed:
-        typer.echo(line)
-    for note in r.notes:
-        typer.secho(f"note: {note}", err=True)
-    typer.echo(f"{len(r.changed)} corrections changed in {corrections}"
-               + ("; run `dvc repro` to rebuild the dataset" if r.changed else ""))
-
-
-@review_app.command("serve")
-def review_serve(
-    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8765,
-    open_browser: Annotated[bool, typer.Option("--open", help="open the page in a browser")] = False,
-    host: Annotated[str, typer.Option(help="address to listen on; others on the network can "
-                                      "edit your data if you widen it")] = "127.0.0.1",
-    dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
-    corrections: Annotated[Path, typer.Option(help="corrections file (inside data/)")] = Path(
-        "data/corrections.jsonl"),
-    questions: Annotated[Path, typer.Option(help="questions file")] = Path(
-        "data/questions.jsonl"),
-    validation: Annotated[Path, typer.Option(help="validate's report")] = Path(
-        "reports/validation.json"),
-    evaluation: Annotated[Path, typer.Option(help="evaluate's report")] = Path("reports/eval.json"),
-) -> None:
-    """Review and correct the dataset in the browser; saves become data/corrections.jsonl lines."""
-    from pipeline.commands import review_server as stage
-
-    paths = stage.ServePaths(Path.cwd(), dataset, corrections, questions, validation, evaluation)
-    stage.serve(paths, host, port, open_browser)
-
-
 @app.command()
 def train(
     ctx: typer.Context,
@@ -238,8 +136,13 @@ def train(
     curve: Annotated[Path, typer.Option(help="reports/train_loss.tsv")],
     live: Annotated[Path | None, typer.Option(
         help="DVCLive folder updated while training (dvc exp show, dvc plots show)")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        help="each pair's reference log-probs (objective dpo; empty otherwise)")] = None,
+    reference_cache: Annotated[Path | None, typer.Option(
+        help="folder keeping reference log-probs per row between runs")] = None,
 ) -> None:
-    """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset."""
+    """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset
+    (train.objective sft), or on its preference pairs (dpo, orpo)."""
     from pipeline import train as stage
     from pipeline.training import launch
 
@@ -247,10 +150,12 @@ def train(
     cfg, seed = params.load(stage.TrainConfig, "train"), params.base.seed
     if launch.relaunch(params.load(launch.LaunchConfig, "launch")):
         return  # the ranks ran this command under mlx.launch; rank 0 wrote the outputs
-    result = stage.run(cfg, stage.TrainPaths(model, data, adapters, metrics, curve, live=live),
-                       seed=seed)
+    result = stage.run(cfg, stage.TrainPaths(model, data, adapters, metrics, curve, live=live,
+                                             reference=reference,
+                                             reference_cache=reference_cache), seed=seed)
     launch.mark_done()
-    typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f} -> {adapters}")
+    typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f}; kept step "
+               f"{result.kept_iteration} ({cfg.keep}) -> {adapters}")
 
 
 @app.command()
@@ -307,60 +212,20 @@ def evaluate(
     html: Annotated[Path, typer.Option(help="reports/compare.html")],
     cache: Annotated[Path | None, typer.Option(
         help="folder keeping the base model's results between runs (not a DVC output)")] = None,
+    pairs: Annotated[Path | None, typer.Option(
+        help="held-out preference pairs: preference accuracy and margin of base and tuned")] = None,
 ) -> None:
-    """Test loss, perplexity and greedy answers of the base and the tuned model, side by side."""
+    """Test loss, perplexity and greedy answers of the base and the tuned model, side by side;
+    preference accuracy on held-out pairs."""
     from pipeline import evaluate as stage
 
     params = params_of(ctx)
     cfg, seed = params.load(stage.EvalConfig, "evaluate"), params.base.seed
     spec = stage.loss_spec(params.path)
-    paths = stage.EvalPaths(model, adapters, test, metrics, html, cache)
+    paths = stage.EvalPaths(model, adapters, test, metrics, html, cache, pairs)
     result = stage.run(cfg, paths, spec=spec, seed=seed)
     typer.echo(f"test loss base {result.base_loss:.4f} -> tuned {result.tuned_loss:.4f} "
                f"({result.improvement:+.4f}); {result.answers} answers each -> {html}")
-
-
-@app.command()
-def chat(
-    model: Annotated[Path | None, typer.Option(
-        help="model directory (default: models/base + models/adapters; or models/fused)")] = None,
-    adapters: Annotated[Path | None, typer.Option(
-        help="adapter to apply (default: models/adapters when --model is not given)")] = None,
-    max_tokens: Annotated[int, typer.Option(help="longest reply, in tokens")] = 512,
-    temp: Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")] = 0.0,
-    seed: Annotated[int | None, typer.Option(help="sampling seed (with --temp > 0)")] = None,
-    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
-) -> None:
-    """Chat with the tuned model in the terminal: history kept, /reset, /exit."""
-    from pipeline.commands import chat as stage
-
-    model_dir, adapter_dir = stage.resolve(model, adapters)
-    loaded, tokenizer = stage.load_model(model_dir, adapter_dir)
-    if seed is not None:
-        import mlx.core as mx
-
-        mx.random.seed(seed)
-    typer.echo(f"chatting with {model_dir}" + (f" + {adapter_dir}" if adapter_dir else ""))
-    stage.chat_loop(stage.stream_reply(loaded, tokenizer, max_tokens, temp), sys.stdin,
-                    sys.stdout, system)
-
-
-@app.command()
-def compare(
-    ctx: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="the question to ask both models")],
-    model: Annotated[Path, typer.Option(help="base model directory")] = Path("models/base"),
-    adapters: Annotated[Path, typer.Option(help="adapter directory")] = Path("models/adapters"),
-    max_tokens: Annotated[int | None, typer.Option(
-        help="answer budget (default: evaluate.max_tokens)")] = None,
-) -> None:
-    """Answer one prompt with the base and the tuned model (greedy) and show both side by side."""
-    from pipeline.commands import chat as stage
-
-    if max_tokens is None:
-        max_tokens = config.load_keys(stage.AnswerBudget, "evaluate", params_of(ctx).path).max_tokens
-    base, tuned = stage.compare(model, adapters, prompt, max_tokens)
-    typer.echo(stage.side_by_side([("base", base["answer"]), ("tuned", tuned["answer"])]))
 
 
 @app.command()
@@ -413,15 +278,7 @@ def publish(
         raise typer.Exit(1)
 
 
-@app.command()
-def doctor(ctx: typer.Context) -> None:
-    """Say what this machine runs on (MLX device, BLAS, dtype), what is missing, how to fix it."""
-    from pipeline.commands import doctor as stage
-
-    report = stage.run(params_of(ctx).path)
-    typer.echo(stage.render(report))
-    if not report.ok:
-        raise typer.Exit(1)
+register(app)  # questions, review, chat, compare, plan, doctor (pipeline/commands/app.py)
 
 
 def main() -> None:

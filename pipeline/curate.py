@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import UserError
+from pipeline.rows import correction_pairs, formats, neardup, pairs
 from pipeline.rows import corrections as corr_mod
-from pipeline.rows import formats, neardup
 from pipeline.rows.formats import Conversation
 from pipeline.rows.jsonl import atomic_dir, iter_jsonl_numbered, paused_gc, write_json, write_jsonl
 from validation import patterns
@@ -86,10 +86,13 @@ def _run(cfg: CurateConfig, paths: CuratePaths, held_out: tuple[str, ...]) -> Cu
     _check_config(cfg)
     questions = load_questions(paths.questions)
     generated = load_generated(paths.generated)
-    imported = [c for f in sorted(paths.imports.glob("*.jsonl")) for c in formats.read_import(f)]
+    files = sorted(paths.imports.glob("*.jsonl"))
+    pair_files = [f for f in files if pairs.is_pair_file(f)]  # TRL preference layouts
+    imported = [c for f in files if f not in pair_files for c in formats.read_import(f)]
     rows = _index(generated + imported)
-    rows, applied = corr_mod.apply(rows, questions, corr_mod.load(paths.corrections),
-                                   str(paths.corrections))
+    corrections = corr_mod.load(paths.corrections)
+    found, no_pair = correction_pairs.candidates(rows, corrections, str(paths.corrections))
+    rows, applied = corr_mod.apply(rows, questions, corrections, str(paths.corrections))
     bad: list[dict[str, Any]] = []
     if cfg.drop_bad_generated:
         rows = _drop_bad_generated(rows, bad)
@@ -98,14 +101,37 @@ def _run(cfg: CurateConfig, paths: CuratePaths, held_out: tuple[str, ...]) -> Cu
     if cfg.system_prompt is not None:
         kept = [_with_system(c, cfg.system_prompt) for c in kept]
     splits, moved = split(kept, cfg, family, {h["id"] for h in held})
+    prefs, pref_report = correction_pairs.by_split(splits, found, [p for f in pair_files
+                                                        for p in pairs.read(f)],
+                                        _pair_placer(splits, cfg))
     with atomic_dir(paths.out) as tmp:  # the three splits as one unit: a kill never mixes runs
         for name in SPLITS:
             write_jsonl(tmp / f"{name}.jsonl", [dataset_row(c) for c in splits[name]])
+            write_jsonl(tmp / "preference" / f"{name}.jsonl", [p.row() for p in prefs[name]])
     report = _report(splits, generated, imported, applied, duplicates, bad, moved)
+    report["preference"] = {**pref_report, "no_pair": len(no_pair)}
+    report["details"]["no_pair"] = no_pair
     report["details"]["near_evaluate_prompts"] = held
     write_json(paths.report, report)
     counts = {name: len(splits[name]) for name in SPLITS}
     return CurateResult(counts, len(duplicates), len(bad) + len(applied.dropped), report)
+
+
+def _pair_placer(splits: dict[str, list[Conversation]], cfg: CurateConfig) -> Any:
+    """An imported pair goes to the split of the dataset row asking its first question (no
+    leakage), else where its own id hashes to, as a row would."""
+    where = {patterns.question_key(first_question(c)): name
+             for name, convs in splits.items() for c in convs}
+    train_end = 1 - cfg.valid_fraction - cfg.test_fraction
+
+    def place(pair: pairs.Pair) -> str:
+        question = next((m["content"] for m in pair.prompt if m["role"] == "user"), "")
+        if patterns.question_key(question) in where:
+            return where[patterns.question_key(question)]
+        p = position(cfg.seed, pair.id)
+        return "train" if p < train_end else "valid" if p < 1 - cfg.test_fraction else "test"
+
+    return place
 
 
 def _check_config(cfg: CurateConfig) -> None:

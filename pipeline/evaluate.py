@@ -34,6 +34,7 @@ from pipeline.core.errors import UserError
 from pipeline.llm import clients as llm
 from pipeline.rows.jsonl import read_jsonl, write_json, write_text
 from pipeline.training import model as mlx_model
+from pipeline.training import preference
 
 
 class EvalError(UserError):
@@ -85,6 +86,7 @@ class EvalPaths:
     metrics: Path
     html: Path
     cache: Path | None = None  # keeps the base model's results between runs (not a DVC output)
+    pairs: Path | None = None  # held-out preference pairs (data/dataset/preference/test.jsonl)
 
 
 @dataclass(frozen=True)
@@ -336,9 +338,17 @@ def run(cfg: EvalConfig, paths: EvalPaths, *, spec: LossSpec, seed: int | None =
     encoded = encode_rows(tokenizer, rows, spec.mask_prompt)
     key = base_key(paths.model, rows, prompts, cfg, spec, dtype) if cache is not None else ""
     base = cached_side(cache, key, lambda: side(model, tokenizer, encoded, prompts, cfg, spec))
+    held = preference_rows(paths.pairs, tokenizer)
+    prefs = {"base": cached_side(cache, f"{key}-pairs-{_file_key(paths.pairs)}", lambda: (
+        preference.accuracy(model, held, cfg.batch_size, spec.max_seq_length)))}
     mlx_model.attach_adapters(model, paths.adapters)
     tuned = side(model, tokenizer, encoded, prompts, cfg, spec)
+    prefs["tuned"] = preference.accuracy(model, held, cfg.batch_size, spec.max_seq_length)
+    for name, scores in (("base", base), ("tuned", tuned)):  # beside the loss: card and gate
+        scores.update(preference_accuracy=prefs[name]["accuracy"],
+                      preference_margin=prefs[name]["mean_margin"])
     report = build_report(rows, prompts, base, tuned)
+    report["preference"] = {"pairs": len(held), "objective": _objective(paths.adapters), **prefs}
     if cfg.judge.enabled:
         # The backend named in `evaluate.judge`: a server, or a .gguf / mlx dir in-process.
         client = client if client is not None else llm.connect(cfg.judge)
@@ -348,6 +358,25 @@ def run(cfg: EvalConfig, paths: EvalPaths, *, spec: LossSpec, seed: int | None =
     write_text(paths.html, render_html(report, prompts))
     return Result(base["test_loss"], tuned["test_loss"], report["improvement"], len(prompts),
                   time.perf_counter() - start)
+
+
+def preference_rows(path: Path | None, tokenizer: Any) -> list[Any]:
+    """Held-out pairs as token rows (pipeline/training/preference.py); none if absent."""
+    from pipeline.rows import pairs
+
+    if path is None or not path.exists():
+        return []
+    return preference.encode_pairs(tokenizer, pairs.read(path))
+
+
+def _file_key(path: Path | None) -> str:
+    data = path.read_bytes() if path is not None and path.exists() else b""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _objective(adapters: Path) -> str:
+    config = json.loads((adapters / "adapter_config.json").read_text(encoding="utf-8"))
+    return str(config.get("tuneline", {}).get("objective", "sft"))
 
 
 def build_report(rows: Sequence[dict[str, Any]], prompts: Sequence[Prompt],
@@ -361,6 +390,15 @@ def build_report(rows: Sequence[dict[str, Any]], prompts: Sequence[Prompt],
                     for p in prompts],
         "judge": {"enabled": False},
     }
+
+
+def _preference_html(pref: dict[str, Any] | None) -> list[str]:
+    if not pref or not pref["pairs"]:
+        return []
+    cells = "".join(f"<tr><th>{k}</th><td>{pref[k]['accuracy']:.3f}</td>"
+                    f"<td>{pref[k]['mean_margin']:+.3f}</td></tr>" for k in ("base", "tuned"))
+    head = f"<tr><th>{pref['pairs']} held-out pairs</th><th>preference accuracy</th>"
+    return [f"<table class='loss'>{head}<th>mean margin (nats)</th></tr>{cells}</table>"]
 
 
 STYLE = """
@@ -386,6 +424,7 @@ def render_html(report: dict[str, Any], prompts: Sequence[Prompt]) -> str:
         f"<tr><th>base</th><td>{b['test_loss']:.4f}</td><td>{b['test_ppl']:.2f}</td></tr>",
         f"<tr><th>tuned</th><td>{t['test_loss']:.4f}</td><td>{t['test_ppl']:.2f}</td></tr>",
         f"<tr><th>improvement</th><td>{report['improvement']:+.4f}</td><td></td></tr></table>",
+        *_preference_html(report.get("preference")),
         f"<p class='meta'>{report['test_rows']} test rows, {t['test_tokens']} scored tokens.</p>",
     ]
     verdicts = {v["id"]: v for v in report["judge"].get("verdicts", [])}

@@ -2,6 +2,8 @@
 
 Merges the trained adapter into the base weights and writes a standalone mlx-lm model directory
 (weights, config, tokenizer files): what export turns into GGUF and what `tuneline chat` can load.
+A quantized base (base.quantize, or an mlx-community folder: QLoRA) is de-quantized here, so the
+fused model, the GGUFs and export's proof all use float weights.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def run(paths: FusePaths) -> Path:
     """No params section: fusing has no knobs."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.utils import dequantize_model
 
     from pipeline.training import model as mlx_model
 
@@ -40,11 +43,12 @@ def run(paths: FusePaths) -> Path:
         raise UserError(f"{adapters}: no adapter_config.json; run `dvc repro train` first")
     # The checkpoint's own dtype: fused weights must not depend on the machine that fused them.
     fused, _ = mlx_model.load(model, adapters, backend_dtype=False)
-    merged = [(name, module.fuse()) for name, module in fused.named_modules()
+    merged = [(name, module.fuse(dequantize=True)) for name, module in fused.named_modules()
               if hasattr(module, "fuse")]
     if merged:
         fused.update_modules(tree_unflatten(merged))
-    config = json.loads((model / "config.json").read_text())
+    dequantize_model(fused)  # the blocks and embeddings no adapter touched
+    config = float_config(json.loads((model / "config.json").read_text()))
     with atomic_dir(out) as tmp:
         weights = dict(tree_flatten(fused.parameters()))
         if config.get("tie_word_embeddings"):
@@ -56,3 +60,8 @@ def run(paths: FusePaths) -> Path:
                 shutil.copy2(model / name, tmp / name)
         shutil.copy2(adapters / "adapter_config.json", tmp / "adapter_config.json")
     return out
+
+
+def float_config(config: dict) -> dict:
+    """config.json of the de-quantized model: without the quantization mlx-lm would apply."""
+    return {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}

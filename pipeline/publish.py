@@ -69,6 +69,7 @@ class PublishConfig:
     tags: tuple[str, ...]  # extra tags on the card
     min_improvement: float  # base test_loss - tuned test_loss must be at least this
     require_judge_win_rate: float | None  # null = no judge needed
+    min_preference_accuracy: float | None  # held-out pairs; null = not required
     require_pushed: bool  # outputs are in the default DVC remote
     require_clean_git: bool  # no uncommitted changes, so the card's commit reproduces the model
     card_samples: int  # evaluation samples shown in the card
@@ -151,8 +152,9 @@ def run(cfg: PublishConfig, paths: PublishPaths, *, dry_run: bool, stage: bool =
     check_inside_repository(paths)
     token = env.get("HF_TOKEN") or None
     reasons = dry_run_reasons(cfg, dry_run or stage, token)
-    checks = gate(cfg, paths, stage=stage)
-    release = build_release(cfg, paths)
+    release = build_release(cfg, paths)  # hashes every file once: the gate judges these hashes
+    checks = gate(cfg, paths, stage=stage, hashes={f.source: f.sha256 for f in release.files
+                                                   if f.source is not None})
     if paths.card is not None:
         write_text(paths.card, release.card)
     if paths.dataset_card is not None and release.dataset is not None:
@@ -169,13 +171,18 @@ def run(cfg: PublishConfig, paths: PublishPaths, *, dry_run: bool, stage: bool =
         write_json(paths.report, result.to_json())
         return result
     endpoint = (env.get("HF_ENDPOINT") or hub.DEFAULT_ENDPOINT).rstrip("/")
+    scratch = (repo_facts.toplevel() or Path.cwd()) / ".tuneline"  # ignored by git and DVC
     try:
-        if release.dataset is not None and result.dataset is not None:
-            # First: the model card links to it, and a model without its data is the worse half.
-            status, url, _ = hub.push(_dataset_upload(cfg, release), token, endpoint)
-            result.dataset.update(status=status, commit_url=url)
-        result.status, result.commit_url, result.revision = hub.push(
-            _upload(cfg, release), token, endpoint)
+        # Upload private copies, hashed as they are made: what goes out is what was checked.
+        with hub.snapshot(release.files, scratch) as files, hub.snapshot(
+                release.dataset.files if release.dataset else (), scratch) as data_files:
+            if release.dataset is not None and result.dataset is not None:
+                # First: the model card links to it; a model without its data is the worse half.
+                status, url, _ = hub.push(_dataset_upload(cfg, release, data_files), token,
+                                          endpoint)
+                result.dataset.update(status=status, commit_url=url)
+            result.status, result.commit_url, result.revision = hub.push(
+                _upload(cfg, release, files), token, endpoint)
     except hub.HubError as exc:
         result.status, result.error = "failed", hub.redact(str(exc), token)
         _record(paths, result)
@@ -195,19 +202,20 @@ def _record(paths: PublishPaths, result: PublishResult) -> None:
     write_json(paths.report, result.to_json())
 
 
-def _upload(cfg: PublishConfig, release: Release) -> hub.Upload:
+def _upload(cfg: PublishConfig, release: Release, files: list[ReleaseFile]) -> hub.Upload:
     return hub.Upload(
-        repo_id=str(cfg.repo_id), private=cfg.private, files=release.files, manifest=MANIFEST,
+        repo_id=str(cfg.repo_id), private=cfg.private, files=files, manifest=MANIFEST,
         content_id=release.content_id,
         title=f"tuneline publish {(release.git.commit or 'uncommitted')[:12]}",
         description=f"content {release.content_id}\ngit commit {release.git.commit}")
 
 
-def _dataset_upload(cfg: PublishConfig, release: Release) -> hub.Upload:
+def _dataset_upload(cfg: PublishConfig, release: Release,
+                    files: list[ReleaseFile]) -> hub.Upload:
     data = release.dataset
     assert data is not None
     return hub.Upload(
-        repo_id=str(data.repo_id), private=cfg.dataset.private, files=data.files,
+        repo_id=str(data.repo_id), private=cfg.dataset.private, files=files,
         manifest=MANIFEST, content_id=data.content_id, repo_type="dataset",
         title=f"tuneline dataset {(release.git.commit or 'uncommitted')[:12]}",
         description=f"content {data.content_id}\ngit commit {release.git.commit}")
@@ -257,10 +265,13 @@ def check_inside_repository(paths: PublishPaths) -> None:
         path = getattr(paths, item.name)
         if item.name in OUTPUTS or path is None or repo_facts.relative(path, top) is not None:
             continue
-        option = "--eval" if item.name == "eval" else f"--{item.name.replace('_', '-')}"
         raise PublishError(
-            f"{option} {path} is outside the repository {top}: the git-clean and dvc status "
+            f"{_option(item.name)} {path} is outside the repository {top}: the git-clean and dvc status "
             "checks cannot vouch for it; use the file inside the repository (as dvc.yaml does)")
+
+
+def _option(name: str) -> str:
+    return "--eval" if name == "eval" else f"--{name.replace('_', '-')}"
 
 
 def dry_run_reasons(cfg: PublishConfig, dry_run: bool, token: str | None) -> list[str]:
@@ -274,20 +285,28 @@ def dry_run_reasons(cfg: PublishConfig, dry_run: bool, token: str | None) -> lis
     return reasons
 
 
-def gate(cfg: PublishConfig, paths: PublishPaths, *, stage: bool = False) -> list[Check]:
+def gate(cfg: PublishConfig, paths: PublishPaths, *, stage: bool = False,
+         hashes: Mapping[Path, str] | None = None) -> list[Check]:
+    """`hashes`: sha256 of the files the release holds (the same ones its manifest records)."""
     evaluation = publish_gate.read_report(paths.eval)
     license, source = _base_license(cfg, paths)
     own = [paths.report, paths.card, paths.releases]
+    inputs = {_option(f.name): getattr(paths, f.name) for f in fields(paths)
+              if f.name not in OUTPUTS and getattr(paths, f.name) is not None}
     checks = [
+        publish_gate.check_tracked(inputs, stage=stage),
         publish_gate.check_validation(paths.validation),
         publish_gate.check_improvement(paths.eval, evaluation, cfg.min_improvement),
-        publish_gate.check_gguf(paths.gguf_report, paths.gguf, needed="gguf" in cfg.upload),
+        publish_gate.check_gguf(paths.gguf_report, paths.gguf, needed="gguf" in cfg.upload,
+                                hashes=hashes),
         publish_gate.check_judge(paths.eval, evaluation, cfg.require_judge_win_rate),
+        publish_gate.check_preference(paths.eval, evaluation, cfg.min_preference_accuracy),
         publish_gate.check_license(license, source, cfg.allowed_licenses),
         publish_gate.check_artifacts(cfg.upload, paths.adapters, paths.fused, paths.gguf),
         publish_gate.check_git_clean(cfg.require_clean_git and not stage, ignore=own),
         *publish_gate.check_dvc(cfg.require_pushed and not stage),
-        *([check_dataset(cfg.dataset, paths.dataset)] if cfg.dataset.enabled else []),
+        *([publish_gate.check_dataset(cfg.dataset, paths.dataset)] if cfg.dataset.enabled
+          else []),
     ]
     if stage:
         later = "judged by `tuneline publish` after `git commit` and `dvc push`"
@@ -295,19 +314,6 @@ def gate(cfg: PublishConfig, paths: PublishPaths, *, stage: bool = False) -> lis
         checks = [Check(c.name, False, f"pending: {later}", pending=True)
                   if waiting.get(c.name) else c for c in checks]
     return checks
-
-
-def check_dataset(data: DatasetConfig, folder: Path) -> Check:
-    """What only the dataset repository needs: its own license, and every split file."""
-    missing = [f"{s}.jsonl" for s in dataset_card.HUB_SPLITS if not (folder / f"{s}.jsonl").is_file()]
-    if missing:
-        return Check("dataset", False, f"{folder} lacks {', '.join(missing)}: run `dvc repro curate`")
-    if not data.license:
-        return Check("dataset", False, "publish.dataset.license is not set: choose the dataset's "
-                     "license (generated answers carry the terms of the model that wrote them, "
-                     "imports those of their source)")
-    return Check("dataset", True, f"dataset repository {data.repo_id or '<publish.dataset.repo_id>'}"
-                 f" ({'private' if data.private else 'public'}, license {data.license})")
 
 
 def _base_license(cfg: PublishConfig, paths: PublishPaths) -> tuple[str | None, str]:

@@ -16,7 +16,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.core.errors import UserError
+from pipeline.rows import pairs
 from pipeline.rows.jsonl import (
     atomic_dir,
     atomic_path,
@@ -33,7 +34,10 @@ from pipeline.rows.jsonl import (
     write_metrics,
     write_text,
 )
+from pipeline.training import best, preference
 from pipeline.training import metrics as train_metrics
+from pipeline.training.batches import batch_iterator
+from pipeline.training.checkpoints import MetricsLog, checkpointing, folder_hashes, load_checkpoint
 from pipeline.training.model import encode_chat, masked_loss
 
 CHECKPOINT_ROOT = Path(".tuneline/checkpoints")
@@ -72,6 +76,11 @@ class TrainConfig:
     pack: bool | Literal["auto"]  # rows end to end in fixed-width sequences (pipeline/training/packing.py)
     pack_width: int  # inputs per packed sequence
     tokens_per_step: int  # packed positions per optimizer step (all processes together)
+    force: bool  # train even if predicted not to fit memory, or a quantized base on a CPU is slow
+    objective: Literal["sft", "dpo", "orpo"]  # dpo/orpo: on data/preference pairs (training/preference.py)
+    beta: float  # dpo: the KL strength beta; orpo: the odds-ratio weight lambda
+    keep: Literal["last", "best_val"]  # the adapter written (pipeline/training/best.py)
+    early_stop_patience: int | None  # stop after this many validations without a new best
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,8 @@ class TrainPaths:
     curve: Path
     checkpoints: Path = CHECKPOINT_ROOT  # resumable state of unfinished runs, outside DVC outputs
     live: Path | None = None  # DVCLive folder (pipeline/training/metrics.py), rewritten while training
+    reference: Path | None = None  # dpo: each pair's reference log-probs (a DVC output; empty for sft)
+    reference_cache: Path | None = None  # reference log-probs per row across runs (not a DVC output)
 
 
 @dataclass(frozen=True)
@@ -93,11 +104,16 @@ class TrainResult:
     tokens_per_second: float
     steps_per_second: float
     trained_tokens: int
-    peak_memory_gb: float
+    peak_memory_gb: float  # MLX's live arrays at their peak
+    process_peak_memory_gb: float  # the process's resident set (host memory; ru_maxrss)
+    mlx_held_peak_gb: float  # live arrays + MLX's buffer cache, the most seen at a report (device)
     wall_seconds: float
     resumed_from: int
     world_size: int
     adapter_sha256: str  # of the trained weights: equal across ranks and reruns with one seed
+    kept_iteration: int  # the step whose weights were written (train.keep)
+    kept_val_loss: float  # their validation loss
+    stopped_early_at: int | None  # train.early_stop_patience ended training at this step
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -114,48 +130,25 @@ def load_split(path: Path, tokenizer: Any, mask_prompt: bool) -> list[tuple[list
     return encoded
 
 
-def batch_iterator(seed: int) -> Callable[..., Iterator[tuple[Any, Any]]]:
-    """mlx-lm's `iterate_batches` signature, yielding (tokens, target mask) with our own RNG."""
-    import mlx.core as mx
-
-    from pipeline.training import packing
-
-    def iterate(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
-        rank, size = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
-        if batch_size % size:
-            raise TrainError(f"params.yaml:train.batch_size: {batch_size} must be divisible by the "
-                             f"{size} distributed processes")
-        order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
-        batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-        rng = np.random.default_rng(seed)  # same seed on every rank: same batch, own slice
-        while True:
-            for b in rng.permutation(len(batches)):
-                rows = [dataset[j] for j in batches[b][rank::size]]
-                # every rank divides by its share of the batch's targets: the ranks' averaged
-                # gradient is then the one-process gradient (pipeline/packing.rank_denominator)
-                step = sum(sum(m[1:max_seq_length]) for _, m in (dataset[j] for j in batches[b]))
-                extra = (mx.array(packing.rank_denominator(step, size)),) if loop and size > 1 else ()
-                width = min(max(len(t) for t, _ in rows), max_seq_length)
-                tokens = np.zeros((len(rows), width), np.int32)
-                mask = np.zeros((len(rows), width), np.float32)
-                for r, (t, m) in enumerate(rows):
-                    n = min(len(t), width)
-                    tokens[r, :n], mask[r, :n] = t[:n], m[:n]
-                yield mx.array(tokens), mx.array(mask), *extra
-            if not loop:
-                return
-
-    return iterate
-
-
 # --- settings --------------------------------------------------------------------------------
 
 
 def total_iters(cfg: TrainConfig, n_train: int, steps_per_epoch: float | None = None) -> int:
     if cfg.epochs is not None:
-        per_epoch = steps_per_epoch or n_train / cfg.batch_size  # packed: from the layout
+        per_epoch = steps_per_epoch or math.ceil(n_train / cfg.batch_size)  # packed: layout
         return max(1, math.ceil(cfg.epochs * per_epoch))
     return cfg.iters
+
+
+def check_splits(data: Path, train_set: list[Any], valid_set: list[Any]) -> None:
+    """An empty split would divide by zero (packing's layout) or give a NaN validation loss."""
+    for name, rows in (("train", train_set), ("valid", valid_set)):
+        if not rows:
+            raise TrainError(f"{data / name}.jsonl has no rows (params.yaml:curate."
+                             "min_split_rows); add questions and run `dvc repro curate`")
+        if not any(any(m[1:]) for _, m in rows):
+            raise TrainError(f"{data / name}.jsonl: no row has an assistant token to learn "
+                             "or score; check its messages (`tuneline validate`)")
 
 
 def check_settings(cfg: TrainConfig, n_layers: int, n_train: int, n_valid: int,
@@ -247,10 +240,15 @@ def _flat(tree: Any) -> list[tuple[str, Any]]:
 
 
 def run_key(cfg: TrainConfig, seed: int, paths: TrainPaths) -> str:
-    """Checkpoints are only reused by a run with identical settings, data and base model."""
-    digest = hashlib.sha256(json.dumps([asdict(cfg), seed], sort_keys=True).encode())
-    for f in (paths.data / "train.jsonl", paths.data / "valid.jsonl", paths.model / "config.json"):
-        digest.update(f.read_bytes())
+    """Checkpoints are only reused by a run with identical settings, data and base model: every
+    file of the base counts (weights, tokenizer), not only its config.json."""
+    base = folder_hashes(paths.model, paths.checkpoints.parent / "file_hashes.json")
+    digest = hashlib.sha256(json.dumps([asdict(cfg), seed, base], sort_keys=True).encode())
+    files = [paths.data / "train.jsonl", paths.data / "valid.jsonl"]
+    if cfg.objective != "sft":  # the pairs it trains on
+        files += [paths.data / "preference" / f"{s}.jsonl" for s in ("train", "valid")]
+    for f in files:
+        digest.update(f.read_bytes() if f.exists() else b"")
     return digest.hexdigest()[:16]
 
 
@@ -266,30 +264,6 @@ def latest_checkpoint(folder: Path) -> tuple[int, Path | None]:
     return 0, None
 
 
-def checkpointing(iterate: Callable[..., Iterator[Any]], every: int, save: Callable[[int], None],
-                  skip: int = 0) -> Callable[..., Iterator[Any]]:
-    """Wrap mlx-lm's batch iterator: when it asks for the batch after step n, step n is done and
-    evaluated; save then (mlx-lm's own checkpoint writes are not atomic: a kill tears them).
-
-    A resumed run skips the `skip` batches already trained on, so it sees the batches an
-    uninterrupted run would have seen.
-    """
-
-    def wrapped(*args: Any, loop: bool = False, **kw: Any) -> Iterator[Any]:
-        batches = iterate(*args, loop=loop, **kw)
-        if not loop:  # validation
-            yield from batches
-            return
-        for _ in range(skip):
-            next(batches)
-        for n, batch in enumerate(batches):
-            if n and (skip + n) % every == 0:
-                save(skip + n)
-            yield batch
-
-    return wrapped
-
-
 def save_checkpoint(model: Any, optimizer: Any, ckpt_dir: Path, step: int) -> None:
     """Optimizer state first, then the weights: a checkpoint counts once its weights file is
     complete, and then its optimizer state is too."""
@@ -301,63 +275,6 @@ def save_checkpoint(model: Any, optimizer: Any, ckpt_dir: Path, step: int) -> No
             mx.save_safetensors(str(tmp), flat)  # mlx appends a missing suffix
 
 
-def load_checkpoint(model: Any, optimizer: Any, path: Path) -> None:
-    import mlx.core as mx
-    from mlx.utils import tree_unflatten
-
-    model.load_weights(str(path), strict=False)
-    state = mx.load(str(path.with_name(path.name.replace("_adapters.", "_optimizer."))))
-    optimizer.state = tree_unflatten(list(state.items()))
-
-
-def _log_row(line: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(line) if line else None
-    except ValueError:
-        return None  # the line a kill cut short
-
-
-class MetricsLog:
-    """mlx-lm training callback: keeps the curves, persists them beside the checkpoints."""
-
-    def __init__(self, log_file: Path, offset: int, write: bool = True):
-        self.log_file, self.offset, self.write = log_file, offset, write
-        self.rows: list[dict[str, Any]] = []
-        if log_file.exists():
-            self.rows = [r for r in map(_log_row, log_file.read_text().splitlines())
-                         if r is not None and r["step"] <= offset]
-        trains = [r for r in self.rows if r["kind"] == "train"]
-        self.token_base = trains[-1]["trained_tokens"] if trains else 0  # tokens before resume
-
-    def _add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if not self.write:
-            return
-        with self.log_file.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-
-    def on_train_loss_report(self, info: dict[str, Any]) -> None:
-        self._add({"kind": "train", "step": info["iteration"] + self.offset,
-                   "loss": info["train_loss"], "tokens_per_second": info["tokens_per_second"],
-                   "steps_per_second": info["iterations_per_second"],
-                   "trained_tokens": info["trained_tokens"] + self.token_base,
-                   "peak_memory": info["peak_memory"],
-                   "learning_rate": info["learning_rate"]})
-
-    def on_val_loss_report(self, info: dict[str, Any]) -> None:
-        self._add({"kind": "val", "step": info["iteration"] + self.offset, "loss": info["val_loss"]})
-
-    def curve_tsv(self) -> str:
-        """step, train_loss, val_loss: val_loss is the latest validation at or before the step."""
-        lines = ["step\ttrain_loss\tval_loss"]
-        vals = sorted((r["step"], r["loss"]) for r in self.rows if r["kind"] == "val")
-        for r in sorted((r for r in self.rows if r["kind"] == "train"), key=lambda r: r["step"]):
-            seen = [v for s, v in vals if s <= r["step"]]
-            val = f"{seen[-1]:.5f}" if seen else ""
-            lines.append(f"{r['step']}\t{r['loss']:.5f}\t{val}")
-        return "\n".join(lines) + "\n"
-
-
 # --- the stage -------------------------------------------------------------------------------
 
 
@@ -366,7 +283,7 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
     from pipeline.core import progress
-    from pipeline.training import launch
+    from pipeline.training import fit, launch
     from pipeline.training import model as mlx_model
 
     progress.plain_mlx_console()  # no colour codes in `dvc repro` logs
@@ -376,13 +293,27 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     for weights_file in sorted(paths.model.glob("*.safetensors")):
         check_safetensors(weights_file)  # mlx would stop with a RuntimeError traceback
     model, tokenizer = mlx_model.load(paths.model)
-    train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
-    valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
+    if cfg.objective == "sft":
+        train_set = load_split(paths.data / "train.jsonl", tokenizer, cfg.mask_prompt)
+        valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
+        check_splits(paths.data, train_set, valid_set)
+    else:  # pairs, with the reference log-probs of the model before any adapter exists
+        train_set, valid_set = preference.prepare(cfg.objective, model, tokenizer, paths.model,
+                                                  paths.data / "preference", pairs.read,
+                                                  cfg.batch_size, cfg.max_seq_length,
+                                                  paths.reference_cache)
+    if lead and paths.reference is not None:
+        preference.write_reference(paths.reference, {"train": train_set, "valid": valid_set}
+                                   if cfg.objective == "dpo" else {})
     if cfg.pack == "auto":  # recorded resolved: the adapter config says what was done
         cfg = replace(cfg, pack=packing_wanted(cfg.pack))
     batches, loss, per_epoch = _batching(cfg, model, train_set, world.size())
     iters = total_iters(cfg, len(train_set), per_epoch)
-    check_settings(cfg, len(model.layers), len(train_set), len(valid_set), iters)
+    check_settings(cfg, len(model.layers), len(train_set),
+                   len(valid_set) if cfg.objective == "sft" else cfg.batch_size, iters)
+    best.check(cfg.keep, cfg.early_stop_patience, len(valid_set))
+    fit_cfg, lengths = preference.fit_view(cfg, train_set)  # pairs: both sides are rows
+    fit.check_train(fit_cfg, paths.model, lengths, world.size(), iters)
 
     mx.random.seed(seed)
     apply_adapters(model, cfg)
@@ -395,6 +326,8 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
         load_checkpoint(model, optimizer, ckpt)
     log = MetricsLog(ckpt_dir / "metrics.jsonl", offset=done, write=lead)
     callback = train_metrics.wrap(log, paths.live if lead else None, done)
+    keeper = best.Keeper(cfg.keep, cfg.early_stop_patience, model, ckpt_dir, lead=lead,
+                         offset=done, rows=log.rows)
     if done < iters:
         args = TrainingArgs(
             batch_size=cfg.batch_size, iters=iters - done, val_batches=cfg.val_batches,
@@ -418,16 +351,22 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
         try:
             train(model=model, optimizer=optimizer, train_dataset=train_set,
                   val_dataset=valid_set, args=args, loss=loss,
-                  iterate_batches=checkpointing(batches(seed), cfg.save_every, save, done),
-                  training_callback=callback)
+                  iterate_batches=keeper.stopping(checkpointing(
+                      batches(seed), cfg.save_every, save, done, cfg.grad_accumulation_steps)),
+                  training_callback=keeper.wrap(callback))
         finally:
             layer_type.__call__ = layer_call
-    train_metrics.finish(callback)
-
+    keeper.restore(model)  # train.keep: best_val puts the best validation's weights back
     val_loss = evaluate(model, valid_set, cfg.batch_size, cfg.val_batches, cfg.max_seq_length,
-                        loss=loss, iterate_batches=batches(seed))
+                        loss=loss, iterate_batches=batches(seed)) if valid_set else float("nan")
+    last = keeper.stopped_at if keeper.stopped_at is not None else iters
+    kept = keeper.kept(last, val_loss)
+    train_metrics.mark_kept(callback, *kept)
+    train_metrics.finish(callback)
     weights = dict(_flat(model.trainable_parameters()))
     result = _result(log, iters, val_loss, started, done, world.size(), _digest(weights))
+    result = replace(result, kept_iteration=kept[0], kept_val_loss=kept[1],
+                     stopped_early_at=keeper.stopped_at)
     if lead:
         _write_outputs(weights, cfg, len(model.layers), paths, log, result)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -443,17 +382,23 @@ def packing_wanted(pack: bool | str) -> bool:
 def _batching(cfg: TrainConfig, model: Any, train_set: list, world_size: int
               ) -> tuple[Callable[[int], Any], Callable[..., Any], float | None]:
     """(seed -> iterate_batches, loss, steps per epoch or None): packed or padded batches."""
+    if cfg.objective != "sft":  # pairs: padded or packed (training/preference_packing.py)
+        from pipeline.training import preference_packing
+
+        return preference_packing.batching(cfg, model, train_set, world_size)
     if not cfg.pack:
         return batch_iterator, masked_loss, None
-    from pipeline.training import packing
+    from pipeline.training import attention, packing
 
     packing.check_model(model)
     per_rank = packing.check_settings(cfg.pack_width, cfg.tokens_per_step, cfg.max_seq_length,
                                       world_size)
     per_epoch = packing.steps_per_epoch(train_set, cfg.pack_width, per_rank * world_size,
                                         cfg.max_seq_length)
-    return (lambda seed: packing.batch_iterator(seed, cfg.pack_width, cfg.tokens_per_step),
-            packing.packed_loss, per_epoch)
+    # attention inside each row through the fused kernel (pipeline/training/attention.py)
+    loss, wrap, _ = attention.choose(model)
+    return (lambda seed: wrap(packing.batch_iterator(seed, cfg.pack_width, cfg.tokens_per_step)),
+            loss, per_epoch)
 
 
 def _digest(weights: dict[str, Any]) -> str:
@@ -468,6 +413,8 @@ def _digest(weights: dict[str, Any]) -> str:
 
 def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: int,
             world_size: int, sha: str) -> TrainResult:
+    from pipeline.training import memory
+
     trains = [r for r in log.rows if r["kind"] == "train"]
     speeds = [r["tokens_per_second"] for r in trains]
     return TrainResult(
@@ -478,10 +425,15 @@ def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: 
         steps_per_second=float(np.mean([r["steps_per_second"] for r in trains])) if trains else 0.0,
         trained_tokens=int(trains[-1]["trained_tokens"]) if trains else 0,
         peak_memory_gb=max((r["peak_memory"] for r in trains), default=0.0),
+        process_peak_memory_gb=memory.process_peak_gb(),
+        mlx_held_peak_gb=max(log.held_peak, memory.held_gb()),
         wall_seconds=time.perf_counter() - started,
         resumed_from=done,
         world_size=world_size,
         adapter_sha256=sha,
+        kept_iteration=iters,
+        kept_val_loss=val_loss,
+        stopped_early_at=None,
     )
 
 

@@ -4,10 +4,11 @@
 
 Great Expectations (GX Core 1.x, suites in validation/suites.py) checks every line of every file:
 schema (UTF-8, one JSON object per line, no blank lines, one format per file, roles, turn order,
-string content, required fields) and quality (empty, cut-off, unterminated or refusal answers,
-chat-template markers, duplicate questions within and across files, token length against
-`train.max_seq_length` with the base model's tokenizer, answer length bounds, splits present and
-non-empty). Each check's severity comes from params.yaml `validate.severity`: `error` makes the
+string content, required fields; a line counts as JSON only if Python's strict parser, which
+mlx-lm loads with, takes it) and quality (empty, cut-off, unterminated or refusal answers, answers
+that only repeat their question, chat-template markers, duplicate questions within and across
+files, token length against `train.max_seq_length` with the base model's tokenizer, answer
+length bounds, splits present and non-empty). Each check's severity comes from params.yaml `validate.severity`: `error` makes the
 command exit 1 (and stops `dvc repro`), `warning` is reported, `off` skips it.
 A directory argument means a dataset folder: its `validate.splits` files must all be there, in
 chat, completions or text layout, with `validate.required_fields` on every row. A file argument is
@@ -63,11 +64,13 @@ class Severity:
     truncated: Level
     unterminated: Level
     refusal: Level
+    restates_question: Level
     template_markers: Level
     answer_length: Level
     duplicate_question: Level
     leakage: Level
     token_length: Level
+    preference_pairs: Level
 
 
 @dataclass(frozen=True)
@@ -153,12 +156,16 @@ def run(cfg: ValidateConfig, paths: ValidatePaths, *, max_seq_length: int,
     checks nothing for leakage."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     files = inputs(paths.inputs, cfg.splits)
+    pair_files = _pair_files(paths.inputs, files, cfg.splits)
+    files = [f for f in files if f[0] not in pair_files]
     tokenizer, docs = paths.tokenizer, paths.docs
     tokenizer_file = _tokenizer_file(tokenizer)
     severity = asdict(cfg.severity)
     parts = [_validate([(f, present) for f, present, c in files if c == curated], curated, cfg,
                        severity, max_seq_length, tokenizer_file, docs, leak)
              for curated in (True, False) if any(c == curated for *_, c in files)]
+    if pair_files and severity["preference_pairs"] != "off":
+        parts.append(_validate_pairs(pair_files, severity, docs))
     findings = sorted((f for part in parts for f in part[1]), key=_order)
     report = Report(rows=sum(part[0] for part in parts),
                     findings=findings, checks=_summary(severity, findings, tokenizer_file),
@@ -185,6 +192,32 @@ def _validate(files: list[tuple[Path, bool]], curated: bool, cfg: ValidateConfig
             data.lines = leakage.add_columns(data.lines, leak)
     results = _run_gx(suites.build(severity, settings), data, docs)
     return int(data.files["rows"].sum()), _findings(results, data, settings), _layouts(data)
+
+
+def _pair_files(args: list[Path], files: list[tuple[Path, bool, bool]],
+                splits: tuple[str, ...]) -> list[Path]:
+    """Preference pairs: a dataset folder's preference/{split}.jsonl, and file arguments whose
+    first row has chosen and rejected (validation/pairs.py)."""
+    from validation.pairs import is_pair_file
+
+    found = [d / "preference" / f"{name}.jsonl" for d in args if d.is_dir() for name in splits
+             if (d / "preference" / f"{name}.jsonl").is_file()]
+    return found + [f for f, present, curated in files
+                    if present and not curated and is_pair_file(f)]
+
+
+def _validate_pairs(files: list[Path], severity: dict[str, str], docs: Path | None
+                    ) -> tuple[int, list[Finding], dict[str, str]]:
+    from validation import frames, suites
+    from validation import pairs as pair_frame
+
+    settings = suites.Settings((), 0, 0, 0, None, False)
+    only = {k: (v if k == "preference_pairs" else "off") for k, v in severity.items()}
+    empty = frames.pd.DataFrame()
+    data = frames.Frames(empty, empty, empty, pairs=pair_frame.frame(files))
+    results = _run_gx(suites.build(only, settings), data, docs)
+    return len(data.pairs), _findings(results, data, settings), {
+        str(f): "preference" for f in files}
 
 
 def _layouts(data: Any) -> dict[str, str]:
@@ -242,7 +275,6 @@ def _findings(results: dict[str, Any], data: Any, settings: Any) -> list[Finding
 
     describe = {c.name: c.describe for c in CHECKS}
     order = {c.name: i for i, c in enumerate(CHECKS)}
-    texts = _LineTexts()
     found: dict[tuple[Any, ...], Finding] = {}
     for name, result in results.items():
         frame = getattr(data, name)
@@ -256,11 +288,6 @@ def _findings(results: dict[str, Any], data: Any, settings: Any) -> list[Finding
                 raise ValidationCrash(f"check {check} could not run on the {name} frame: {crash}")
             indices = [entry["_i"] for entry in res.result.get("unexpected_index_list") or []]
             records = frame.iloc[indices].to_dict("records")
-            if name == "lines":
-                for rec in records:
-                    raw = rec["object_raw"]  # NaN, not None, where absent (pandas str column)
-                    rec["raw"] = raw if isinstance(raw, str) else texts.get(rec["file"],
-                                                                            rec["line"])
             copies = _duplicate_places(records) if check == "duplicate_question" else {}
             for rec in records:
                 key = (check, rec["file"], rec.get("line"), rec.get("msg"))
@@ -279,18 +306,6 @@ def _exception(info: Any) -> str | None:
         if isinstance(entry, dict) and entry.get("raised_exception"):
             return str(entry.get("exception_message"))
     return None
-
-
-class _LineTexts:
-    """Lines that are not JSON objects are not kept in the frames; read them back on demand."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, list[bytes]] = {}
-
-    def get(self, path: str, line: int) -> str:
-        if path not in self.files:
-            self.files[path] = Path(path).read_bytes().split(b"\n")
-        return self.files[path][line - 1].rstrip(b"\r").decode("utf-8", errors="replace")
 
 
 def _line(rec: dict[str, Any]) -> int | None:
@@ -327,7 +342,7 @@ def _summary(severity: dict[str, str], findings: list[Finding],
 
 _LAYOUT_NAMES = {"chat": "chat (messages)", "completions": "completions (prompt/completion)",
                  "sharegpt": "ShareGPT (conversations)", "alpaca": "alpaca (instruction/output)",
-                 "unknown": "no known"}
+                 "unknown": "no known", "preference": "preference pairs (prompt/chosen/rejected)"}
 
 
 def render(report: Report, limit: int = 50) -> str:

@@ -3,21 +3,28 @@
 It speaks the protocol the client uses with `HF_HUB_DISABLE_XET=1` (measured with
 huggingface_hub 2.4): `GET /api/whoami-v2`; `POST /api/repos/create`;
 `GET /api/models/{repo}[/revision/{rev}]` (model_info, `?blobs=true` for sizes and hashes);
+`GET /api/models/{repo}/tree/{rev}` (list_repo_tree, what snapshot_download lists);
 `POST /api/validate-yaml` (the card's metadata); `POST /api/models/{repo}/preupload/{rev}`;
 `POST /{repo}.git/info/lfs/objects/batch`; `PUT` upload and `POST` verify per LFS object;
 `POST /api/models/{repo}/commit/{rev}` with an NDJSON body;
-`HEAD`/`GET /{repo}/resolve/{rev}/{path}`; `DELETE /api/repos/delete` (delete_repo, JSON body
+`HEAD`/`GET /{repo}/resolve/{rev}/{path}` (with `Range: bytes=N-` for resumed downloads: 206);
+`DELETE /api/repos/delete` (delete_repo, JSON body
 with name and organization). Dataset repositories (`type: dataset` on create and delete) use the
 same calls under `/api/datasets/`, `/datasets/{repo}.git/...` and `/datasets/{repo}/resolve/...`;
 they are kept under the key `datasets/{namespace}/{name}` (see `key`).
+Gated model repos (`create_repo(..., gated=...)`) answer model_info to anyone, as the Hub does,
+and file downloads with 401 (no token) or 403 (an account that has not accepted the license),
+X-Error-Code GatedRepo.
 
 Files are stored as bytes per commit, so a test can check that what arrived is byte-identical.
 Tokens map to accounts (write or read role, namespaces); errors follow the Hub: 401 with
 "Invalid credentials in Authorization header" for a bad token, 404 + X-Error-Code RepoNotFound,
 403 without write rights, 409 on an existing repo, 412 when parentCommit is stale. `fail()`
-injects faults: a status code, a dropped connection, a message that echoes the caller's
+injects faults: a status code, a dropped connection, a reply cut off after `cut` body bytes
+(a download interrupted mid-file), a message that echoes the caller's
 Authorization header (to prove the caller scrubs its token), or a raw reply body (an HTML error
-page from a proxy, JSON of the wrong shape) with any status.
+page from a proxy, JSON of the wrong shape) with any status. `on()` runs a test's action when a
+given request arrives (to change the world at an exact moment of the protocol).
 
     with HubStandin() as hub:
         hub.add_account("hf_write", "alice")
@@ -99,6 +106,7 @@ class Commit:
     title: str
     description: str
     files: dict[str, StoredFile]
+    tag: str | None = None  # a tag name pointing at this commit (revision pinning tests)
 
 
 @dataclass
@@ -106,6 +114,7 @@ class Repo:
     repo_id: str
     private: bool
     commits: list[Commit] = field(default_factory=list)
+    gated: tuple[str, ...] | None = None  # None: open; else the account names with access
 
     @property
     def head(self) -> Commit:
@@ -114,7 +123,7 @@ class Repo:
     def at(self, revision: str) -> Commit | None:
         if revision == "main":
             return self.head
-        return next((c for c in self.commits if c.oid == revision), None)
+        return next((c for c in self.commits if c.oid == revision or c.tag == revision), None)
 
 
 @dataclass
@@ -128,6 +137,7 @@ class Fault:
     echo_auth: bool
     body: bytes | None = None  # reply with exactly these bytes instead of a JSON error
     content_type: str = "application/json"
+    cut: int | None = None  # resolve: send the headers, this many body bytes, then hang up
 
 
 class HubStandin:
@@ -138,6 +148,8 @@ class HubStandin:
         self.requests: list[tuple[str, str]] = []  # (method, path) in arrival order
         self.uploaded_bytes = 0  # bytes received by LFS PUTs
         self.faults: list[Fault] = []
+        self.range_requests: list[tuple[str, str]] = []  # (path, Range header) of resolve GETs
+        self.hooks: list[tuple[str, re.Pattern[str], Any]] = []  # run once, before the route
         self.lock = threading.RLock()
         self._counter = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -170,26 +182,54 @@ class HubStandin:
         return self.accounts[token]
 
     def create_repo(self, repo_id: str, private: bool = True,
-                    files: dict[str, bytes] | None = None) -> Repo:
+                    files: dict[str, bytes] | None = None,
+                    gated: tuple[str, ...] | None = None) -> Repo:
         """A repo as the Hub creates it (one commit with .gitattributes), plus `files`."""
         with self.lock:
             tree = {".gitattributes": StoredFile(GITATTRIBUTES.encode(), False)}
-            repo = Repo(repo_id, private, [Commit(self._oid(repo_id), "initial commit", "", tree)])
+            repo = Repo(repo_id, private, [Commit(self._oid(repo_id), "initial commit", "", tree)],
+                        gated)
             self.repos[repo_id] = repo
             if files:
-                tree = dict(tree)
-                tree.update({p: self._stored(p, d) for p, d in files.items()})
-                repo.commits.append(Commit(self._oid(repo_id), "seed", "", tree))
+                self.push(repo_id, files)
             return repo
+
+    def push(self, repo_id: str, files: dict[str, bytes], tag: str | None = None) -> str:
+        """A new commit on main replacing `files` (the rest kept); returns its sha."""
+        with self.lock:
+            repo = self.repos[repo_id]
+            tree = dict(repo.head.files)
+            tree.update({p: self._stored(p, d) for p, d in files.items()})
+            repo.commits.append(Commit(self._oid(repo_id), "update", "", tree, tag))
+            return repo.head.oid
+
+    def add_model_dir(self, repo_id: str, folder: Any, private: bool = False,
+                      gated: tuple[str, ...] | None = None) -> Repo:
+        """A model repository holding every file of `folder` (e.g. tests/tiny.py's model)."""
+        from pathlib import Path
+
+        files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+        return self.create_repo(repo_id, private=private, files=files, gated=gated)
 
     def fail(self, method: str, path: str, status: int = 500, times: int = 1,
              drop: bool = False, message: str = "injected failure",
              echo_auth: bool = False, body: bytes | None = None,
-             content_type: str = "application/json") -> None:
+             content_type: str = "application/json", cut: int | None = None) -> None:
         """The next `times` requests matching `method` and regex `path` fail this way."""
         with self.lock:
             self.faults.append(Fault(method.upper(), re.compile(path), status, times, drop,
-                                     message, echo_auth, body, content_type))
+                                     message, echo_auth, body, content_type, cut))
+
+    def ranges(self, pattern: str) -> list[str]:
+        """Range headers of the GETs whose path matches `pattern` ("" for none), in order."""
+        return [r for p, r in self.range_requests if re.search(pattern, p)]
+
+    def on(self, method: str, path: str, action: Any) -> None:
+        """Call `action()` once, in the server's thread, when the first request matching
+        `method` and regex `path` arrives, before it is answered (a file swapped between the
+        gate and the upload, a Ctrl+C in the middle of a commit)."""
+        with self.lock:
+            self.hooks.append((method.upper(), re.compile(path), action))
 
     def file_bytes(self, repo_id: str, path: str, revision: str = "main") -> bytes:
         commit = self.repos[repo_id].at(revision)
@@ -212,6 +252,14 @@ class HubStandin:
 
     def _stored(self, path: str, data: bytes) -> StoredFile:
         return StoredFile(data, path.endswith(LFS_SUFFIXES) or len(data) > LFS_SIZE)
+
+    def _take_hook(self, method: str, path: str) -> Any:
+        with self.lock:
+            for i, (verb, pattern, action) in enumerate(self.hooks):
+                if verb == method and pattern.search(path):
+                    del self.hooks[i]
+                    return action
+        return None
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self.lock:
@@ -270,7 +318,13 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.body = self._read_body()
         with self.hub.lock:
             self.hub.requests.append((method, path))
+        hook = self.hub._take_hook(method, path)
+        if hook is not None:
+            hook()
         fault = self.hub._take_fault(method, path)
+        self.cut = fault.cut if fault is not None else None
+        if fault is not None and fault.cut is not None:
+            fault = None  # served, then cut short by `resolve`
         if fault is not None and fault.drop:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -295,6 +349,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             ("DELETE", r"/api/repos/delete", self.delete),
             ("POST", r"/api/validate-yaml", self.validate_yaml),
             ("GET", rf"/api/{KIND}/{REPO}(?:/revision/(?P<rev>[^/]+))?", self.model_info),
+            ("GET", rf"/api/{KIND}/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<folder>.*))?", self.tree),
             ("POST", rf"/api/{KIND}/{REPO}/preupload/(?P<rev>[^/]+)", self.preupload),
             ("POST", rf"/api/{KIND}/{REPO}/commit/(?P<rev>[^/]+)", self.commit),
             ("POST", rf"/{PREFIX}{REPO}\.git/info/lfs/objects/batch", self.lfs_batch),
@@ -467,6 +522,25 @@ class _HubHandler(BaseHTTPRequestHandler):
                               "private": stored.private, "lastModified": now, "tags": [],
                               "siblings": siblings})
 
+    def tree(self, repo: str, rev: str, folder: str | None = None) -> None:
+        """list_repo_tree (snapshot_download lists files with it): one page, files only."""
+        stored = self._readable(repo)
+        commit = stored.at(rev)
+        if commit is None:
+            raise _Reply(404, f"Invalid rev id: {rev}", code="RevisionNotFound")
+        prefix = f"{folder.rstrip('/')}/" if folder else ""
+        entries = []
+        for path, f in sorted(commit.files.items()):
+            if not path.startswith(prefix):
+                continue
+            entry: dict[str, Any] = {"type": "file", "path": path, "size": len(f.data),
+                                     "oid": git_blob_sha1(f.pointer if f.lfs else f.data)}
+            if f.lfs:
+                entry["lfs"] = {"oid": f.sha256, "size": len(f.data),
+                                "pointerSize": len(f.pointer)}
+            entries.append(entry)
+        self._send_json(200, entries)
+
     def preupload(self, repo: str, rev: str) -> None:
         stored = self._writable(repo)
         head = stored.at(rev)
@@ -557,20 +631,54 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     def resolve(self, repo: str, rev: str, file: str) -> None:
         stored = self._readable(repo)
+        self._check_gate(stored)
         commit = stored.at(rev)
         if commit is None:
             raise _Reply(404, f"Invalid rev id: {rev}", code="RevisionNotFound")
         f = commit.files.get(file)
         if f is None:
             raise _Reply(404, "Entry not found", code="EntryNotFound")
-        self.send_response(200)
+        start = self._range_start(f"/{repo}/resolve/{rev}/{file}")
+        self.send_response(206 if start else 200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(f.data)))
+        self.send_header("Content-Length", str(len(f.data) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(f.data) - 1}/{len(f.data)}")
         self.send_header("ETag", f'"{f.oid}"')
         self.send_header("X-Repo-Commit", commit.oid)
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(f.data)
+        if self.command == "HEAD":
+            return
+        body = f.data[start:]
+        if self.cut is not None:  # an interrupted download: part of the body, then hang up
+            self.wfile.write(body[: self.cut])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+    def _range_start(self, path: str) -> int:
+        header = self.headers.get("Range", "") if self.command == "GET" else ""
+        if self.command == "GET":
+            with self.hub.lock:
+                self.hub.range_requests.append((path, header))
+        match = re.fullmatch(r"bytes=(\d+)-", header.strip())
+        return int(match.group(1)) if match else 0
+
+    def _check_gate(self, repo: Repo) -> None:
+        """The Hub's answer to a download from a gated repo without access."""
+        if repo.gated is None:
+            return
+        account = self._account()
+        if account is not None and account.name in repo.gated:
+            return
+        message = (f"Access to model {repo.repo_id} is restricted. You must have access to it "
+                   "and be authenticated to access it. Please log in.")
+        if account is not None:
+            message = (f"Access to model {repo.repo_id} is restricted and you are not in the "
+                       "authorized list. Visit its page to ask for access.")
+        raise _Reply(401 if account is None else 403, message, code="GatedRepo")
 
 
 def _metadata_errors(content: str) -> list[str]:

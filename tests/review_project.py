@@ -3,6 +3,7 @@
     root = make_project(tmp_path, n=12)       # data/, params.yaml, reports/, dataset curated
     with served(root) as url: ...             # the real app under uvicorn on 127.0.0.1
     with served_cli(root) as url: ...         # `tuneline review serve` as a user starts it
+    page_token(url)                           # the session token the served page carries
 """
 
 from __future__ import annotations
@@ -116,14 +117,27 @@ def paths(root: Path) -> review_server.ServePaths:
                                     root / "reports/validation.json", root / "reports/eval.json")
 
 
+def page_token(url: str) -> str:
+    """The session token of the page at url, read as the page's script reads it."""
+    import re
+
+    with urllib.request.urlopen(url + "/", timeout=30) as res:
+        page = res.read().decode()
+    found = re.search(r'<meta name="tuneline-token" content="([A-Za-z0-9_-]{20,})">', page)
+    assert found, "the served page carries no session token"
+    return found.group(1)
+
+
 @contextmanager
-def served(root: Path) -> Iterator[str]:
-    """The app under a real uvicorn in a thread, on a free port of 127.0.0.1."""
+def served(root: Path, started_for: str = "127.0.0.1") -> Iterator[str]:
+    """The app under a real uvicorn in a thread, on a free port of 127.0.0.1; `started_for` is
+    the --host the app is built for (its allow-list), e.g. "0.0.0.0"."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(review_server.create_app(paths(root)), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    app = review_server.create_app(paths(root), started_for)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -141,24 +155,38 @@ def served(root: Path) -> Iterator[str]:
 @contextmanager
 def served_cli(root: Path, *args: str) -> Iterator[str]:
     """`tuneline review serve` in the project folder, as a user starts it."""
+    with served_cli_process(root, *args) as (url, _):
+        yield url
+
+
+@contextmanager
+def served_cli_process(root: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """served_cli, with the server's process (to read the address it listens on)."""
+    from pipeline.commands.review_guard import url_host
+
+    host = args[args.index("--host") + 1] if "--host" in args else "127.0.0.1"
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "review", "serve", "--port",
                              str(port), *args], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{url_host(host)}:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
                 urllib.request.urlopen(url + "/", timeout=2).close()
                 break
+            except urllib.error.HTTPError as err:  # it answers: started (the test reads why)
+                err.close()
+                break
             except (urllib.error.URLError, ConnectionError):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"review serve did not start: {proc.stdout.read()}"
-                                       ) from None
+                    proc.terminate()  # read() would wait for a live server's output forever
+                    raise RuntimeError("review serve did not start: "
+                                       f"{proc.communicate(timeout=10)[0]}") from None
                 time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import base_source
 
 from pipeline import base_model
-from pipeline.base_model import ModelError, SourceConfig
+from pipeline.base_model import ModelError
 from pipeline.gguf_io import file as gguf_file
 from pipeline.gguf_io import tokenizer as gguf_tokenizer
 from pipeline.gguf_io.file import permute_qk
@@ -73,7 +74,7 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32") -> dict[str, np.n
 def test_f32_gguf_round_trips_weights_and_config(tiny_model_dir, tmp_path):
     weights = write_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
     out = tmp_path / "out"
-    base_model.run(SourceConfig(model=str(tmp_path / "tiny.gguf")),
+    base_model.run(base_source(str(tmp_path / "tiny.gguf")),
                    base_model.BasePaths(out))
     from safetensors.numpy import load_file
 
@@ -95,7 +96,7 @@ def test_q8_gguf_dequantizes_close_to_original_and_model_runs_like_it(tiny_model
 
     weights = write_gguf(tiny_model_dir, tmp_path / "tiny-q8.gguf", qtype="Q8_0")
     out = tmp_path / "out"
-    base_model.run(SourceConfig(model=str(tmp_path / "tiny-q8.gguf")),
+    base_model.run(base_source(str(tmp_path / "tiny-q8.gguf")),
                    base_model.BasePaths(out))
     from safetensors.numpy import load_file
 
@@ -119,7 +120,7 @@ def test_truncated_gguf_gives_clear_error(tiny_model_dir, tmp_path):
     write_gguf(tiny_model_dir, path)
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(ModelError, match="truncated or corrupt"):
-        base_model.run(SourceConfig(model=str(path)), base_model.BasePaths(tmp_path / "out"))
+        base_model.run(base_source(str(path)), base_model.BasePaths(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
@@ -133,7 +134,7 @@ def test_unknown_model_spec_names_the_accepted_forms(tmp_path):
 @pytest.fixture(scope="session")
 def embedded_base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("embedded") / "base"
-    base_model.run(SourceConfig(model="embedded"), base_model.BasePaths(out))
+    base_model.run(base_source("embedded"), base_model.BasePaths(out))
     return out
 
 

@@ -113,19 +113,24 @@ repo.run()
 """
 
 
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under the dataset folder (the splits and preference/ pairs) by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def test_sigkill_between_split_files_never_mixes_two_runs(repo):
 
     repo.write(repo.paths.generated, many(30))
     repo.run()
-    before = {p.name: p.read_bytes() for p in repo.paths.out.iterdir()}
+    before = files_of(repo.paths.out)
     repo.write(repo.paths.generated, many(40))  # new answers: every split file would change
     kill_at(KILLED_CURATE, str(repo.root), marker="wrote train\n")
-    assert {p.name: p.read_bytes() for p in repo.paths.out.iterdir()} == before
+    assert files_of(repo.paths.out) == before
     repo.run()
-    after = {p.name: p.read_bytes() for p in repo.paths.out.iterdir()}
+    after = files_of(repo.paths.out)
     shutil.rmtree(repo.paths.out)
     repo.run()  # an uninterrupted run
-    assert {p.name: p.read_bytes() for p in repo.paths.out.iterdir()} == after
+    assert files_of(repo.paths.out) == after
     assert sorted(p.name for p in repo.root.iterdir() if p.name.endswith(".tmp")) == []
 
 
@@ -279,10 +284,10 @@ def test_an_id_in_two_inputs_is_an_error_naming_both(repo):
 def test_rerun_gives_byte_identical_outputs(repo, tmp_path):
     repo.write(repo.paths.generated, many(40))
     repo.run()
-    first = {p.name: p.read_bytes() for p in repo.paths.out.iterdir()}
+    first = files_of(repo.paths.out)
     shutil.rmtree(repo.paths.out)
     repo.run()
-    assert {p.name: p.read_bytes() for p in repo.paths.out.iterdir()} == first
+    assert files_of(repo.paths.out) == first
 
 
 def test_a_followup_fix_listed_before_the_answer_fix_still_applies(repo):

@@ -70,11 +70,17 @@ CLI = ROOT / "pipeline" / "cli.py"
 # rerun every stage when a command is added); what each command imports is checked below. A
 # package's __init__.py that holds only its docstring changes no behaviour (trivial_init).
 NOT_DEPS = {"pipeline/cli.py", "pipeline/__main__.py", "pipeline/__init__.py"}  # the last: __version__
+# Modules that only register commands no stage runs (the people's commands): not deps, and the
+# walk does not follow their lazy imports.
+DISPATCH = {"pipeline/commands/app.py"}
 # Paths in a stage's command that are neither deps nor outputs, with the reason.
 UNDECLARED_PATHS = {
     ".tuneline/cache/generate": "reply cache, kept outside DVC on purpose",
     ".tuneline/cache/evaluate": "base-model results cache, kept outside DVC on purpose",
+    ".tuneline/cache/reference": "DPO reference log-probs per row, kept outside DVC on purpose",
     "dvc.lock": "DVC's own record; a stage cannot depend on it",
+    "reports/data_docs": "GX Data Docs HTML for people, with the run's time in it: git-ignored, "
+                         "not an output, so a rerun changes no tracked byte",
 }
 
 
@@ -124,7 +130,7 @@ def closure(start: set[str]) -> set[str]:
     todo = list(start)
     while todo:
         rel = todo.pop()
-        if rel not in seen:
+        if rel not in seen and rel not in DISPATCH:
             seen.add(rel)
             todo += imports_in(ast.parse((ROOT / rel).read_text())) | packages_of(rel)
     return seen

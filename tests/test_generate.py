@@ -497,8 +497,13 @@ def test_dvc_repro_after_editing_one_question_sends_two_requests(tmp_path):
     (repo / "models" / "base" / "stand-in").write_text("the base_model stage's output\n")
     shutil.copytree(REPO / "scripts", repo / "scripts")  # the stage command's wrapper
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["generate"]
-    for dep in stage["deps"]:  # the stage's code, as declared
+    # The stage's code as declared, plus what runs any command (cli.py, the packages' __init__
+    # files): the copy, first on PYTHONPATH, must run its own code, not the editable install's.
+    runs_any = ["pipeline/cli.py", "pipeline/__main__.py",
+                *(str(p.relative_to(REPO)) for p in (REPO / "pipeline").rglob("__init__.py"))]
+    for dep in [*stage["deps"], *runs_any]:
         if dep.startswith("pipeline/"):
+            (repo / dep).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / dep, repo / dep)
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"generate": stage}}))
     log = tmp_path / "served.jsonl"

@@ -111,3 +111,17 @@ def test_no_import_goes_round_in_a_circle():
 def test_the_circle_check_finds_a_circle_two_modules_deep():
     assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_circle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_readme_tree_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    tree = readme[readme.index("## Tree"):]
+    tree = tree[:tree.index("\n## ", 5)] if "\n## " in tree[5:] else tree
+    missing = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if path.name == "__init__.py" or path.name == "__main__.py":
+            continue
+        if str(rel) not in tree and f" {path.name} " not in tree:
+            missing.append(str(rel))
+    assert missing == [], f"README.md Tree: add {missing}"

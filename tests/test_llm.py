@@ -19,6 +19,7 @@ import pytest
 from ollama_standin import Fault, StandIn
 
 from pipeline.llm import clients as llm
+from pipeline.llm import local as llm_local
 
 SAMPLING = llm.Sampling(temperature=0.0, seed=7, max_tokens=50)
 HELLO = [{"role": "user", "content": "How do I list tables in psql?"}]
@@ -324,23 +325,47 @@ def test_embedded_llama_cpp_constrains_the_reply_to_the_schema():
     assert all(re.fullmatch(r"[A-Z][a-z ]{3,30}\?", item) for item in items)
 
 
+EMBEDDED_ASK = """
+import json, sys
+from pathlib import Path
+import test_llm
+from pipeline.base_model import EMBEDDED
+from pipeline.llm import clients as llm
+s = test_llm.settings("embedded", model="base", retries=0)
+client = llm.connect(s, llm.BaseModel(EMBEDDED, Path("unused")))
+sampling = llm.Sampling(temperature=0.7, seed=int(sys.argv[1]), max_tokens=16)
+print(json.dumps(llm.ask(client, test_llm.HELLO, sampling, s).text))
+"""
+
+
 @pytest.mark.slow
 def test_embedded_llama_cpp_is_deterministic_with_a_seed():
+    """Seed 3 twice here and once in a fresh process give one text; seed 4 another (so the seed
+    decides, and nothing carried in this process's state does)."""
+    import os
+
     s = settings("embedded", model="base", retries=0)
     from pipeline.base_model import EMBEDDED
 
     client = llm.connect(s, llm.BaseModel(EMBEDDED, Path("unused")))
-    assert isinstance(client, llm.LlamaCppClient)
+    assert isinstance(client, llm_local.LlamaCppClient)
     sampling = llm.Sampling(temperature=0.7, seed=3, max_tokens=16)
     first, second = (llm.ask(client, HELLO, sampling, s) for _ in range(2))
     assert first.text == second.text and first.completion_tokens <= 16
+    other = llm.ask(client, HELLO, replace(sampling, seed=4), s)
+    assert other.text != first.text
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    fresh = subprocess.run([sys.executable, "-c", EMBEDDED_ASK, "3"], capture_output=True,
+                           text=True, env=env, timeout=300, check=True)
+    assert json.loads(fresh.stdout.strip().splitlines()[-1]) == first.text
     assert client.identity().startswith("llama.cpp:")
 
 
 def test_embedded_mlx_path_runs_a_model_directory(tiny_model_dir):
     s = settings("embedded", model=str(tiny_model_dir))
     client = llm.connect(s)
-    assert isinstance(client, llm.MlxClient)
+    assert isinstance(client, llm_local.MlxClient)
     reply = client.chat(HELLO, llm.Sampling(temperature=0.0, seed=1, max_tokens=6))
     again = client.chat(HELLO, llm.Sampling(temperature=0.0, seed=1, max_tokens=6))
     assert reply == again and reply.completion_tokens <= 6 and reply.prompt_tokens > 5

@@ -5,6 +5,7 @@ what to check; through `tuneline generate`: exit code 1, one line, no traceback,
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -81,6 +82,101 @@ def test_credentials_in_the_url_are_not_shown():
         with pytest.raises(llm.LLMError) as err:
             ask(settings("openai", url, retries=0))
     assert "hunter22" not in str(err.value) and server.url in str(err.value)
+
+
+def test_a_key_straddling_the_300_character_cut_leaks_no_prefix(monkeypatch):
+    key = "Zq8Xw2Lm4Np6Rt0Vy3Bc5Df7Gh9Jk1Ms"  # 32 characters, shaped like no known token
+    monkeypatch.setenv("TUNELINE_HOSTILE_KEY", key)
+    body = {"error": {"message": "x" * 290 + key + " was rejected"}}  # the cut falls inside it
+    with Scripted(always(response(401, body))) as server, pytest.raises(llm.LLMError) as err:
+        ask(settings("openai", server.url + "/v1"))
+    msg = str(err.value)
+    assert server.requests[0].headers["authorization"] == f"Bearer {key}"
+    assert key[:4] not in msg and "x" * 290 + "***" in msg
+
+
+def test_a_key_straddling_the_cut_in_a_stream_error_leaks_no_prefix():
+    key = "hf_Zq8Xw2Lm4Np6Rt0Vy3Bc5Df7Gh9Jk1"
+    body = ndjson({"error": "y" * 294 + " " + key})
+    with Scripted(always(response(200, body))) as server, pytest.raises(llm.LLMError) as err:
+        ask(settings("ollama", server.url))
+    assert key[:4] not in str(err.value) and "y" * 294 + " ***" in str(err.value)
+
+
+def test_credentials_in_the_url_travel_as_basic_auth_and_are_never_shown():
+    replies = [response(500, {"error": "proxy says: hunter22 is wrong"}),
+               response(200, GOOD_OPENAI)]
+    with Scripted(lambda req, out: out.write(replies.pop(0))) as server:
+        url = server.url.replace("http://", "http://ann:hunter22@") + "/v1"
+        s = settings("openai", url, api_key_env="TUNELINE_NO_SUCH_KEY")
+        assert ask(s).text == "Use \\dt."
+        with Scripted(always(response(500, {"error": "hunter22 is wrong"}))) as bad, \
+                pytest.raises(llm.LLMError) as err:
+            ask(settings("openai", bad.url.replace("http://", "http://ann:hunter22@") + "/v1",
+                         api_key_env="TUNELINE_NO_SUCH_KEY"))
+    first = server.requests[0]
+    assert first.headers["authorization"] == "Basic " + base64.b64encode(b"ann:hunter22").decode()
+    assert first.path == "/v1/chat/completions" and "hunter22" not in first.headers.get("host", "")
+    assert "hunter22" not in str(err.value) and bad.url in str(err.value)
+
+
+def test_credentials_in_a_url_without_a_port_are_not_echoed_by_the_url_parser():
+    # urllib took `ann:hunter22@localhost` for host and port: "nonnumeric port: 'hunter22@...'"
+    for backend in ("openai", "ollama"):
+        s = settings(backend, "http://ann:hunter22@127.0.0.1/v1", retries=0, timeout=2.0,
+                     deadline=3.0, api_key_env="TUNELINE_NO_SUCH_KEY")
+        with pytest.raises((llm.LLMError, llm.Transient)) as err:
+            if backend == "ollama":
+                llm.connect(s).identity()
+            else:
+                ask(s)
+        assert "hunter22" not in str(err.value) and "ann" not in str(err.value), err.value
+
+
+# --- replies Python's parsers refuse ----------------------------------------------------------
+
+
+def test_an_unparseable_retry_after_is_ignored_and_the_usual_backoff_applies():
+    replies = [response(503, {"error": "busy"}, {"Retry-After": "soon"}),
+               response(429, {"error": "busy"}, {"Retry-After": "Wed, 99 Foo 2020 25:61:61 GMT"}),
+               response(200, GOOD_OPENAI)]
+    slept: list[float] = []
+    with Scripted(lambda req, out: out.write(replies.pop(0))) as server:
+        s = settings("openai", server.url + "/v1", retries=2, backoff=0.01)
+        reply = llm.ask(llm.connect(s), HELLO, SAMPLING, s, sleep=slept.append)
+    assert reply.text == "Use \\dt." and len(server.requests) == 3
+    assert len(slept) == 2 and all(0.01 <= d < 0.1 for d in slept), slept  # backoff, not a date
+
+
+def test_a_bad_status_line_is_one_redacted_line():
+    raw = b"HTTP/1.1 abc token=abcd1234efgh\r\nX: y\r\n\r\n"
+    with Scripted(always(raw)) as server, pytest.raises(llm.LLMError) as err:
+        ask(settings("openai", server.url + "/v1"))
+    msg = str(err.value)
+    assert "BadStatusLine" in msg and "\n" not in msg and "abcd1234efgh" not in msg
+
+
+HUGE_INT = b"1" * 5000  # past Python's int-string limit (4300 digits): json.loads raises
+
+
+@pytest.mark.parametrize("status,body", [
+    (200, b'{"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": '
+          + HUGE_INT + b"}}"),
+    (500, b'{"error": ' + HUGE_INT + b"}"),
+    (200, HUGE_INT),
+], ids=["200-usage", "500-error", "200-bare"])
+def test_a_number_past_the_int_string_limit_is_retried_then_explained(status, body):
+    with Scripted(always(response(status, body))) as server, pytest.raises(llm.LLMError) as err:
+        ask(settings("openai", server.url + "/v1"))
+    assert "2 attempts" in str(err.value) and len(server.requests) == 2
+    assert f"HTTP {status}" in str(err.value) if status == 500 else "not JSON" in str(err.value)
+
+
+def test_a_number_past_the_int_string_limit_in_a_stream_is_explained():
+    body = b'{"message": {"content": "a"}, "done": true, "eval_count": ' + HUGE_INT + b"}\n"
+    with Scripted(always(response(200, body))) as server, \
+            pytest.raises(llm.LLMError, match="not JSON"):
+        ask(settings("ollama", server.url))
 
 
 # --- wrong shapes ---------------------------------------------------------------------------
@@ -164,9 +260,11 @@ def trickle(head: bytes, drip: bytes):
     return respond
 
 
-def finishes_within(seconds: float, call) -> BaseException | None:
-    """Run `call` in a thread; fail the test (instead of hanging) if it outlives `seconds`."""
+def finishes_within(seconds: float, call) -> tuple[BaseException | None, float]:
+    """Run `call` in a thread; fail the test (instead of hanging) if it outlives `seconds`.
+    Returns what it raised and how long it took."""
     caught: list[BaseException] = []
+    started = time.monotonic()
 
     def target() -> None:
         try:
@@ -178,7 +276,7 @@ def finishes_within(seconds: float, call) -> BaseException | None:
     thread.start()
     thread.join(seconds)
     assert not thread.is_alive(), f"still waiting after {seconds} s: no overall deadline"
-    return caught[0] if caught else None
+    return (caught[0] if caught else None), time.monotonic() - started
 
 
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n"
@@ -191,7 +289,10 @@ STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnect
 def test_a_server_trickling_bytes_hits_the_overall_deadline(head, drip):
     with Scripted(trickle(head, drip)) as server:
         s = settings("ollama", server.url, timeout=1.0, deadline=1.5, retries=0)
-        exc = finishes_within(30, lambda: ask(s))
+        # The request ends at its 1.5 s deadline: not before (it was never silent for the 1 s
+        # timeout), and well within 10 s (generous for a loaded machine, yet 6x the deadline).
+        exc, elapsed = finishes_within(10, lambda: ask(s))
+    assert 1.5 <= elapsed < 10, f"ended after {elapsed:.2f} s, deadline 1.5 s"
     assert isinstance(exc, llm.LLMError), exc
     assert "deadline of 1.5 s" in str(exc) and "Raise `deadline`" in str(exc)
 
@@ -215,6 +316,8 @@ CORPUS = {
     "wrong_shape": response(200, {"choices": [{"message": {"content": "hi"}}], "usage": []}),
     "not_json": response(200, b"<html>login page</html>", {"Content-Type": "text/html"}),
     "huge": response(200, b"[" + b"1," * (llm_http.MAX_REPLY_BYTES // 2) + b"1]"),
+    "retry_after_soon": response(503, {"error": "busy"}, {"Retry-After": "soon"}),
+    "huge_int": response(200, b'{"choices": [], "n": ' + b"9" * 5000 + b"}"),
 }
 
 
@@ -271,3 +374,27 @@ def test_generate_command_fails_with_one_clear_line_and_writes_nothing(name, tmp
     assert server.url in errors[0] and "Check:" in errors[0] and KEY not in done.stderr
     assert not (tmp_path / "answers.jsonl").exists() and not (tmp_path / "generate.json").exists()
     assert questions.read_bytes() == before
+
+
+def test_generate_stores_and_prints_no_credentials_from_the_url(tmp_path):
+    (tmp_path / "questions.jsonl").write_bytes(b'{"id": "q1", "question": "How do I list?"}\n')
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    with Scripted(always(response(200, GOOD_OPENAI))) as server:
+        url = server.url.replace("http://", "http://ann:hunter22@") + "/v1"
+        params["generate"].update(backend="openai", url=url, model="tiny", retries=0,
+                                  structured_followup=False, api_key_env="TUNELINE_NO_SUCH_KEY")
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+        cmd = [sys.executable, "-m", "pipeline", "generate", "--questions", "questions.jsonl",
+               "--out", "answers.jsonl", "--metrics", "generate.json", "--cache", "cache",
+               "--base-model", "unused", "--params", "params.yaml"]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert server.requests and all(r.headers["authorization"].startswith("Basic ")
+                                   for r in server.requests)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "params.yaml"]
+    assert {p.name for p in written} >= {"answers.jsonl", "generate.json"}
+    for path in written:
+        assert b"hunter22" not in path.read_bytes(), path
+    assert "hunter22" not in done.stdout + done.stderr

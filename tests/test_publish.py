@@ -42,13 +42,15 @@ F16, Q8 = b"GGUF" + SAFE, b"GGUF" + SAFE[:1000]
 
 def _params() -> dict[str, Any]:
     return {
-        "base": {"seed": 0, "model": "embedded"},
+        "base": {"seed": 0, "model": "embedded", "revision": None, "quantize": None,
+                 "quantize_group_size": 64},
         "train": {"fine_tune_type": "lora", "rank": 8, "iters": 40, "learning_rate": 2.0e-4},
         "publish": {
             "enabled": True, "repo_id": REPO, "private": True,
             "upload": ["adapter", "fused", "gguf", "modelfile", "card"],
             "license": "auto", "allowed_licenses": ["apache-2.0", "mit"], "tags": ["postgres"],
-            "min_improvement": 0.05, "require_judge_win_rate": None, "require_pushed": True,
+            "min_improvement": 0.05, "require_judge_win_rate": None,
+            "min_preference_accuracy": None, "require_pushed": True,
             "require_clean_git": True, "card_samples": 2,
             "dataset": {"enabled": False, "repo_id": None, "private": True, "license": None,
                         "languages": ["en"]},
@@ -224,8 +226,8 @@ def test_dry_run_checks_every_gate_and_says_why_it_did_not_upload(project: Path)
     assert result.dry_run_reasons == ["publish.enabled is false", "HF_TOKEN is not set"]
     report = _report()
     assert [c["name"] for c in report["checks"]] == [
-        "validation", "improvement", "gguf", "judge", "license", "artifacts", "git_clean",
-        "up_to_date", "dvc_pushed"]
+        "tracked", "validation", "improvement", "gguf", "judge", "preference", "license",
+        "artifacts", "git_clean", "up_to_date", "dvc_pushed"]
     assert all(c["passed"] and c["detail"] for c in report["checks"])
     assert report["dry_run"] is True and report["commit_url"] is None
     files = {f["path"]: f["size"] for f in report["files"]}
@@ -261,6 +263,13 @@ def _break_judge(repo: Path) -> None:
     _write(repo / "reports/eval.json", data)
 
 
+def _break_preference(repo: Path) -> None:
+    _edit_params(repo, min_preference_accuracy=0.6)
+    data = _eval()
+    data["base"]["preference_accuracy"], data["tuned"]["preference_accuracy"] = 0.2, 0.4
+    _write(repo / "reports/eval.json", data)
+
+
 def _break_license(repo: Path) -> None:
     _edit_params(repo, allowed_licenses=["mit"])
 
@@ -270,6 +279,7 @@ BREAKERS = {
     "improvement": (_break_improvement, "improved by 0.0200"),
     "gguf": (_break_gguf, "failed: model-q8_0.gguf"),
     "judge": (_break_judge, "judge win rate 0.400"),
+    "preference": (_break_preference, "preference accuracy tuned 0.400 (base 0.200"),
     "license": (_break_license, "apache-2.0"),
 }
 
@@ -701,6 +711,96 @@ def test_a_repo_that_cannot_be_cleaned_up_is_named(project: Path, hub: HubStandi
         _run(hub)
     assert f"{hub.url}/{REPO}/settings" in str(info.value)
     assert [c.title for c in hub.repos[REPO].commits] == ["initial commit"]
+
+
+# --- the window between the gate and the upload -------------------------------------------
+
+SWAPPED = b"GGUF" + bytes(len(Q8) - 4)  # what a swap puts there: same name, size and mtime
+
+
+def _swap_q8(repo: Path) -> None:
+    """Overwrite the checked Q8 GGUF in place with other bytes, keeping its size and mtime."""
+    path = repo / "models/gguf/model-q8_0.gguf"
+    before = path.stat()
+    path.write_bytes(SWAPPED)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+
+
+def test_a_file_swapped_after_the_gate_never_reaches_the_hub(project: Path,
+                                                             hub: HubStandin) -> None:
+    hub.on("GET", r"^/api/whoami-v2$", lambda: _swap_q8(project))  # after the gate, pre-upload
+
+    result = _run(hub)
+
+    assert result.status == "published", result.error
+    assert (project / "models/gguf/model-q8_0.gguf").read_bytes() == SWAPPED  # it did happen
+    uploaded = hub.file_bytes(REPO, "model-q8_0.gguf")
+    assert uploaded == Q8  # the bytes the gate matched to the export report
+    manifest = json.loads(hub.file_bytes(REPO, publish.MANIFEST))
+    assert manifest["files"]["model-q8_0.gguf"]["sha256"] == _sha(uploaded)
+    assert {f["path"]: f["sha256"] for f in _report()["files"] if "sha256" in f}[
+        "model-q8_0.gguf"] == _sha(uploaded)
+    assert not list((project / ".tuneline").glob("publish-snapshot-*"))  # no copies left
+
+
+def test_a_file_swapped_just_after_the_gate_stops_the_upload(
+        project: Path, hub: HubStandin, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = publish.gate
+
+    def gate_then_swap(*args: Any, **kwargs: Any) -> Any:  # every check passed on the old bytes
+        checks = real(*args, **kwargs)
+        _swap_q8(project)
+        return checks
+
+    monkeypatch.setattr(publish, "gate", gate_then_swap)
+    with pytest.raises(publish.PublishError, match="changed after the gate checked it") as info:
+        _run(hub)
+    assert "models/gguf/model-q8_0.gguf" in str(info.value)
+    assert hub_client.NOTHING_PUBLISHED in str(info.value)
+    assert hub.repos == {} and hub.calls("POST", "/commit/") == 0
+    assert _report()["status"] == "failed"
+    assert not list((project / ".tuneline").glob("publish-snapshot-*"))
+
+
+def test_ctrl_c_during_a_first_commit_leaves_no_empty_repository(project: Path,
+                                                                 hub: HubStandin) -> None:
+    import signal
+    import time
+
+    def interrupt() -> None:  # Ctrl+C while the commit is in flight; answer only after cleanup
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 20
+        while REPO in hub.repos and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    hub.on("POST", r"/commit/", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(hub)
+    assert hub.calls("POST", "/api/repos/create") == 1
+    assert hub.calls("DELETE", "/api/repos/delete") == 1 and hub.repos == {}
+
+
+def test_a_forged_report_that_neither_git_nor_dvc_tracks_cannot_vouch(project: Path,
+                                                                      hub: HubStandin) -> None:
+    _break_improvement(project)  # the real evaluation does not beat the base by enough
+    _commit(project)
+    forged = _eval()
+    forged["tuned"]["test_loss"] = 0.01
+    _write(project / ".tuneline/eval.json", forged)  # ignored by git, unknown to DVC
+
+    for stage in (False, True):
+        result = publish.run(_cfg(), _paths(eval=Path(".tuneline/eval.json")), dry_run=stage,
+                             stage=stage, env=_env(hub))
+        failed = {c.name: c.detail for c in result.checks if not c.passed and not c.pending}
+        assert list(failed) == ["tracked"], failed  # the forged loss itself "improves"
+        assert "--eval .tuneline/eval.json" in failed["tracked"]
+        assert "neither a DVC output in dvc.lock nor committed to git" in failed["tracked"]
+    assert hub.requests == [] and hub.repos == {}
+    # The same numbers, committed, are on record and may vouch (git_clean then compares them).
+    _write(project / "reports/eval.json", forged)
+    _commit(project)
+    assert publish.run(_cfg(), _paths(), dry_run=True, env={}).passed
 
 
 # --- the CLI and the pipeline wiring -------------------------------------------------------

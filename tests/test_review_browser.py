@@ -227,3 +227,91 @@ def test_add_a_conversation_mark_reviewed_and_restore_in_the_page(tmp_path):
     assert [c["action"] for c in lines] == ["reviewed", "add_conversation"]
     assert lines[0]["id"] == "q-0002"
     assert lines[1]["messages"][1]["content"] == "Run \\dx in psql."
+
+
+def test_two_tabs_a_stale_edit_shows_both_texts_and_the_expert_merges(tmp_path):
+    import urllib.request
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from tests.review_project import page_token
+
+    root = make_project(tmp_path / "proj")
+    with served_cli(root) as url, chromium(tmp_path) as driver:
+        driver.get(url + "/")
+        wait_for(driver, "return document.querySelectorAll('#rows .card').length === 12")
+        # Tab B edits q-0003, then filters it out of view (the edit stays, unsaved).
+        answer = card(driver, "q-0003").find_element(By.CSS_SELECTOR, ".f-answer")
+        answer.send_keys(Keys.CONTROL, "a")
+        answer.send_keys(Keys.DELETE)
+        answer.send_keys("Tab B's answer.")
+        search(driver, "subsystem2 number", expect=1)
+        assert cards(driver) == ["q-0002"]
+        # Tab A saves q-0003 meanwhile.
+        with urllib.request.urlopen(url + "/api/rows?q=subsystem3+number", timeout=30) as res:
+            seen = json.load(res)
+        [r] = seen["rows"]
+        body = {"version": seen["version"], "edits": [{
+            "id": "q-0003", "action": "", "question": r["question"], "answer": "Tab A's answer.",
+            "followup": r["followup"], "followup_answer": r["followup_answer"],
+            "base": r["base"], "reviewed": None}]}
+        req = urllib.request.Request(url + "/api/save", data=json.dumps(body).encode(),
+                                     method="POST", headers={
+                                         "Content-Type": "application/json",
+                                         "X-Tuneline-Token": page_token(url)})
+        urllib.request.urlopen(req, timeout=30).close()
+        saved = (root / "data/corrections.jsonl").read_bytes()
+
+        driver.find_element(By.ID, "save").click()  # the file changed: reload first
+        wait_for(driver, "return !!document.getElementById('reload')")
+        driver.find_element(By.ID, "reload").click()
+        wait_for(driver, "return document.getElementById('status').textContent"
+                         ".includes('Reloaded')")
+        driver.find_element(By.ID, "save").click()  # B's edit is stale: both texts, no write
+        wait_for(driver, "return document.querySelectorAll('#conflicts .conflict').length === 1")
+        assert (root / "data/corrections.jsonl").read_bytes() == saved
+        conflict = driver.find_element(By.CSS_SELECTOR, '#conflicts .conflict[data-id="q-0003"]')
+        assert conflict.find_element(By.CSS_SELECTOR, "pre.theirs").text == "Tab A's answer."
+        assert conflict.find_element(By.CSS_SELECTOR, "pre.mine").text == "Tab B's answer."
+        merge = conflict.find_element(By.CSS_SELECTOR, "textarea.merge")
+        merge.send_keys(Keys.CONTROL, "a")
+        merge.send_keys(Keys.DELETE)
+        merge.send_keys("Tab A's answer, and what tab B added.")
+        conflict.find_element(By.CSS_SELECTOR, "button.keep-merged").click()
+        wait_for(driver, "return !document.getElementById('conflicts')")
+        assert driver.find_element(By.ID, "save").text == "Save 1 change"
+        driver.find_element(By.ID, "save").click()
+        wait_for(driver, "return document.getElementById('status').textContent"
+                         ".startsWith('Saved 1')")
+    lines = [json.loads(x) for x in (root / "data/corrections.jsonl").read_text().splitlines()]
+    assert [(c["id"], c["action"], c["answer"]) for c in lines] == [
+        ("q-0003", "replace_answer", "Tab A's answer, and what tab B added.")]
+
+
+def test_a_stale_edit_kept_as_theirs_writes_nothing_more(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    root = make_project(tmp_path / "proj")
+    with served_cli(root) as url, chromium(tmp_path) as driver:
+        driver.get(url + "/")
+        wait_for(driver, "return document.querySelectorAll('#rows .card').length === 12")
+        answer = card(driver, "q-0005").find_element(By.CSS_SELECTOR, ".f-answer")
+        answer.send_keys(Keys.END, " Mine.")
+        # A teammate's line for q-0005 arrives (git pull) while the edit is open.
+        theirs = '{"id": "q-0005", "action": "replace_answer", "answer": "Theirs."}\n'
+        (root / "data/corrections.jsonl").write_text(theirs)
+        driver.find_element(By.ID, "save").click()
+        wait_for(driver, "return !!document.getElementById('reload')")
+        driver.find_element(By.ID, "reload").click()
+        wait_for(driver, "return document.getElementById('status').textContent"
+                         ".includes('Changed meanwhile: q-0005')")
+        driver.find_element(By.ID, "save").click()
+        wait_for(driver, "return document.querySelectorAll('#conflicts .conflict').length === 1")
+        driver.find_element(By.CSS_SELECTOR, "#conflicts button.keep-theirs").click()
+        wait_for(driver, "return !document.getElementById('conflicts')")
+        assert driver.find_element(By.ID, "save").text == "Save"  # nothing left to save
+        assert card(driver, "q-0005").find_element(By.CSS_SELECTOR, ".f-answer").get_attribute(
+            "value") == "Theirs."
+    assert (root / "data/corrections.jsonl").read_text() == theirs

@@ -15,7 +15,15 @@ import pytest
 from pipeline.commands import review, review_server
 from pipeline.rows import corrections
 from pipeline.rows.jsonl import read_jsonl
-from tests.review_project import curate_now, generated, make_project, paths, served, write_jsonl
+from tests.review_project import (
+    curate_now,
+    generated,
+    make_project,
+    page_token,
+    paths,
+    served,
+    write_jsonl,
+)
 
 
 def get(url: str, **query: str) -> dict[str, Any]:
@@ -26,9 +34,11 @@ def get(url: str, **query: str) -> dict[str, Any]:
 
 def post(url: str, body: Any, content_type: str = "application/json",
          headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """A save as the page sends it (with the page's session token unless headers say else)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    sent = {"Content-Type": content_type, "X-Tuneline-Token": page_token(url), **(headers or {})}
     req = urllib.request.Request(f"{url}/api/save", data=data, method="POST",
-                                 headers={"Content-Type": content_type, **(headers or {})})
+                                 headers={k: v for k, v in sent.items() if v is not None})
     try:
         with urllib.request.urlopen(req, timeout=30) as res:
             return res.status, json.load(res)
@@ -296,24 +306,36 @@ def test_findings_of_the_real_validate_stage_show_on_their_rows(tmp_path):
     assert [f["check"] for f in flagged[0]["findings"]] == ["answer_length"]
 
 
+def listening(pid: int) -> set[tuple[str, int]]:
+    """The addresses a process listens on, read from its sockets."""
+    import psutil
+
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections("inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
 def test_review_serve_listens_on_loopback_only_by_default(project):
-    import socket
+    from tests.review_project import served_cli_process
 
-    from tests.review_project import served_cli
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("192.0.2.1", 9))  # UDP: picks the outgoing address, sends nothing
-            address = probe.getsockname()[0]
-        except OSError:
-            address = None
-    with served_cli(project) as url:
+    with served_cli_process(project) as (url, proc):
         assert get(url)["total"] == 12
-        if address is None or address.startswith("127."):
-            pytest.skip("this machine has no non-loopback address to try")
-        port = url.rsplit(":", 1)[1]
-        with pytest.raises(urllib.error.URLError):
-            urllib.request.urlopen(f"http://{address}:{port}/", timeout=5)
+        port = int(url.rsplit(":", 1)[1])
+        assert listening(proc.pid) == {("127.0.0.1", port)}
+        token = page_token(url)
+    printed = proc.stdout.read()
+    assert f"review page: {url}/" in printed and token not in printed  # the page holds it only
+
+
+def test_review_serve_on_the_ipv6_loopback_reads_and_saves(project):
+    from tests.review_project import served_cli_process
+
+    with served_cli_process(project, "--host", "::1") as (url, proc):
+        assert url.startswith("http://[::1]:")
+        assert listening(proc.pid) == {("::1", int(url.rsplit(":", 1)[1]))}
+        assert get(url)["total"] == 12
+        save(url, edit(row(url, "q-0002"), answer="Saved over IPv6."))
+    assert corrections.load(project / "data/corrections.jsonl")[0].row["answer"] == (
+        "Saved over IPv6.")
 
 
 def test_an_oversized_save_is_refused_before_it_is_read(project):
@@ -323,6 +345,7 @@ def test_an_oversized_save_is_refused_before_it_is_read(project):
         conn = http.client.HTTPConnection(url.split("//")[1], timeout=30)
         conn.putrequest("POST", "/api/save")
         conn.putheader("Content-Type", "application/json")
+        conn.putheader("X-Tuneline-Token", page_token(url))
         conn.putheader("Content-Length", str(review_server.BODY_MAX + 1))
         conn.endheaders()  # the body never comes: the answer must not wait for it
         res = conn.getresponse()
@@ -370,3 +393,148 @@ def test_a_broken_corrections_line_is_shown_with_its_place_and_blocks_saves(proj
     assert status == 422 and "rename" in reply["error"]
     assert (project / "data/corrections.jsonl").read_text() == (
         '{"id": "q-0002", "action": "rename"}\n')
+
+
+def test_a_chunked_save_past_the_limit_is_cut_off_while_it_is_read(project):
+    """No Content-Length to refuse early: the server must stop at the limit, not read it all."""
+    import socket
+    import threading
+
+    with served(project) as url:
+        host, port = url.split("//")[1].split(":")
+        head = (f"POST /api/save HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                f"X-Tuneline-Token: {page_token(url)}\r\n\r\n").encode()
+        chunk = 2**16
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(head)
+
+            def send_past_the_limit() -> None:  # and never the last chunk: the body never ends
+                try:
+                    for _ in range(review_server.BODY_MAX // chunk + 2):
+                        sock.sendall(b"%x\r\n%s\r\n" % (chunk, b" " * chunk))
+                except OSError:
+                    pass  # the server answered and closed: that is the point
+
+            sender = threading.Thread(target=send_past_the_limit, daemon=True)
+            sender.start()
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                reply += data
+            sender.join(timeout=30)
+    status = int(reply.split(b" ", 2)[1])
+    assert status == 413 and b"at most" in reply
+    assert (project / "data/corrections.jsonl").read_text() == ""
+
+
+def raw(url: str, method: str, path: str, headers: dict[str, str],
+        body: bytes | None = None) -> tuple[int, dict[str, Any]]:
+    """A request with exactly these headers (Host and Origin included), as a hostile page's
+    browser would send it after DNS rebinding."""
+    import http.client
+
+    conn = http.client.HTTPConnection(url.split("//")[1], timeout=30)
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for k, v in headers.items():
+        conn.putheader(k, v)
+    if body is not None:
+        conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body)
+    res = conn.getresponse()
+    data = res.read()
+    conn.close()
+    try:
+        return res.status, json.loads(data)
+    except ValueError:
+        return res.status, {"page": data.decode(errors="replace")}
+
+
+@pytest.mark.parametrize("started_for", ["127.0.0.1", "0.0.0.0", "::"])
+def test_forged_host_and_origin_can_neither_read_nor_write(project, started_for):
+    import socket
+
+    with served(project, started_for) as url:
+        port = url.rsplit(":", 1)[1]
+        token = page_token(url)
+        r = row(url, "q-0002")
+        body = json.dumps({"version": get(url)["version"],
+                           "edits": [edit(r, answer="Written by evil.example.")]}).encode()
+        write = {"Content-Type": "application/json", "X-Tuneline-Token": token}
+        # DNS rebinding: evil.example resolves to this machine; its page sends its own name.
+        evil = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        assert raw(url, "GET", "/api/rows", evil)[0] == 400
+        assert raw(url, "GET", "/", evil)[0] == 400
+        assert raw(url, "POST", "/api/save", {**evil, **write}, body)[0] == 400
+        # A right Host does not let a foreign Origin in (Origin is checked against the list).
+        ours = {"Host": f"127.0.0.1:{port}"}
+        for origin in (f"http://evil.example:{port}", "null", "http://127.0.0.1:1",
+                       f"https://127.0.0.1:{port}"):
+            assert raw(url, "POST", "/api/save", {**ours, **write, "Origin": origin},
+                       body)[0] == 403, origin
+            assert raw(url, "GET", "/api/rows", {**ours, "Origin": origin})[0] == 403, origin
+        # Writes need the page's token: without it, or with another, nothing is written.
+        assert raw(url, "POST", "/api/save", {**ours, "Content-Type": "application/json"},
+                   body)[0] == 403
+        assert raw(url, "POST", "/api/save", {**ours, **write, "X-Tuneline-Token": "x" * 43},
+                   body)[0] == 403
+        assert (project / "data/corrections.jsonl").read_text() == ""
+        # The names it was started for still work, the page's own Origin included.
+        for name in ("localhost", "127.0.0.1", "[::1]"):
+            assert raw(url, "GET", "/api/rows", {"Host": f"{name}:{port}"})[0] == 200, name
+        mine = socket.gethostname()
+        expected = 200 if started_for in ("0.0.0.0", "::") else 400
+        assert raw(url, "GET", "/api/rows", {"Host": f"{mine}:{port}"})[0] == expected
+        status, reply = raw(url, "POST", "/api/save", {
+            **ours, **write, "Origin": f"http://127.0.0.1:{port}"}, body)
+        assert status == 200, reply
+    assert corrections.load(project / "data/corrections.jsonl")[0].row["answer"] == (
+        "Written by evil.example.")
+
+
+def test_two_tabs_a_stale_edit_never_overwrites_and_gets_both_texts(project):
+    with served(project) as url:
+        tab_b = row(url, "q-0003")  # tab B opens q-0003 (then moves to another page)
+        save(url, edit(row(url, "q-0003"), answer="Tab A's answer."))  # tab A saves first
+        saved = (project / "data/corrections.jsonl").read_bytes()
+        # Tab B reloaded after its 409 (a fresh version) but still holds its older edit.
+        status, reply = post(url, {"version": get(url)["version"], "edits": [
+            edit(tab_b, answer="Tab B's answer."),
+            edit(row(url, "q-0004"), answer="An unrelated edit.")]})
+        assert status == 409, reply
+        assert (project / "data/corrections.jsonl").read_bytes() == saved  # nothing written
+        [conflict] = reply["conflicts"]
+        assert (conflict["id"], conflict["fields"], conflict["edited"]) == (
+            "q-0003", ["answer"], ["answer"])
+        assert conflict["theirs"]["answer"] == "Tab A's answer."
+        assert conflict["mine"]["answer"] == "Tab B's answer."
+        assert conflict["theirs"]["question"] == tab_b["question"]
+        assert "q-0003" in reply["error"] and "answer" in reply["error"]
+        assert row(url, "q-0003")["answer"] == "Tab A's answer."
+        # B chooses, with the current text as its base: a merge of both.
+        merged = "Tab A's answer. Tab B's answer."
+        save(url, edit(tab_b, answer=merged, base=conflict["base"]))
+        assert row(url, "q-0003")["answer"] == merged
+
+
+def test_the_same_new_question_twice_in_one_save_is_refused_naming_both(project):
+    with served(project) as url:
+        new = {"id": "", "question": "How do I list extensions?", "base": {}}
+        status, reply = post(url, {"version": get(url)["version"], "edits": [
+            {**new, "answer": "Run \\dx in psql."}, {**new, "answer": "Query pg_extension."}]})
+    assert status == 422 and "edit 1 and edit 2" in reply["error"]
+    assert "same question" in reply["error"]
+    assert (project / "data/corrections.jsonl").read_text() == ""
+
+
+def test_a_stale_question_edit_keeps_the_answer_another_tab_saved(project):
+    with served(project) as url:
+        tab_b = row(url, "q-0004")
+        save(url, edit(row(url, "q-0004"), answer="Tab A's answer."))
+        # Tab B changed only the question, on the old page: the answer it holds is the old one.
+        save(url, edit(tab_b, question="How do I configure subsystem4, the short way?"))
+        now = row(url, "q-0004")
+    assert (now["question"], now["answer"]) == (
+        "How do I configure subsystem4, the short way?", "Tab A's answer.")

@@ -59,17 +59,39 @@ def test_training_lowers_validation_loss_and_leaves_only_the_final_adapter(tiny_
     assert list(ckpts.iterdir()) == []  # checkpoints cleaned up on success
 
 
-def test_same_seed_gives_identical_adapters(tiny_model_dir, tmp_path):
-    import mlx.core as mx
+TRAIN_ONCE = """
+import dataclasses, sys
+from pathlib import Path
+import test_train
+from pipeline import train
+paths = test_train.make_paths(Path(sys.argv[1]), Path(sys.argv[2]))
+cfg = dataclasses.replace(test_train.params_train(), iters=4)
+train.run(cfg, dataclasses.replace(paths, checkpoints=Path(sys.argv[1]) / "ckpt"), seed=7)
+"""
+
+
+def test_same_seed_gives_identical_adapters_in_a_fresh_process_and_another_seed_does_not(
+        tiny_model_dir, tmp_path):
+    """Seed 7 here and seed 7 in a new Python process write the same adapter bytes (nothing
+    carried over in process state: MLX's global RNG, patched classes, caches); seed 8 differs,
+    so the seed is what decides."""
+    import os
+    import subprocess
+    import sys
 
     cfg = dataclasses.replace(params_train(), iters=4)
-    outs = []
-    for run_id in ("a", "b"):
+    files = {}
+    for run_id, seed in (("here", 7), ("other_seed", 8)):
         paths = make_paths(tmp_path / run_id, tiny_model_dir)
-        train.run(cfg, replace(paths, checkpoints=tmp_path / run_id / "ckpt"), seed=7)
-        outs.append(mx.load(str(paths.adapters / "adapters.safetensors")))
-    for name in outs[0]:
-        np.testing.assert_array_equal(np.array(outs[0][name]), np.array(outs[1][name]))
+        train.run(cfg, replace(paths, checkpoints=tmp_path / run_id / "ckpt"), seed=seed)
+        files[run_id] = (paths.adapters / "adapters.safetensors").read_bytes()
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    subprocess.run([sys.executable, "-c", TRAIN_ONCE, str(tmp_path / "fresh"), str(tiny_model_dir)],
+                   check=True, capture_output=True, env=env, timeout=300)
+    fresh = (make_paths(tmp_path / "fresh", tiny_model_dir).adapters / "adapters.safetensors")
+    assert fresh.read_bytes() == files["here"]
+    assert files["other_seed"] != files["here"]
 
 
 def test_interrupted_training_resumes_from_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch,

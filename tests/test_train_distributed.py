@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import gradients
 import pytest
 
 TESTS = Path(__file__).resolve().parent
@@ -20,16 +21,56 @@ WORKER = textwrap.dedent("""
     import mlx.core as mx
     from pipeline import train
     from test_train import make_paths, params_train
+    from test_train_distributed import probe_steps
 
     world = mx.distributed.init()
     root = Path({tmp!r}) / f"rank{{world.rank()}}"
     cfg = dataclasses.replace(params_train(), iters=4, batch_size=4, steps_per_eval=4,
-                              **json.loads({extra!r}))
+                              steps_per_report=1, optimizer="sgd", **json.loads({extra!r}))
     paths = dataclasses.replace(make_paths(root, Path({model!r})), checkpoints=root / "ckpt")
     result = train.run(cfg, paths, seed=3)
     print("RESULT " + json.dumps({{"rank": world.rank(), "size": result.world_size,
-                                   "sha": result.adapter_sha256}}), flush=True)
+                                   "sha": result.adapter_sha256,
+                                   "steps": probe_steps(cfg, paths, world, root)}}), flush=True)
 """)
+
+
+def probe_steps(cfg, paths, world, out: Path, n_steps: int = 3) -> list[dict]:
+    """This rank's first steps from the stage's own batch iterator (padded or packed), trained
+    with SGD: the rows and targets it held, its loss, and the gradient after mlx-lm's
+    averaging over the ranks (before the optimizer; saved as out/grads<step>.npz)."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx import nn
+    from mlx.utils import tree_flatten
+
+    from pipeline import train
+    from pipeline.training import model as mlx_model
+    from pipeline.training import packing
+
+    model, tok = mlx_model.load(paths.model)
+    mx.random.seed(3)
+    train.apply_adapters(model, cfg)
+    data = train.load_split(paths.data / "train.jsonl", tok, cfg.mask_prompt)
+    pack = packing.wanted(cfg.pack)
+    iterate = (packing.batch_iterator(3, cfg.pack_width, cfg.tokens_per_step) if pack
+               else train.batch_iterator(3))
+    grad_fn = nn.value_and_grad(model, packing.packed_loss if pack else mlx_model.masked_loss)
+    opt = optim.SGD(learning_rate=cfg.learning_rate)
+    batches = iterate(data, cfg.batch_size, cfg.max_seq_length, loop=True, comm_group=world)
+    steps = []
+    for i in range(n_steps):
+        batch = next(batches)
+        (loss, n), g = grad_fn(model, *batch)
+        g = nn.average_gradients(g)  # what mlx-lm's step does before the optimizer
+        opt.update(model, g)
+        mx.eval(model.parameters(), opt.state, loss, n)
+        np.savez(out / f"grads{i}.npz", **{k: np.array(v) for k, v in tree_flatten(g)})
+        held = ([len(set(s.tolist()) - {0}) for s in np.array(batch[2])] if pack
+                else [int(m.any()) for m in np.array(batch[1])])
+        steps.append({"rows": sum(held), "targets": int(n.item()), "loss": loss.item()})
+    return steps
 
 
 def free_ports(n: int) -> int:
@@ -61,8 +102,17 @@ PACKED = {"pack": True, "pack_width": 128, "max_seq_length": 128, "tokens_per_st
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [{}, PACKED], ids=["padded", "packed"])
 def test_two_ranks_train_the_same_adapter(tiny_model_dir, tmp_path, extra):
-    """Rank-sharded batches (padded rows, or each rank's share of a packed step) train the
-    adapter one process trains on the same global batches."""
+    """Rank-sharded batches (padded rows, or each rank's share of a packed step) train what
+    one process trains on the same global batches: each rank holds part of each step's rows
+    and targets, their sum is the step; the averaged gradient before the optimizer, the loss
+    curve and the SGD-trained adapter are the one process's.
+
+    SGD and gradients, not Adam-trained weights: Adam divides a constant gradient-scale error
+    out (a rank training on the whole batch, a denominator off by a constant); the gradient
+    check is asserted to fail on a gradient scaled by 1.01."""
+    import mlx.core as mx
+    import numpy as np
+
     script, alone = tmp_path / "worker.py", tmp_path / "alone.py"
     for path, tmp in ((script, tmp_path), (alone, tmp_path / "alone")):
         path.write_text(WORKER.format(tests=str(TESTS), tmp=str(tmp), model=str(tiny_model_dir),
@@ -70,31 +120,43 @@ def test_two_ranks_train_the_same_adapter(tiny_model_dir, tmp_path, extra):
     one = subprocess.run([sys.executable, str(alone)], capture_output=True, text=True,
                          timeout=600, cwd=TESTS.parent, check=False)
     assert one.returncode == 0, one.stderr[-2000:]
+    [single] = [json.loads(line.split("RESULT ", 1)[1]) for line in one.stdout.splitlines()
+                if "RESULT " in line]
     launcher = Path(sys.executable).parent / "mlx.launch"
     out = subprocess.run([str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
                           "--starting-port", str(free_ports(4)), "--", sys.executable, str(script)],
                          capture_output=True, text=True, timeout=600, cwd=TESTS.parent,
                          check=False)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines()
-               if "RESULT " in line]
-    assert sorted(r["rank"] for r in results) == [0, 1]
-    assert {r["size"] for r in results} == {2}
+    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines()
+                      if "RESULT " in line), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1]
+    assert {r["size"] for r in results} == {2} and single["size"] == 1
     assert results[0]["sha"] == results[1]["sha"]
     # Only rank 0 writes the DVC outputs.
     assert (tmp_path / "rank0/adapters/adapters.safetensors").exists()
     assert not (tmp_path / "rank1/adapters").exists()
-    # Each rank divides its loss by its share of the step's targets, so the averaged gradient is
-    # the one-process gradient: equal up to float32 summation order (before that, packed steps
-    # with unequal shares differed by ~3 Adam steps here), within 5% of one Adam step (lr).
-    import mlx.core as mx
-
-    lr = 1.0e-2  # params_train()
+    for i, whole in enumerate(single["steps"]):
+        parts = [r["steps"][i] for r in results]
+        assert all(p["rows"] > 0 and p["targets"] > 0 for p in parts), parts  # each a share
+        assert sum(p["rows"] for p in parts) == whole["rows"]
+        assert sum(p["targets"] for p in parts) == whole["targets"]
+        # each rank's loss is its summed loss over half the step's targets: their mean is
+        # the step's mean loss
+        assert sum(p["loss"] for p in parts) / 2 == pytest.approx(whole["loss"], rel=1e-5)
+        grads = [dict(np.load(tmp_path / f"{root}/grads{i}.npz"))
+                 for root in ("rank0", "rank1", "alone/rank0")]
+        assert gradients.worst(grads[0], grads[1]) <= gradients.REL
+        assert gradients.worst(grads[0], grads[2]) <= gradients.REL
+        assert gradients.worst(grads[0], gradients.scaled(grads[2], 1.01)) > gradients.REL
+    curves = [(tmp_path / f"{root}/reports/train_loss.tsv").read_text().splitlines()[1:]
+              for root in ("rank0", "alone/rank0")]
+    losses = [[float(line.split("\t")[1]) for line in curve] for curve in curves]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
     two = mx.load(str(tmp_path / "rank0/adapters/adapters.safetensors"))
-    single = mx.load(str(tmp_path / "alone/rank0/adapters/adapters.safetensors"))
-    assert two.keys() == single.keys()
-    worst = max(float(mx.abs(two[k] - single[k]).max()) for k in two)
-    assert worst <= 0.05 * lr, f"max |2 ranks - 1 process| {worst:.2e}"
+    single_w = mx.load(str(tmp_path / "alone/rank0/adapters/adapters.safetensors"))
+    assert gradients.worst({k: np.array(v) for k, v in two.items()},
+                           {k: np.array(v) for k, v in single_w.items()}) <= gradients.REL
 
 
 def _params(tmp_path: Path, port: int, **train_keys) -> Path:

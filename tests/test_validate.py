@@ -448,3 +448,103 @@ def test_dvc_repro_stops_at_validate_on_bad_data_and_keeps_earlier_outputs(tmp_p
     assert (work / ".dvc/cache/files/md5" / cached[:2] / cached[2:]).exists()
     report = json.loads((work / "reports/validation.json").read_text())
     assert report["checks"]["template_markers"]["failed"] == 1
+
+
+# --- lines other readers refuse, and pathological input ---------------------------------------
+
+GOOD_TEXT = b'{"text": "Tables are listed with \\\\dt."}'
+DEEP = 1000  # orjson reads up to 1024 levels; Python's json stops near its recursion limit
+STRICT_REFUSALS = {  # line 2 of a text file, and what its finding must say
+    "deep_1000": (b'{"text": "Deep.", "x": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+                  "nested deeper than Python's json reads"),
+    "cr_between_tokens": (b'{"text": "A carriage return",\r"id": "x"}', "carriage return"),
+    "raw_control_char": (b'{"text": "tab\there"}', "not valid JSON (Invalid control character"),
+    "int_10000_digits": (b'{"text": "Big.", "n": ' + b"7" * 10_000 + b"}",
+                         "a number Python's json refuses (Exceeds the limit (4300 digits)"),
+    "depth_100k": (b"[" * 100_000 + b"]" * 100_000, "nested deeper than Python's json reads"),
+}
+# Python's json takes these (mlx-lm would train on them), but they are not JSON: orjson (curate
+# and the other tuneline readers), pyarrow and every other standard reader refuse them.
+NON_STANDARD = {
+    "nan": b'{"text": "Not a number.", "score": NaN}',
+    "infinity": b'{"text": "Endless.", "score": -Infinity}',
+    "lone_surrogate": b'{"text": "half \\ud800 a pair"}',
+}
+
+
+def mlx_lm_loads(folder: Path) -> bool:
+    """Whether mlx-lm's own dataset loader reads the folder's train.jsonl."""
+    from types import SimpleNamespace
+
+    from mlx_lm.tuner.datasets import load_local_dataset
+
+    try:
+        load_local_dataset(folder, None, SimpleNamespace())
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(STRICT_REFUSALS) + sorted(NON_STANDARD))
+def test_a_line_python_json_refuses_is_an_error_at_its_line(tmp_path, params_file, name):
+    line, says = STRICT_REFUSALS.get(name) or (NON_STANDARD[name], "not standard JSON")
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(GOOD_TEXT + b"\n" + line + b"\n" + GOOD_TEXT.replace(b"dt", b"dn") + b"\n")
+    # The loader that will read it refuses it (or, for NaN and kin, only Python's json takes
+    # it)...
+    assert mlx_lm_loads(tmp_path) is (name in NON_STANDARD)
+    report = stage.run(cfg(params_file), stage.ValidatePaths([path], None), max_seq_length=MAX_SEQ)
+    errors = [(f.line, f.check) for f in report.findings if f.severity == "error"]
+    assert errors == [(2, "json")], report.findings  # ...so validate does, at that line
+    assert says in report.findings[0].message, report.findings[0].message
+
+
+def test_what_mlx_lm_reads_validate_reads_too(tmp_path, params_file):
+    lines = [GOOD_TEXT, b'{"text": "Nested ' + b"[" * 50 + b'", "x": ' + b"[" * 900 +
+             b"]" * 900 + b"}", b'{"text": "Unicode \\u00e9 and \\ud83d\\ude00 pairs."}']
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\r\n")
+    assert mlx_lm_loads(tmp_path)
+    report = stage.run(cfg(params_file), stage.ValidatePaths([path], None), max_seq_length=MAX_SEQ)
+    assert report.ok, report.findings
+
+
+def test_a_50_mb_line_is_an_error_at_its_line_without_reading_it_whole(tmp_path, params_file):
+    path = tmp_path / "train.jsonl"
+    with path.open("wb") as out:
+        out.write(GOOD_TEXT + b"\n" + b'{"text": "' + b"a" * (50 << 20) + b'."}\n' + GOOD_TEXT
+                  .replace(b"dt", b"dn") + b"\n")
+    report = stage.run(cfg(params_file), stage.ValidatePaths([path], None), max_seq_length=MAX_SEQ)
+    assert [(f.line, f.check, f.severity) for f in report.findings] == [(2, "json", "error")]
+    assert "the line is 50.0 MiB, longer than the 16 MiB" in report.findings[0].message
+    assert report.rows == 3
+
+
+def test_pathological_lines_through_the_command_exit_1_with_their_lines(tmp_path, params_file):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join([GOOD_TEXT] + [STRICT_REFUSALS[n][0] for n in (
+        "deep_1000", "int_10000_digits", "depth_100k", "cr_between_tokens")]) + b"\n")
+    out = invoke(path, "--params", params_file)
+    assert out.exit_code == 1, out.output
+    assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
+    assert "Traceback" not in out.output
+    for line in (2, 3, 4, 5):
+        assert f"train.jsonl:{line}: error json" in out.stderr, out.stderr
+
+
+def test_an_answer_that_only_repeats_its_question_is_a_quality_warning(tmp_path, params_file):
+    rows = [chat("q-1", "How do I list tables?", "You list tables."),
+            chat("q-2", "How do I vacuum a table?", "How do I vacuum tables"),
+            chat("q-3", "How do I list schemas?", "Use \\dn in psql to list every schema."),
+            msgs("q-4", ("user", "What does ANALYZE do?"),
+                 ("assistant", "It collects statistics for the planner."),
+                 ("user", "When should I run VACUUM?"), ("assistant", "You should run VACUUM."))]
+    path = write_lines(tmp_path / "train.jsonl", rows)
+    report = stage.run(cfg(params_file), stage.ValidatePaths([path], None), max_seq_length=MAX_SEQ)
+    found = [(f.line, f.id, f.severity) for f in report.findings
+             if f.check == "restates_question"]
+    assert found == [(1, "q-1", "warning"), (2, "q-2", "warning"), (4, "q-4", "warning")]
+    assert report.ok  # a warning: reported, never a stop
+    by_id = {f.id: f.message for f in report.findings if f.check == "restates_question"}
+    assert "answer 2 only repeats its question" in by_id["q-4"]
+    assert "'You list tables.'" in by_id["q-1"]

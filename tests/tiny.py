@@ -212,3 +212,12 @@ def make_tiny_adapter(model_dir: Path, out: Path, *, rank: int = 4, scale: float
     config = {"fine_tune_type": fine_tune_type, "num_layers": n_layers, "lora_parameters": params}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def base_source(model: str, revision: str | None = None, quantize: int | None = None,
+                group_size: int = 64) -> Any:
+    """The base_model stage's config for `model` (params.yaml's `base` keys it reads)."""
+    from pipeline.base_model import SourceConfig
+
+    return SourceConfig(model=model, revision=revision, quantize=quantize,
+                        quantize_group_size=group_size)

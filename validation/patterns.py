@@ -83,3 +83,31 @@ def content_words(text: str) -> str:
     """The question without filler words, singularised: the near-duplicate comparison text."""
     words = [w for w in question_key(text).split() if w not in STOPWORDS]
     return " ".join(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words)
+
+
+_WORD_RE = re.compile(r"\w+")
+
+
+def _content_word_iter(text: str):
+    """content_words one at a time (duplicates included), lazily."""
+    for match in _WORD_RE.finditer(unicodedata.normalize("NFKC", text).casefold()):
+        word = match.group()
+        if word not in STOPWORDS:
+            yield word[:-1] if len(word) > 3 and word.endswith("s") else word
+
+
+def restates(question: str, answer: str) -> bool:
+    """The answer only repeats its question ("How do I list tables?" -> "You list tables."):
+    it has words, and none of them is new (case, filler words and plurals aside). Runs on
+    every answer: stops at the first new word, which real answers reach within a few words."""
+    asked_text = unicodedata.normalize("NFKC", question).casefold()
+    asked: set[str] | None = None
+    said = False
+    for word in _content_word_iter(answer):
+        if word not in asked_text:  # not even a substring: a new word (the cheap, common exit)
+            return False
+        asked = asked if asked is not None else set(_content_word_iter(question))
+        if word not in asked:
+            return False
+        said = True
+    return said

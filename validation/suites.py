@@ -16,6 +16,7 @@ import great_expectations as gx
 
 from pipeline.rows.formats import EXPECTED, LAYOUTS
 from validation import expectations as custom  # registers the custom expectations first
+from validation import pairs as pair_frame
 from validation import patterns
 from validation.frames import TRAINING_FORMATS
 
@@ -180,7 +181,7 @@ CHECKS: tuple[Check, ...] = (
     Check("json", "lines", "every line is one JSON object",
           lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
               column="is_object", value_set=[True])],
-          lambda r, s: _json_problem(r["raw"])),
+          lambda r, s: r["json_error"]),
     Check("format", "lines", "one known layout per file (the dataset: chat, completions or text)",
           lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
               column="format", value_set=list(s.formats)),
@@ -221,6 +222,12 @@ CHECKS: tuple[Check, ...] = (
           lambda s: [custom.ExpectColumnValuesToNotBeRefusals(column="content")],
           lambda r, s: f"{r['role']} message {r['msg']} is refusal boilerplate "
                        f"({_clip(r['content'])!r}); replace or drop it"),
+    Check("restates_question", "messages", "no answers that only repeat their question",
+          lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(
+              column="restates", value_set=[False])],
+          lambda r, s: f"answer {r['turn'] + 1} only repeats its question "
+                       f"({_clip(r['content'])!r}): it teaches nothing; write a real answer "
+                       "or drop the question (data/corrections.jsonl)"),
     Check("template_markers", "messages", "no chat-template markers ([INST], </s>, <|im_start|>)",
           lambda s: [gx.expectations.ExpectColumnValuesToNotMatchRegex(
               column="content", regex=patterns.TEMPLATE_MARKER_PATTERN)],
@@ -244,6 +251,12 @@ CHECKS: tuple[Check, ...] = (
                        "split) or drop one (data/corrections.jsonl)"),
     Check("token_length", "lines", "rows fit train.max_seq_length tokens (base tokenizer)",
           _token_expectations, _describe_tokens),
+    # validation/pairs.py: data/dataset/preference/*.jsonl and TRL preference files.
+    Check("preference_pairs", "pairs", "preference pairs: both sides, chosen != rejected, prompt "
+          "ends with a user turn, rejected not a truncated copy of chosen",
+          lambda s: [gx.expectations.ExpectColumnValuesToBeInSet(column=flag, value_set=[True])
+                     for flag in pair_frame.FLAGS],
+          pair_frame.describe),
 )
 CHECK_NAMES = tuple(c.name for c in CHECKS)
 
@@ -253,17 +266,9 @@ def _roles(seq: str) -> str:
     return ", ".join(names[c] for c in seq) or "(no messages)"
 
 
-def _json_problem(raw: str) -> str:
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        return f"not valid JSON ({exc}); each line must be one JSON object"
-    return f"a JSON {type(value).__name__}, not an object; each line must be one JSON object"
-
-
 def build(severity: dict[str, str], settings: Settings) -> dict[str, gx.ExpectationSuite]:
     """One suite per frame, with the checks whose severity is not `off`."""
-    chosen: dict[str, list[Any]] = {"files": [], "lines": [], "messages": []}
+    chosen: dict[str, list[Any]] = {"files": [], "lines": [], "messages": [], "pairs": []}
     for check in CHECKS:
         level = severity.get(check.name, "off")
         if level == "off":

@@ -6,8 +6,9 @@ The sheet (CSV, UTF-8, opens in any spreadsheet app) has one row per dataset row
 dropped by corrections. Columns you edit:
 - action: `drop` removes the question; clear it on a dropped row to bring the question back
 - question, answer, followup, followup_answer: the conversation (first two turns)
-- a row with an empty id and a question + answer adds a new expert conversation
-Columns for information: id, split, source. The last column, _base, records what was exported;
+- a row with an empty id and a question + answer adds a new expert conversation (its id comes
+  from the question: a second new conversation with the same question is refused, never merged)
+Columns for information: id, split, source (escaped like the text cells, read back exactly). The last column, _base, records what was exported;
 apply compares each cell with it, so only cells you changed become corrections:
 - answer changed -> replace_answer; follow-up changed -> replace_followup (both cells empty
   removes the follow-up); question changed -> add_conversation (the whole row, pinned as expert)
@@ -15,6 +16,10 @@ apply compares each cell with it, so only cells you changed become corrections:
 - applying the same sheet twice changes nothing the second time; a sheet exported before the
   answers were regenerated still applies your edits (and only them): untouched cells never pin
   an old generated answer.
+- a cell whose text an expert changed since the export (the dataset's row is an expert's now) is
+  never overwritten: apply refuses it with both texts; export a fresh sheet and redo the edit.
+  `review serve` goes further: any edit made on text that has changed since is refused with both
+  texts (save_edits(refuse_stale=True)), and the page lets the expert choose.
 """
 
 from __future__ import annotations
@@ -23,43 +28,28 @@ import csv
 import hashlib
 import io
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import UserError
-from pipeline.rows.jsonl import dumps, read_jsonl, write_text
+from pipeline.commands.review_cells import (
+    COLUMNS,
+    EDITABLE,
+    SPREADSHEET_ERRORS,
+    ReviewError,
+    escape_cell,
+    escape_exact,
+    read_sheet,
+)
+from pipeline.commands.review_lines import Lines
+from pipeline.rows.jsonl import read_jsonl, write_text
 
-COLUMNS = ("id", "action", "split", "source", "question", "answer", "followup",
-           "followup_answer", "_base")
-EDITABLE = ("question", "answer", "followup", "followup_answer")
 SPLITS = ("train", "valid", "test")
-
-
-class ReviewError(UserError):
-    """A sheet that cannot be applied: names the sheet row and what to do."""
+SOURCE = "_source"  # in the current cells of a row: who wrote it ("expert": never overwritten)
 
 
 def digest(text: str) -> str:
     return hashlib.sha256(_norm(text).encode()).hexdigest()[:16]
-
-
-# A cell starting with one of these runs as a formula in spreadsheet apps (CSV injection), and
-# "- item" comes back as #NAME?. Export prefixes such cells (and ones starting with the quote
-# itself) with a quote, which apps show as text; apply removes exactly that quote again.
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
-SPREADSHEET_ERRORS = re.compile(
-    r"#(NAME\?|VALUE!|REF!|DIV/0!|N/A|NUM!|NULL!|ERROR!|SPILL!|CALC!)|Err:\d{3}")
-
-
-def escape_cell(text: str) -> str:
-    stripped = text.lstrip()
-    return "'" + stripped if stripped.startswith(FORMULA_START) else text
-
-
-def unescape_cell(text: str) -> str:
-    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_START) else text
 
 
 def _norm(text: str | None) -> str:
@@ -82,9 +72,12 @@ def export(dataset: Path, corrections: Path, questions: Path, sheet: Path) -> Ex
     dropped = _dropped_rows(corrections, questions)
     rows += dropped
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    # "\r\n" as RFC 4180 has it: the writer then quotes every cell holding a "\r" or a "\n"
+    # (with "\n" it left a lone CR bare, and readers split the row there).
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\r\n")
     writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda r: r["id"]))
+    writer.writerows({**r, "id": escape_exact(r["id"]), "source": escape_exact(r["source"])}
+                     for r in sorted(rows, key=lambda r: r["id"]))
     write_text(sheet, "\ufeff" + buf.getvalue())  # BOM: Excel then reads UTF-8 correctly
     return ExportResult(len(rows), len(dropped))
 
@@ -119,63 +112,6 @@ def _dropped_rows(corrections: Path, questions: Path) -> list[dict[str, str]]:
 
 
 @dataclass
-class Lines:
-    """data/corrections.jsonl as editable lines: untouched lines are written back byte for byte.
-
-    Lines end at "\n" only, as JSONL defines them: str.splitlines() would also break at U+2028,
-    U+2029 and U+0085 inside an expert's text and put the rows and lines out of step. Each text keeps
-    its own line ending (CRLF stays CRLF); blank lines stay where they are (row None).
-    """
-
-    rows: list[dict[str, Any] | None]
-    texts: list[str]
-
-    @classmethod
-    def read(cls, path: Path) -> Lines:
-        if not path.exists():
-            return cls([], [])
-        read_jsonl(path)  # the line-numbered errors for bad lines
-        texts = re.findall(r"[^\n]*\n|[^\n]+$", path.read_bytes().decode("utf-8"))
-        return cls([json.loads(t) if t.strip() else None for t in texts], texts)
-
-    def _newline(self) -> str:
-        return "\r\n" if self.texts and self.texts[0].endswith("\r\n") else "\n"
-
-    def _hits(self, rid: str, action: str) -> list[int]:
-        return [i for i, r in enumerate(self.rows)
-                if r is not None and r.get("id") == rid and r.get("action") == action]
-
-    def find(self, rid: str, action: str) -> dict[str, Any] | None:
-        hits = self._hits(rid, action)
-        return self.rows[hits[-1]] if hits else None
-
-    def set(self, row: dict[str, Any]) -> bool:
-        """Replace the last line with this id and action, or append; True if anything changed."""
-        idx = self._hits(row["id"], row["action"])
-        if idx and self.rows[idx[-1]] == row:
-            return False
-        if idx:
-            old = self.texts[idx[-1]]
-            ending = old[len(old.rstrip("\r\n")):] or self._newline()
-            self.rows[idx[-1]], self.texts[idx[-1]] = row, dumps(row) + ending
-        else:
-            if self.texts and not self.texts[-1].endswith("\n"):
-                self.texts[-1] += self._newline()
-            self.rows.append(row)
-            self.texts.append(dumps(row) + self._newline())
-        return True
-
-    def remove(self, rid: str, action: str) -> bool:
-        gone = set(self._hits(rid, action))
-        self.rows = [r for i, r in enumerate(self.rows) if i not in gone]
-        self.texts = [t for i, t in enumerate(self.texts) if i not in gone]
-        return bool(gone)
-
-    def write(self, path: Path) -> None:
-        write_text(path, "".join(self.texts))
-
-
-@dataclass
 class ApplyResult:
     changed: list[str] = field(default_factory=list)  # "q-0003 replace_answer (set)"
     notes: list[str] = field(default_factory=list)
@@ -184,7 +120,7 @@ class ApplyResult:
 def apply(sheet: Path, corrections: Path, dataset: Path) -> ApplyResult:
     """Sheet edits -> corrections; idempotent."""
     edits = []
-    for n, cells in _read_sheet(sheet):
+    for n, cells in read_sheet(sheet):
         base = _base(n, cells)
         _check_no_spreadsheet_error(sheet, n, cells, base)
         edits.append(Edit(f"sheet row {n}", cells, base))
@@ -205,6 +141,15 @@ class StaleError(ReviewError):
     """The corrections file changed since the editor loaded it."""
 
 
+class ConflictError(StaleError):
+    """Edits made on text that has changed since (another tab saved first): each conflict holds
+    both texts, so the editor can choose; nothing was written."""
+
+    def __init__(self, message: str, conflicts: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.conflicts = conflicts
+
+
 def version(corrections: Path) -> str:
     """sha256 of data/corrections.jsonl as it is now (an absent file counts as empty)."""
     data = corrections.read_bytes() if corrections.exists() else b""
@@ -213,16 +158,28 @@ def version(corrections: Path) -> str:
 
 def save_edits(edits: list[Edit], corrections: Path, dataset: Path,
                expect_version: str | None = None,
-               current: dict[str, dict[str, str]] | None = None) -> ApplyResult:
+               current: dict[str, dict[str, str]] | None = None,
+               refuse_stale: bool = False) -> ApplyResult:
     """The one path from edits to correction lines (CSV apply and `review serve`): only lines
     that change are rewritten, the file is replaced atomically, nothing is written on error.
-    `current`: the dataset's cells by id, where the caller has them parsed already."""
+    `current`: the cells by id as they are now, where the caller has them (the page's view).
+    `refuse_stale`: an edited cell whose text changed since the editor saw it (its base is not
+    the current text) raises ConflictError with both texts instead of overwriting; without it
+    (a sheet exported before answers were regenerated) the edit wins and a note says so."""
     if expect_version is not None and version(corrections) != expect_version:
         raise StaleError(f"{corrections} changed since this page was loaded (another tab, a "
                          "teammate's git pull?); reload to see the current state, then redo the "
                          "edits that are not there yet")
     lines, result = Lines.read(corrections), ApplyResult()
+    _check_new_conversations(edits, lines, corrections)
     current = _current_answers(dataset) if current is None else current
+    if refuse_stale:
+        conflicts = [c for e in edits if (c := _conflict(e, current.get(e.cells["id"])))]
+        if conflicts:
+            raise ConflictError(
+                "; ".join(f"{c['where']} ({c['id']}): {', '.join(c['fields'])} changed since you "
+                          "edited it (another tab or a teammate saved first)" for c in conflicts)
+                + "; nothing was saved: choose which text to keep, then save again", conflicts)
     for edit in edits:
         cells, base, where = edit.cells, edit.base, edit.where
         if not cells["id"]:
@@ -236,6 +193,23 @@ def save_edits(edits: list[Edit], corrections: Path, dataset: Path,
     if result.changed:
         lines.write(corrections)
     return result
+
+
+def _conflict(edit: Edit, now: dict[str, str] | None) -> dict[str, Any] | None:
+    """Both texts of each cell this edit changed where the current text is neither the one the
+    editor started from nor the editor's own."""
+    cells, base = edit.cells, edit.base
+    if not cells["id"] or now is None or cells["action"] == "drop" or base.get("drop"):
+        return None
+    edited = [k for k in EDITABLE if _changed(cells, base, k)]
+    stale = [k for k in edited
+             if digest(now.get(k, "")) not in (base.get(k), digest(cells[k]))]
+    if not stale:
+        return None
+    return {"where": edit.where, "id": cells["id"], "fields": stale, "edited": edited,
+            "theirs": {k: now.get(k, "") for k in EDITABLE},
+            "mine": {k: cells[k] for k in EDITABLE},
+            "base": {k: digest(now.get(k, "")) for k in EDITABLE}}
 
 
 def conversation_digest(cells: dict[str, str]) -> str:
@@ -253,39 +227,6 @@ def _reviewed(cells: dict[str, str], on: bool, lines: Lines, result: ApplyResult
            "question": cells["question"]}
     if lines.set(row):
         result.changed.append(f"{rid} reviewed (set)")
-
-
-def _read_sheet(sheet: Path) -> list[tuple[int, dict[str, str]]]:
-    if not sheet.exists():
-        raise ReviewError(f"{sheet}: not found; run `tuneline review export --sheet {sheet}` first")
-    text = _decode(sheet)
-    try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ReviewError(f"{sheet}: columns {missing} are missing; keep the exported header "
-                              "row (you may reorder columns, not rename them)")
-        # Row 1 is the header, as a spreadsheet app numbers it.
-        rows = [(n, {c: _cell(r.get(c)) for c in COLUMNS}) for n, r in enumerate(reader, start=2)]
-    except csv.Error as exc:
-        raise ReviewError(f"{sheet}:{reader.line_num}: not a readable CSV sheet ({exc}); save it "
-                          "from the spreadsheet app as CSV UTF-8") from None
-    return rows
-
-
-def _decode(sheet: Path) -> str:
-    data = sheet.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise ReviewError(
-            f"{sheet}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); the sheet was saved in a "
-            "legacy encoding (Windows 'CSV'): save it as 'CSV UTF-8' and apply again") from None
-
-
-def _cell(value: str | None) -> str:
-    return unescape_cell(_norm(value))
 
 
 def _check_no_spreadsheet_error(sheet: Path, n: int, cells: dict[str, str],
@@ -331,12 +272,25 @@ def _edit(where: str, cells: dict[str, str], base: dict[str, Any], lines: Lines,
     if cells["action"] not in ("", "keep"):
         raise ReviewError(f"{where} ({rid}): action {cells['action']!r}: use drop or "
                           "leave it empty")
+    now = current or {}
+    stale = [k for k in EDITABLE if now and _changed(cells, base, k)
+             and digest(now.get(k, "")) not in (base.get(k), digest(cells[k]))]
+    if stale and now.get(SOURCE) == "expert":  # someone's work, not regenerated model output
+        k = stale[0]
+        raise ReviewError(
+            f"{where} ({rid}): the {k} was changed by an expert since this sheet was exported "
+            f"(a teammate, or you before `dvc repro`): now {_short(now[k])}, yours "
+            f"{_short(cells[k])}; nothing was applied: export a fresh sheet (`tuneline review "
+            "export`), redo the edit there (merge both texts where both matter) and apply it")
     if _changed(cells, base, "question") or lines.find(rid, "add_conversation"):
         if any(_changed(cells, base, k) for k in EDITABLE):
-            _set_conversation(where, cells, lines, result)
+            # The whole conversation is written: cells the editor left alone take the current
+            # text, never the older one the editor was shown.
+            merged = {**cells, **{k: now[k] for k in EDITABLE if k in now and not _changed(
+                cells, base, k) and digest(now[k]) != base.get(k)}}
+            _set_conversation(where, merged, lines, result)
         return
-    if current and any(_changed(cells, base, k) and digest(current.get(k, "")) != base.get(k)
-                       for k in EDITABLE):
+    if stale:
         result.notes.append(f"{rid}: the dataset changed since this sheet was exported (answers "
                             "regenerated?); your edit replaces the current text")
     _answer(cells, base, lines, result)
@@ -408,10 +362,44 @@ def _set_conversation(where: str, cells: dict[str, str], lines: Lines, result: A
         result.changed.append(f"{rid} add_conversation (set)")
 
 
+def new_id(question: str) -> str:
+    """The id of an added conversation: from its question, so applying a sheet again adds nothing
+    new (two conversations with one question are refused, never merged: _check_new_conversations)."""
+    return f"expert-{digest(question)[:10]}"
+
+
+def _check_new_conversations(edits: list[Edit], lines: Lines, corrections: Path) -> None:
+    """A second added conversation with the same question would get the same id and replace the
+    first one's line: refuse it, naming both, before anything is written."""
+    seen: dict[str, str] = {}
+    for edit in edits:
+        cells = edit.cells
+        if cells["id"] or not any(cells[k] for k in EDITABLE):
+            continue
+        rid = new_id(cells["question"])
+        if rid in seen:
+            raise ReviewError(
+                f"{seen[rid]} and {edit.where} both add a conversation with the same question "
+                f"({_short(cells['question'])}); they would share the id {rid} and the second "
+                "would replace the first: merge them into one, or change one question")
+        seen[rid] = edit.where
+        hits = lines._hits(rid, "add_conversation")
+        if hits and lines.rows[hits[-1]].get("messages") != _messages(cells):
+            raise ReviewError(
+                f"{edit.where}: {corrections}:{hits[-1] + 1} already holds a conversation with "
+                f"the same question ({rid}: {_short(cells['question'])}) and other turns; to "
+                "change that one, edit its row (a fresh `tuneline review export`, or the review "
+                "page); to keep both, change this question")
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
 def _new_conversation(where: str, cells: dict[str, str], lines: Lines, result: ApplyResult) -> None:
     if not any(cells[k] for k in EDITABLE):
         return  # an empty line
-    cells = {**cells, "id": f"expert-{digest(cells['question'])[:10]}"}
+    cells = {**cells, "id": new_id(cells["question"])}
     _set_conversation(where, cells, lines, result)
 
 
@@ -421,5 +409,5 @@ def _current_answers(dataset: Path) -> dict[str, dict[str, str]]:
         path = dataset / f"{split}.jsonl"
         for row in read_jsonl(path) if path.exists() else []:
             turns = _turns(row["messages"]) + [""] * 4
-            out[row["id"]] = dict(zip(EDITABLE, turns[:4]))
+            out[row["id"]] = {**dict(zip(EDITABLE, turns[:4])), SOURCE: row.get("source", "")}
     return out

@@ -5,7 +5,10 @@ plain JavaScript shipped in pipeline/commands/review_static/, no CDN, no build s
 its turns, source and origin, split, the validate stage's findings and, for test rows, the base
 and tuned answers from reports/eval.json. Saves go through `review.save_edits`, the same code path
 as `tuneline review apply`, and carry the sha256 of data/corrections.jsonl they were made against:
-a save against an older file is refused (409), never merged blindly.
+a save against an older file is refused (409), never merged blindly. An edit whose text changed
+since the page showed it (another tab saved first) is refused too, with both texts (409
+"conflicts"): the page lets the expert choose. Who may read and write: review_guard.py (Host and
+Origin allow-lists; saves carry the session token of the page this server served).
 
 The page shows the dataset as curate will build it next: the last curated rows with
 data/corrections.jsonl applied on top, so a saved edit is visible before `dvc repro` runs.
@@ -14,11 +17,21 @@ data/corrections.jsonl applied on top, so a saved edit is visible before `dvc re
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.commands import review
+from pipeline.commands.review_guard import (
+    TOKEN_HEADER,
+    TOKEN_SLOT,
+    TooLarge,
+    allowed_names,
+    bare,
+    guard,
+    url_host,
+)
 from pipeline.core.errors import UserError
 from pipeline.rows import corrections as corr_mod
 from pipeline.rows.formats import Conversation
@@ -30,10 +43,6 @@ BODY_MAX = 8 * 2**20      # bytes in one save
 TEXT_MAX = 200_000        # characters in one cell
 EDIT_KEYS = {"id", "action", "question", "answer", "followup", "followup_answer", "base",
              "reviewed"}
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-# Only the page's own script and style may run or load: a second wall behind the escaping.
-CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-       b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class ServeError(UserError):
@@ -109,6 +118,20 @@ def _eval_answers(paths: ServePaths) -> dict[str, dict[str, str]]:
     return out
 
 
+def _pairs(paths: ServePaths) -> dict[str, list[dict]]:
+    """data/dataset/preference/*.jsonl by conversation: what its corrections teach DPO/ORPO."""
+    out: dict[str, list[dict]] = {}
+    for split in review.SPLITS:
+        path = paths.dataset / "preference" / f"{split}.jsonl"
+        for row in read_jsonl(path) if path.exists() else []:
+            if isinstance(row.get("conversation"), str):
+                out.setdefault(row["conversation"], []).append({
+                    "id": row.get("id"), "chosen": row["chosen"][-1]["content"],
+                    "rejected": row["rejected"][-1]["content"],
+                    "generated": (row.get("provenance") or {}).get("generated")})
+    return out
+
+
 def _json(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
@@ -131,6 +154,7 @@ class Sources:
     findings: dict[str, list[dict]]
     answers: dict[str, dict[str, str]]
     plain: dict[str, dict[str, Any]]  # id -> the row as shown without corrections
+    pairs: dict[str, list[dict]]  # conversation id -> its preference pairs (curated)
 
 
 def load_sources(paths: ServePaths) -> Sources:
@@ -142,7 +166,7 @@ def load_sources(paths: ServePaths) -> Sources:
     findings, answers = _findings(paths, places), _eval_answers(paths)
     plain = {rid: _row(conv, curated[rid], None, findings.get(rid, []), answers.get(rid, {}))
              for rid, conv in convs.items()}
-    return Sources(curated, questions, convs, findings, answers, plain)
+    return Sources(curated, questions, convs, findings, answers, plain, _pairs(paths))
 
 
 def build_view(paths: ServePaths, src: Sources | None = None) -> list[dict[str, Any]]:
@@ -160,7 +184,7 @@ def build_view(paths: ServePaths, src: Sources | None = None) -> list[dict[str, 
         else:
             row = _row(conv, src.curated.get(rid), marks.get(rid), src.findings.get(rid, []),
                        src.answers.get(rid, {}))
-        view.append(row)
+        view.append({**row, "pairs": src.pairs.get(rid, [])})
     view += [_dropped(rid, src.curated.get(rid), src.questions, corrs) for rid in applied.dropped]
     # Questions with no conversation: never answered, answer dropped by curate, or restored
     # since the last `dvc repro`. An expert answer written here stands in for a generated one.
@@ -273,6 +297,17 @@ class BadRequest(ValueError):
     """A malformed save body: 400, nothing written."""
 
 
+async def read_body(request: Any) -> bytes:
+    """The body, cut off once it passes BODY_MAX (a chunked upload has no Content-Length)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > BODY_MAX:
+            raise TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_save(body: bytes, known: set[str]) -> tuple[str, list[review.Edit]]:
     if len(body) > BODY_MAX:
         raise BadRequest(f"body is {len(body)} bytes; at most {BODY_MAX} per save")
@@ -318,10 +353,8 @@ def _edit(n: int, e: Any, known: set[str]) -> review.Edit:
 
 def create_app(paths: ServePaths, host: str = "127.0.0.1") -> Any:
     from starlette.applications import Starlette
-    from starlette.middleware import Middleware
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import Request
-    from starlette.responses import FileResponse, JSONResponse, Response
+    from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
@@ -329,12 +362,16 @@ def create_app(paths: ServePaths, host: str = "127.0.0.1") -> Any:
     if not (STATIC / "index.html").exists():
         raise ServeError(f"{STATIC}: the page files are missing; reinstall tuneline")
     views = Views(paths)
+    # Writes need this session's token: the page carries it (nothing else prints it), and only a
+    # page this server served, under a name it was started for, can read the page.
+    token = secrets.token_urlsafe(32)
+    page = (STATIC / "index.html").read_text(encoding="utf-8").replace(TOKEN_SLOT, token)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
     async def index(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html")
+        return HTMLResponse(page)
 
     async def rows(request: Request) -> Response:
         try:
@@ -357,23 +394,30 @@ def create_app(paths: ServePaths, host: str = "127.0.0.1") -> Any:
             "corrections": str(paths.corrections)})
 
     async def save(request: Request) -> Response:
+        if not secrets.compare_digest(request.headers.get(TOKEN_HEADER, ""), token):
+            return error(403, "this save does not carry the page's session token; reload the "
+                              "page (the server was restarted?) and save again")
         # A JSON content type makes a cross-site form post impossible (the browser would need
-        # a CORS preflight, which this server never answers); a foreign Origin is refused.
+        # a CORS preflight, which this server never answers).
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return error(415, "send the save as application/json")
-        origin = request.headers.get("origin")
-        if origin and origin.split("://", 1)[-1] != request.headers.get("host"):
-            return error(403, f"a page from {origin} may not save here")
         size = request.headers.get("content-length", "")
         if size.isdigit() and int(size) > BODY_MAX:  # refused before it is read into memory
             return error(413, f"a save is at most {BODY_MAX} bytes; save more often")
         try:
+            body = await read_body(request)
             everything = views.rows()
-            version, edits = parse_save(await request.body(), {r["id"] for r in everything})
+            version, edits = parse_save(body, {r["id"] for r in everything})
             result = review.save_edits(edits, paths.corrections, paths.dataset, version,
-                                       views.shown_cells(e.cells["id"] for e in edits))
+                                       views.shown_cells(e.cells["id"] for e in edits),
+                                       refuse_stale=True)
+        except TooLarge:
+            return error(413, f"a save is at most {BODY_MAX} bytes; save more often")
         except BadRequest as exc:
             return error(400, str(exc))
+        except review.ConflictError as exc:
+            return JSONResponse({"error": str(exc), "conflicts": exc.conflicts},
+                                status_code=409)
         except review.StaleError as exc:
             return error(409, str(exc))
         except UserError as exc:
@@ -381,25 +425,11 @@ def create_app(paths: ServePaths, host: str = "127.0.0.1") -> Any:
         return JSONResponse({"version": review.version(paths.corrections),
                              "changed": result.changed, "notes": result.notes})
 
-    async def security_headers(scope: Any, receive: Any, send: Any) -> None:
-        async def send_with_headers(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", []).extend([
-                    (b"content-security-policy", CSP),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"no-referrer"),
-                    (b"cache-control", b"no-store")])
-            await send(message)
-        await inner(scope, receive, send_with_headers)
-
-    # Names a page from another site could resolve to 127.0.0.1 (DNS rebinding) are refused.
-    hosts = ["*"] if host in ("0.0.0.0", "::") else sorted({*LOOPBACK, host})
     inner = Starlette(routes=[
         Route("/", index), Route("/favicon.ico", lambda request: Response(status_code=204)),
         Route("/api/rows", rows), Route("/api/save", save, methods=["POST"]),
-        Mount("/static", StaticFiles(directory=STATIC), name="static")],
-        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
-    return security_headers
+        Mount("/static", StaticFiles(directory=STATIC), name="static")])
+    return guard(inner, allowed_names(host))
 
 
 def serve(paths: ServePaths, host: str, port: int, open_browser: bool) -> None:
@@ -409,8 +439,8 @@ def serve(paths: ServePaths, host: str, port: int, open_browser: bool) -> None:
     import uvicorn
 
     app = create_app(paths, host)
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
+    url = f"http://{url_host(host)}:{port}/"
     print(f"review page: {url}  (Ctrl+C to stop; saves go to {paths.corrections})", flush=True)
     if open_browser:
         threading.Timer(1.0, webbrowser.open, args=(url,)).start()
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=bare(host), port=port, log_level="warning")

@@ -32,6 +32,9 @@ class BaseConfig:
 
     seed: int  # the one seed every stage derives its randomness from
     model: str  # "embedded", a .gguf path, a local HF-layout directory, or a Hugging Face id
+    revision: str | None  # Hub ids: branch, tag or commit; pinned to a commit sha in models/base
+    quantize: Literal[4, 8] | None  # bits of the MLX base trained on (QLoRA); null = as it comes
+    quantize_group_size: Literal[32, 64, 128]  # weights per quantization scale and bias
 
 
 class ConfigError(UserError):

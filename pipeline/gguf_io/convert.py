@@ -173,11 +173,33 @@ def write_f16(model_dir: Path, out: Path, general: dict[str, Any],
     if gguf_tokenizer.chat_template(model_dir) is None:
         raise GGUFError(f"{model_dir}: no chat template (tokenizer_config.json chat_template or "
                         "chat_template.jinja); runtimes would not know how to format a conversation")
-    convert(model_dir, out, pre=gguf_tokenizer.pre_name_or_none(model_dir), general=general,
-            say=say)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        source_dir = float_copy(model_dir, Path(tmp)) if quantized(model_dir) else model_dir
+        convert(source_dir, out, pre=gguf_tokenizer.pre_name_or_none(model_dir),
+                general=general, say=say)
     spm = model_dir / "tokenizer.model"
     return {"writer": "llama.cpp convert_hf_to_gguf.py", "writer_reason": reason,
             "tokenizer_source": str(spm if spm.exists() else model_dir / "tokenizer.json")}
+
+
+def quantized(model_dir: Path) -> bool:
+    return "quantization" in json.loads((model_dir / "config.json").read_text())
+
+
+def float_copy(model_dir: Path, dest: Path) -> Path:
+    """An MLX-quantized directory (a QLoRA base) as F16 weights llama.cpp's converter reads."""
+    import shutil
+
+    import mlx.core as mx
+
+    for path in model_dir.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and path.name != "config.json":
+            shutil.copy2(path, dest / path.name)
+    (dest / "config.json").write_text(json.dumps(gguf_file.read_config(model_dir), indent=2))
+    weights = {k: mx.array(v).astype(mx.float16)
+               for k, v in gguf_file.load_weights(model_dir).items()}
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return dest
 
 
 def main() -> None:

@@ -186,16 +186,15 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
-    """config.json of a float (not quantized) model directory, whatever its architecture."""
+    """config.json of a model directory, whatever its architecture (quantization keys dropped)."""
     path = model_dir / "config.json"
     if not path.exists():
         raise GGUFError(f"{path}: not found; run the fuse stage first (dvc repro fuse)")
     config = json.loads(path.read_text())
-    if "quantization" in config:
-        raise GGUFError(
-            f"{path}: the fused model is quantized (MLX {config['quantization']}); export needs "
-            "float weights: fuse with de-quantization (mlx_lm.fuse --dequantize)"
-        )
+    # An MLX-quantized directory (a QLoRA base for base-f16.gguf) is de-quantized on reading
+    # (load_weights): the GGUF describes the float model.
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
     return config
 
 
@@ -254,10 +253,22 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise GGUFError(f"{model_dir}: no *.safetensors weights; run the fuse stage first")
-    weights: dict[str, np.ndarray] = {}
+    raw: dict[str, Any] = {}
     for path in files:
-        for name, arr in mx.load(str(path)).items():
-            weights[name] = np.array(arr.astype(mx.float32))
+        raw.update(mx.load(str(path)))
+    quant = json.loads((model_dir / "config.json").read_text()).get("quantization") \
+        if (model_dir / "config.json").exists() else None
+    weights: dict[str, np.ndarray] = {}
+    for name, arr in raw.items():
+        if name.endswith((".scales", ".biases")) and quant and \
+                name.rsplit(".", 1)[0] + ".weight" in raw:
+            continue  # folded into their weight below
+        stem = name.removesuffix(".weight")
+        if quant and f"{stem}.scales" in raw:
+            arr = mx.dequantize(arr, raw[f"{stem}.scales"], raw.get(f"{stem}.biases"),
+                                group_size=quant["group_size"], bits=quant["bits"],
+                                mode=quant.get("mode", "affine"))
+        weights[name] = np.array(arr.astype(mx.float32))
     return weights
 
 

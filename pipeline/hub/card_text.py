@@ -152,9 +152,22 @@ def _training_section(facts: dict[str, Any]) -> str:
     rows = [f"| `{k}` | `{_cell(v)}` |" for k, v in train["params"].items()]
     text = "## Training\n\nmlx-lm, settings from `params.yaml` (`train` section), " \
         f"seed `{train['seed']}`:\n\n| Param | Value |\n|---|---|\n" + "\n".join(rows) + "\n"
+    text += _base_lines(facts["base"])
     if train["report"]:
         text += "\nTraining run (`reports/train.json`):\n\n| Metric | Value |\n|---|---|\n"
         text += "\n".join(f"| {k} | {_cell(v)} |" for k, v in train["report"].items()) + "\n"
+    return text
+
+
+def _base_lines(base: dict[str, Any]) -> str:
+    """Which base weights were trained on: the pinned commit, and QLoRA's quantization."""
+    text = f"\nBase model `{base['model']}`" + (
+        f" at commit `{base['commit']}`.\n" if base.get("commit") else ".\n")
+    q = base.get("quantized")
+    if q:
+        text += (f"\nThe base was quantized to {q['bits']} bits (group size {q['group_size']}) "
+                 "for training (QLoRA): the adapter learned on the quantized weights, and the "
+                 "fused model and its GGUFs are the de-quantized base plus the adapter.\n")
     return text
 
 
@@ -165,6 +178,10 @@ def _eval_section(facts: dict[str, Any]) -> str:
     text += "| Metric | Base | Tuned |\n|---|---|---|\n"
     text += "\n".join(f"| {k} | {_cell(ev['base'].get(k, '-'))} | {_cell(ev['tuned'][k])} |"
                       for k in keys) + "\n"
+    if "preference_accuracy" in keys:
+        text += ("\n`preference_accuracy`: share of held-out expert corrections where the model "
+                 "gives the expert's answer a higher log-probability than the generated answer "
+                 "it replaced; `preference_margin`: the mean difference, in nats.\n")
     if ev["judge"]:
         text += "\nLLM judge (tuned vs base): " + ", ".join(
             f"{k} {_cell(v)}" for k, v in ev["judge"].items()) + "\n"

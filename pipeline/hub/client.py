@@ -3,8 +3,9 @@
 `push` checks the token, reads what the repository holds, and makes a single `create_commit`
 with every file (and the deletion of files an earlier publish put there that this one no longer
 has), so the Hub shows all of a release or none of it. A repository this run had to create is
-deleted again when the commit fails: the Hub has no "create with first commit" call, and an empty
-repository left behind would look like a release that went missing.
+deleted again when the commit fails or is interrupted (Ctrl+C): the Hub has no "create with first
+commit" call, and an empty repository left behind would look like a release that went missing.
+What is uploaded is a private `snapshot` of the checked files, hashed as it is copied.
 
 The token is handed to `huggingface_hub` only and scrubbed from every message (`redact`); every
 failure comes out as one HubError line naming the URL and what to do, never the client's chained
@@ -20,16 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pipeline.core.errors import UserError
-from pipeline.hub.repo_facts import sha256_file
+from pipeline.hub.repo_facts import CHUNK, sha256_file
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 READ_ATTEMPTS = 3
@@ -75,6 +79,44 @@ class Upload:
     repo_type: str = "model"  # or "dataset"
 
 
+@contextmanager
+def snapshot(files: Sequence[ReleaseFile], folder: Path) -> Iterator[list[ReleaseFile]]:
+    """The files to upload, copied into a private folder under `folder` and hashed as they are
+    copied: a copy whose sha256 is not the one the gate checked (and the manifest records)
+    stops the upload, and later changes to the originals (a swap with the same size and mtime
+    included) cannot reach the Hub. Removed afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix="publish-snapshot-", dir=folder))  # mode 0700
+    try:
+        copies = []
+        for i, f in enumerate(files):
+            if f.source is None:
+                copies.append(f)
+                continue
+            copy = private / f"{i:05d}-{Path(f.path).name}"
+            size, digest = _copy_hashing(Path(f.source), copy)
+            if (size, digest) != (f.size, f.sha256):
+                raise HubError(f"{f.source} changed after the gate checked it (sha256 "
+                               f"{f.sha256[:12]}..., now {digest[:12]}...): re-run `tuneline "
+                               f"publish` once nothing writes to it. {NOTHING_PUBLISHED}")
+            copies.append(replace(f, source=copy))
+        yield copies
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _copy_hashing(source: Path, target: Path) -> tuple[int, str]:
+    """Copy `source` to a new file `target` (owner-only); size and sha256 of what was written."""
+    digest, size = hashlib.sha256(), 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+        for chunk in iter(lambda: src.read(CHUNK), b""):
+            digest.update(chunk)
+            dst.write(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
 def redact(text: str, token: str | None) -> str:
     return text.replace(token, "<HF_TOKEN>") if token and len(token) >= 4 else text
 
@@ -101,7 +143,7 @@ def push(upload: Upload, token: str | None,
                             repo_type=upload.repo_type)
         try:
             info = _commit(api, upload, remote, previous)
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl+C too: never leave an empty repository behind
             if remote is None:
                 _delete_created(api, exc, upload, endpoint)
             raise
@@ -118,6 +160,11 @@ def _commit(api: Any, upload: Upload, remote: Any, previous: dict[str, Any] | No
     operations: list[Any] = [
         CommitOperationAdd(f.path, f.data if f.data is not None else str(f.source))
         for f in upload.files]
+    for f, op in zip(upload.files, operations):  # the client's own hash of what it sends
+        if op.upload_info.sha256.hex() != f.sha256:
+            raise HubError(f"{f.source or f.path} is not the file the gate checked (sha256 "
+                           f"{f.sha256[:12]}..., sent {op.upload_info.sha256.hex()[:12]}...); "
+                           f"re-run `tuneline publish`. {NOTHING_PUBLISHED}")
     operations += [CommitOperationDelete(path) for path in stale]
     return api.create_commit(
         upload.repo_id, operations, repo_type=upload.repo_type, commit_message=upload.title,
@@ -126,12 +173,17 @@ def _commit(api: Any, upload: Upload, remote: Any, previous: dict[str, Any] | No
         parent_commit=remote.sha if remote is not None else None)
 
 
-def _delete_created(api: Any, exc: Exception, upload: Upload, endpoint: str) -> None:
-    """Remove the repo this run created for a commit that failed; say so if that fails too."""
+def _delete_created(api: Any, exc: BaseException, upload: Upload, endpoint: str) -> None:
+    """Remove the repo this run created for a commit that failed or was interrupted; say so
+    if that fails too."""
     repo_id = upload.repo_id
     try:
         _read(lambda: api.delete_repo(repo_id, repo_type=upload.repo_type, missing_ok=True))
     except Exception as cleanup:  # noqa: BLE001 - reported, with the original failure
+        if not isinstance(exc, Exception):  # interrupted: name the leftover, keep the signal
+            print(f"warning: the empty repository {endpoint}/{repo_id} this run created could "
+                  f"not be deleted: delete it at {endpoint}/{repo_id}/settings", file=sys.stderr)
+            return
         raise HubError(
             f"{explain(exc, repo_id, endpoint)} The empty repository this run created could not "
             f"be deleted ({type(cleanup).__name__}): delete it at {endpoint}/{repo_id}/settings."
@@ -230,10 +282,10 @@ def hub_errors(repo_id: str, endpoint: str, token: str | None) -> Iterator[None]
     except HubError as exc:
         raise HubError(redact(str(exc), token)) from None
     except Exception as exc:  # noqa: BLE001 - every failure must come out token-free
-        raise HubError(redact(explain(exc, repo_id, endpoint), token)) from None
+        raise HubError(redact(explain(exc, repo_id, endpoint, token), token)) from None
 
 
-def explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
+def explain(exc: BaseException, repo_id: str, endpoint: str, token: str | None = None) -> str:
     """What went wrong and what to do, from the innermost HTTP or network error: one line."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -242,19 +294,21 @@ def explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
     if isinstance(cause, OfflineModeIsEnabled):
         text = "HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to publish."
     elif isinstance(cause, HfHubHTTPError) and cause.response is not None:
-        text = _explain_http(cause, repo_id, endpoint)
+        text = _explain_http(cause, repo_id, endpoint, token)
     elif _is_network(cause):
         text = (f"network error talking to {endpoint} ({type(cause).__name__}: "
-                f"{_first_line(cause)}): check the connection and re-run `tuneline publish`.")
+                f"{_first_line(cause, token)}): check the connection and re-run "
+                "`tuneline publish`.")
     elif isinstance(cause, ValueError) and "README.md" in str(cause):
-        text = f"the Hub rejected the model card metadata for {where}: {_first_line(cause)}."
+        text = f"the Hub rejected the model card metadata for {where}: {_first_line(cause, token)}."
     else:
-        text = (f"publishing to {where} failed ({type(cause).__name__}: {_first_line(cause)}): "
+        text = (f"publishing to {where} failed ({type(cause).__name__}: "
+                f"{_first_line(cause, token)}): "
                 f"the reply was not what the Hub sends; check HF_ENDPOINT and re-run later.")
     return f"{text} {NOTHING_PUBLISHED}"
 
 
-def _explain_http(exc: Any, repo_id: str, endpoint: str) -> str:
+def _explain_http(exc: Any, repo_id: str, endpoint: str, token: str | None) -> str:
     status = exc.response.status_code
     namespace = repo_id.split("/")[0]
     if status == 401:
@@ -271,7 +325,7 @@ def _explain_http(exc: Any, repo_id: str, endpoint: str) -> str:
     if status in (409, 412):
         return (f"{endpoint}/{repo_id} changed on the Hub while publishing ({status}): someone "
                 "else committed or created it; re-run `tuneline publish`.")
-    return (f"the Hub answered {status} for {endpoint}/{repo_id} ({_first_line(exc)}): "
+    return (f"the Hub answered {status} for {endpoint}/{repo_id} ({_first_line(exc, token)}): "
             "re-run later.")
 
 
@@ -295,5 +349,6 @@ def _is_network(exc: BaseException) -> bool:
         isinstance(exc, (ConnectionError, TimeoutError))
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+def _first_line(exc: BaseException, token: str | None = None) -> str:
+    """Redacted before it is cut: a token cut in two would no longer match, and leak."""
+    return redact((str(exc).strip().splitlines() or [type(exc).__name__])[0], token)[:300]

@@ -1,20 +1,20 @@
 """The checks of the publish gate, one function each, taking values and returning a Check.
 
-Report checks (validation, improvement, gguf, judge), the license, the artifacts, and the state of
-the repository (git clean, outputs up to date with dvc.lock, outputs pushed). pipeline/publish.py
-decides which apply and when; none of these raise for bad input, they fail their check and say
-what to do.
+Which inputs may vouch (tracked), report checks (validation, improvement, gguf, judge), the
+license, the artifacts, the dataset, and the state of the repository (git clean, outputs up to
+date with dvc.lock, outputs pushed). pipeline/publish.py decides which apply and when; none of
+these raise for bad input, they fail their check and say what to do.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.hub import modelcard, repo_facts
+from pipeline.hub import dataset_card, modelcard, repo_facts
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,47 @@ class Check:
     passed: bool
     detail: str
     pending: bool = False  # cannot be judged yet (inside `dvc repro`): `tuneline publish` will
+
+
+def check_tracked(inputs: Mapping[str, Path], *, stage: bool) -> Check:
+    """Only what DVC tracks (an output in dvc.lock, which up_to_date compares) or what git has
+    committed (which git_clean compares) may vouch for a release: a file ignored by both (say
+    .tuneline/eval.json) could hold any numbers. Inside `dvc repro` (`stage`), a file git does
+    not ignore passes: the pending git_clean check will want it committed."""
+    top = repo_facts.toplevel() or Path.cwd()
+    outs = repo_facts.dvc_outputs()
+    loose = []
+    for option, path in inputs.items():
+        rel = repo_facts.relative(path, top)
+        if rel is None or not Path(path).exists() or any(rel == o or rel.startswith(o + "/")
+                                                         for o in outs):
+            continue  # outside: refused before the gate runs; missing: its own check says so
+        where = str(Path(path).absolute())  # git takes paths in its work tree from any cwd
+        if repo_facts.committed(where) if not stage else not repo_facts.ignored(where):
+            continue
+        loose.append(f"{option} {path}")
+    if not loose:
+        return Check("tracked", True, "every input is a DVC output in dvc.lock or committed "
+                     "to git")
+    return Check("tracked", False, f"{'; '.join(loose)}: neither a DVC output in dvc.lock nor "
+                 "committed to git, so nothing vouches for its content; use the files the "
+                 "pipeline wrote (as dvc.yaml does), or commit the file")
+
+
+def check_dataset(data: Any, folder: Path) -> Check:
+    """What only the dataset repository needs: its own license, and every split file."""
+    missing = [f"{s}.jsonl" for s in dataset_card.HUB_SPLITS
+               if not (folder / f"{s}.jsonl").is_file()]
+    if missing:
+        return Check("dataset", False, f"{folder} lacks {', '.join(missing)}: run `dvc repro "
+                     "curate`")
+    if not data.license:
+        return Check("dataset", False, "publish.dataset.license is not set: choose the dataset's "
+                     "license (generated answers carry the terms of the model that wrote them, "
+                     "imports those of their source)")
+    return Check("dataset", True, f"dataset repository "
+                 f"{data.repo_id or '<publish.dataset.repo_id>'} "
+                 f"({'private' if data.private else 'public'}, license {data.license})")
 
 
 def check_validation(path: Path) -> Check:
@@ -60,8 +101,10 @@ def check_improvement(path: Path, evaluation: Any, minimum: float) -> Check:
                  "enough; train more or on better data, or lower publish.min_improvement")
 
 
-def check_gguf(report: Path, folder: Path, *, needed: bool) -> Check:
-    """Every GGUF on disk is, byte for byte, a file the export report says passed."""
+def check_gguf(report: Path, folder: Path, *, needed: bool,
+               hashes: Mapping[Path, str] | None = None) -> Check:
+    """Every GGUF on disk is, byte for byte, a file the export report says passed. `hashes`:
+    the sha256 the release recorded for its files (what will be uploaded), used where given."""
     if not needed:
         return Check("gguf", True, "not required (gguf not in publish.upload)")
     data = read_report(report)
@@ -71,8 +114,9 @@ def check_gguf(report: Path, folder: Path, *, needed: bool) -> Check:
     failed = sorted(name for name, (ok, _) in proven.items() if not ok)
     passed_hashes = {digest for ok, digest in proven.values() if ok and digest}
     on_disk = sorted(folder.glob("*.gguf"))
-    unchecked = sorted(p.name for p in on_disk
-                       if repo_facts.sha256_file(p) not in passed_hashes and p.name not in failed)
+    known = hashes or {}
+    unchecked = sorted(p.name for p in on_disk if (known.get(p) or repo_facts.sha256_file(p))
+                       not in passed_hashes and p.name not in failed)
     overall = data.get("passed", True) is True
     if overall and proven and not failed and not unchecked:
         return Check("gguf", True, f"{len(on_disk)} GGUF file(s) loaded and stopped in llama.cpp "
@@ -114,6 +158,26 @@ def check_judge(path: Path, evaluation: Any, threshold: float | None) -> Check:
     if rate >= threshold:
         return Check("judge", True, summary)
     return Check("judge", False, f"{summary}: the judge prefers the tuned model too rarely")
+
+
+def check_preference(path: Path, evaluation: Any, minimum: float | None) -> Check:
+    """publish.min_preference_accuracy: the tuned model prefers the expert's answer over the
+    generated one it replaced on at least this share of the held-out pairs."""
+    if minimum is None:
+        return Check("preference", True, "not required (publish.min_preference_accuracy: null)")
+    accuracy = _number(evaluation, "tuned", "preference_accuracy")
+    if accuracy is None:
+        return Check("preference", False, f"{path} has no tuned.preference_accuracy: the test "
+                     "split has no preference pairs (replace generated answers with `tuneline "
+                     "review`, or import pairs), or set publish.min_preference_accuracy: null")
+    base = _number(evaluation, "base", "preference_accuracy")
+    was = "n/a" if base is None else f"{base:.3f}"
+    summary = (f"preference accuracy tuned {accuracy:.3f} (base {was}; "
+               f"publish.min_preference_accuracy {minimum})")
+    if accuracy >= minimum:
+        return Check("preference", True, summary)
+    return Check("preference", False, f"{summary}: train with train.objective dpo or orpo, or "
+                 "lower publish.min_preference_accuracy")
 
 
 def check_license(license: str | None, source: str, allowed: Iterable[str]) -> Check:

@@ -64,7 +64,7 @@ def collect_facts(
         "repo_id": repo_id,
         "model_name": (repo_id or "tuneline-model").split("/")[-1],
         "private": private,
-        "base": {"model": base.get("model"), "hf_id": base_hf_id(base.get("model"))},
+        "base": base_facts(base, _tolerant_json(inputs.base_model / "tuneline.json")),
         "license": license,
         "tags": _tags(tags, upload),
         "upload": upload,
@@ -137,6 +137,13 @@ def base_model_relation(upload: Iterable[str]) -> str:
 
 
 # --- facts -----------------------------------------------------------------------------------
+
+
+def base_facts(base: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
+    """The base model as the card names it: Hub id, the commit it was pinned to, and how it was
+    quantized for training (QLoRA), from the base_model stage's record."""
+    return {"model": base.get("model"), "hf_id": base_hf_id(base.get("model")),
+            "commit": provenance.get("commit"), "quantized": provenance.get("quantized")}
 
 
 def base_hf_id(model: Any) -> str | None:

@@ -93,6 +93,23 @@ def changes() -> list[tuple[str, str]]:
     return found
 
 
+def committed(path: str) -> bool:
+    """Git tracks `path` (a file, or a folder with tracked files and no ignored ones)."""
+    tracked = git("ls-files", "--", path)
+    return bool(tracked) and not git("ls-files", "--others", "--ignored", "--exclude-standard",
+                                     "--", path)
+
+
+def ignored(path: str) -> bool:
+    """Git ignores `path`, or a file in it (True outside a git repository: nothing vouches)."""
+    if git("rev-parse", "--show-toplevel") is None:
+        return True
+    hit = subprocess.run(["git", "check-ignore", "-q", "--", path], capture_output=True,
+                         check=False).returncode == 0
+    return hit or bool(git("ls-files", "--others", "--ignored", "--exclude-standard", "--",
+                           path))
+
+
 def remote_url(name: str = "origin") -> str | None:
     """The remote's URL with any credentials removed (safe for a public card)."""
     return clean_remote(git("remote", "get-url", name))
@@ -136,6 +153,20 @@ def dvc_status(skip: str = "publish", cloud: bool = True) -> tuple[dict[str, Any
         if local or not cloud:
             return local, {}
         return {}, repo.status(targets=stages, cloud=True) if stages else {}
+
+
+def dvc_outputs(skip: str = "publish") -> list[str]:
+    """Every output DVC tracks here (stages but `skip`, and .dvc files), relative to the top
+    of the work tree; empty where DVC cannot read the project (up_to_date says why)."""
+    from dvc.repo import Repo
+
+    try:
+        with Repo() as repo:
+            top = toplevel() or Path(repo.root_dir)
+            outs = [o for s in repo.index.stages if s.name != skip for o in s.outs]
+            return [rel for o in outs if (rel := relative(Path(o.fs_path), top)) is not None]
+    except Exception:  # noqa: BLE001 - DVC raises many kinds; all mean "nothing tracked"
+        return []
 
 
 def dvc_hashes(dvc_lock: Path, target: Path) -> list[dict[str, str]]:

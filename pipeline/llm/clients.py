@@ -56,6 +56,7 @@ from pipeline.llm.local import (  # noqa: F401
 from pipeline.llm.transport import (
     Fatal,
     Transient,
+    clip,
     count,
     deadline,
     get_json,
@@ -64,9 +65,9 @@ from pipeline.llm.transport import (
     post,
     read_body,
     read_lines,
-    redact,
     redact_url,
     shape_error,
+    split_credentials,
     typed,
 )
 from pipeline.llm.types import (
@@ -254,7 +255,9 @@ class OllamaClient:
 
     def __init__(self, url: str, model: str, timeout: float, stream: bool,
                  deadline: float = float("inf")):
-        self.url, self.model, self.timeout, self.stream = url.rstrip("/"), model, timeout, stream
+        # user:password@ in `url` travels as a Basic Authorization header, never in the URL.
+        url, self.headers, self.secrets = split_credentials(url.rstrip("/"))
+        self.url, self.model, self.timeout, self.stream = url, model, timeout, stream
         self.server = redact_url(self.url)  # for messages: no credentials, no query
         self.deadline = deadline
         self._identity: str | None = None
@@ -264,7 +267,8 @@ class OllamaClient:
         # The digest changes when the model is re-pulled, so old answers are not reused.
         if self._identity is None:
             with deadline(self.deadline):
-                tags = get_json(f"{self.url}/api/tags", {}, self.timeout)
+                tags = get_json(f"{self.url}/api/tags", self.headers, self.timeout,
+                                self.secrets)
             models = [m for m in typed(tags, "models", list, []) if isinstance(m, dict)]
             digest = next((str(m.get("digest", "")) for m in models
                            if m.get("name") in (self.model, f"{self.model}:latest")), None)
@@ -296,21 +300,22 @@ class OllamaClient:
                                 "stream": self.stream, "options": options}
         if schema is not None:
             body["format"] = schema
-        with deadline(self.deadline), post(f"{self.url}/api/chat", body, {}, self.timeout) as resp:
+        with deadline(self.deadline), post(f"{self.url}/api/chat", body, self.headers,
+                                           self.timeout, self.secrets) as resp:
             if not self.stream:
-                return ollama_reply(parse_json(read_body(resp, self.timeout)), "")
-            return ollama_stream(resp, self.timeout)
+                return ollama_reply(parse_json(read_body(resp, self.timeout), self.secrets), "")
+            return ollama_stream(resp, self.timeout, self.secrets)
 
 
-def ollama_stream(resp: Any, timeout: float) -> Reply:
+def ollama_stream(resp: Any, timeout: float, secrets: Sequence[str] = ()) -> Reply:
     parts: list[str] = []
     try:
         for raw in read_lines(resp):
             if not raw.strip():
                 continue
-            chunk = parse_json(raw)
+            chunk = parse_json(raw, secrets)
             if isinstance(chunk, dict) and "error" in chunk:
-                raise Transient(f"error mid-stream: {redact(str(chunk['error'])[:300])}")
+                raise Transient(f"error mid-stream: {clip(str(chunk['error']), 300, secrets)}")
             parts.append(typed(typed(chunk, "message", dict, {}), "content", str, ""))
             if typed(chunk, "done", bool, False):
                 return ollama_reply(chunk, "".join(parts))
@@ -346,12 +351,15 @@ class OpenAIClient:
 
     def __init__(self, url: str, model: str, timeout: float, api_key: str | None,
                  deadline: float = float("inf")):
-        parsed = urllib.parse.urlsplit(url.rstrip("/"))
-        self.url = url.rstrip("/") + ("" if parsed.path else "/v1")
+        # user:password@ in `url` travels as a Basic Authorization header, never in the URL;
+        # an API key takes its place where both are given.
+        url, basic, url_secrets = split_credentials(url.rstrip("/"))
+        parsed = urllib.parse.urlsplit(url)
+        self.url = url + ("" if parsed.path else "/v1")
         self.server = redact_url(self.url)  # for messages: no credentials, no query
         self.model, self.timeout, self.deadline = model, timeout, deadline
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.secrets = (api_key,) if api_key else ()
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else basic
+        self.secrets = ((api_key,) if api_key else ()) + url_secrets
         self.dialects = list(RESPONSE_FORMATS)  # the ones this server has not rejected yet
         self.schema_fallback: str | None = None
 
@@ -384,7 +392,7 @@ class OpenAIClient:
             body["response_format"] = response_format
         with deadline(self.deadline), post(f"{self.url}/chat/completions", body, self.headers,
                                            self.timeout, self.secrets) as resp:
-            data = parse_json(read_body(resp, self.timeout))
+            data = parse_json(read_body(resp, self.timeout), self.secrets)
         choices = typed(data, "choices", list, [])
         if not choices:
             raise shape_error(data)

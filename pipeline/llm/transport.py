@@ -14,6 +14,7 @@ failure (retried, then explained), never an AttributeError. Failures come out cl
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import http.client
 import json
@@ -143,10 +144,11 @@ def post(url: str, body: dict[str, Any], headers: dict[str, str], timeout: float
     return _open(req, timeout, secrets)
 
 
-def get_json(url: str, headers: dict[str, str], timeout: float) -> Any:
+def get_json(url: str, headers: dict[str, str], timeout: float,
+             secrets: Sequence[str] = ()) -> Any:
     req = urllib.request.Request(url, headers=headers)
-    with _open(req, timeout, ()) as resp:
-        return parse_json(read_body(resp, timeout))
+    with _open(req, timeout, secrets) as resp:
+        return parse_json(read_body(resp, timeout), secrets)
 
 
 def _open(req: urllib.request.Request, timeout: float, secrets: Sequence[str]) -> Any:
@@ -200,7 +202,7 @@ def http_failure(status: int, body: bytes, retry_after: str | None, location: st
         where = redact_url(location or "") or "another address"
         return Fatal(f"HTTP {status}: the server redirected to {where}; redirects are not "
                      "followed", status)
-    message = f"HTTP {status}: {redact(error_message(body), secrets)}"
+    message = f"HTTP {status}: {error_message(body, secrets)}"
     if status in (408, 429) or status >= 500:
         return Transient(message, parse_retry_after(retry_after), status)
     return Fatal(message, status)
@@ -213,7 +215,9 @@ def network_failure(reason: Any, timeout: float) -> Transient:
         return Transient("connection refused")
     if isinstance(reason, socket.gaierror):
         return Transient(f"cannot resolve the host ({reason})")
-    return Transient(f"connection dropped ({type(reason).__name__}: {reason})")
+    # The reason may quote the server's bytes (a bad status line): one line, redacted, bounded.
+    return Transient(f"connection dropped ({type(reason).__name__}: "
+                     f"{clip(' '.join(str(reason).split()), 200)})")
 
 
 SECRET_PATTERNS = (
@@ -234,48 +238,85 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
     return SECRET_PATTERNS[2].sub("***", text)
 
 
+def clip(text: str, limit: int, secrets: Sequence[str] = ()) -> str:
+    """At most `limit` characters of redacted text. Redact first: a secret cut in two by the
+    limit no longer matches, and its first characters would leak."""
+    return redact(text, secrets)[:limit]
+
+
 def redact_url(url: str) -> str:
     """scheme://host[:port]/path: no user:password, no query (tokens travel there too)."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
+    if ":" in host:  # IPv6: urlsplit drops the brackets
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:  # not a number: say nothing rather than echo what may be a password
+        port = None
+    netloc = host + (f":{port}" if port else "")
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def error_message(body: bytes) -> str:
-    """Ollama sends {"error": "..."}, OpenAI-style servers {"error": {"message": ...}}."""
+def split_credentials(url: str) -> tuple[str, dict[str, str], tuple[str, ...]]:
+    """`http://user:password@host/...` -> (the URL without them, a Basic Authorization header,
+    the secrets to redact). urllib would take `user:password@host` for the host name and echo
+    it in its errors; the credentials travel in the header instead, and nowhere else."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, {}, ()
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    user, password = urllib.parse.unquote(user), urllib.parse.unquote(password)
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    bare = urllib.parse.urlunsplit((parts.scheme, hostport, parts.path, parts.query,
+                                    parts.fragment))
+    secrets = tuple(s for s in (password, token, userinfo) if s)
+    return bare, {"Authorization": f"Basic {token}"}, secrets
+
+
+def error_message(body: bytes, secrets: Sequence[str] = ()) -> str:
+    """Ollama sends {"error": "..."}, OpenAI-style servers {"error": {"message": ...}};
+    redacted, then cut to 300 characters."""
     text = body.decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return text[:200] or "(empty body)"
+    except (ValueError, RecursionError):  # also numbers past Python's int-string limit
+        return clip(text, 200, secrets) or "(empty body)"
     err = data.get("error", data.get("detail", data)) if isinstance(data, dict) else data
     if isinstance(err, dict):
         err = err.get("message", err)
-    return str(err)[:300]
+    return clip(str(err), 300, secrets)
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After is either seconds or an HTTP date."""
-    if not value:
+    """Retry-After is either seconds or an HTTP date; anything else (`soon`) is ignored, and
+    the usual backoff applies."""
+    if not value or not value.strip():
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (ValueError, TypeError, OverflowError):
+            return None
+        seconds = when.timestamp() - time.time() if when else float("nan")
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-def parse_json(raw: bytes) -> Any:
+def parse_json(raw: bytes, secrets: Sequence[str] = ()) -> Any:
+    """A reply's JSON; what Python's parser refuses (bad syntax, bad UTF-8, nesting too deep,
+    an integer past the int-string limit) is a Transient failure, retried, then explained."""
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        snippet = redact(raw[:80].decode("utf-8", "replace"))
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
+        snippet = clip(raw[:4096].decode("utf-8", "replace"), 80, secrets)
         raise Transient(f"the reply was not JSON: {snippet!r}") from None
 
 
 def shape_error(data: Any) -> Transient:
-    return Transient(f"unexpected reply shape: {redact(str(data)[:120])}")
+    return Transient(f"unexpected reply shape: {clip(str(data)[:4096], 120)}")
 
 
 def typed(data: Any, key: str, kind: type[T] | tuple[type, ...], default: Any = None) -> Any:

@@ -40,7 +40,7 @@ from typing import Any
 from pipeline.core.errors import UserError
 from pipeline.rows import formats
 from pipeline.rows.formats import Conversation
-from pipeline.rows.jsonl import read_jsonl
+from pipeline.rows.jsonl import read_jsonl_numbered
 
 ACTIONS = ("drop", "replace_answer", "replace_followup", "add_conversation", "reviewed")
 OPTIONAL = ("question", "replaces", "note", "author", "reason")
@@ -84,8 +84,9 @@ def load(path: Path | str) -> list[Correction]:
     path = Path(path)
     if not path.exists():
         return []
-    numbered = [n for n, raw in enumerate(path.read_bytes().split(b"\n"), 1) if raw.strip()]
-    return [_parse(path, line, row) for line, row in zip(numbered, read_jsonl(path))]
+    # The reader's own line numbers (lines end at "\n" only, as an editor counts them): a count
+    # made here would disagree with it on lines holding only a Unicode space (NBSP, U+2028).
+    return [_parse(path, line, row) for line, row in read_jsonl_numbered(path)]
 
 
 def _parse(path: Path, line: int, row: dict[str, Any]) -> Correction:

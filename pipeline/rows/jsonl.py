@@ -236,6 +236,7 @@ def write_json(path: Path | str, data: Any) -> None:
 # so out of dvc.lock), so a rerun that changes nothing changes no tracked byte.
 VOLATILE_KEYS = frozenset({"wall_s", "wall_seconds", "completion_tokens_per_s", "tokens_per_second",
                            "steps_per_second", "peak_memory_gb", "process_peak_memory_gb",
+                           "mlx_held_peak_gb",
                            "load_seconds", "check_seconds", "export_seconds", "mlx_seconds"})
 
 

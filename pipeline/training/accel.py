@@ -18,6 +18,11 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib64/libopenblas.so.0",
     "/usr/lib/libopenblas.so.0",
 )
+# OpenBLAS picks its kernels per CPU (Zen, SkylakeX, Haswell...), and they round differently: the
+# same training gave other adapter bytes here with its Zen kernels than with Haswell's. One kernel
+# set for every x86-64 CPU with AVX2 keeps `dvc repro` byte-identical across machines (a
+# teammate's rerun changes no tracked byte). Set OPENBLAS_CORETYPE yourself to choose another.
+X86_CORETYPE = "Haswell"
 OPT_OUT = "TUNELINE_NO_BLAS_PRELOAD"  # set to 1 to run on the wheel's own BLAS (benchmarks)
 MARKER = "TUNELINE_BLAS_PRELOADED"
 
@@ -45,6 +50,8 @@ def prefer_fast_blas() -> None:
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    if platform.machine() in ("x86_64", "AMD64"):
+        env.setdefault("OPENBLAS_CORETYPE", X86_CORETYPE)
     env[MARKER] = "1"
     sys.stdout.flush()
     sys.stderr.flush()

@@ -16,6 +16,7 @@ outputs, so a second `dvc repro` has nothing to rerun and git sees only the decl
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,15 @@ def wrap(inner: Any, folder: Path | None, offset: int) -> Any:
 def finish(callback: Any) -> None:
     if isinstance(callback, LiveMetrics):
         callback.end()
+
+
+def mark_kept(callback: Any, step: int, loss: float) -> None:
+    """Mark the adapter the stage writes (train.keep) on the DVCLive curve: `kept/val_loss`,
+    one point at its step (plots/metrics/kept/val_loss.tsv) and in metrics.json."""
+    if not isinstance(callback, LiveMetrics) or math.isnan(loss):  # no live folder or val loss
+        return
+    last = callback.live.step
+    callback.live.step = int(step)
+    callback.live.log_metric("kept/val_loss", _number(loss))
+    callback.live.step = last
+    callback.live.make_summary()

@@ -22,16 +22,18 @@ Messages = Sequence[dict[str, str]]
 def load(model_dir: Path, adapters: Path | None = None, *,
          backend_dtype: bool = True) -> tuple[Any, Any]:
     """mlx-lm model and tokenizer; in the dtype training uses on this backend unless
-    `backend_dtype` is False (the checkpoint's own dtype, e.g. a reference run)."""
+    `backend_dtype` is False (the checkpoint's own dtype, e.g. a reference run). Sets MLX's
+    memory limits for this process (pipeline/training/memory.py)."""
     import mlx.core as mx
     from mlx_lm import load as mlx_load
 
-    from pipeline.training import accel
+    from pipeline.training import accel, memory
 
     model, tokenizer = mlx_load(str(model_dir),
                                 adapter_path=str(adapters) if adapters is not None else None)
     if backend_dtype:
         model.set_dtype(getattr(mx, accel.compute_dtype()))
+    memory.configure(model)  # cache cap from the device and the weights; wired limit on Metal
     return model, tokenizer
 
 

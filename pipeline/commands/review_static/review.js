@@ -7,6 +7,8 @@ const FIELDS = ["question", "answer", "followup", "followup_answer"];
 const state = { offset: 0, rows: [], version: null, matched: 0, focus: 0, edits: new Map(),
                 added: [] };
 const $ = (id) => document.getElementById(id);
+// This session's token, in the page the server served: every save carries it.
+const TOKEN = document.querySelector('meta[name="tuneline-token"]').content;
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -119,8 +121,15 @@ async function save() {
     return e;
   }) };
   const res = await fetch("/api/save", { method: "POST", body: JSON.stringify(body),
-                                         headers: { "Content-Type": "application/json" } });
+                                         headers: { "Content-Type": "application/json",
+                                                    "X-Tuneline-Token": TOKEN } });
   const data = await res.json();
+  if (res.status === 409 && data.conflicts) {
+    status("Not saved: text you edited was changed meanwhile (another tab or a teammate). " +
+           "Both texts are shown on top: choose what to keep, then save again.", true);
+    showConflicts(data.conflicts);
+    return;
+  }
   if (!res.ok) {
     const hint = res.status === 409 ? " Your unsaved edits are kept: press Reload." : "";
     status(`Not saved: ${data.error}${hint}`, true);
@@ -140,21 +149,88 @@ function showReload() {
   if ($("reload")) return;
   const button = el("button", { id: "reload", type: "button", text: "Reload" });
   button.addEventListener("click", async () => {
-    const before = new Map(state.rows.map((r) => [r.id, JSON.stringify(r.base)]));
     button.remove();
     await load();
-    // Edits to rows that changed on disk would overwrite someone else's work: drop them.
-    const lost = [];
-    for (const r of state.rows) {
+    // Every edit is kept, with the base it was made on: where that text changed meanwhile
+    // (on this page or not), the server refuses to overwrite it and both texts are shown.
+    const moved = state.rows.filter((r) => {
       const e = state.edits.get(r.id);
-      if (e && before.get(r.id) !== JSON.stringify(r.base)) { state.edits.delete(r.id); lost.push(r.id); }
-    }
+      return e && JSON.stringify(e.base) !== JSON.stringify(r.base);
+    }).map((r) => r.id);
     updateSaveButton();
     render();
-    status(lost.length ? `Changed on disk, your edit discarded: ${lost.join(", ")}. Redo it.`
-                       : "Reloaded; your unsaved edits are kept. Save again.", lost.length > 0);
+    status("Reloaded; your unsaved edits are kept. Save again." + (moved.length ?
+      ` Changed meanwhile: ${moved.join(", ")}; saving shows both texts to choose from.` : ""),
+           false);
   });
   $("status").after(button);
+}
+
+// ------------------------------------------------------------------ conflicts: both texts
+
+const LABELS = { question: "Question", answer: "Answer", followup: "Follow-up",
+                 followup_answer: "Follow-up answer" };
+
+function showConflicts(conflicts) {
+  let box = $("conflicts");
+  if (!box) {
+    box = el("section", { id: "conflicts" });
+    $("rows").before(box);
+  }
+  box.replaceChildren(...conflicts.map(conflictCard));
+  box.scrollIntoView({ block: "start" });
+}
+
+function conflictCard(c) {
+  const chosen = {};
+  const node = el("div", { class: "card conflict", "data-id": c.id },
+    el("div", { class: "meta" }, el("span", { class: "id", text: c.id }),
+       el("span", { class: "badge pending", text: "changed since you edited it" })));
+  for (const f of c.fields) {
+    const merge = el("textarea", { class: "merge", rows: "4" });
+    merge.value = c.mine[f];
+    const part = el("div", { class: "conflict-field", "data-field": f },
+      el("label", { text: `${LABELS[f]}, saved meanwhile (theirs)` }),
+      el("pre", { class: "theirs", text: c.theirs[f] }),
+      el("label", { text: `${LABELS[f]}, your edit (mine)` }),
+      el("pre", { class: "mine", text: c.mine[f] }),
+      el("label", { text: "Text to keep (edit it to merge both)" }, merge));
+    const pick = (text, how) => {
+      chosen[f] = text;
+      for (const b of part.querySelectorAll("button")) b.disabled = true;
+      merge.disabled = true;
+      part.append(el("div", { class: "chosen", text: `Keeping ${how}.` }));
+      if (c.fields.every((k) => k in chosen)) resolve(c, chosen, node);
+    };
+    const button = (cls, text, fn) => {
+      const b = el("button", { type: "button", class: cls, text });
+      b.addEventListener("click", fn);
+      return b;
+    };
+    part.append(el("div", { class: "actions" },
+      button("keep-theirs", "Keep theirs", () => pick(c.theirs[f], "theirs")),
+      button("keep-mine", "Keep mine", () => pick(c.mine[f], "mine")),
+      button("keep-merged", "Keep the text above", () => pick(merge.value, "the text above"))));
+    node.append(part);
+  }
+  return node;
+}
+
+function resolve(c, chosen, node) {
+  // A fresh edit on the current text: the chosen cells, the other cells this edit changed,
+  // everything else as it is now.
+  const old = state.edits.get(c.id);
+  const e = { id: c.id, action: "", base: c.base, reviewed: old ? old.reviewed : null };
+  for (const f of FIELDS) {
+    e[f] = f in chosen ? chosen[f] : c.edited.includes(f) ? c.mine[f] : c.theirs[f];
+  }
+  if (FIELDS.every((f) => e[f] === c.theirs[f]) && e.reviewed === null) state.edits.delete(c.id);
+  else state.edits.set(c.id, e);
+  node.remove();
+  if (!$("conflicts").children.length) $("conflicts").remove();
+  updateSaveButton();
+  render();
+  status(`${c.id}: your choice is kept; press Save to write it.`, false);
 }
 
 // ------------------------------------------------------------------ rendering
@@ -189,6 +265,7 @@ function card(row, i) {
     const models = f === "answer" ? modelAnswers(row) : null;  // next to the reference
     if (models) node.append(models);
   }
+  for (const p of row.pairs || []) node.append(preferencePair(p));
   if (row.more_turns.length) {
     node.append(el("div", { class: "more" }, el("label", { text: "Later turns (edit in data/corrections.jsonl)" }),
       ...row.more_turns.map((t) => el("pre", { text: t }))));
@@ -211,6 +288,16 @@ function modelAnswers(row) {
                                       el("pre", { class: cls, text: text || "" }));
   return el("div", { class: "models" }, side("base", "base-answer", row.base_answer),
             side("tuned", "tuned-answer", row.tuned_answer));
+}
+
+// What curate learned from a replacement (data/dataset/preference): the expert's answer over
+// the generated one it replaced.
+function preferencePair(p) {
+  const side = (who, cls, text) => el("div", {}, el("label", { text: who }),
+                                      el("pre", { class: cls, text }));
+  return el("div", { class: "models pair" },
+            side(`pair ${p.id}: chosen (expert)`, "pair-chosen", p.chosen),
+            side(`rejected (replaced, ${p.generated || "generated"})`, "pair-rejected", p.rejected));
 }
 
 function field(row, name, dropped) {
