@@ -161,6 +161,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 (reported beside the other architecture)
             print("RESULT " + json.dumps({"kind": args.child, "error": repr(exc)[-2000:]}))
         finally:
+            work.mkdir(parents=True, exist_ok=True)
             (work / "fused.done").touch()
             shutil.rmtree(work / "fused", ignore_errors=True)  # 7B files: free the disk
             shutil.rmtree(work / "gguf", ignore_errors=True)
