@@ -33,7 +33,7 @@ from pipeline.core.config import ConfigError
 from pipeline.core.progress import Progress
 from pipeline.llm import clients as llm
 from pipeline.llm import schemas
-from pipeline.rows.jsonl import DataError, read_jsonl, write_jsonl, write_metrics
+from pipeline.rows.jsonl import VOLATILE_KEYS, DataError, read_jsonl, write_jsonl, write_metrics
 
 CACHE_FILE = "replies.jsonl"
 
@@ -315,7 +315,7 @@ def run(
     rows, sent, failed = answer_all(questions, asker, cfg.concurrency,
                                     Progress(len(questions), "generate", progress))
     result = summarise(questions, rows, sent, failed, asker.tally, time.monotonic() - started)
-    write_metrics(paths.metrics, metrics(result, cfg, client))
+    write_metrics(paths.metrics, metrics(result, cfg, client), VOLATILE_KEYS | RUN_COUNTS)
     if len(failed) > cfg.allow_failed:
         raise GenerateError(
             f"{len(failed)} question(s) kept getting empty answers ({', '.join(failed[:10])}); "
@@ -404,6 +404,12 @@ def summarise(questions: list[dict[str, Any]], rows: list[dict[str, Any]], sent:
         reused=len(rows) - len(sent - set(failed)), failed=failed, requests=tally.requests,
         retries=tally.retries, prompt_tokens=tally.prompt_tokens,
         completion_tokens=tally.completion_tokens, wall_s=round(wall_s, 3))
+
+
+# How this run got its answers (cache hits, requests sent, tokens spent) differs between a fresh
+# clone and a rerun with the reply cache: with the timings in reports/generate.timings.json, so
+# the tracked generate.json holds only what the answers are.
+RUN_COUNTS = frozenset({"generated", "reused", "requests", "retries", "tokens"})
 
 
 def metrics(r: GenerateResult, cfg: GenerateConfig, client: llm.Client) -> dict[str, Any]:

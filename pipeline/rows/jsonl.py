@@ -240,18 +240,18 @@ VOLATILE_KEYS = frozenset({"wall_s", "wall_seconds", "completion_tokens_per_s", 
                            "load_seconds", "check_seconds", "export_seconds", "mlx_seconds"})
 
 
-def split_volatile(data: Any) -> tuple[Any, Any]:
-    """(data without VOLATILE_KEYS, the same shape holding only them), at any depth."""
+def split_volatile(data: Any, volatile: frozenset[str] = VOLATILE_KEYS) -> tuple[Any, Any]:
+    """(data without the `volatile` keys, the same shape holding only them), at any depth."""
     if isinstance(data, dict):
-        kept, volatile = {}, {}
+        kept, moved = {}, {}
         for key, value in data.items():
-            if key in VOLATILE_KEYS:
-                volatile[key] = value
+            if key in volatile:
+                moved[key] = value
                 continue
-            kept[key], inner = split_volatile(value)
+            kept[key], inner = split_volatile(value, volatile)
             if inner not in ({}, None):
-                volatile[key] = inner
-        return kept, volatile
+                moved[key] = inner
+        return kept, moved
     return data, None
 
 
@@ -261,9 +261,10 @@ def timings_path(path: Path | str) -> Path:
     return path.with_name(f"{path.stem}.timings.json")
 
 
-def write_metrics(path: Path | str, data: dict[str, Any]) -> None:
-    """A stage's tracked metrics file, and its volatile timings beside it in timings_path."""
-    kept, volatile = split_volatile(data)
+def write_metrics(path: Path | str, data: dict[str, Any],
+                  volatile: frozenset[str] = VOLATILE_KEYS) -> None:
+    """A stage's tracked metrics file, and its volatile facts beside it in timings_path."""
+    kept, volatile = split_volatile(data, volatile)
     write_json(path, kept)
     if volatile:
         write_json(timings_path(path), volatile)
