@@ -103,7 +103,12 @@ def extract_scripts(version: str, dest: Path) -> None:
                        and m.name[len(prefix):].startswith(MEMBERS) and (m.isfile() or m.isdir())]
             for m in members:
                 m.name = m.name[len(prefix):]
-            tar.extractall(staging, members=members, filter="data")
+                if m.name.startswith("/") or ".." in Path(m.name).parts:
+                    raise GGUFError(f"{sdist}: unsafe path {m.name!r} in the source package")
+            # Regular files and folders under known names only; the "data" filter where this
+            # Python has it (3.11.4+; Debian 12's python3 is 3.11.2).
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(staging, members=members, **safe)
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(dest)
 
