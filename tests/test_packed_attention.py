@@ -9,45 +9,11 @@ import types
 import numpy as np
 import pytest
 
+# The same rows, padded batch and packed layout as the packing tests.
+from test_packing import packed, padded, rows
+
 from pipeline.training import attention, packing
 from pipeline.training import model as mlx_model
-
-QUESTIONS = ["How do I vacuum table t?", "Where are the logs",
-             "Which index fits a LIKE 'x%' query on a text column in PostgreSQL?", "Why?",
-             "List the roles and their grants."]
-
-
-def rows(tok):
-    """Rows of clearly different lengths, one of them two turns long."""
-    out = []
-    for i, q in enumerate(QUESTIONS):
-        msgs = [{"role": "user", "content": q},
-                {"role": "assistant", "content": "Use VACUUM ANALYZE on it. " * (1 + 2 * i)}]
-        if i == 2:
-            msgs += [{"role": "user", "content": "And then?"},
-                     {"role": "assistant", "content": "Check pg_stat_user_tables."}]
-        out.append(mlx_model.encode_chat(tok, msgs, True))
-    return out
-
-
-def padded(encoded):
-    import mlx.core as mx
-
-    width = max(len(t) for t, _ in encoded)
-    tokens = np.zeros((len(encoded), width), np.int32)
-    mask = np.zeros((len(encoded), width), np.float32)
-    for r, (t, m) in enumerate(encoded):
-        tokens[r, : len(t)], mask[r, : len(t)] = t, m
-    return mx.array(tokens), mx.array(mask)
-
-
-def packed(encoded, width, n_seqs):
-    """(tokens, mask, segs) of the rows binned into n_seqs sequences of `width` inputs."""
-    import mlx.core as mx
-
-    groups = packing.bins([len(t) for t, _ in encoded], width + 1)
-    assert len(groups) <= n_seqs
-    return tuple(mx.array(a) for a in packing.layout(encoded, groups, width, n_seqs, 10_000))
 
 
 @pytest.fixture()
