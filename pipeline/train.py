@@ -203,8 +203,12 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     lead = world.rank() == 0
     if cfg.pack == "auto":  # recorded resolved: the adapter config says what was done
         cfg = replace(cfg, pack=packing.wanted(cfg.pack))
-    # the SFT-only baseline first, by every rank: one model in memory at a time
-    sft = sft_baseline(cfg, paths, seed, world) if cfg.objective != "sft" else None
+    sft = None
+    if cfg.objective != "sft":  # pairs counted first, then the SFT-only baseline trained or
+        pair_file = paths.data / "preference" / "train.jsonl"  # reused: one model at a time
+        preference.check_count(pair_file.parent, len(pairs.read(pair_file))
+                               if pair_file.exists() else 0, cfg.objective, cfg.batch_size)
+        sft = sft_baseline(cfg, paths, seed, world)
     for weights_file in sorted(paths.model.glob("*.safetensors")):
         check_safetensors(weights_file)  # mlx would stop with a RuntimeError traceback
     model, tokenizer = mlx_model.load(paths.model)
