@@ -104,3 +104,30 @@ def test_judge_reports_win_rate_against_the_sft_adapter(tiny_model_dir, dpo_run,
     assert shown == [frozenset((first[other]["answers"][i]["answer"], tuned[i]))
                      for other in ("base", "sft") for i in range(3)]  # the sft side was asked
     assert "judge vs sft: tuned" in (tmp_path / "judged/reports/compare.html").read_text()
+
+
+def test_the_model_card_shows_sft_preference_accuracy_and_the_judge_against_it(
+        tiny_model_dir, dpo_run, tmp_path):
+    from pipeline.hub import card_text, modelcard
+
+    pairs = dpo_run.data / "preference" / "test.jsonl"
+    report = evaluate(tmp_path / "e", tiny_model_dir, dpo_run.adapters, pairs)
+    report["judge_vs_sft"] = {"enabled": True, "model": "judge", "tuned_wins": 2, "sft_wins": 1,
+                              "ties": 0, "unparsed": 0, "tuned_win_rate": 0.6667,
+                              "verdicts": []}
+    facts = {"eval": {"base": modelcard._scalars(report["base"]),
+                      "tuned": modelcard._scalars(report["tuned"]), "judge": None,
+                      "samples": [], **modelcard._sft_baseline(report)},
+             "training": {"params": {"objective": "dpo"}}}
+    text = card_text._eval_section(facts)
+    acc = {k: report[k]["preference_accuracy"] for k in ("base", "sft", "tuned")}
+    row = (f"| preference_accuracy | {card_text._cell(acc['base'])} | "
+           f"{card_text._cell(acc['sft'])} | {card_text._cell(acc['tuned'])} |")
+    assert "| Metric | Base | SFT only | Tuned |" in text and row in text, text
+    assert "LLM judge (tuned vs SFT only):" in text and "tuned_win_rate 0.6667" in text
+    assert "the dpo adapter (Tuned)" in text
+    # without a baseline the card is as before: two columns, no judge line against it
+    plain = {k: v for k, v in report.items() if k not in ("sft", "judge_vs_sft")}
+    assert modelcard._sft_baseline(plain) == {}
+    facts["eval"] = {k: v for k, v in facts["eval"].items() if k not in ("sft", "judge_vs_sft")}
+    assert "SFT" not in card_text._eval_section(facts)
