@@ -390,10 +390,9 @@ def render_html(report: dict[str, Any], prompts: Sequence[Prompt]) -> str:
         "<table class='loss'><tr><th></th><th>test loss</th><th>perplexity</th></tr>",
         *(f"<tr><th>{k}</th><td>{report[k]['test_loss']:.4f}</td>"
           f"<td>{report[k]['test_ppl']:.2f}</td></tr>" for k in names),
-        f"<tr><th>improvement</th><td>{report['improvement']:+.4f}</td><td></td></tr>",
-        *([f"<tr><th>over sft</th><td>{report['improvement_over_sft']:+.4f}</td><td></td></tr>"]
-          if "sft" in report else []),
-        "</table>",
+        f"<tr><th>improvement</th><td>{report['improvement']:+.4f}</td><td></td></tr>"
+        + (f"<tr><th>over sft</th><td>{report['improvement_over_sft']:+.4f}</td><td></td></tr>"
+           if "sft" in report else "") + "</table>",
         *_preference_html(report.get("preference")),
         f"<p class='meta'>{report['test_rows']} test rows, {t['test_tokens']} scored tokens.</p>",
     ]
