@@ -87,7 +87,7 @@ class TrainConfig:
     pack_width: int  # inputs per packed sequence
     tokens_per_step: int  # packed positions per optimizer step (all processes together)
     force: bool  # train even if predicted not to fit memory, or a quantized base on a CPU is slow
-    objective: Literal["sft", "dpo", "orpo"]  # dpo/orpo: on data/preference pairs (training/preference.py)
+    objective: Literal["sft", "dpo", "orpo", "sft_then_dpo"]  # pairs: training/preference.py
     beta: float  # dpo: the KL strength beta; orpo: the odds-ratio weight lambda
     keep: Literal["last", "best_val"]  # the adapter written (pipeline/training/best.py)
     early_stop_patience: int | None  # stop after this many validations without a new best
@@ -217,14 +217,15 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
         valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
         check_splits(paths.data, train_set, valid_set)
     else:  # pairs, with the reference log-probs of the model before any adapter exists
-        train_set, valid_set = preference.prepare(cfg.objective, model, tokenizer, paths.model,
+        train_set, valid_set = preference.prepare(loss_of(cfg), model, tokenizer, paths.model,
                                                   paths.data / "preference", pairs.read,
                                                   cfg.batch_size, cfg.max_seq_length,
                                                   paths.reference_cache)
     if lead and paths.reference is not None:
         preference.write_reference(paths.reference, {"train": train_set, "valid": valid_set}
-                                   if cfg.objective == "dpo" else {})
-    batches, loss, per_epoch = batching(cfg, model, train_set, world.size())
+                                   if loss_of(cfg) == "dpo" else {})
+    batches, loss, per_epoch = batching(replace(cfg, objective=loss_of(cfg)), model, train_set,
+                                        world.size())
     iters = total_iters(cfg, len(train_set), per_epoch)
     check_settings(cfg, len(model.layers), len(train_set),
                    len(valid_set) if cfg.objective == "sft" else cfg.batch_size, iters)
@@ -241,6 +242,8 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     if ckpt is not None:
         print(f"resuming from checkpoint {ckpt} (step {done} of {iters})")
         load_checkpoint(model, optimizer, ckpt)
+    elif sft is not None and cfg.objective == "sft_then_dpo":  # DPO from the SFT adapter
+        model.load_weights(str(sft[0] / SFT_FILES[0]), strict=False)
     log = MetricsLog(ckpt_dir / "metrics.jsonl", offset=done, write=lead)
     callback = train_metrics.wrap(log, paths.live if lead else None, done)
     keeper = best.Keeper(cfg.keep, cfg.early_stop_patience, model, ckpt_dir, lead=lead,
@@ -296,6 +299,12 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
 
 
 # --- the SFT-only baseline of a preference run -----------------------------------------------
+
+
+def loss_of(cfg: TrainConfig) -> str:
+    """The loss a run trains with: sft_then_dpo is DPO (reference: the base) started from the
+    SFT-only adapter's weights instead of a fresh adapter."""
+    return "dpo" if cfg.objective == "sft_then_dpo" else cfg.objective
 
 
 def sft_config(cfg: TrainConfig) -> TrainConfig:

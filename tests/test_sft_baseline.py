@@ -4,9 +4,11 @@ baseline), reused from the SFT cache that every SFT run fills; on a tiny llama b
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from test_train_preference import make_paths, params
 
 from pipeline import train
@@ -72,3 +74,27 @@ def test_sft_baseline_is_reused_from_cache_byte_identical(tiny_model_dir, tmp_pa
     train.run(params(iters=6, steps_per_eval=3), other, seed=1)
     assert timings(other)["sft_baseline"] == "trained" and len(list(shared.iterdir())) == 2
     assert files(other.adapters / "sft") != reused
+
+
+def first_val_loss(paths: train.TrainPaths) -> float:
+    return next(float(line.split("\t")[2]) for line in paths.curve.read_text().splitlines()[1:]
+                if line.split("\t")[2])
+
+
+def test_sft_then_dpo_starts_dpo_from_the_sft_adapter(tiny_model_dir, tmp_path):
+    shared = tmp_path / "cache"
+    dpo = replace(make_paths(tmp_path / "dpo", tiny_model_dir), sft_cache=shared)
+    train.run(params(iters=4, steps_per_eval=2, steps_per_report=2), dpo, seed=0)
+    warm = replace(make_paths(tmp_path / "warm", tiny_model_dir), sft_cache=shared)
+    result = train.run(params(objective="sft_then_dpo", iters=4, steps_per_eval=2,
+                              steps_per_report=2), warm, seed=0)
+    # plain DPO starts at the reference (loss log 2); from the SFT weights it does not
+    assert first_val_loss(dpo) == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(first_val_loss(warm) - math.log(2)) > 1e-3
+    assert timings(warm)["sft_baseline"] == "cached"  # the same baseline as the dpo run's
+    assert files(warm.adapters / "sft") == files(dpo.adapters / "sft")
+    config = json.loads((warm.adapters / "adapter_config.json").read_text())
+    assert config["tuneline"]["objective"] == "sft_then_dpo"
+    refs = [json.loads(line) for line in warm.reference.read_text().splitlines()]
+    assert refs == [json.loads(line) for line in dpo.reference.read_text().splitlines()]
+    assert result.adapter_sha256 != json.loads(dpo.metrics.read_text())["adapter_sha256"]
