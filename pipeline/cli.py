@@ -216,7 +216,8 @@ def evaluate(
     cache: Annotated[Path | None, typer.Option(
         help="folder keeping the base model's results between runs (not a DVC output)")] = None,
     pairs: Annotated[Path | None, typer.Option(
-        help="held-out preference pairs: preference accuracy and margin of base and tuned")] = None,
+        help="held-out preference pairs: preference accuracy and margin of base, the SFT-only "
+        "adapter (adapters/sft, after a dpo/orpo run) and tuned")] = None,
 ) -> None:
     """Test loss, perplexity and greedy answers of the base and the tuned model, side by side;
     preference accuracy on held-out pairs."""

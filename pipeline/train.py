@@ -293,8 +293,8 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
             store_sft(paths.sft_cache / run_key(sft_config(cfg), seed, paths), weights, cfg,
                       len(model.layers), result)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if sft is not None and paths.sft_cache is None:
-        shutil.rmtree(sft[0], ignore_errors=True)  # trained for this run only
+        if sft is not None and paths.sft_cache is None:
+            shutil.rmtree(sft[0], ignore_errors=True)  # trained for this run only
     return result
 
 
@@ -332,7 +332,8 @@ def sft_baseline(cfg: TrainConfig, paths: TrainPaths, seed: int, world: Any
     run(sft_config(cfg), replace(paths, adapters=scratch / "adapters", metrics=scratch / "t.json",
                                  curve=scratch / "t.tsv", live=None, reference=None,
                                  sft_cache=cache), seed=seed)
-    shutil.rmtree(scratch, ignore_errors=True)
+    if world.rank() == 0:  # the writer: another rank may get here while rank 0 still writes
+        shutil.rmtree(scratch, ignore_errors=True)
     return folder, "trained"
 
 
