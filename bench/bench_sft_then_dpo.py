@@ -68,6 +68,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--num-layers", type=int, default=None, help="default: params.yaml's")
     args = ap.parse_args()
+    from pipeline.training import accel
+
+    accel.prefer_fast_blas()  # OpenBLAS preloaded, as the CLI does (re-executes this script once)
 
     from pipeline import train
     from pipeline.core import config
