@@ -157,7 +157,8 @@ def train_settings(batch: int | None, width: int | None, tps: int | None, iters:
             "max_seq_length": 512, "mask_prompt": True, "steps_per_report": report,
             "steps_per_eval": iters, "val_batches": 1, "save_every": iters,
             "pack": width is not None, "pack_width": width or 1024,
-            "tokens_per_step": tps or 2048}
+            "tokens_per_step": tps or 2048, "force": True, "objective": "sft", "beta": 0.1,
+            "keep": "last", "early_stop_patience": None}
 
 
 def plan(name: str, batch, width, tps, epochs: int, mode: str, base: str, counts: dict,
