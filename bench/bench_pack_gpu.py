@@ -60,7 +60,9 @@ TUNELINE = [("packed 2x1024", None, 1024, 2048, 8, "segments", "bf16"),
             ("packed 2x1024, bias mask", None, 1024, 2048, 6, "bias", "bf16"),
             ("packed 16x1024", None, 1024, 16384, 8, "segments", "bf16"),
             ("packed 4x1024", None, 1024, 4096, 6, "segments", "bf16"),
-            (UPPER, None, 1024, 2048, 6, "causal", "bf16")]
+            (UPPER, None, 1024, 2048, 6, "causal", "bf16"),
+            ("packed 8x1024, boolean mask", None, 1024, 8192, 6, "mask", "bf16"),
+            ("packed 16x1024, boolean mask", None, 1024, 16384, 6, "mask", "bf16")]
 HF = [("HF+PEFT 4 rows", 4, 3, False), ("HF+PEFT 16 rows", 16, 4, False),
       ("HF+PEFT 4 rows, with attention_mask (before)", 4, 3, True)]
 
