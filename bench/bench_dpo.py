@@ -5,6 +5,9 @@ log-probs recomputed every step), on the same pairs, one process per mode, in on
     python bench/bench_dpo.py --model models/base --data data/imports/postgresql_expert.jsonl
     # mlx-lm-lora in its own folder (not the project venv): pip install --target DIR mlx-lm-lora
     python bench/bench_dpo.py ... --lora-path DIR --modes sft,dpo,orpo,lora-dpo --rounds 2
+    # GPU, the 7B shape of bench_pack_gpu.py (random weights written on first use)
+    python3 bench/bench_dpo.py --device gpu --model /tmp/pb/base --tokenizer TOKDIR --layers 16 \
+        --lora-path DIR --modes sft,dpo,lora-dpo --iters 10 --pairs 40
 
 Pairs from the shipped expert conversations (`pairs_from`), truncated at --max-seq. The LoRA settings are params.yaml's train section (rank 8, 8
 layers, all linears, adamw). A mode runs `--iters` steps; the step time is the median of the
@@ -21,6 +24,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,15 +55,17 @@ def child(args: argparse.Namespace) -> None:
     if args.device == "gpu":
         mx.set_default_device(mx.gpu)
     cfg = config.load(train.TrainConfig, "train", ROOT / "params.yaml")
+    if args.layers:  # the GPU 7B setting of bench_pack_gpu.py: q/v of the top half
+        cfg = replace(cfg, num_layers=args.layers, keys=tuple(args.keys.split(",")))
     if not (Path(args.model) / "model.safetensors").exists():  # a shape only: random weights
         sys.path.insert(0, str(ROOT / "bench"))
-        from bench_train_gpu import ensure_weights
+        from bench_pack_gpu import SHAPE_7B, make_base
 
-        ensure_weights(Path(args.model))
+        make_base(Path(args.model), Path(args.tokenizer), SHAPE_7B)
     model, tokenizer = mlx_model.load(Path(args.model))
     pairs = pairs_from(Path(args.data), args.pairs)
     rows = preference.encode_pairs(tokenizer, pairs)
-    if args.mode == "dpo":
+    if args.mode in ("dpo", "dpo-packed"):
         refs = preference.score(model, rows, args.batch, args.max_seq)
         rows = [preference.PairRow(r.id, r.chosen, r.rejected, ref) for r, ref in zip(rows, refs)]
     mx.reset_peak_memory()
@@ -75,6 +81,13 @@ def child(args: argparse.Namespace) -> None:
         if args.mode == "sft":
             data = [r.chosen for r in rows]  # the same conversations, chosen side only
             batches, loss = train.batch_iterator, mlx_model.masked_loss
+        elif args.mode == "dpo-packed":  # both sides of each pair in one 1024-wide sequence
+            from pipeline.training import preference_packing
+
+            data = rows
+            pcfg = replace(cfg, objective="dpo", beta=0.1, pack=True, pack_width=1024,
+                           tokens_per_step=1024 * args.batch // 2, max_seq_length=args.max_seq)
+            batches, loss, _ = preference_packing.batching(pcfg, model, rows, 1)
         else:
             data = rows
             batches, loss = preference.batch_iterator, preference.make_loss(args.mode, 0.1)
@@ -85,17 +98,24 @@ def child(args: argparse.Namespace) -> None:
                   train_dataset=data, val_dataset=None, args=targs, loss=loss,
                   iterate_batches=batches(0), training_callback=Timer(times))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+    rate = float(np.median(RATES[-1][1:])) if RATES and len(RATES[-1]) > 1 else 0.0
     print(json.dumps({"mode": args.mode, "step_s": round(float(np.median(times[1:])), 4),
+                      "rate_per_s": round(rate, 2),  # dpo modes: pairs/s; sft, lora-dpo: tokens/s
                       "mlx_peak_gb": round(mx.get_peak_memory() / 1e9, 3),
                       "rss_gb": round(rss, 3), "pairs_per_step": args.batch}), flush=True)
 
 
+RATES: list[list[float]] = []  # the Timer's tokens/s windows (pairs/s for tuneline's DPO)
+
+
 class Timer:
     def __init__(self, times: list[float]):
-        self.times = times
+        self.times, self.rates = times, []
+        RATES.append(self.rates)
 
     def on_train_loss_report(self, info: dict) -> None:
         self.times.append(1.0 / info["iterations_per_second"])
+        self.rates.append(info.get("tokens_per_second", 0.0))  # preference losses: pairs/s
 
     def on_val_loss_report(self, info: dict) -> None:
         pass
@@ -140,6 +160,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mode", default=None)
+    ap.add_argument("--layers", type=int, default=0, help="LoRA blocks (0: params.yaml's)")
+    ap.add_argument("--keys", default="self_attn.q_proj,self_attn.v_proj", help="with --layers")
+    ap.add_argument("--tokenizer", default="models/base", help="for a --model with no weights")
     ap.add_argument("--tmp", type=Path, default=Path("/tmp"))
     args = ap.parse_args()
     if args.mode:
@@ -153,7 +176,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--mode", mode, *sys.argv[1:]]
             started = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                     filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))})
             line = [x for x in out.stdout.splitlines() if x.startswith("{")]
             print(line[-1] if line else json.dumps({"mode": mode, "error": out.stderr[-800:]}),
                   f"# {time.perf_counter() - started:.0f} s", flush=True)

@@ -60,7 +60,9 @@ TUNELINE = [("packed 2x1024", None, 1024, 2048, 8, "segments", "bf16"),
             ("packed 2x1024, bias mask", None, 1024, 2048, 6, "bias", "bf16"),
             ("packed 16x1024", None, 1024, 16384, 8, "segments", "bf16"),
             ("packed 4x1024", None, 1024, 4096, 6, "segments", "bf16"),
-            (UPPER, None, 1024, 2048, 6, "causal", "bf16")]
+            (UPPER, None, 1024, 2048, 6, "causal", "bf16"),
+            ("packed 8x1024, boolean mask", None, 1024, 8192, 6, "mask", "bf16"),
+            ("packed 16x1024, boolean mask", None, 1024, 16384, 6, "mask", "bf16")]
 HF = [("HF+PEFT 4 rows", 4, 3, False), ("HF+PEFT 16 rows", 16, 4, False),
       ("HF+PEFT 4 rows, with attention_mask (before)", 4, 3, True)]
 
@@ -157,7 +159,8 @@ def train_settings(batch: int | None, width: int | None, tps: int | None, iters:
             "max_seq_length": 512, "mask_prompt": True, "steps_per_report": report,
             "steps_per_eval": iters, "val_batches": 1, "save_every": iters,
             "pack": width is not None, "pack_width": width or 1024,
-            "tokens_per_step": tps or 2048}
+            "tokens_per_step": tps or 2048, "force": True, "objective": "sft", "beta": 0.1,
+            "keep": "last", "early_stop_patience": None}
 
 
 def plan(name: str, batch, width, tps, epochs: int, mode: str, base: str, counts: dict,

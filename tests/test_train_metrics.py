@@ -97,3 +97,22 @@ def test_resumed_run_replays_earlier_reports_into_the_live_files(tmp_path):
     rows = (tmp_path / "live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
     assert [tuple(r.split("\t")[:2]) for r in rows] == [("2", "3.0"), ("4", "2.0")]
     assert json.loads((tmp_path / "live/metrics.json").read_text())["val"]["loss"] == 3.5
+
+
+def test_live_files_are_written_in_a_git_repository_with_no_commit_yet(tmp_path, monkeypatch):
+    # A new project's first `dvc repro` before any commit: DVCLive used to raise SCMError.
+    _sh(tmp_path, "git", "init", "-q")
+    _sh(tmp_path, sys.executable, "-m", "dvc", "init", "-q")
+    monkeypatch.chdir(tmp_path)
+
+    class Inner:
+        def __init__(self) -> None:
+            self.rows: list[dict[str, Any]] = []
+
+        def on_train_loss_report(self, info: dict[str, Any]) -> None: ...
+
+    live = train_metrics.wrap(Inner(), tmp_path / "live", offset=0)
+    live.on_train_loss_report({"iteration": 5, "train_loss": 2.5, "learning_rate": 0.1,
+                               "tokens_per_second": 11.0, "trained_tokens": 40})
+    live.end()
+    assert json.loads((tmp_path / "live/metrics.json").read_text())["train"]["loss"] == 2.5

@@ -192,24 +192,17 @@ def install(model: Any) -> bool:
 def segmented_loss(model: Any, tokens: Any, mask: Any, segs: Any, inverse: Any, *rest: Any):
     """`packing.packed_loss` with attention through `SegmentCache`: the same (loss, n_tokens).
     rest: the (slots, W) gathers, then a data-parallel rank's denominator (a scalar) if any."""
-    import mlx.core as mx
-    from mlx import nn
 
     gathers = [r for r in rest if r.ndim == 2]
     denominator = next((r for r in rest if r.ndim == 0), None)
-    inputs, in_segs = tokens[:, :-1], segs[:, :-1]
     caches = [SegmentCache(inverse, gathers) for _ in model.layers]
-    logits = model(inputs, cache=caches)
+    logits = model(tokens[:, :-1], cache=caches)
     if not all(c.attended for c in caches):
         raise packing.PackingError(
             f"params.yaml:train.pack: {type(model).__module__} does not call mlx-lm's "
             "scaled_dot_product_attention, so packed rows would see each other; set "
             "train.pack: false")
-    weights = mask[:, 1:] * (segs[:, 1:] == in_segs) * (in_segs > 0)
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]).astype(mx.float32) * weights
-    ntoks = weights.sum()
-    denom = mx.maximum(ntoks, 1) if denominator is None else denominator
-    return ce.sum() / denom, ntoks.astype(mx.int32)
+    return packing.row_loss(logits, tokens, mask, segs, denominator)
 
 
 class BiasMask(packing.SegmentMask):
@@ -244,8 +237,6 @@ def compute_dtype(model: Any) -> Any:
 
 def bias_loss(model: Any, tokens: Any, mask: Any, segs: Any, denominator: Any = None):
     """`packing.packed_loss` with one additive bf16/f32 mask for all layers."""
-    import mlx.core as mx
-    from mlx import nn
 
     inputs, in_segs = tokens[:, :-1], segs[:, :-1]
     shared: dict = {}
@@ -254,11 +245,7 @@ def bias_loss(model: Any, tokens: Any, mask: Any, segs: Any, denominator: Any = 
     if not any(c.asked for c in caches):
         raise packing.PackingError(f"params.yaml:train.pack: {type(model).__module__} takes no "
                                    "attention mask from its cache; set train.pack: false")
-    weights = mask[:, 1:] * (segs[:, 1:] == in_segs) * (in_segs > 0)
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]).astype(mx.float32) * weights
-    ntoks = weights.sum()
-    denom = mx.maximum(ntoks, 1) if denominator is None else denominator
-    return ce.sum() / denom, ntoks.astype(mx.int32)
+    return packing.row_loss(logits, tokens, mask, segs, denominator)
 
 
 def choose(model: Any, mode: str | None = None

@@ -32,10 +32,8 @@ class LiveMetrics:
 
     def __init__(self, folder: Path, inner: Any, offset: int = 0,
                  rows: list[dict[str, Any]] | None = None):
-        from dvclive import Live
-
         self.inner, self.offset = inner, offset
-        self.live = Live(str(folder), dvcyaml=False, save_dvc_exp=False, report=None)
+        self.live = _live(folder)
         for row in rows or []:
             self._log(row)
 
@@ -65,6 +63,25 @@ class LiveMetrics:
 def _number(value: Any) -> float:
     """mlx scalars and numpy floats as plain Python numbers (DVCLive serializes them)."""
     return float(value.item() if hasattr(value, "item") else value)
+
+
+def _live(folder: Path) -> Any:
+    """DVCLive writing to `folder`. In a git repository with no commit yet (a new project's
+    first `dvc repro`), DVCLive 3.x asks git for HEAD before it checks that there is one and
+    raises; it then logs as it does outside git (the same files, no experiment metadata)."""
+    from unittest import mock
+
+    from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    def make() -> Any:
+        return Live(str(folder), dvcyaml=False, save_dvc_exp=False, report=None)
+
+    try:
+        return make()
+    except SCMError:
+        with mock.patch("dvclive.live.get_dvc_repo", return_value=None):
+            return make()
 
 
 def wrap(inner: Any, folder: Path | None, offset: int) -> Any:

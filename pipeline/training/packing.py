@@ -300,8 +300,6 @@ def packed_loss(model: Any, tokens: Any, mask: Any, segs: Any, denominator: Any 
 
     `denominator`: a data-parallel training rank's share of the step's targets
     (`rank_denominator`), in place of its own count."""
-    import mlx.core as mx
-    from mlx import nn
 
     inputs, in_segs = tokens[:, :-1], segs[:, :-1]
     caches = [SegmentMask(in_segs) for _ in model.layers]
@@ -310,6 +308,16 @@ def packed_loss(model: Any, tokens: Any, mask: Any, segs: Any, denominator: Any 
         raise PackingError(f"params.yaml:train.pack: {type(model).__module__} takes no attention "
                            "mask from its cache, so packed rows would see each other; set "
                            "train.pack: false")
+    return row_loss(logits, tokens, mask, segs, denominator)
+
+
+def row_loss(logits: Any, tokens: Any, mask: Any, segs: Any, denominator: Any = None):
+    """(mean cross-entropy over the scored targets of packed rows, their count): the loss every
+    packed attention layout shares (pipeline/training/attention.py)."""
+    import mlx.core as mx
+    from mlx import nn
+
+    in_segs = segs[:, :-1]
     # A target counts only inside its row: the first token of a row is not predicted from the
     # previous row's last token (masked_loss never scores a row's first token either).
     weights = mask[:, 1:] * (segs[:, 1:] == in_segs) * (in_segs > 0)
