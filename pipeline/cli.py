@@ -140,6 +140,8 @@ def train(
         help="each pair's reference log-probs (objective dpo; empty otherwise)")] = None,
     reference_cache: Annotated[Path | None, typer.Option(
         help="folder keeping reference log-probs per row between runs")] = None,
+    sft_cache: Annotated[Path | None, typer.Option(
+        help="folder keeping finished SFT adapters: a dpo/orpo run's SFT-only baseline")] = None,
 ) -> None:
     """Fine-tune the base model with mlx-lm (LoRA, DoRA or full) on the curated dataset
     (train.objective sft), or on its preference pairs (dpo, orpo)."""
@@ -152,7 +154,8 @@ def train(
         return  # the ranks ran this command under mlx.launch; rank 0 wrote the outputs
     result = stage.run(cfg, stage.TrainPaths(model, data, adapters, metrics, curve, live=live,
                                              reference=reference,
-                                             reference_cache=reference_cache), seed=seed)
+                                             reference_cache=reference_cache,
+                                             sft_cache=sft_cache), seed=seed)
     launch.mark_done()
     typer.echo(f"trained {result.iters} steps: val loss {result.val_loss:.3f}; kept step "
                f"{result.kept_iteration} ({cfg.keep}) -> {adapters}")
@@ -213,7 +216,8 @@ def evaluate(
     cache: Annotated[Path | None, typer.Option(
         help="folder keeping the base model's results between runs (not a DVC output)")] = None,
     pairs: Annotated[Path | None, typer.Option(
-        help="held-out preference pairs: preference accuracy and margin of base and tuned")] = None,
+        help="held-out preference pairs: preference accuracy and margin of base, the SFT-only "
+        "adapter (adapters/sft, after a dpo/orpo run) and tuned")] = None,
 ) -> None:
     """Test loss, perplexity and greedy answers of the base and the tuned model, side by side;
     preference accuracy on held-out pairs."""

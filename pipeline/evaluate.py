@@ -8,9 +8,13 @@ Scores the base model and the tuned one (base + adapter) on the held-out split:
   the validation loss in reports/train.json;
 - greedy answers of both to the first `evaluate.n_samples` test questions and to
   `evaluate.prompts`, side by side in reports/compare.html and in reports/eval.json;
-- optionally (`evaluate.judge.enabled`) an LLM judge, through the generation backends, says which
-  answer is better and why.
-The model is loaded once: the base is scored first, then the adapter is applied in place. The
+- optionally (`evaluate.judge.enabled`) an LLM judge (pipeline/llm/judge.py), through the
+  generation backends, says which answer is better and why;
+- preference accuracy and margin on the held-out pairs (`--pairs`).
+A dpo/orpo run's adapters hold its SFT-only baseline in `sft/`: that side is scored too, between
+base and tuned, and eval.json compares all three (`sft`, `improvement_over_sft`, `judge_vs_sft`).
+The model is loaded once: the base is scored first, then the adapter is applied in place (the SFT
+one, then the tuned one's weights in its place when both add the same layers). The
 base model's results depend neither on the adapter nor on `train` knobs, so with `--cache` they are
 kept (outside DVC outputs) and an experiment that only retrains recomputes the tuned side alone.
 """
@@ -21,8 +25,6 @@ import hashlib
 import html
 import json
 import math
-import random
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from typing import Any, Literal
 from pipeline.core import config
 from pipeline.core.errors import UserError
 from pipeline.llm import clients as llm
+from pipeline.llm.judge import judge
 from pipeline.rows.jsonl import read_jsonl, write_json, write_text
 from pipeline.training import model as mlx_model
 from pipeline.training import preference
@@ -258,66 +261,6 @@ def cached_side(cache: Path | None, key: str, compute: Callable[[], dict[str, An
     return result
 
 
-# ---------------------------------------------------------------- judge
-
-
-def judge(client: llm.Client, cfg: JudgeConfig, prompts: Sequence[Prompt],
-          base: Sequence[dict[str, Any]], tuned: Sequence[dict[str, Any]],
-          seed: int | None) -> dict[str, Any]:
-    """Ask `client` which answer is better; A/B order is shuffled (seeded) against position bias."""
-    rng = random.Random(seed)
-    sampling = llm.Sampling(temperature=0.0, seed=seed, max_tokens=cfg.max_tokens)
-    verdicts = []
-    for p, b, t in zip(prompts, base, tuned):
-        tuned_first = rng.random() < 0.5
-        a, bb = (t, b) if tuned_first else (b, t)
-        text = fill(cfg.prompt, question=p.question, answer_a=a["answer"], answer_b=bb["answer"])
-        reply = llm.ask(client, [{"role": "user", "content": text}], sampling, cfg)  # retries
-        pick, reason = parse_verdict(reply.text)
-        winner = {"A": "tuned" if tuned_first else "base",
-                  "B": "base" if tuned_first else "tuned"}.get(pick, pick)
-        verdicts.append({"id": p.id, "winner": winner, "reason": reason})
-    wins = {k: sum(v["winner"] == k for v in verdicts) for k in ("tuned", "base", "tie")}
-    decided = sum(wins.values())
-    return {"enabled": True, "model": client.model, "tuned_wins": wins["tuned"],
-            "base_wins": wins["base"], "ties": wins["tie"], "unparsed": len(verdicts) - decided,
-            "tuned_win_rate": round(wins["tuned"] / decided, 4) if decided else None,
-            "verdicts": verdicts}
-
-
-def fill(template: str, **values: str) -> str:
-    """Replace only `{name}` placeholders: the template may show JSON braces to the judge."""
-    pattern = re.compile(r"\{(" + "|".join(map(re.escape, values)) + r")\}")
-    return pattern.sub(lambda m: values[m.group(1)], template)  # one pass: no re-expansion
-
-
-# "Winner: A", "The better answer is B", "better: tie" when the judge ignores the JSON format.
-VERDICT_WORDS = re.compile(
-    r"\b(?:winner|better)(?:\s+answer)?\W{0,3}(?:is\s+)?(?:answer\s+)?[\"']?(A|B|tie)\b",
-    re.IGNORECASE)
-
-
-def parse_verdict(reply: str) -> tuple[str, str]:
-    """("A" | "B" | "tie" | "unparsed", reason) from a JSON object or a plain-text reply."""
-    match = re.search(r"\{.*\}", reply, re.DOTALL)
-    if match:
-        try:
-            obj = json.loads(match.group(0))
-            pick = str(obj.get("winner", "")).strip().strip('"').upper()
-            reason = str(obj.get("reason", "")).strip()
-            if pick in ("A", "B"):
-                return pick, reason
-            if pick == "TIE":
-                return "tie", reason
-        except (json.JSONDecodeError, AttributeError):
-            pass
-    word = VERDICT_WORDS.search(reply)
-    if word:
-        pick = word.group(1)
-        return ("tie" if pick.lower() == "tie" else pick.upper()), reply.strip()
-    return "unparsed", reply.strip()
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -341,19 +284,32 @@ def run(cfg: EvalConfig, paths: EvalPaths, *, spec: LossSpec, seed: int | None =
     held = preference_rows(paths.pairs, tokenizer)
     prefs = {"base": cached_side(cache, f"{key}-pairs-{_file_key(paths.pairs)}", lambda: (
         preference.accuracy(model, held, cfg.batch_size, spec.max_seq_length)))}
-    mlx_model.attach_adapters(model, paths.adapters)
-    tuned = side(model, tokenizer, encoded, prompts, cfg, spec)
-    prefs["tuned"] = preference.accuracy(model, held, cfg.batch_size, spec.max_seq_length)
-    for name, scores in (("base", base), ("tuned", tuned)):  # beside the loss: card and gate
+    sides, attached = {"base": base}, None
+    sft_dir = paths.adapters / "sft"  # a dpo/orpo run's SFT-only baseline (train.py)
+    for name in (["sft"] if (sft_dir / "adapter_config.json").exists() else []) + ["tuned"]:
+        folder = sft_dir if name == "sft" else paths.adapters
+        if attached is not None and not mlx_model.swap_adapters(model, attached, folder):
+            model, _ = mlx_model.load(paths.model)  # other layers: a clean model to attach to
+            attached = None
+        if attached is None:
+            mlx_model.attach_adapters(model, folder)
+        attached = folder
+        sides[name] = side(model, tokenizer, encoded, prompts, cfg, spec)
+        prefs[name] = preference.accuracy(model, held, cfg.batch_size, spec.max_seq_length)
+    for name, scores in sides.items():  # beside the loss: card and gate
         scores.update(preference_accuracy=prefs[name]["accuracy"],
                       preference_margin=prefs[name]["mean_margin"])
-    report = build_report(rows, prompts, base, tuned)
+    tuned = sides["tuned"]
+    report = build_report(rows, prompts, base, tuned, sides.get("sft"))
     report["preference"] = {"pairs": len(held), "objective": _objective(paths.adapters), **prefs}
     if cfg.judge.enabled:
         # The backend named in `evaluate.judge`: a server, or a .gguf / mlx dir in-process.
         client = client if client is not None else llm.connect(cfg.judge)
         report["judge"] = judge(client, cfg.judge, prompts, base["answers"], tuned["answers"],
                                 seed)
+        if "sft" in sides:
+            report["judge_vs_sft"] = judge(client, cfg.judge, prompts, sides["sft"]["answers"],
+                                           tuned["answers"], seed, names=("sft", "tuned"))
     write_json(paths.metrics, report)
     write_text(paths.html, render_html(report, prompts))
     return Result(base["test_loss"], tuned["test_loss"], report["improvement"], len(prompts),
@@ -380,15 +336,24 @@ def _objective(adapters: Path) -> str:
 
 
 def build_report(rows: Sequence[dict[str, Any]], prompts: Sequence[Prompt],
-                 base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
+                 base: dict[str, Any], tuned: dict[str, Any],
+                 sft: dict[str, Any] | None = None) -> dict[str, Any]:
+    """base, tuned and the improvement; with a dpo/orpo run's SFT-only side, that side between
+    them and the tuned model's improvement over it."""
+    sft_part = {} if sft is None else {"sft": sft}
+    over_sft = {} if sft is None else {
+        "improvement_over_sft": round(sft["test_loss"] - tuned["test_loss"], 6)}
     return {
         "base": base,
+        **sft_part,
         "tuned": tuned,
         "improvement": round(base["test_loss"] - tuned["test_loss"], 6),
+        **over_sft,
         "test_rows": len(rows),
         "prompts": [{"id": p.id, "question": p.question, "reference": p.reference}
                     for p in prompts],
         "judge": {"enabled": False},
+        **({} if sft is None else {"judge_vs_sft": {"enabled": False}}),
     }
 
 
@@ -396,7 +361,8 @@ def _preference_html(pref: dict[str, Any] | None) -> list[str]:
     if not pref or not pref["pairs"]:
         return []
     cells = "".join(f"<tr><th>{k}</th><td>{pref[k]['accuracy']:.3f}</td>"
-                    f"<td>{pref[k]['mean_margin']:+.3f}</td></tr>" for k in ("base", "tuned"))
+                    f"<td>{pref[k]['mean_margin']:+.3f}</td></tr>"
+                    for k in ("base", "sft", "tuned") if k in pref)
     head = f"<tr><th>{pref['pairs']} held-out pairs</th><th>preference accuracy</th>"
     return [f"<table class='loss'>{head}<th>mean margin (nats)</th></tr>{cells}</table>"]
 
@@ -416,31 +382,38 @@ pre{white-space:pre-wrap;word-wrap:break-word;font-family:inherit;margin:0}
 def render_html(report: dict[str, Any], prompts: Sequence[Prompt]) -> str:
     """A standalone page: the loss table, then each question with both answers side by side."""
     e = html.escape
-    b, t = report["base"], report["tuned"]
+    t = report["tuned"]
+    names = [k for k in ("base", "sft", "tuned") if k in report]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>tuneline: base vs tuned</title>",
         f"<style>{STYLE}</style></head><body><h1>Base vs tuned</h1>",
         "<table class='loss'><tr><th></th><th>test loss</th><th>perplexity</th></tr>",
-        f"<tr><th>base</th><td>{b['test_loss']:.4f}</td><td>{b['test_ppl']:.2f}</td></tr>",
-        f"<tr><th>tuned</th><td>{t['test_loss']:.4f}</td><td>{t['test_ppl']:.2f}</td></tr>",
-        f"<tr><th>improvement</th><td>{report['improvement']:+.4f}</td><td></td></tr></table>",
+        *(f"<tr><th>{k}</th><td>{report[k]['test_loss']:.4f}</td>"
+          f"<td>{report[k]['test_ppl']:.2f}</td></tr>" for k in names),
+        f"<tr><th>improvement</th><td>{report['improvement']:+.4f}</td><td></td></tr>"
+        + (f"<tr><th>over sft</th><td>{report['improvement_over_sft']:+.4f}</td><td></td></tr>"
+           if "sft" in report else "") + "</table>",
         *_preference_html(report.get("preference")),
         f"<p class='meta'>{report['test_rows']} test rows, {t['test_tokens']} scored tokens.</p>",
     ]
-    verdicts = {v["id"]: v for v in report["judge"].get("verdicts", [])}
-    for p, ba, ta in zip(prompts, b["answers"], t["answers"]):
+    judged = [(label, {v["id"]: v for v in report.get(key, {}).get("verdicts", [])})
+              for key, label in (("judge", "judge"), ("judge_vs_sft", "judge vs sft"))]
+    grid = "" if len(names) == 2 else " style='grid-template-columns:repeat(3,1fr)'"
+    for i, p in enumerate(prompts):
         parts.append(f"<section id='{e(p.id, quote=True)}'><h3>{e(p.question)}</h3>"
-                     f"<p class='meta'>{e(p.id)}</p><div class='pair'>")
-        for name, ans in (("base", ba), ("tuned", ta)):
+                     f"<p class='meta'>{e(p.id)}</p><div class='pair'{grid}>")
+        for name in names:
+            ans = report[name]["answers"][i]
             parts.append(f"<div><h4>{name}</h4><pre>{e(ans['answer'])}</pre><p class='meta'>"
                          f"{ans['tokens']} tokens, {e(str(ans['finish_reason']))}</p></div>")
         parts.append("</div>")
         if p.reference is not None:
             parts.append(f"<details><summary>reference answer</summary>"
                          f"<pre>{e(p.reference)}</pre></details>")
-        if p.id in verdicts:
-            v = verdicts[p.id]
-            parts.append(f"<p><b>judge: {e(v['winner'])}</b> {e(v['reason'])}</p>")
+        for label, verdicts in judged:
+            if p.id in verdicts:
+                v = verdicts[p.id]
+                parts.append(f"<p><b>{label}: {e(v['winner'])}</b> {e(v['reason'])}</p>")
         parts.append("</section>")
     parts.append("</body></html>\n")
     return "\n".join(parts)

@@ -51,6 +51,8 @@ MANIFEST = "tuneline-publish.json"
 CARD = "README.md"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_RE = re.compile(r"^\d{7}_adapters\.safetensors$")  # mlx-lm resumable checkpoints
+# A dpo/orpo run's SFT-only adapter (train.py): evaluate's yardstick, not the model released.
+SFT_BASELINE = "sft"
 OUTPUTS = ("report", "card", "releases", "dataset_card")  # written by publish; every other path is an input
 
 
@@ -394,7 +396,8 @@ def _item_files(item: str, paths: PublishPaths) -> list[tuple[str, Path]]:
         return [(p.relative_to(paths.fused).as_posix(), p) for p in _tree(paths.fused)]
     if item == "adapter":
         return [(f"{ADAPTER_DIR}/{p.relative_to(paths.adapters).as_posix()}", p)
-                for p in _tree(paths.adapters) if not CHECKPOINT_RE.match(p.name)]
+                for p in _tree(paths.adapters) if not CHECKPOINT_RE.match(p.name)
+                and p.relative_to(paths.adapters).parts[0] != SFT_BASELINE]
     if item == "gguf":
         return [(p.name, p) for p in sorted(paths.gguf.glob("*.gguf"))]
     if item == "modelfile":  # Modelfile.adapter: the LoRA route (export's adapter GGUF)

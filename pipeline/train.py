@@ -6,47 +6,57 @@ its own batching (loss masked to every assistant turn, not only the last) and a 
 
 Checkpoints go to `.tuneline/checkpoints/<run key>/`, outside the DVC output, so an interrupted
 run resumes from its last checkpoint when re-run; they are removed once the adapter is written.
+
+A dpo/orpo run also writes the SFT-only adapter of the same settings as `<adapters>/sft/`, the
+baseline evaluate compares it with. Every SFT run keeps its adapter in `--sft-cache`
+(`.tuneline/cache/sft/<key>/`, outside DVC), so the default pipeline's run is that baseline and a
+`dvc exp run -S train.objective=dpo` reuses it instead of training it again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.core.errors import UserError
 from pipeline.rows import pairs
 from pipeline.rows.jsonl import (
+    VOLATILE_KEYS,
     atomic_dir,
     atomic_path,
     check_safetensors,
     read_jsonl,
     safetensors_problem,
+    write_json,
     write_metrics,
     write_text,
 )
 from pipeline.training import best, preference
 from pipeline.training import metrics as train_metrics
-from pipeline.training.batches import batch_iterator
+from pipeline.training.batches import batch_iterator, batching  # noqa: F401 (tests use it)
 from pipeline.training.checkpoints import MetricsLog, checkpointing, folder_hashes, load_checkpoint
-from pipeline.training.model import encode_chat, masked_loss
+from pipeline.training.model import encode_chat
+from pipeline.training.settings import (
+    TrainError,
+    adapter_config,
+    apply_adapters,
+    build_optimizer,
+    check_settings,
+    check_splits,
+    total_iters,
+)
 
 CHECKPOINT_ROOT = Path(".tuneline/checkpoints")
+SFT_FILES = ("adapters.safetensors", "adapter_config.json", "sft.json")  # <adapters>/sft/
+SFT_BETA = 0.0  # sft ignores beta: the baseline's settings name it constant, a beta sweep shares one
 CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.safetensors$")
-COSINE_FLOOR = 0.1  # cosine decays to this fraction of the peak learning rate
-
-
-class TrainError(UserError):
-    """Settings or data that cannot train, with the numbers and the key to change."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,7 @@ class TrainConfig:
     pack_width: int  # inputs per packed sequence
     tokens_per_step: int  # packed positions per optimizer step (all processes together)
     force: bool  # train even if predicted not to fit memory, or a quantized base on a CPU is slow
-    objective: Literal["sft", "dpo", "orpo"]  # dpo/orpo: on data/preference pairs (training/preference.py)
+    objective: Literal["sft", "dpo", "orpo", "sft_then_dpo"]  # pairs: training/preference.py
     beta: float  # dpo: the KL strength beta; orpo: the odds-ratio weight lambda
     keep: Literal["last", "best_val"]  # the adapter written (pipeline/training/best.py)
     early_stop_patience: int | None  # stop after this many validations without a new best
@@ -94,6 +104,7 @@ class TrainPaths:
     live: Path | None = None  # DVCLive folder (pipeline/training/metrics.py), rewritten while training
     reference: Path | None = None  # dpo: each pair's reference log-probs (a DVC output; empty for sft)
     reference_cache: Path | None = None  # reference log-probs per row across runs (not a DVC output)
+    sft_cache: Path | None = None  # finished SFT adapters by run key (not a DVC output); None: none kept
 
 
 @dataclass(frozen=True)
@@ -128,106 +139,6 @@ def load_split(path: Path, tokenizer: Any, mask_prompt: bool) -> list[tuple[list
             raise TrainError(f"{path}: row {lineno} has no 'messages' list; run `dvc repro curate`")
         encoded.append(encode_chat(tokenizer, messages, mask_prompt))
     return encoded
-
-
-# --- settings --------------------------------------------------------------------------------
-
-
-def total_iters(cfg: TrainConfig, n_train: int, steps_per_epoch: float | None = None) -> int:
-    if cfg.epochs is not None:
-        per_epoch = steps_per_epoch or math.ceil(n_train / cfg.batch_size)  # packed: layout
-        return max(1, math.ceil(cfg.epochs * per_epoch))
-    return cfg.iters
-
-
-def check_splits(data: Path, train_set: list[Any], valid_set: list[Any]) -> None:
-    """An empty split would divide by zero (packing's layout) or give a NaN validation loss."""
-    for name, rows in (("train", train_set), ("valid", valid_set)):
-        if not rows:
-            raise TrainError(f"{data / name}.jsonl has no rows (params.yaml:curate."
-                             "min_split_rows); add questions and run `dvc repro curate`")
-        if not any(any(m[1:]) for _, m in rows):
-            raise TrainError(f"{data / name}.jsonl: no row has an assistant token to learn "
-                             "or score; check its messages (`tuneline validate`)")
-
-
-def check_settings(cfg: TrainConfig, n_layers: int, n_train: int, n_valid: int,
-                   iters: int | None = None) -> None:
-    where = "params.yaml:train"
-    iters = total_iters(cfg, n_train) if iters is None else iters
-    if cfg.num_layers > n_layers or cfg.num_layers == 0 or cfg.num_layers < -1:
-        raise TrainError(f"{where}.num_layers: asked for {cfg.num_layers} layers, the model has "
-                         f"{n_layers}; use 1..{n_layers} or -1 for all")
-    if cfg.fine_tune_type != "full" and cfg.rank < 1:
-        raise TrainError(f"{where}.rank: must be >= 1 for {cfg.fine_tune_type}, got {cfg.rank}")
-    # Packed steps are tokens_per_step positions: batch_size is unused (packing.check_settings).
-    if not cfg.pack and (cfg.batch_size < 1 or n_train < cfg.batch_size):
-        raise TrainError(f"{where}.batch_size: {cfg.batch_size} needs at least that many training "
-                         f"rows; train.jsonl has {n_train}")
-    if not cfg.pack and n_valid < cfg.batch_size:
-        raise TrainError(f"{where}.batch_size: {cfg.batch_size} is more than the {n_valid} rows in "
-                         "valid.jsonl; lower batch_size or give curate a larger valid split")
-    if cfg.warmup < 0 or cfg.warmup >= iters:
-        raise TrainError(f"{where}.warmup: {cfg.warmup} must be in 0..iters-1 (iters is {iters})")
-    if min(cfg.grad_accumulation_steps, cfg.steps_per_report, cfg.steps_per_eval,
-           cfg.save_every) < 1:
-        raise TrainError(f"{where}: grad_accumulation_steps, steps_per_report, steps_per_eval "
-                         "and save_every must all be >= 1")
-    if cfg.dropout < 0 or cfg.dropout >= 1:
-        raise TrainError(f"{where}.dropout: {cfg.dropout} must be in [0, 1)")
-    if cfg.weight_decay and cfg.optimizer != "adamw":
-        raise TrainError(f"{where}.weight_decay: only used by optimizer adamw, "
-                         f"got optimizer {cfg.optimizer}; set weight_decay: 0.0")
-
-
-def lora_parameters(cfg: TrainConfig) -> dict[str, Any]:
-    params: dict[str, Any] = {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout}
-    if cfg.keys:
-        params["keys"] = list(cfg.keys)
-    return params
-
-
-def adapter_config(cfg: TrainConfig, n_layers: int) -> dict[str, Any]:
-    """What mlx-lm's `load_adapters` reads back, plus the settings for the record."""
-    layers = n_layers if cfg.num_layers == -1 else cfg.num_layers
-    return {"fine_tune_type": cfg.fine_tune_type, "num_layers": layers,
-            "lora_parameters": lora_parameters(cfg), "tuneline": asdict(cfg)}
-
-
-def apply_adapters(model: Any, cfg: TrainConfig) -> None:
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    n_layers = len(model.layers)
-    layers = n_layers if cfg.num_layers == -1 else cfg.num_layers
-    model.freeze()
-    if cfg.fine_tune_type == "full":
-        for layer in model.layers[-layers:]:
-            layer.unfreeze()
-        return
-    linear_to_lora_layers(model, layers, lora_parameters(cfg), use_dora=cfg.fine_tune_type == "dora")
-    if not any(k.endswith(("lora_a", "m")) for k, _ in _flat(model.trainable_parameters())):
-        raise TrainError(f"params.yaml:train.keys: none of {list(cfg.keys)} names a linear module "
-                         "in the model's blocks (e.g. self_attn.q_proj, mlp.up_proj)")
-
-
-def build_optimizer(cfg: TrainConfig, iters: int, start: int) -> Any:
-    import mlx.core as mx
-    import mlx.optimizers as optim
-
-    peak = cfg.learning_rate
-    # mlx optimizers need schedules that return mx.array: a Python float crashes at the first step.
-    decay = (optim.cosine_decay(peak, max(1, iters - cfg.warmup), peak * COSINE_FLOOR)
-             if cfg.lr_schedule == "cosine" else (lambda step: mx.array(peak, dtype=mx.float32)))
-    if cfg.warmup:
-        warm = optim.linear_schedule(0.0, peak, cfg.warmup)
-        schedule = optim.join_schedules([warm, decay], [cfg.warmup])
-    else:
-        schedule = decay
-    lr = (lambda step: schedule(step + start)) if start else schedule  # resume mid-schedule
-    kinds = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
-             "adafactor": optim.Adafactor}
-    extra = {"weight_decay": cfg.weight_decay} if cfg.optimizer == "adamw" else {}
-    return kinds[cfg.optimizer](learning_rate=lr, **extra)
 
 
 def _flat(tree: Any) -> list[tuple[str, Any]]:
@@ -283,13 +194,21 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
     from pipeline.core import progress
-    from pipeline.training import fit, launch
+    from pipeline.training import fit, launch, packing
     from pipeline.training import model as mlx_model
 
     progress.plain_mlx_console()  # no colour codes in `dvc repro` logs
     started = time.perf_counter()
     world = launch.init_world()  # size 1 unless started by `mlx.launch` (pipeline/training/launch.py)
     lead = world.rank() == 0
+    if cfg.pack == "auto":  # recorded resolved: the adapter config says what was done
+        cfg = replace(cfg, pack=packing.wanted(cfg.pack))
+    sft = None
+    if cfg.objective != "sft":  # pairs counted first, then the SFT-only baseline trained or
+        pair_file = paths.data / "preference" / "train.jsonl"  # reused: one model at a time
+        preference.check_count(pair_file.parent, len(pairs.read(pair_file))
+                               if pair_file.exists() else 0, cfg.objective, cfg.batch_size)
+        sft = sft_baseline(cfg, paths, seed, world)
     for weights_file in sorted(paths.model.glob("*.safetensors")):
         check_safetensors(weights_file)  # mlx would stop with a RuntimeError traceback
     model, tokenizer = mlx_model.load(paths.model)
@@ -298,16 +217,15 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
         valid_set = load_split(paths.data / "valid.jsonl", tokenizer, cfg.mask_prompt)
         check_splits(paths.data, train_set, valid_set)
     else:  # pairs, with the reference log-probs of the model before any adapter exists
-        train_set, valid_set = preference.prepare(cfg.objective, model, tokenizer, paths.model,
+        train_set, valid_set = preference.prepare(loss_of(cfg), model, tokenizer, paths.model,
                                                   paths.data / "preference", pairs.read,
                                                   cfg.batch_size, cfg.max_seq_length,
                                                   paths.reference_cache)
     if lead and paths.reference is not None:
         preference.write_reference(paths.reference, {"train": train_set, "valid": valid_set}
-                                   if cfg.objective == "dpo" else {})
-    if cfg.pack == "auto":  # recorded resolved: the adapter config says what was done
-        cfg = replace(cfg, pack=packing_wanted(cfg.pack))
-    batches, loss, per_epoch = _batching(cfg, model, train_set, world.size())
+                                   if loss_of(cfg) == "dpo" else {})
+    batches, loss, per_epoch = batching(replace(cfg, objective=loss_of(cfg)), model, train_set,
+                                        world.size())
     iters = total_iters(cfg, len(train_set), per_epoch)
     check_settings(cfg, len(model.layers), len(train_set),
                    len(valid_set) if cfg.objective == "sft" else cfg.batch_size, iters)
@@ -324,6 +242,8 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     if ckpt is not None:
         print(f"resuming from checkpoint {ckpt} (step {done} of {iters})")
         load_checkpoint(model, optimizer, ckpt)
+    elif sft is not None and cfg.objective == "sft_then_dpo":  # DPO from the SFT adapter
+        model.load_weights(str(sft[0] / SFT_FILES[0]), strict=False)
     log = MetricsLog(ckpt_dir / "metrics.jsonl", offset=done, write=lead)
     callback = train_metrics.wrap(log, paths.live if lead else None, done)
     keeper = best.Keeper(cfg.keep, cfg.early_stop_patience, model, ckpt_dir, lead=lead,
@@ -368,37 +288,69 @@ def run(cfg: TrainConfig, paths: TrainPaths, *, seed: int) -> TrainResult:
     result = replace(result, kept_iteration=kept[0], kept_val_loss=kept[1],
                      stopped_early_at=keeper.stopped_at)
     if lead:
-        _write_outputs(weights, cfg, len(model.layers), paths, log, result)
+        _write_outputs(weights, cfg, len(model.layers), paths, log, result, sft)
+        if cfg.objective == "sft" and paths.sft_cache is not None:
+            store_sft(paths.sft_cache / run_key(sft_config(cfg), seed, paths), weights, cfg,
+                      len(model.layers), result)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if sft is not None and paths.sft_cache is None:
+            shutil.rmtree(sft[0], ignore_errors=True)  # trained for this run only
     return result
 
 
-def packing_wanted(pack: bool | str) -> bool:
-    from pipeline.training import packing
-
-    return packing.wanted(pack)
+# --- the SFT-only baseline of a preference run -----------------------------------------------
 
 
-def _batching(cfg: TrainConfig, model: Any, train_set: list, world_size: int
-              ) -> tuple[Callable[[int], Any], Callable[..., Any], float | None]:
-    """(seed -> iterate_batches, loss, steps per epoch or None): packed or padded batches."""
-    if cfg.objective != "sft":  # pairs: padded or packed (training/preference_packing.py)
-        from pipeline.training import preference_packing
+def loss_of(cfg: TrainConfig) -> str:
+    """The loss a run trains with: sft_then_dpo is DPO (reference: the base) started from the
+    SFT-only adapter's weights instead of a fresh adapter."""
+    return "dpo" if cfg.objective == "sft_then_dpo" else cfg.objective
 
-        return preference_packing.batching(cfg, model, train_set, world_size)
-    if not cfg.pack:
-        return batch_iterator, masked_loss, None
-    from pipeline.training import attention, packing
 
-    packing.check_model(model)
-    per_rank = packing.check_settings(cfg.pack_width, cfg.tokens_per_step, cfg.max_seq_length,
-                                      world_size)
-    per_epoch = packing.steps_per_epoch(train_set, cfg.pack_width, per_rank * world_size,
-                                        cfg.max_seq_length)
-    # attention inside each row through the fused kernel (pipeline/training/attention.py)
-    loss, wrap, _ = attention.choose(model)
-    return (lambda seed: wrap(packing.batch_iterator(seed, cfg.pack_width, cfg.tokens_per_step)),
-            loss, per_epoch)
+def sft_config(cfg: TrainConfig) -> TrainConfig:
+    """The settings of the SFT-only adapter a dpo/orpo run is compared with: its own, objective
+    sft (keep and early stopping stay: they change the weights written)."""
+    return replace(cfg, objective="sft", beta=SFT_BETA)
+
+
+def sft_baseline(cfg: TrainConfig, paths: TrainPaths, seed: int, world: Any
+                 ) -> tuple[Path, str]:
+    """(folder holding SFT_FILES, "cached" | "trained"): the SFT adapter of these settings from
+    `paths.sft_cache` when an earlier SFT run left it there, else trained now (recursively, by
+    every rank: train unless every rank finds it, so no rank waits alone in a collective)."""
+    import mlx.core as mx
+
+    cache = paths.sft_cache if paths.sft_cache is not None else paths.checkpoints / "sft"
+    folder = cache / run_key(sft_config(cfg), seed, paths)
+    found = all(safetensors_problem(folder / SFT_FILES[0]) is None and (folder / f).is_file()
+                for f in SFT_FILES)
+    if world.size() > 1:
+        found = mx.distributed.all_sum(mx.array(int(found)), group=world).item() == world.size()
+    if found:
+        return folder, "cached"
+    scratch = paths.checkpoints / f"sft-{folder.name}"  # its stage outputs: not this run's
+    run(sft_config(cfg), replace(paths, adapters=scratch / "adapters", metrics=scratch / "t.json",
+                                 curve=scratch / "t.tsv", live=None, reference=None,
+                                 sft_cache=cache), seed=seed)
+    if world.rank() == 0:  # the writer: another rank may get here while rank 0 still writes
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder, "trained"
+
+
+def store_sft(folder: Path, weights: dict[str, Any], cfg: TrainConfig, n_layers: int,
+              result: TrainResult) -> None:
+    """A finished SFT adapter, named by its settings (sft_config): written the same whichever
+    run trained it, so a cached baseline is byte for byte the one a fresh run would write."""
+    import mlx.core as mx
+
+    facts = {"iters": result.iters, "val_loss": round(result.val_loss, 5),
+             "kept_iteration": result.kept_iteration,
+             "kept_val_loss": round(result.kept_val_loss, 5),
+             "stopped_early_at": result.stopped_early_at, "adapter_sha256": result.adapter_sha256}
+    with atomic_dir(folder) as tmp:
+        mx.save_safetensors(str(tmp / SFT_FILES[0]), weights)
+        write_json(tmp / SFT_FILES[1], adapter_config(sft_config(cfg), n_layers))
+        write_json(tmp / SFT_FILES[2], facts)
 
 
 def _digest(weights: dict[str, Any]) -> str:
@@ -438,13 +390,19 @@ def _result(log: MetricsLog, iters: int, val_loss: float, started: float, done: 
 
 
 def _write_outputs(weights: dict[str, Any], cfg: TrainConfig, n_layers: int, paths: TrainPaths,
-                   log: MetricsLog, result: TrainResult) -> None:
+                   log: MetricsLog, result: TrainResult, sft: tuple[Path, str] | None) -> None:
     import mlx.core as mx
 
     with atomic_dir(paths.adapters) as tmp:
         mx.save_safetensors(str(tmp / "adapters.safetensors"), weights)
         config = adapter_config(cfg, n_layers)
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if sft is not None:  # the SFT-only baseline: evaluate scores it beside this adapter
+            (tmp / "sft").mkdir()
+            for name in SFT_FILES:
+                shutil.copyfile(sft[0] / name, tmp / "sft" / name)
     write_text(paths.curve, log.curve_tsv())
-    write_metrics(paths.metrics, {k: (round(v, 5) if isinstance(v, float) else v)
-                               for k, v in asdict(result).items()})
+    report = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(result).items()}
+    # trained here or reused from the cache: differs between a fresh clone and a rerun
+    extra = {"sft_baseline": sft[1]} if sft is not None else {}
+    write_metrics(paths.metrics, {**report, **extra}, VOLATILE_KEYS | {"sft_baseline"})

@@ -1,6 +1,7 @@
 """`dvc exp run -S train.objective=dpo` on a scaled-down copy of the pipeline: the real curate,
-validate and train stages of dvc.yaml, a tiny model in place of the base_model stage and a fixed
-answers file in place of the generate stage; the experts' replacements become the pairs."""
+validate, train and evaluate stages of dvc.yaml, a tiny model in place of the base_model stage
+and a fixed answers file in place of the generate stage; the experts' replacements become the
+pairs, and eval.json compares base, the SFT-only adapter and the DPO adapter on the held-out ones."""
 
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ def test_dvc_repro_stays_sft_and_exp_run_with_objective_dpo_trains_a_dpo_adapter
     params["train"].update(num_layers=2, iters=4, warmup=1, steps_per_report=2,
                            steps_per_eval=2, save_every=2, val_batches=1, batch_size=2,
                            learning_rate=5.0e-3)
+    params["evaluate"].update(n_samples=1, prompts=[], max_tokens=4)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     real = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    stages = {name: real[name] for name in ("curate", "validate", "train")}
+    stages = {name: real[name] for name in ("curate", "validate", "train", "evaluate")}
     for spec in stages.values():  # the stage code runs from this checkout (PYTHONPATH)
         spec["deps"] = [d for d in spec["deps"] if not d.startswith(("pipeline/", "validation"))]
     (work / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
@@ -79,6 +81,10 @@ def test_dvc_repro_stays_sft_and_exp_run_with_objective_dpo_trains_a_dpo_adapter
     sft = json.loads((work / "models/adapters/adapter_config.json").read_text())
     assert sft["tuneline"]["objective"] == "sft"
     assert (work / "models/reference_logps.jsonl").read_text() == ""
+    assert not (work / "models/adapters/sft").exists()  # sft: the adapter folder as before
+    default_eval = json.loads((work / "reports/eval.json").read_text())
+    assert "sft" not in default_eval and "sft" not in default_eval["preference"]
+    sft_weights = (work / "models/adapters/adapters.safetensors").read_bytes()
     sh("git", "add", "-A")
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "sft")
     sh("dvc", "exp", "run", "-S", "train.objective=dpo")
@@ -91,3 +97,18 @@ def test_dvc_repro_stays_sft_and_exp_run_with_objective_dpo_trains_a_dpo_adapter
     assert len(refs) == pairs >= 2
     shown = json.loads(sh("dvc", "exp", "show", "--json").stdout)
     assert "dpo" in json.dumps(shown)
+    # the SFT-only baseline beside it is the default run's adapter, reused, not trained again
+    baseline = work / "models/adapters/sft"
+    assert json.loads((baseline / "adapter_config.json").read_text())["tuneline"]["objective"] \
+        == "sft"
+    assert (baseline / "adapters.safetensors").read_bytes() == sft_weights
+    assert json.loads((work / "reports/train.timings.json").read_text())["sft_baseline"] \
+        == "cached"
+    evaluation = json.loads((work / "reports/eval.json").read_text())
+    pref = evaluation["preference"]
+    assert pref["objective"] == "dpo" and pref["pairs"] >= 1
+    assert pref["base"] == default_eval["preference"]["base"]
+    assert pref["sft"] == default_eval["preference"]["tuned"]  # the same SFT adapter, scored again
+    for side in ("base", "sft", "tuned"):  # preference accuracy side by side
+        assert evaluation[side]["preference_accuracy"] == pref[side]["accuracy"] is not None
+    assert evaluation["sft"]["test_loss"] == default_eval["tuned"]["test_loss"]

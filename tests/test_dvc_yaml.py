@@ -78,6 +78,7 @@ UNDECLARED_PATHS = {
     ".tuneline/cache/generate": "reply cache, kept outside DVC on purpose",
     ".tuneline/cache/evaluate": "base-model results cache, kept outside DVC on purpose",
     ".tuneline/cache/reference": "DPO reference log-probs per row, kept outside DVC on purpose",
+    ".tuneline/cache/sft": "finished SFT adapters (a dpo run's baseline), kept outside DVC on purpose",
     "dvc.lock": "DVC's own record; a stage cannot depend on it",
     "reports/data_docs": "GX Data Docs HTML for people, with the run's time in it: git-ignored, "
                          "not an output, so a rerun changes no tracked byte",

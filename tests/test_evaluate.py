@@ -19,6 +19,7 @@ from pipeline import evaluate as ev
 from pipeline.cli import app
 from pipeline.core import config
 from pipeline.llm import clients as llm
+from pipeline.llm import judge as llm_judge
 from pipeline.rows.jsonl import write_jsonl
 from pipeline.training import model as mlx_model
 
@@ -269,7 +270,7 @@ def test_judge_runs_in_the_stage_against_an_ollama_server(tiny_model_dir: Path, 
     ("I cannot decide.", "unparsed"),
 ])
 def test_parse_verdict_reads_json_and_plain_replies(reply: str, pick: str) -> None:
-    assert ev.parse_verdict(reply)[0] == pick
+    assert llm_judge.parse_verdict(reply)[0] == pick
 
 
 def test_missing_adapter_names_the_stage_to_run(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -329,7 +330,7 @@ def test_dvc_stage_declares_the_module_inputs_and_params() -> None:
 
 def test_shipped_judge_prompt_fills_without_touching_its_json_example() -> None:
     cfg = config.load(ev.EvalConfig, "evaluate", REPO / "params.yaml")
-    text = ev.fill(cfg.judge.prompt, question="Q?", answer_a="{answer_b}", answer_b="two")
+    text = llm_judge.fill(cfg.judge.prompt, question="Q?", answer_a="{answer_b}", answer_b="two")
     assert "Q?" in text and "{answer_b}" in text and "two" in text and '"winner"' in text
 
 

@@ -44,10 +44,14 @@ def test_two_ranks_train_the_one_process_preference_adapter(tiny_model_dir, tmp_
                          timeout=600, cwd=TESTS.parent, check=False)
     assert one.returncode == 0, one.stderr[-2000:]
     launcher = Path(sys.executable).parent / "mlx.launch"
-    out = subprocess.run([str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
-                          "--starting-port", str(free_ports(4)), "--", sys.executable, str(script)],
-                         capture_output=True, text=True, timeout=600, cwd=TESTS.parent,
-                         check=False)
+
+    def launch(timeout: int) -> subprocess.CompletedProcess:
+        return subprocess.run([str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n",
+                               "2", "--starting-port", str(free_ports(4)), "--", sys.executable,
+                               str(script)], capture_output=True, text=True, timeout=timeout,
+                              cwd=TESTS.parent, check=False)
+
+    out = launch(600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines()
                if "RESULT " in line]
@@ -61,3 +65,15 @@ def test_two_ranks_train_the_one_process_preference_adapter(tiny_model_dir, tmp_
     assert worst <= 0.05 * 5.0e-3, f"max |2 ranks - 1 process| {worst:.2e}"  # 5% of one step
     assert (tmp_path / "rank0/reference_logps.jsonl").exists()
     assert not (tmp_path / "rank1/reference_logps.jsonl").exists()  # rank 0 writes outputs
+    # the SFT-only baseline, trained by both ranks first; rank 0 writes it and keeps it cached
+    sft = tmp_path / "rank0/adapters/sft"
+    assert sorted(p.name for p in sft.iterdir()) == ["adapter_config.json",
+                                                     "adapters.safetensors", "sft.json"]
+    assert (tmp_path / "rank0/sftcache").is_dir() and not (tmp_path / "rank1/sftcache").exists()
+    if objective == "dpo":  # rank 1 (another host, say) has no cached copy: both train it again
+        first = (sft / "adapters.safetensors").read_bytes()
+        again = launch(300)  # a rank that skipped it would leave the other waiting: a timeout
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        timings = json.loads((tmp_path / "rank0/reports/train.timings.json").read_text())
+        assert timings["sft_baseline"] == "trained"
+        assert (sft / "adapters.safetensors").read_bytes() == first

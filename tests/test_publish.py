@@ -121,6 +121,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write(src / "adapters/adapters.safetensors", SAFE)
     _write(src / "adapters/adapter_config.json", {"fine_tune_type": "lora"})
     _write(src / "adapters/0000010_adapters.safetensors", b"checkpoint: never uploaded")
+    _write(src / "adapters/sft/adapters.safetensors", b"the SFT-only baseline: never uploaded")
+    _write(src / "adapters/sft/adapter_config.json", {"fine_tune_type": "lora"})
     _write(src / "fused/config.json", {"model_type": "llama"})
     _write(src / "fused/model.safetensors", SAFE[::-1])
     _write(src / "fused/tokenizer.json", {"model": {"type": "BPE"}})
@@ -438,6 +440,8 @@ def test_publishes_one_private_commit_with_byte_identical_files(project: Path,
     for repo_path, local in sources.items():
         assert hub.file_bytes(REPO, repo_path) == Path(local).read_bytes(), repo_path
     assert "adapter/0000010_adapters.safetensors" not in hub.paths(REPO)
+    # a dpo run's SFT-only baseline stays home: the repo holds the adapter released
+    assert not [p for p in hub.paths(REPO) if p.startswith("adapter/sft/")]
     assert hub.file_bytes(REPO, "README.md") == Path("reports/model_card.md").read_bytes()
     # The real client downloads the same bytes back.
     api = HfApi(endpoint=hub.url, token=TOKEN)

@@ -37,7 +37,8 @@ def make_paths(root: Path, model: Path) -> train.TrainPaths:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(pair(i)) + "\n" for i in ids))
     return replace(paths, reference=root / "reference_logps.jsonl",
-                   reference_cache=root / "refcache", checkpoints=root / "ckpt")
+                   reference_cache=root / "refcache", checkpoints=root / "ckpt",
+                   sft_cache=root / "sftcache")
 
 
 def params(**change) -> train.TrainConfig:
@@ -130,9 +131,13 @@ def save_then_die(model, optimizer, ckpt_dir, step):
     if step >= 8:
         print("saved", step, flush=True)
         import time; time.sleep(600)
-train.save_checkpoint = save_then_die
 paths = t.make_paths(Path(sys.argv[1]), Path(sys.argv[2]))
-train.run(t.params(**json.loads(sys.argv[3])), paths, seed=0)
+cfg = t.params(**json.loads(sys.argv[3]))
+from pipeline.training import launch, packing
+cfg = dataclasses.replace(cfg, pack=packing.wanted(cfg.pack))
+train.sft_baseline(cfg, paths, 0, launch.init_world())  # the SFT-only baseline first, unkilled
+train.save_checkpoint = save_then_die
+train.run(cfg, paths, seed=0)
 """
 
 

@@ -174,17 +174,25 @@ def _base_lines(base: dict[str, Any]) -> str:
 def _eval_section(facts: dict[str, Any]) -> str:
     ev = facts["eval"]
     keys = [k for k in ev["tuned"] if isinstance(ev["tuned"][k], (int, float))]
+    sft = ev.get("sft")  # a dpo/orpo run: its SFT-only adapter, same settings, same data
     text = "## Evaluation\n\nOn the held-out test split, never seen in training:\n\n"
-    text += "| Metric | Base | Tuned |\n|---|---|---|\n"
-    text += "\n".join(f"| {k} | {_cell(ev['base'].get(k, '-'))} | {_cell(ev['tuned'][k])} |"
-                      for k in keys) + "\n"
+    text += ("| Metric | Base | SFT only | Tuned |\n|---|---|---|---|\n" if sft is not None
+             else "| Metric | Base | Tuned |\n|---|---|---|\n")
+    text += "\n".join(f"| {k} | {_cell(ev['base'].get(k, '-'))} |"
+                      + (f" {_cell(sft.get(k, '-'))} |" if sft is not None else "")
+                      + f" {_cell(ev['tuned'][k])} |" for k in keys) + "\n"
+    if sft is not None:
+        objective = facts.get("training", {}).get("params", {}).get("objective", "preference")
+        text += ("\n`SFT only`: an adapter trained with the same settings and data but objective "
+                 f"sft, the baseline the {objective} adapter (Tuned) is compared with.\n")
     if "preference_accuracy" in keys:
         text += ("\n`preference_accuracy`: share of held-out expert corrections where the model "
                  "gives the expert's answer a higher log-probability than the generated answer "
                  "it replaced; `preference_margin`: the mean difference, in nats.\n")
-    if ev["judge"]:
-        text += "\nLLM judge (tuned vs base): " + ", ".join(
-            f"{k} {_cell(v)}" for k, v in ev["judge"].items()) + "\n"
+    for key, label in (("judge", "tuned vs base"), ("judge_vs_sft", "tuned vs SFT only")):
+        if ev.get(key):
+            text += f"\nLLM judge ({label}): " + ", ".join(
+                f"{k} {_cell(v)}" for k, v in ev[key].items()) + "\n"
     for i, sample in enumerate(ev["samples"], start=1):
         text += f"\n### Sample {i}\n\n**Question**\n\n{_fence(sample['prompt'])}\n"
         if "base" in sample:

@@ -80,8 +80,16 @@ def collect_facts(
             "tuned": _scalars(evaluation.get("tuned") or {}),
             "judge": _judge(evaluation.get("judge")),
             "samples": eval_samples(evaluation, samples),
+            **_sft_baseline(evaluation),
         },
     }
+
+
+def _sft_baseline(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """A dpo/orpo run's SFT-only side and the judge's verdict against it; nothing otherwise."""
+    if not isinstance(evaluation.get("sft"), dict):
+        return {}
+    return {"sft": _scalars(evaluation["sft"]), "judge_vs_sft": _judge(evaluation.get("judge_vs_sft"))}
 
 
 def render(facts: dict[str, Any], git: repo_facts.GitFacts) -> str:

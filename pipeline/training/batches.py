@@ -70,3 +70,28 @@ def padded_arrays(rows: list[Any], width: int) -> tuple[np.ndarray, np.ndarray]:
             n = min(len(t), width)
             tokens[r, :n], mask[r, :n] = t[:n], m[:n]
     return tokens, mask
+
+
+def batching(cfg: Any, model: Any, train_set: list, world_size: int
+             ) -> tuple[Callable[[int], Any], Callable[..., Any], float | None]:
+    """The train stage's (seed -> iterate_batches, loss, steps per epoch or None): padded or
+    packed rows for sft, padded or packed pairs for dpo/orpo (preference_packing.py)."""
+    if cfg.objective != "sft":
+        from pipeline.training import preference_packing
+
+        return preference_packing.batching(cfg, model, train_set, world_size)
+    from pipeline.training.model import masked_loss
+
+    if not cfg.pack:
+        return batch_iterator, masked_loss, None
+    from pipeline.training import attention, packing
+
+    packing.check_model(model)
+    per_rank = packing.check_settings(cfg.pack_width, cfg.tokens_per_step, cfg.max_seq_length,
+                                      world_size)
+    per_epoch = packing.steps_per_epoch(train_set, cfg.pack_width, per_rank * world_size,
+                                        cfg.max_seq_length)
+    # attention inside each row through the fused kernel (pipeline/training/attention.py)
+    loss, wrap, _ = attention.choose(model)
+    return (lambda seed: wrap(packing.batch_iterator(seed, cfg.pack_width, cfg.tokens_per_step)),
+            loss, per_epoch)

@@ -2,6 +2,7 @@
 
     model, tokenizer = mlx_model.load(Path("models/base"))           # backend dtype (accel.py)
     mlx_model.attach_adapters(model, Path("models/adapters"))         # in place, eval mode
+    mlx_model.swap_adapters(model, attached, other)                   # same layers: new weights
     tokens, mask = mlx_model.encode_chat(tokenizer, messages, mask_prompt=True)
     loss, n = mlx_model.masked_loss(model, tokens_batch, mask_batch)
     mlx_model.greedy_answer(model, tokenizer, messages, max_tokens=64)
@@ -44,6 +45,28 @@ def attach_adapters(model: Any, adapters: Path) -> None:
 
     load_adapters(model, str(adapters))
     model.eval()
+
+
+ADAPTER_SHAPE = ("fine_tune_type", "num_layers", "lora_parameters")  # what layers an adapter adds
+
+
+def swap_adapters(model: Any, attached: Path, adapters: Path) -> bool:
+    """Put the adapter in `adapters` in place of the attached one without loading the model
+    again, when both add the same layers (ADAPTER_SHAPE): only the weights change. False when
+    they differ: the caller loads the model afresh and attaches it."""
+    import json
+
+    import mlx.core as mx
+
+    def shape(folder: Path) -> list[Any]:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        return [config.get(k, "lora" if k == "fine_tune_type" else None) for k in ADAPTER_SHAPE]
+
+    if shape(attached) != shape(adapters):
+        return False
+    model.load_weights(list(mx.load(str(adapters / "adapters.safetensors")).items()), strict=False)
+    model.eval()
+    return True
 
 
 # --- tokens and loss ---------------------------------------------------------------------------

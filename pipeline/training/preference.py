@@ -272,17 +272,21 @@ def prepare(objective: str, model: Any, tokenizer: Any, model_dir: Path, folder:
     for split in ("train", "valid"):
         path = folder / f"{split}.jsonl"
         sets.append(encode_pairs(tokenizer, read(path)) if path.exists() else [])
-    if len(sets[0]) < batch_size:
-        raise PreferenceError(
-            f"{folder / 'train.jsonl'}: {len(sets[0])} pairs, objective {objective} needs at "
-            f"least train.batch_size={batch_size}: replace more generated answers with "
-            "`tuneline review` (each replacement is a pair), import a preference file into "
-            "data/imports/, or lower train.batch_size")
+    check_count(folder, len(sets[0]), objective, batch_size)
     if objective == "dpo":
         key = model_digest(model_dir)
         sets = [with_reference(model, rows, batch_size, max_seq_length, key, cache)
                 for rows in sets]
     return sets[0], sets[1]
+
+
+def check_count(folder: Path, n_train: int, objective: str, batch_size: int) -> None:
+    if n_train < batch_size:
+        raise PreferenceError(
+            f"{folder / 'train.jsonl'}: {n_train} pairs, objective {objective} needs at "
+            f"least train.batch_size={batch_size}: replace more generated answers with "
+            "`tuneline review` (each replacement is a pair), import a preference file into "
+            "data/imports/, or lower train.batch_size")
 
 
 def accuracy(model: Any, rows: Sequence[PairRow], batch_size: int, max_seq_length: int
