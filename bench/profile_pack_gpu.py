@@ -126,6 +126,25 @@ def steps(model, optimizer):
             "lm_head + loss, forward and input gradient": head}
 
 
+def lora_in_bf16(model, optimizer, time_step) -> float:
+    """The train step with mlx-lm's LoRA products run in the input's dtype (the adapter weights
+    stay float32 and get float32 gradients): what float32 adapters cost on a bf16 model."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    original = LoRALinear.__call__
+
+    def call(self, x):
+        y = self.linear(x)
+        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return y + (self.scale * z).astype(x.dtype)
+
+    LoRALinear.__call__ = call
+    try:
+        return time_step(steps(model, optimizer)["train step (the trainer's)"])
+    finally:
+        LoRALinear.__call__ = original
+
+
 def attention_alone(model, batch) -> dict:
     """One layer's fused attention forward, and forward + backward, row mask vs causal."""
     import mlx.core as mx
@@ -191,6 +210,8 @@ def part_ablate(a) -> dict:
             lambda: causal(*batches[next(cycle) % len(batches)]))
     finally:
         packing.SegmentMask.make_mask = original
+    out["train step, LoRA products in bf16 (float32 weights cast per step)"] = lora_in_bf16(
+        model, optimizer, lambda fn: timed(lambda: fn(*batches[next(cycle) % len(batches)])))
     out |= attention_alone(model, batches[0])
     facts = {"positions_per_step": positions, "mlx": mx.__version__,
              "device": str(mx.default_device())}
