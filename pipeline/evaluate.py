@@ -16,7 +16,8 @@ base and tuned, and eval.json compares all three (`sft`, `improvement_over_sft`,
 The model is loaded once: the base is scored first, then the adapter is applied in place (the SFT
 one, then the tuned one's weights in its place when both add the same layers). The
 base model's results depend neither on the adapter nor on `train` knobs, so with `--cache` they are
-kept (outside DVC outputs) and an experiment that only retrains recomputes the tuned side alone.
+kept (outside DVC outputs) and an experiment that only retrains recomputes the tuned side alone
+(a dpo/orpo run's SFT baseline is kept too, per adapter: a beta sweep scores it once).
 """
 
 from __future__ import annotations
@@ -288,14 +289,24 @@ def run(cfg: EvalConfig, paths: EvalPaths, *, spec: LossSpec, seed: int | None =
     sft_dir = paths.adapters / "sft"  # a dpo/orpo run's SFT-only baseline (train.py)
     for name in (["sft"] if (sft_dir / "adapter_config.json").exists() else []) + ["tuned"]:
         folder = sft_dir if name == "sft" else paths.adapters
-        if attached is not None and not mlx_model.swap_adapters(model, attached, folder):
-            model, _ = mlx_model.load(paths.model)  # other layers: a clean model to attach to
-            attached = None
-        if attached is None:
-            mlx_model.attach_adapters(model, folder)
-        attached = folder
-        sides[name] = side(model, tokenizer, encoded, prompts, cfg, spec)
-        prefs[name] = preference.accuracy(model, held, cfg.batch_size, spec.max_seq_length)
+
+        def score(folder: Path = folder) -> dict[str, Any]:
+            nonlocal model, attached
+            if attached is not None and not mlx_model.swap_adapters(model, attached, folder):
+                model, _ = mlx_model.load(paths.model)  # other layers: a clean model
+                attached = None
+            if attached is None:
+                mlx_model.attach_adapters(model, folder)
+            attached = folder
+            return {"side": side(model, tokenizer, encoded, prompts, cfg, spec),
+                    "pref": preference.accuracy(model, held, cfg.batch_size,
+                                                spec.max_seq_length)}
+
+        # The SFT baseline is the same adapter across a beta sweep (train's SFT cache): its
+        # scores are kept like the base's, keyed by the adapter's files and the held-out pairs.
+        got = cached_side(cache, f"{key}-sft-{_adapter_key(folder)}-pairs-"
+                          f"{_file_key(paths.pairs)}", score) if name == "sft" else score()
+        sides[name], prefs[name] = got["side"], got["pref"]
     for name, scores in sides.items():  # beside the loss: card and gate
         scores.update(preference_accuracy=prefs[name]["accuracy"],
                       preference_margin=prefs[name]["mean_margin"])
@@ -328,6 +339,10 @@ def preference_rows(path: Path | None, tokenizer: Any) -> list[Any]:
 def _file_key(path: Path | None) -> str:
     data = path.read_bytes() if path is not None and path.exists() else b""
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _adapter_key(folder: Path) -> str:
+    return "".join(_file_key(folder / f) for f in ("adapters.safetensors", "adapter_config.json"))
 
 
 def _objective(adapters: Path) -> str:

@@ -131,3 +131,32 @@ def test_the_model_card_shows_sft_preference_accuracy_and_the_judge_against_it(
     assert modelcard._sft_baseline(plain) == {}
     facts["eval"] = {k: v for k, v in facts["eval"].items() if k not in ("sft", "judge_vs_sft")}
     assert "SFT" not in card_text._eval_section(facts)
+
+
+def test_the_sft_side_is_scored_once_per_adapter_and_kept_in_the_cache(tiny_model_dir, dpo_run,
+                                                                        tmp_path):
+    # a beta sweep: the same SFT baseline beside another preference adapter reuses its scores
+    pairs = dpo_run.data / "preference" / "test.jsonl"
+    cache = tmp_path / "cache"
+    first = replace(paths(tmp_path / "a", tiny_model_dir, dpo_run.adapters, cache), pairs=pairs)
+    ev.run(eval_cfg(), first, spec=SPEC, seed=0)
+    kept = [f for f in cache.glob("*-sft-*.json")]
+    assert len(kept) == 1
+    stored = json.loads(kept[0].read_text())
+    assert stored["side"] == {k: v for k, v in json.loads(first.metrics.read_text())["sft"].items()
+                              if k not in ("preference_accuracy", "preference_margin")}
+    stored["side"]["test_loss"] = 123.0  # a marker: the next run must read it, not recompute
+    kept[0].write_text(json.dumps(stored))
+    again = replace(paths(tmp_path / "b", tiny_model_dir, dpo_run.adapters, cache), pairs=pairs)
+    ev.run(eval_cfg(), again, spec=SPEC, seed=0)
+    report = json.loads(again.metrics.read_text())
+    assert report["sft"]["test_loss"] == 123.0
+    assert report["tuned"] == json.loads(first.metrics.read_text())["tuned"]  # attached fresh
+    # another SFT adapter (other weights) is scored anew
+    other = tmp_path / "other"
+    shutil.copytree(dpo_run.adapters, other)
+    make_trained_adapter(tiny_model_dir, other / "sft", ROWS, steps=5)
+    third = replace(paths(tmp_path / "c", tiny_model_dir, other, cache), pairs=pairs)
+    ev.run(eval_cfg(), third, spec=SPEC, seed=0)
+    assert json.loads(third.metrics.read_text())["sft"]["test_loss"] != 123.0
+    assert len(list(cache.glob("*-sft-*.json"))) == 2
