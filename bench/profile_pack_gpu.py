@@ -33,7 +33,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -310,35 +309,17 @@ def part_memory(a) -> dict:
     for tps in (8192, 16384):
         for graphs in ("on", "off"):
             env = {**os.environ, **({"MLX_USE_CUDA_GRAPHS": "0"} if graphs == "off" else {})}
-            peak = DevicePeak()
+            name = f"{tps // 1024}x1024, CUDA graphs {graphs}"
+            device = pack.DeviceMemory()
+            device.job = name
             result = child_run([sys.executable, __file__, "--child", "memory_child", "--tps",
                                 str(tps), "--work", str(a.work), "--tokenizer", str(a.tokenizer)]
                                + (["--quick"] if a.quick else []), a.timeout, env)
-            peak.stop.set()
-            out[f"{tps // 1024}x1024, CUDA graphs {graphs}"] = {**result,
-                                                                 "nvidia_smi_peak_gb": peak.gb}
+            device.stop.set()
+            out[name] = {**result, "nvidia_smi_peak_gb": device.peaks.get(name, 0.0)}
             print(json.dumps({f"{tps // 1024}x1024, graphs {graphs}": out[
                 f"{tps // 1024}x1024, CUDA graphs {graphs}"]}), flush=True)
     return out
-
-
-class DevicePeak:
-    """The most `nvidia-smi` showed in use while a child ran (0 without nvidia-smi)."""
-
-    def __init__(self):
-        self.gb, self.stop = 0.0, threading.Event()
-        threading.Thread(target=self.poll, daemon=True).start()
-
-    def poll(self) -> None:
-        while not self.stop.wait(0.5):
-            try:
-                used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used",
-                                       "--format=csv,noheader,nounits"], capture_output=True,
-                                      text=True, timeout=10, check=False).stdout.split()
-            except (OSError, subprocess.SubprocessError):
-                return
-            if used:
-                self.gb = max(self.gb, float(used[0]) * 1024**2 / 1e9)
 
 
 def child_run(cmd: list[str], timeout: float, env: dict | None = None) -> dict:

@@ -82,6 +82,15 @@ def search(driver, text: str, expect: int) -> None:
                      f"document.getElementById('page').textContent.endsWith('of {expect}')")
 
 
+def retype(field, text: str) -> None:
+    """Replace a text field's whole content, as a user does: select all, delete, type."""
+    from selenium.webdriver.common.keys import Keys
+
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(Keys.DELETE)
+    field.send_keys(text)
+
+
 def keys(driver, *sequence: str) -> None:
     """Typed into the page as a person types: to whatever has focus."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -119,9 +128,7 @@ def test_expert_edits_and_drops_in_the_browser_and_dvc_repro_builds_it(tmp_path)
         keys(driver, Keys.ESCAPE, "e")
         answer = driver.switch_to.active_element
         assert answer.get_attribute("class") == "f-answer"
-        answer.send_keys(Keys.CONTROL, "a")
-        answer.send_keys(Keys.DELETE)
-        answer.send_keys(NEW_ANSWER)
+        retype(answer, NEW_ANSWER)
         keys(driver, Keys.ESCAPE)
         assert driver.find_element(By.ID, "save").text == "Save 1 change"
 
@@ -233,7 +240,6 @@ def test_two_tabs_a_stale_edit_shows_both_texts_and_the_expert_merges(tmp_path):
     import urllib.request
 
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
     from tests.review_project import page_token
 
@@ -243,9 +249,7 @@ def test_two_tabs_a_stale_edit_shows_both_texts_and_the_expert_merges(tmp_path):
         wait_for(driver, "return document.querySelectorAll('#rows .card').length === 12")
         # Tab B edits q-0003, then filters it out of view (the edit stays, unsaved).
         answer = card(driver, "q-0003").find_element(By.CSS_SELECTOR, ".f-answer")
-        answer.send_keys(Keys.CONTROL, "a")
-        answer.send_keys(Keys.DELETE)
-        answer.send_keys("Tab B's answer.")
+        retype(answer, "Tab B's answer.")
         search(driver, "subsystem2 number", expect=1)
         assert cards(driver) == ["q-0002"]
         # Tab A saves q-0003 meanwhile.
@@ -275,9 +279,7 @@ def test_two_tabs_a_stale_edit_shows_both_texts_and_the_expert_merges(tmp_path):
         assert conflict.find_element(By.CSS_SELECTOR, "pre.theirs").text == "Tab A's answer."
         assert conflict.find_element(By.CSS_SELECTOR, "pre.mine").text == "Tab B's answer."
         merge = conflict.find_element(By.CSS_SELECTOR, "textarea.merge")
-        merge.send_keys(Keys.CONTROL, "a")
-        merge.send_keys(Keys.DELETE)
-        merge.send_keys("Tab A's answer, and what tab B added.")
+        retype(merge, "Tab A's answer, and what tab B added.")
         conflict.find_element(By.CSS_SELECTOR, "button.keep-merged").click()
         wait_for(driver, "return !document.getElementById('conflicts')")
         assert driver.find_element(By.ID, "save").text == "Save 1 change"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +40,20 @@ def make_paths(root: Path, model: Path) -> TrainPaths:
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return TrainPaths(model, data, root / "adapters", root / "reports/train.json",
                       root / "reports/train_loss.tsv")
+
+
+def crash_after(monkeypatch: pytest.MonkeyPatch, step: int) -> Callable[[], None]:
+    """Training stops with Ctrl+C once a loss report reaches `step`; call the returned function
+    to train normally again."""
+    original = train.MetricsLog.on_train_loss_report
+
+    def crash(self, info):
+        original(self, info)
+        if info["iteration"] + self.offset >= step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.MetricsLog, "on_train_loss_report", crash)
+    return lambda: monkeypatch.setattr(train.MetricsLog, "on_train_loss_report", original)
 
 
 def test_training_lowers_validation_loss_and_leaves_only_the_final_adapter(tiny_model_dir, tmp_path):
@@ -98,18 +113,11 @@ def test_interrupted_training_resumes_from_last_checkpoint(tiny_model_dir, tmp_p
                                                            capsys):
     paths = make_paths(tmp_path, tiny_model_dir)
     ckpts = tmp_path / "ckpt"
-    original = train.MetricsLog.on_train_loss_report
-
-    def crash_after_step_6(self, info):
-        original(self, info)
-        if info["iteration"] + self.offset >= 6:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.MetricsLog, "on_train_loss_report", crash_after_step_6)
+    resume = crash_after(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         train.run(params_train(), replace(paths, checkpoints=ckpts), seed=0)
     assert not paths.adapters.exists()  # no half-written DVC output
-    monkeypatch.setattr(train.MetricsLog, "on_train_loss_report", original)
+    resume()
     result = train.run(params_train(), replace(paths, checkpoints=ckpts), seed=0)
     assert result.resumed_from == 4  # save_every=4: the last checkpoint before the crash
     assert "resuming from checkpoint" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from killing import kill_at
-from test_train import KILLED_TRAIN, ROWS, make_paths, params_train
+from test_train import KILLED_TRAIN, ROWS, crash_after, make_paths, params_train
 from tiny import make_tiny_llama
 
 from pipeline import train
@@ -67,17 +67,10 @@ def test_checkpoints_of_another_base_are_not_resumed(tiny_model_dir, other_base,
                                                     monkeypatch):
     ckpts = tmp_path / "ckpt"
     paths = replace(make_paths(tmp_path, tiny_model_dir), checkpoints=ckpts)
-    original = train.MetricsLog.on_train_loss_report
-
-    def crash_after_step_6(self, info):
-        original(self, info)
-        if info["iteration"] + self.offset >= 6:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.MetricsLog, "on_train_loss_report", crash_after_step_6)
+    resume = crash_after(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         train.run(params_train(), paths, seed=0)
-    monkeypatch.setattr(train.MetricsLog, "on_train_loss_report", original)
+    resume()
     result = train.run(params_train(), replace(paths, model=other_base), seed=0)
     assert result.resumed_from == 0  # base A's step-4 checkpoint is not base B's
 

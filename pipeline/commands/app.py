@@ -66,14 +66,15 @@ def questions_draft(
 review_app = typer.Typer(no_args_is_help=True, help="Review the dataset in a sheet or the browser; "
                          "edits become data/corrections.jsonl lines.")
 SheetOpt = Annotated[Path, typer.Option(help="the review sheet (CSV)")]
+DatasetOpt = Annotated[Path, typer.Option(help="dataset folder")]
+CorrectionsOpt = Annotated[Path, typer.Option(help="corrections file")]
 
 
 @review_app.command("export")
 def review_export(
     sheet: SheetOpt = Path("review.csv"),
-    dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
-    corrections: Annotated[Path, typer.Option(help="corrections file")] = Path(
-        "data/corrections.jsonl"),
+    dataset: DatasetOpt = Path("data/dataset"),
+    corrections: CorrectionsOpt = Path("data/corrections.jsonl"),
     questions: Annotated[Path, typer.Option(help="question list")] = Path("data/questions.jsonl"),
 ) -> None:
     """Write the current dataset (and dropped questions) as an editable CSV sheet."""
@@ -87,9 +88,8 @@ def review_export(
 @review_app.command("apply")
 def review_apply(
     sheet: SheetOpt = Path("review.csv"),
-    dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
-    corrections: Annotated[Path, typer.Option(help="corrections file")] = Path(
-        "data/corrections.jsonl"),
+    dataset: DatasetOpt = Path("data/dataset"),
+    corrections: CorrectionsOpt = Path("data/corrections.jsonl"),
 ) -> None:
     """Turn the cells you changed in the sheet into corrections (idempotent)."""
     from pipeline.commands import review as stage
@@ -110,7 +110,7 @@ def review_serve(
     host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1, ::1, 0.0.0.0...); "
                                       "others on the network can edit your data if you widen "
                                       "it")] = "127.0.0.1",
-    dataset: Annotated[Path, typer.Option(help="dataset folder")] = Path("data/dataset"),
+    dataset: DatasetOpt = Path("data/dataset"),
     corrections: Annotated[Path, typer.Option(help="corrections file (inside data/)")] = Path(
         "data/corrections.jsonl"),
     questions: Annotated[Path, typer.Option(help="questions file")] = Path(
